@@ -1,0 +1,5 @@
+"""`python -m deploykit` runs the CLI."""
+
+from deploykit.cli.main import main
+
+main()

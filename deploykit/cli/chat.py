@@ -1,0 +1,59 @@
+"""`deploykit chat`: talk to any OpenAI-compatible endpoint from the terminal."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from deploykit.chat import connect, pick_model, stream_chat
+from deploykit.console import err
+
+
+def chat(
+    url: str = typer.Option("http://127.0.0.1:8000", help="The endpoint (with or without /v1)."),
+    model: str = typer.Option(None, help="Model name (default: the endpoint's first model)."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Ask one question, print the answer, exit."),
+    system: str = typer.Option(None, help="A system message to start the conversation with."),
+    max_tokens: int = typer.Option(512, help="Most tokens per answer."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature (0: greedy)."),
+    api_key: str = typer.Option(None, envvar="OPENAI_API_KEY", help="API key, if the endpoint needs one."),
+) -> None:
+    """Chat with a model, streaming its answers as they are generated. /exit or Ctrl-D ends the chat.
+
+    Examples:
+
+      deploykit chat                                   # the local gateway
+
+      deploykit chat -p "What is the capital of France?"
+
+      deploykit chat --url https://api.openai.com --model gpt-4o-mini
+    """
+    client = connect(url, api_key)
+    name = pick_model(client, model)
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    params = {"max_tokens": max_tokens, "temperature": temperature}
+
+    def ask(text: str) -> None:
+        messages.append({"role": "user", "content": text})
+        answer = []
+        for piece in stream_chat(client, name, messages, **params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            answer.append(piece)
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(answer)})
+
+    if prompt is not None:
+        ask(prompt)
+        return
+    err.print(f"Chatting with [bold]{name}[/bold] at {url}. /exit or Ctrl-D ends.")
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            break
+        if text.strip() in {"/exit", "/quit"}:
+            break
+        if text.strip():
+            ask(text)

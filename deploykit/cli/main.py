@@ -1,0 +1,55 @@
+"""The `deploykit` entry point: assembles the command groups and turns errors into messages and exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+
+from deploykit import __version__
+from deploykit.cli import chat, doctor, models, serve
+from deploykit.console import err, print_error
+from deploykit.errors import DeploykitError
+
+app = typer.Typer(
+    name="deploykit",
+    help="Serve open LLMs on your own hardware behind an OpenAI-compatible gateway, and measure them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("serve", context_settings={"allow_extra_args": True})(serve.serve)
+app.command("doctor")(doctor.doctor)
+app.command("chat")(chat.chat)
+app.add_typer(models.app, name="models")
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+def main() -> None:
+    """Run the CLI; a DeploykitError becomes one message and its exit code (DEPLOYKIT_DEBUG=1: traceback)."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(prog_name="deploykit", standalone_mode=False)
+    except DeploykitError as e:
+        if os.environ.get("DEPLOYKIT_DEBUG"):
+            raise
+        print_error(e)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err.print("Interrupted.")
+        sys.exit(130)

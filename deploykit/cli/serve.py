@@ -1,0 +1,106 @@
+"""`deploykit serve`: start the vLLM engine for a model and serve the OpenAI-compatible gateway in front."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import typer
+from rich.status import Status
+from rich.table import Table
+
+from deploykit.cli.options import DEFAULT_MODEL, HostOpt, JsonOpt, PortOpt
+from deploykit.console import err, out, print_json
+from deploykit.errors import UsageError
+from deploykit.serve.engine import EngineProgress
+from deploykit.serve.plan import LaunchPlan
+from deploykit.serve.runner import Ready, ServeOptions, ServeReporter, prepare, run
+from deploykit.settings import Settings
+
+
+def serve(
+    ctx: typer.Context,
+    model: str = typer.Argument(DEFAULT_MODEL, help="Model alias from `deploykit models list`."),
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    engine_port: int = typer.Option(0, help="Loopback port for the engine (0: pick a free one)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the launch plan and why, start nothing."),
+    start_timeout: float = typer.Option(900, help="Seconds the engine may take to become ready."),
+    drain_timeout: float = typer.Option(30, help="Seconds in-flight requests get to finish on shutdown."),
+    json_: JsonOpt = False,
+) -> None:
+    """Serve MODEL with vLLM behind the gateway on http://HOST:PORT (Ctrl-C or SIGTERM stops both).
+
+    Arguments after `--` go to the engine and win over the plan's own values.
+
+    Examples:
+
+      deploykit serve                              # the default model, smollm2-135m
+
+      deploykit serve smollm2-135m --port 9000
+
+      deploykit serve smollm2-135m --dry-run       # show the engine command and why
+
+      deploykit serve smollm2-135m -- --enforce-eager --max-num-seqs 64
+    """
+    if model.startswith("-"):
+        raise UsageError("Name the model before `--`.", "For example: deploykit serve smollm2-135m -- --enforce-eager")
+    settings = Settings()
+    plan = prepare(settings, model, engine_args=list(ctx.args), engine_port=engine_port or None)
+    if dry_run:
+        _show_plan(plan, json_)
+        return
+    options = ServeOptions(host=host, port=port, start_timeout_s=start_timeout, drain_timeout_s=drain_timeout)
+    run(settings, plan, options, ConsoleReporter())
+
+
+def _show_plan(plan: LaunchPlan, as_json: bool) -> None:
+    if as_json:
+        data = asdict(plan)
+        data["env"] = dict(plan.env)
+        print_json(data)
+        return
+    table = Table(title=f"Launch plan for {plan.served_name} on {plan.device.upper()}")
+    for column in ("setting", "value", "why"):
+        table.add_column(column)
+    for c in plan.choices:
+        table.add_row(c.setting, c.value, c.why)
+    out.print(table)
+    out.print(f"Predicted KV cache: {plan.kv_cache_tokens:,} tokens")
+    env = " ".join(f"{k}={v}" for k, v in plan.env.items())
+    out.print("Command:", highlight=False)
+    out.print(f"  {env} {' '.join(plan.argv)}".strip(), highlight=False, soft_wrap=True)
+
+
+class ConsoleReporter(ServeReporter):
+    def __init__(self) -> None:
+        self._status: Status | None = None
+
+    def starting(self, plan: LaunchPlan, url: str, log_path: str) -> None:
+        err.print(f"Gateway on [bold]{url}[/bold] (/health now, /ready once the engine is up)")
+        err.print(f"Engine log: {log_path}", highlight=False)
+        self._status = err.status("Starting the engine")
+        self._status.start()
+
+    def progress(self, progress: EngineProgress) -> None:
+        if self._status is not None:
+            last = progress.last_line[-100:]
+            self._status.update(
+                f"Starting the engine: {progress.phase} ({progress.elapsed_s:.0f} s)\n  [dim]{last}[/dim]"
+            )
+
+    def ready(self, ready: Ready) -> None:
+        self._stop_status()
+        kv = f"; KV cache {ready.logged_kv_tokens:,} tokens" if ready.logged_kv_tokens else ""
+        err.print(
+            f"[green]Ready[/green] in {ready.startup_s:.0f} s: {ready.model} on {ready.url}/v1{kv}. Ctrl-C stops.",
+            highlight=False,
+        )
+
+    def stopping(self, reason: str) -> None:
+        self._stop_status()
+        err.print(f"Shutting down: {reason}")
+
+    def _stop_status(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None

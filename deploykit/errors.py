@@ -1,0 +1,94 @@
+"""The errors a user can hit, each with a hint that says what to do and an exit code scripts can trust.
+
+    DeploykitError                  exit 1
+    ├── UsageError                  exit 2   bad flag values or combinations
+    ├── NotFoundError               exit 3
+    │   └── UnknownModelError                a model name that is not in the local store
+    ├── ResourceError               exit 4
+    │   ├── PortInUseError
+    │   └── NotEnoughMemoryError
+    ├── MissingDependencyError      exit 5   an optional part (the engine, GGUF support) not installed
+    ├── EngineError                 exit 6
+    │   ├── EngineStartError                 the engine exited or timed out before it was ready
+    │   └── EngineDiedError                  the engine exited while serving
+    └── ModelImportError            exit 7
+
+The library raises these; only the CLI entry point prints them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class DeploykitError(Exception):
+    """Root of every error deploykit reports to a user."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str = "", details: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.details = list(details)
+
+
+class UsageError(DeploykitError):
+    exit_code = 2
+
+
+class NotFoundError(DeploykitError):
+    exit_code = 3
+
+
+class UnknownModelError(NotFoundError):
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        known = sorted(known)
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        if close:
+            hint = "Did you mean: " + ", ".join(close) + "?"
+        elif known:
+            hint = "Models available here: " + ", ".join(known) + "."
+        else:
+            hint = "No models are in the local store yet."
+        hint += " Add one with `deploykit models import PATH --alias NAME`; `deploykit models list` shows them."
+        super().__init__(f"Unknown model '{name}'.", hint)
+        self.name = name
+        self.close_matches = close
+
+
+class ResourceError(DeploykitError):
+    exit_code = 4
+
+
+class PortInUseError(ResourceError):
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(
+            f"Port {port} on {host} is already in use.",
+            "Stop the process that holds it, or choose another port with --port.",
+        )
+
+
+class NotEnoughMemoryError(ResourceError):
+    pass
+
+
+class MissingDependencyError(DeploykitError):
+    exit_code = 5
+
+
+class EngineError(DeploykitError):
+    exit_code = 6
+
+
+class EngineStartError(EngineError):
+    pass
+
+
+class EngineDiedError(EngineError):
+    pass
+
+
+class ModelImportError(DeploykitError):
+    exit_code = 7

@@ -1,0 +1,27 @@
+"""Settings read from the environment (prefix DEPLOYKIT_), built once at the edge and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where deploykit keeps its files, and the gateway's defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="DEPLOYKIT_", frozen=True)
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".deploykit")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    debug: bool = False
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"

@@ -1,0 +1,102 @@
+"""The architecture numbers of a model, read from its config.json and safetensors headers."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deploykit.errors import ModelImportError
+
+# Weights are stored in this dtype when config.json does not say.
+_DEFAULT_DTYPE = "float32"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What sizing needs to know about a model; `params` is exact when read from safetensors."""
+
+    architecture: str
+    layers: int
+    hidden_size: int
+    attention_heads: int
+    kv_heads: int
+    head_dim: int
+    max_context: int
+    dtype: str
+    params: int
+    quantized: bool = False
+
+    @property
+    def is_small(self) -> bool:
+        """Small enough that float32 on a CPU is cheap (and bfloat16 kernels are not worth the risk)."""
+        return self.params <= 2_000_000_000
+
+
+def parse_config(raw: dict[str, Any], params: int | None = None) -> ModelConfig:
+    """Build a ModelConfig from a parsed config.json; `params` overrides the estimate from shapes."""
+    text = raw.get("text_config") or raw  # multimodal configs nest the language model's numbers
+    try:
+        layers = int(text["num_hidden_layers"])
+        hidden = int(text["hidden_size"])
+        heads = int(text["num_attention_heads"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelImportError(
+            f"config.json lacks the architecture field {e}.",
+            "Is this a transformer model directory from the Hugging Face hub?",
+        ) from e
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or hidden // heads)
+    context = int(text.get("max_position_embeddings") or 2048)
+    dtype = str(raw.get("torch_dtype") or raw.get("dtype") or text.get("torch_dtype") or _DEFAULT_DTYPE)
+    architectures = raw.get("architectures") or [raw.get("model_type", "unknown")]
+    if params is None:
+        params = _estimate_params(text, layers, hidden, heads, kv_heads, head_dim)
+    return ModelConfig(
+        architecture=str(architectures[0]),
+        layers=layers,
+        hidden_size=hidden,
+        attention_heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        max_context=context,
+        dtype=dtype,
+        params=params,
+        quantized=bool(raw.get("quantization_config")),
+    )
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    """Read config.json from a model directory, with the exact parameter count from its safetensors."""
+    path = model_dir / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ModelImportError(f"No config.json in {model_dir}.", "A model directory needs one.") from e
+    except json.JSONDecodeError as e:
+        raise ModelImportError(f"{path} is not valid JSON: {e}.") from e
+    weights = sorted(model_dir.glob("*.safetensors"))
+    params = sum(count_safetensors_params(w) for w in weights) if weights else None
+    return parse_config(raw, params)
+
+
+def count_safetensors_params(path: Path) -> int:
+    """Count the parameters in a safetensors file from its header alone (no tensor data is read)."""
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+
+
+def _estimate_params(text: dict[str, Any], layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int) -> int:
+    """A decoder's parameter count from its shapes: attention, gated MLP, embeddings."""
+    intermediate = int(text.get("intermediate_size") or 4 * hidden)
+    vocab = int(text.get("vocab_size") or 32000)
+    experts = int(text.get("num_local_experts") or 1)
+    attention = hidden * head_dim * (heads + 2 * kv_heads) + heads * head_dim * hidden
+    mlp = 3 * hidden * intermediate * experts
+    embeddings = vocab * hidden * (1 if text.get("tie_word_embeddings") else 2)
+    return layers * (attention + mlp + 2 * hidden) + embeddings

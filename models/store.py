@@ -1,0 +1,142 @@
+"""The local model store: one folder per alias under DEPLOYKIT_HOME/models, written atomically.
+
+models/<alias>/manifest.json   what it is and where it came from
+models/<alias>/model/          a standard Hugging Face model directory (what the engine loads)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from deploykit.errors import ModelImportError, UnknownModelError, UsageError
+
+_ALIAS = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    alias: str
+    path: Path
+    source: str
+    format: str
+    fingerprint: str
+    size_bytes: int
+    added_at: str
+
+    def to_json(self) -> dict[str, object]:
+        return {**asdict(self), "path": str(self.path)}
+
+
+def check_alias(alias: str) -> str:
+    if not _ALIAS.match(alias):
+        raise UsageError(
+            f"'{alias}' is not a valid model alias.",
+            "Use lower-case letters, digits, '.', '_' and '-' (at most 64), starting with a letter or digit.",
+        )
+    return alias
+
+
+class ModelStore:
+    """Models that this machine can serve, by alias."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def list(self) -> list[LocalModel]:
+        if not self.root.is_dir():
+            return []
+        found = (self._read(d) for d in sorted(self.root.iterdir()) if (d / "manifest.json").is_file())
+        return [m for m in found if m is not None]
+
+    def aliases(self) -> list[str]:
+        return [m.alias for m in self.list()]
+
+    def find(self, alias: str) -> LocalModel | None:
+        entry = self.root / alias
+        return self._read(entry) if (entry / "manifest.json").is_file() else None
+
+    def get(self, alias: str) -> LocalModel:
+        model = self.find(alias)
+        if model is None:
+            raise UnknownModelError(alias, self.aliases())
+        return model
+
+    def add(
+        self,
+        alias: str,
+        *,
+        source: str,
+        format: str,
+        fingerprint: str,
+        build: Callable[[Path], None],
+        replace: bool = False,
+    ) -> LocalModel:
+        """Build a model directory in a staging folder and move it into place only once complete.
+
+        A failure anywhere leaves the store as it was: no half-written model is ever listed.
+        """
+        check_alias(alias)
+        final = self.root / alias
+        if final.exists() and not replace:
+            raise ModelImportError(
+                f"A model named '{alias}' is already in the store.",
+                "Choose another --alias, or pass --force to replace it.",
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".staging-{alias}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            (staging / "model").mkdir(parents=True)
+            build(staging / "model")
+            size = sum(f.stat().st_size for f in (staging / "model").rglob("*") if f.is_file())
+            manifest = {
+                "alias": alias,
+                "source": source,
+                "format": format,
+                "fingerprint": fingerprint,
+                "size_bytes": size,
+                "added_at": _now_iso(),
+            }
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            if final.exists():
+                old = self.root / f".old-{alias}-{os.getpid()}"
+                final.rename(old)
+                staging.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                staging.rename(final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self.get(alias)
+
+    def remove(self, alias: str) -> int:
+        """Delete a model; returns the bytes freed."""
+        model = self.get(alias)
+        shutil.rmtree(self.root / alias)
+        return model.size_bytes
+
+    def _read(self, entry: Path) -> LocalModel | None:
+        try:
+            raw = json.loads((entry / "manifest.json").read_text())
+            return LocalModel(
+                alias=raw["alias"],
+                path=entry / "model",
+                source=raw["source"],
+                format=raw["format"],
+                fingerprint=raw["fingerprint"],
+                size_bytes=int(raw["size_bytes"]),
+                added_at=raw["added_at"],
+            )
+        except (OSError, ValueError, KeyError):
+            return None  # a damaged entry is not servable; `models list` simply does not show it
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -1,0 +1,102 @@
+"""What this machine has to run an engine on: NVIDIA GPUs (via nvidia-smi), else CPU cores and RAM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+_NVIDIA_SMI_QUERY = "index,name,memory.total,memory.free,compute_cap"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    memory_bytes: int
+    free_bytes: int
+    compute_capability: float
+
+    @property
+    def supports_bfloat16(self) -> bool:
+        return self.compute_capability >= 8.0
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """A machine: its GPUs (possibly none), usable CPU cores, and RAM."""
+
+    cpu_ids: tuple[int, ...]
+    ram_total_bytes: int
+    ram_available_bytes: int
+    gpus: tuple[Gpu, ...] = field(default_factory=tuple)
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.gpus)
+
+    @property
+    def cpu_cores(self) -> int:
+        return len(self.cpu_ids)
+
+
+def detect_hardware() -> Hardware:
+    total, available = _read_meminfo()
+    return Hardware(
+        cpu_ids=tuple(sorted(os.sched_getaffinity(0))),
+        ram_total_bytes=total,
+        ram_available_bytes=available,
+        gpus=tuple(_query_nvidia_smi()),
+    )
+
+
+def parse_nvidia_smi(output: str) -> list[Gpu]:
+    """Parse `nvidia-smi --query-gpu=index,name,memory.total,memory.free,compute_cap --format=csv,noheader,nounits`."""
+    gpus = []
+    for line in output.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 4:
+            continue
+        index, name, total_mib, free_mib = parts[:4]
+        try:
+            capability = float(parts[4]) if len(parts) > 4 else 0.0
+        except ValueError:
+            capability = 0.0  # older drivers answer "[N/A]"
+        gpus.append(
+            Gpu(
+                index=int(index),
+                name=name,
+                memory_bytes=int(float(total_mib)) * 1024**2,
+                free_bytes=int(float(free_mib)) * 1024**2,
+                compute_capability=capability,
+            )
+        )
+    return gpus
+
+
+def _query_nvidia_smi() -> list[Gpu]:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        result = subprocess.run(
+            [exe, f"--query-gpu={_NVIDIA_SMI_QUERY}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []  # a driver that does not answer means no usable GPU
+    return parse_nvidia_smi(result.stdout)
+
+
+def _read_meminfo() -> tuple[int, int]:
+    fields: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            fields[key] = int(rest.split()[0]) * 1024
+    total = fields["MemTotal"]
+    return total, fields.get("MemAvailable", total)

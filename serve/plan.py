@@ -1,0 +1,304 @@
+"""The launch plan: from a model's config.json and the hardware, the exact engine command and environment.
+
+Pure functions over frozen dataclasses: `plan_launch` decides, and records why, each value it chose.
+Flags the user passes through win over the plan's own.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploykit.models.config import ModelConfig
+from deploykit.models.fit import GIB, dtype_bytes, kv_bytes_per_token, weight_bytes
+from deploykit.serve.hardware import Gpu, Hardware
+
+from deploykit.errors import NotEnoughMemoryError, UsageError
+
+# vLLM allocates KV cache in blocks of this many tokens; capacities round down to it.
+KV_BLOCK_TOKENS = 16
+# Share of each GPU's memory vLLM may take (its own default).
+GPU_MEMORY_UTILIZATION = 0.90
+# Per GPU, beyond weights and KV cache: CUDA context, activations, CUDA graphs (an estimate).
+GPU_RUNTIME_OVERHEAD = int(1.5 * GIB)
+# On CPU, beyond weights and KV cache: the Python processes, torch and compiled kernels.
+CPU_RUNTIME_OVERHEAD = 2 * GIB
+# KV cache sized to hold this many full-context sequences, where RAM allows.
+CPU_KV_SEQUENCES = 4
+# The shortest context a plan will settle for before asking for more GPUs.
+MIN_CONTEXT = 2048
+# The gateway owns where the engine listens.
+_RESERVED_FLAGS = {"--host", "--port", "--model"}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One value in the plan and the reason it was chosen."""
+
+    setting: str
+    value: str
+    why: str
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    device: str  # "cpu" or "gpu"
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    choices: tuple[Choice, ...]
+    served_name: str
+    port: int
+    max_model_len: int
+    kv_cache_tokens: int  # predicted; the engine logs its own figure at start-up
+    gpu_indices: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def plan_launch(
+    model_dir: Path,
+    served_name: str,
+    config: ModelConfig,
+    hardware: Hardware,
+    *,
+    port: int,
+    extra_args: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+    python: str = sys.executable,
+) -> LaunchPlan:
+    """Decide how to start the engine for this model on this hardware."""
+    environ = {} if environ is None else environ
+    user_flags = _flag_names(extra_args)
+    reserved = user_flags & _RESERVED_FLAGS
+    if reserved:
+        raise UsageError(
+            f"{', '.join(sorted(reserved))} cannot be passed to the engine: the gateway sets them.",
+            "Use deploykit's own --host/--port for the public address; the engine listens on loopback.",
+        )
+    if hardware.has_gpu:
+        return _plan_gpu(model_dir, served_name, config, hardware.gpus, port, extra_args, user_flags, python)
+    return _plan_cpu(model_dir, served_name, config, hardware, port, extra_args, user_flags, environ, python)
+
+
+def _plan_cpu(
+    model_dir: Path,
+    served_name: str,
+    config: ModelConfig,
+    hardware: Hardware,
+    port: int,
+    extra_args: Sequence[str],
+    user_flags: set[str],
+    environ: Mapping[str, str],
+    python: str,
+) -> LaunchPlan:
+    choices: list[Choice] = []
+    if config.is_small:
+        dtype = "float32"
+        why = f"{_params(config)} parameters: float32 is cheap, and bfloat16 on CPUs can answer garbage"
+    else:
+        dtype = "bfloat16"
+        why = f"{_params(config)} parameters: float32 would double the RAM the weights take"
+    choices.append(Choice("--dtype", dtype, why))
+
+    weights = weight_bytes(config, dtype)
+    per_token = kv_bytes_per_token(config, dtype)
+    room = hardware.ram_available_bytes - weights - CPU_RUNTIME_OVERHEAD
+    if room < GIB:
+        need = weights + CPU_RUNTIME_OVERHEAD + GIB
+        raise NotEnoughMemoryError(
+            f"The model needs about {_gib(need)} of RAM ({_gib(weights)} of {dtype} weights, "
+            f"{_gib(CPU_RUNTIME_OVERHEAD)} runtime, 1 GiB KV cache); {_gib(hardware.ram_available_bytes)} "
+            "is available.",
+            _largest_fit_hint(hardware.ram_available_bytes - CPU_RUNTIME_OVERHEAD - GIB, dtype),
+        )
+
+    if "VLLM_CPU_KVCACHE_SPACE" in environ:
+        kv_gib = int(environ["VLLM_CPU_KVCACHE_SPACE"])
+        choices.append(Choice("VLLM_CPU_KVCACHE_SPACE", str(kv_gib), "set in your environment"))
+    else:
+        wanted = math.ceil(CPU_KV_SEQUENCES * config.max_context * per_token / GIB)
+        cap = int(room // 2 // GIB)
+        kv_gib = max(1, min(wanted, cap))
+        why = (
+            f"{CPU_KV_SEQUENCES} sequences of {config.max_context} tokens at {per_token:,} B/token need "
+            f"{wanted} GiB; half the RAM left after weights allows {cap} GiB"
+        )
+        choices.append(Choice("VLLM_CPU_KVCACHE_SPACE", str(kv_gib), why))
+    kv_tokens = kv_cache_tokens(kv_gib * GIB, per_token)
+
+    max_len = min(config.max_context, kv_tokens)
+    choices.append(Choice("--max-model-len", str(max_len), _max_len_why(config.max_context, kv_tokens, max_len)))
+
+    cores = hardware.cpu_ids
+    bound = cores[:-1] if len(cores) > 1 else cores
+    bind = _core_list(bound)
+    why = (
+        f"engine threads on {len(bound)} of {len(cores)} cores; core {cores[-1]} is left for the gateway "
+        "and the engine's API server"
+        if len(cores) > 1
+        else "a single core: the engine shares it with the gateway"
+    )
+    choices.append(Choice("VLLM_CPU_OMP_THREADS_BIND", bind, why))
+
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_CPU_OMP_THREADS_BIND": bind}
+    env = {k: v for k, v in env.items() if k not in environ}
+    flags = {"--dtype": dtype, "--max-model-len": str(max_len)}
+    argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    argv += _common_flags(served_name, port) + _merge(flags, user_flags) + list(extra_args)
+    return LaunchPlan(
+        device="cpu",
+        argv=tuple(argv),
+        env=env,
+        choices=tuple(_mark_user(choices, user_flags)),
+        served_name=served_name,
+        port=port,
+        max_model_len=max_len,
+        kv_cache_tokens=kv_tokens,
+    )
+
+
+def _plan_gpu(
+    model_dir: Path,
+    served_name: str,
+    config: ModelConfig,
+    gpus: Sequence[Gpu],
+    port: int,
+    extra_args: Sequence[str],
+    user_flags: set[str],
+    python: str,
+) -> LaunchPlan:
+    choices: list[Choice] = []
+    smallest = min(gpus, key=lambda g: g.memory_bytes)
+    if all(g.supports_bfloat16 for g in gpus):
+        dtype, why = "bfloat16", f"{smallest.name} supports bfloat16 (compute capability >= 8.0)"
+    else:
+        dtype, why = "float16", f"{smallest.name} has no fast bfloat16 (compute capability < 8.0)"
+    choices.append(Choice("--dtype", dtype, why))
+
+    weights = weight_bytes(config, dtype)
+    per_token = kv_bytes_per_token(config, dtype)
+    budget = int(smallest.memory_bytes * GPU_MEMORY_UTILIZATION) - GPU_RUNTIME_OVERHEAD
+    wanted_len = min(config.max_context, MIN_CONTEXT)
+    sizes = [tp for tp in (1, 2, 4, 8) if tp <= len(gpus) and config.attention_heads % tp == 0]
+    for tp in sizes:
+        kv_bytes = tp * (budget - weights // tp)
+        tokens = kv_cache_tokens(kv_bytes, per_token) if kv_bytes > 0 else 0
+        if tokens >= wanted_len:
+            break
+    else:
+        need_per_gpu = weights / max(sizes) + GPU_RUNTIME_OVERHEAD + wanted_len * per_token / max(sizes)
+        raise NotEnoughMemoryError(
+            f"The model does not fit: {_gib(weights)} of {dtype} weights plus KV cache for {wanted_len} "
+            f"tokens need about {_gib(need_per_gpu / GPU_MEMORY_UTILIZATION)} per GPU across "
+            f"{max(sizes)} x {smallest.name} ({_gib(smallest.memory_bytes)} each).",
+            "Use more or larger GPUs, or a quantized or smaller model; "
+            + _largest_fit_hint(budget * max(sizes), dtype),
+        )
+    why = (
+        f"{_gib(weights)} of weights fit on 1 GPU with room for KV cache"
+        if tp == 1
+        else f"{_gib(weights)} of weights need {tp} GPUs ({_gib(weights / tp)} each) to leave room for KV cache"
+    )
+    choices.append(Choice("--tensor-parallel-size", str(tp), why))
+    choices.append(
+        Choice(
+            "--gpu-memory-utilization",
+            f"{GPU_MEMORY_UTILIZATION:.2f}",
+            "vLLM's default share; the rest is left for the CUDA context and other processes",
+        )
+    )
+    max_len = min(config.max_context, tokens)
+    choices.append(Choice("--max-model-len", str(max_len), _max_len_why(config.max_context, tokens, max_len)))
+    indices = tuple(g.index for g in gpus[:tp])
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, indices))}
+    choices.append(Choice("CUDA_VISIBLE_DEVICES", env["CUDA_VISIBLE_DEVICES"], f"the first {tp} of {len(gpus)} GPUs"))
+
+    flags = {
+        "--dtype": dtype,
+        "--tensor-parallel-size": str(tp),
+        "--gpu-memory-utilization": f"{GPU_MEMORY_UTILIZATION:.2f}",
+        "--max-model-len": str(max_len),
+    }
+    vllm = str(Path(python).parent / "vllm")
+    argv = [vllm, "serve", str(model_dir), *_common_flags(served_name, port), *_merge(flags, user_flags)]
+    return LaunchPlan(
+        device="gpu",
+        argv=(*argv, *extra_args),
+        env=env,
+        choices=tuple(_mark_user(choices, user_flags)),
+        served_name=served_name,
+        port=port,
+        max_model_len=max_len,
+        kv_cache_tokens=tokens,
+        gpu_indices=indices,
+    )
+
+
+def kv_cache_tokens(kv_bytes: int, bytes_per_token: int) -> int:
+    """Tokens a KV cache of `kv_bytes` holds, rounded down to whole blocks as vLLM does."""
+    return kv_bytes // bytes_per_token // KV_BLOCK_TOKENS * KV_BLOCK_TOKENS
+
+
+def _common_flags(served_name: str, port: int) -> list[str]:
+    return ["--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port)]
+
+
+def _merge(flags: Mapping[str, str], user_flags: set[str]) -> list[str]:
+    """The plan's flags, less those the user passes through (theirs win)."""
+    out: list[str] = []
+    for name, value in flags.items():
+        if name not in user_flags:
+            out += [name, value]
+    return out
+
+
+def _mark_user(choices: list[Choice], user_flags: set[str]) -> list[Choice]:
+    return [
+        Choice(c.setting, "(yours)", "you passed this flag; it replaces the plan's value")
+        if c.setting in user_flags
+        else c
+        for c in choices
+    ]
+
+
+def _flag_names(args: Sequence[str]) -> set[str]:
+    return {a.split("=", 1)[0] for a in args if a.startswith("--")}
+
+
+def _core_list(cores: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5': the form VLLM_CPU_OMP_THREADS_BIND takes."""
+    ranges: list[str] = []
+    start = prev = cores[0]
+    for c in [*cores[1:], None]:
+        if c is not None and c == prev + 1:
+            prev = c
+            continue
+        ranges.append(str(start) if start == prev else f"{start}-{prev}")
+        if c is not None:
+            start = prev = c
+    return ",".join(ranges)
+
+
+def _max_len_why(context: int, kv_tokens: int, max_len: int) -> str:
+    if max_len == context:
+        return f"the model's full context; the KV cache holds {kv_tokens:,} tokens"
+    return f"the KV cache holds {kv_tokens:,} tokens, less than the model's context of {context:,}"
+
+
+def _largest_fit_hint(bytes_for_weights: float, dtype: str) -> str:
+    params = max(0.0, bytes_for_weights) / dtype_bytes(dtype) / 1e9
+    return f"this hardware holds a model of about {params:.1f}B parameters in {dtype}."
+
+
+def _params(config: ModelConfig) -> str:
+    p = config.params
+    return f"{p / 1e9:.1f}B" if p >= 1e9 else f"{p / 1e6:.0f}M"
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"

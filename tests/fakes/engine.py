@@ -1,0 +1,132 @@
+"""A small OpenAI-compatible server with a known token schedule: the upstream for gateway tests.
+
+Run in-process (`create_fake_engine()` behind httpx.ASGITransport) or as a real process:
+    python -m tests.fakes.engine --port 8123 [--model NAME] [--token-delay 0.01]
+It answers every prompt with the words of ANSWER, one token per SSE chunk, and records the requests
+it saw finish and the ones whose client went away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+ANSWER = "The capital of France is Paris."
+
+
+def create_fake_engine(model: str = "fake-model", token_delay: float = 0.0) -> FastAPI:
+    app = FastAPI()
+    app.state.finished = 0
+    app.state.aborted = 0
+    app.state.in_flight = 0
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {}
+
+    @app.get("/stats")
+    async def stats() -> dict[str, int]:
+        return {"finished": app.state.finished, "aborted": app.state.aborted, "in_flight": app.state.in_flight}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, object]:
+        return {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "fake"}]}
+
+    async def complete(request: Request, chat: bool) -> object:
+        body = await request.json()
+        if body.get("model") != model:
+            return JSONResponse(
+                {"error": {"message": "no such model", "type": "NotFoundError", "param": None, "code": 404}}, 404
+            )
+        max_tokens = int(body.get("max_tokens") or 16)
+        words = (ANSWER.split(" ") * (max_tokens // 6 + 1))[:max_tokens]
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        if body.get("stream"):
+            return StreamingResponse(_stream(app, pieces, chat, token_delay), media_type="text/event-stream")
+        app.state.in_flight += 1
+        try:
+            for _ in pieces:  # like vLLM, stop generating for a client that has gone
+                await asyncio.sleep(token_delay)
+                if await request.is_disconnected():
+                    app.state.aborted += 1
+                    return JSONResponse({}, 499)
+        finally:
+            app.state.in_flight -= 1
+        app.state.finished += 1
+        text = "".join(pieces)
+        choice = {"index": 0, "finish_reason": "length"}
+        choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+        usage = {"prompt_tokens": 5, "completion_tokens": len(pieces), "total_tokens": 5 + len(pieces)}
+        kind = "chat.completion" if chat else "text_completion"
+        return {
+            "id": "cmpl-1",
+            "object": kind,
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": usage,
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> object:
+        return await complete(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> object:
+        return await complete(request, chat=False)
+
+    return app
+
+
+async def _stream(app: FastAPI, pieces: list[str], chat: bool, delay: float) -> AsyncIterator[bytes]:
+    app.state.in_flight += 1
+    done = False
+    try:
+        if chat:
+            yield _event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+        for piece in pieces:
+            await asyncio.sleep(delay)
+            delta = {"delta": {"content": piece}} if chat else {"text": piece}
+            yield _event(
+                {
+                    "object": "chat.completion.chunk" if chat else "text_completion",
+                    "choices": [{"index": 0, **delta, "finish_reason": None}],
+                }
+            )
+        yield b"data: [DONE]\n\n"
+        done = True
+    finally:
+        app.state.in_flight -= 1
+        if done:
+            app.state.finished += 1
+        else:
+            app.state.aborted += 1
+
+
+def _event(data: dict[str, object]) -> bytes:
+    return f"data: {json.dumps(data)}\n\n".encode()
+
+
+def main() -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model", default="fake-model")
+    parser.add_argument("--token-delay", type=float, default=0.01)
+    parser.add_argument("--startup-delay", type=float, default=0.0)
+    args = parser.parse_args()
+    print("fake engine: loading weights", flush=True)
+    time.sleep(args.startup_delay)
+    print("fake engine: Starting vLLM API server", flush=True)
+    uvicorn.run(create_fake_engine(args.model, args.token_delay), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

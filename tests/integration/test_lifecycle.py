@@ -1,0 +1,154 @@
+"""The serve runner's lifecycle with real processes and real HTTP, the fake engine standing in for vLLM:
+engine death, failed start, port in use, client disconnects, Ctrl-C. (tests/e2e does it with vLLM.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from deploykit.serve.runner import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen[str]
+    url: str
+    engine_url: str
+
+    def engine(self) -> psutil.Process:
+        return next(p for p in psutil.Process(self.proc.pid).children() if "tests.fakes.engine" in p.cmdline())
+
+    def finish(self, timeout: float = 30) -> tuple[int, str]:
+        out, _ = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out
+
+
+def start(tmp_path: Path, *engine_args: str, port: int | None = None) -> Gateway:
+    port, engine_port = port or free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.serve_fake", str(port), str(engine_port), *engine_args],
+        cwd=REPO,
+        env={**os.environ, "DEPLOYKIT_HOME": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return Gateway(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{engine_port}")
+
+
+def wait_ready(gw: Gateway, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert gw.proc.poll() is None, gw.finish()[1]
+        try:
+            if httpx.get(gw.url + "/ready").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("not ready")
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    gw = start(tmp_path, "--token-delay", "0.05")
+    wait_ready(gw)
+    yield gw
+    if gw.proc.poll() is None:
+        gw.proc.send_signal(signal.SIGINT)
+        gw.finish()
+
+
+def test_engine_death_answers_503_and_exits_non_zero_with_the_engine_log(gateway: Gateway) -> None:
+    result: dict[str, httpx.Response] = {}
+    body = {"model": "fake-model", "prompt": "x", "max_tokens": 400}  # 20 s of generation
+    asker = threading.Thread(
+        target=lambda: result.setdefault("r", httpx.post(gateway.url + "/v1/completions", json=body, timeout=60))
+    )
+    asker.start()
+    time.sleep(0.5)
+    gateway.engine().kill()
+    asker.join(30)
+    response = result["r"]
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "engine_unavailable"
+    code, out = gateway.finish()
+    assert code == 6
+    assert "The engine exited (status -9) while serving" in out
+    assert "fake engine: Starting vLLM API server" in out  # its last log lines are shown
+
+
+def test_engine_that_fails_to_start_shows_why(tmp_path: Path) -> None:
+    code, out = start(tmp_path, "--no-such-flag").finish()
+    assert code == 6
+    assert "before it was ready" in out
+    assert "unrecognized arguments: --no-such-flag" in out
+    assert "Traceback" not in out.split("Error:")[-1]
+
+
+def test_port_in_use_fails_before_the_engine_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        started = time.monotonic()
+        code, out = start(tmp_path, port=taken.getsockname()[1]).finish()
+    assert code == 4
+    assert "already in use" in out and "--port" in out
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "logs").exists()  # no engine was started
+
+
+def test_client_disconnect_mid_stream_aborts_at_the_engine(gateway: Gateway) -> None:
+    body = {"model": "fake-model", "prompt": "x", "max_tokens": 400, "stream": True}
+    with httpx.stream("POST", gateway.url + "/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        for _ in range(3):
+            next(lines)
+    deadline = time.monotonic() + 5
+    while (stats := httpx.get(gateway.engine_url + "/stats").json())["aborted"] < 1:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.05)
+    assert stats == {"finished": 0, "aborted": 1, "in_flight": 0}
+
+
+def test_non_streaming_client_that_leaves_aborts_at_the_engine(gateway: Gateway) -> None:
+    body = {"model": "fake-model", "prompt": "x", "max_tokens": 400}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.url + "/v1/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 5
+    while httpx.get(gateway.engine_url + "/stats").json()["in_flight"] > 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_ctrl_c_drains_stops_the_engine_and_exits_0(gateway: Gateway) -> None:
+    tree = [psutil.Process(gateway.proc.pid), gateway.engine()]
+    result: dict[str, httpx.Response] = {}
+    body = {"model": "fake-model", "prompt": "x", "max_tokens": 20}  # 1 s of generation
+    asker = threading.Thread(
+        target=lambda: result.setdefault("r", httpx.post(gateway.url + "/v1/completions", json=body, timeout=30))
+    )
+    asker.start()
+    time.sleep(0.3)
+    gateway.proc.send_signal(signal.SIGINT)
+    asker.join(30)
+    assert result["r"].status_code == 200
+    assert len(result["r"].json()["choices"][0]["text"].split()) == 20
+    code, out = gateway.finish()
+    assert code == 0, out
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    assert not alive

@@ -1,0 +1,138 @@
+"""The gateway in front of the fake engine, both in-process (httpx ASGI transports on each side)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from deploykit.serve.gateway import Backend, create_app
+from tests.fakes.engine import ANSWER, create_fake_engine
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[Backend]:
+    engine = httpx.ASGITransport(app=create_fake_engine("m1"))
+    async with httpx.AsyncClient(transport=engine, base_url="http://engine") as client:
+        yield Backend("m1", client, status="ready")
+
+
+@pytest.fixture
+async def gateway(backend: Backend) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app([backend]))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        yield client
+
+
+def chat(**extra: object) -> dict[str, object]:
+    return {"model": "m1", "messages": [{"role": "user", "content": "Capital of France?"}], **extra}
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+async def test_health_answers_whatever_the_engine_does(gateway: httpx.AsyncClient, backend: Backend) -> None:
+    backend.status = "stopped"
+    assert (await gateway.get("/health")).json() == {"status": "ok"}
+
+
+async def test_ready_follows_the_engine(gateway: httpx.AsyncClient, backend: Backend) -> None:
+    assert (await gateway.get("/ready")).json() == {"status": "ready", "models": {"m1": "ready"}}
+    backend.status = "starting"
+    response = await gateway.get("/ready")
+    assert_openai_error(response, 503, "not_ready")
+    assert response.json()["models"] == {"m1": "starting"}
+
+
+async def test_models_lists_the_engines_models(gateway: httpx.AsyncClient) -> None:
+    response = await gateway.get("/v1/models")
+    assert [m["id"] for m in response.json()["data"]] == ["m1"]
+
+
+async def test_chat_non_streaming_passes_the_engines_answer_through(gateway: httpx.AsyncClient) -> None:
+    response = await gateway.post("/v1/chat/completions", json=chat(max_tokens=6))
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == ANSWER
+
+
+async def test_completions_streaming_relays_every_event(gateway: httpx.AsyncClient) -> None:
+    body = {"model": "m1", "prompt": "The capital of France is", "max_tokens": 6, "stream": True}
+    async with gateway.stream("POST", "/v1/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    events = [e.removeprefix("data: ") for e in raw.decode().split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == ANSWER
+
+
+async def test_malformed_json_is_a_400_in_openai_shape(gateway: httpx.AsyncClient) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    error = assert_openai_error(response, 400)
+    assert error["type"] == "invalid_request_error"
+    assert "not valid JSON" in str(error["message"])
+
+
+@pytest.mark.parametrize("body", [b"[]", b'"text"', b"null"])
+async def test_a_body_that_is_not_an_object_is_a_400(gateway: httpx.AsyncClient, body: bytes) -> None:
+    assert_openai_error(await gateway.post("/v1/completions", content=body), 400)
+
+
+async def test_unknown_model_is_a_404_that_names_what_is_served(gateway: httpx.AsyncClient) -> None:
+    error = assert_openai_error(
+        await gateway.post("/v1/chat/completions", json=chat(model="gpt-9")), 404, "model_not_found"
+    )
+    assert "m1" in str(error["message"]) and error["param"] == "model"
+
+
+async def test_missing_model_is_a_400(gateway: httpx.AsyncClient) -> None:
+    assert_openai_error(await gateway.post("/v1/chat/completions", json={"messages": []}), 400, "missing_model")
+
+
+async def test_engine_errors_pass_through_with_their_status(gateway: httpx.AsyncClient, backend: Backend) -> None:
+    backend.model = "m1"
+    # the fake engine itself rejects this name; the gateway must relay the 404, not rewrite it
+    backend_app = create_fake_engine("other")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=backend_app), base_url="http://e") as c:
+        backend.client = c
+        response = await gateway.post("/v1/chat/completions", json=chat())
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == "no such model"
+
+
+async def test_starting_or_stopped_engine_is_a_503(gateway: httpx.AsyncClient, backend: Backend) -> None:
+    for status in ("starting", "stopped"):
+        backend.status = status
+        assert_openai_error(await gateway.post("/v1/chat/completions", json=chat()), 503, "engine_unavailable")
+
+
+async def test_unreachable_engine_is_a_503(gateway: httpx.AsyncClient, backend: Backend) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(refuse), base_url="http://e") as c:
+        backend.client = c
+        response = await gateway.post("/v1/chat/completions", json=chat())
+    error = assert_openai_error(response, 503, "engine_unavailable")
+    assert "ConnectError" in str(error["message"])
+
+
+async def test_unknown_path_is_a_404_in_openai_shape(gateway: httpx.AsyncClient) -> None:
+    assert_openai_error(await gateway.get("/v1/nothing"), 404)

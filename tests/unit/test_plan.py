@@ -1,0 +1,150 @@
+"""The launch plan, as tables of hardware x model with hand-checked numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deploykit.errors import NotEnoughMemoryError, UsageError
+from deploykit.models.config import ModelConfig
+from deploykit.serve.hardware import Gpu, Hardware
+from deploykit.serve.plan import LaunchPlan, _core_list, kv_cache_tokens, plan_launch
+
+GIB = 1024**3
+
+SMOLLM2 = ModelConfig("LlamaForCausalLM", 30, 576, 9, 3, 64, 8192, "bfloat16", 134_515_008)
+LLAMA2_7B = ModelConfig("LlamaForCausalLM", 32, 4096, 32, 32, 128, 4096, "float16", 6_738_415_616)
+LLAMA2_13B = ModelConfig("LlamaForCausalLM", 40, 5120, 40, 40, 128, 4096, "float16", 13_015_864_320)
+LLAMA2_70B = ModelConfig("LlamaForCausalLM", 80, 8192, 64, 8, 128, 4096, "float16", 68_976_648_192)
+PHI3_MINI = ModelConfig("Phi3ForCausalLM", 32, 3072, 32, 32, 96, 4096, "bfloat16", 3_821_079_552)
+
+LAPTOP = Hardware(cpu_ids=(0, 1), ram_total_bytes=24 * GIB, ram_available_bytes=22 * GIB)
+
+
+def gpus(n: int, name: str, gib: int, cc: float) -> Hardware:
+    return Hardware(
+        cpu_ids=tuple(range(16)),
+        ram_total_bytes=256 * GIB,
+        ram_available_bytes=250 * GIB,
+        gpus=tuple(Gpu(i, name, gib * GIB, gib * GIB, cc) for i in range(n)),
+    )
+
+
+def plan(config: ModelConfig, hw: Hardware, *extra: str, environ: dict[str, str] | None = None) -> LaunchPlan:
+    return plan_launch(
+        Path("/m"), "m", config, hw, port=9999, extra_args=extra, environ=environ, python="/venv/bin/python"
+    )
+
+
+def flag(p: LaunchPlan, name: str) -> str:
+    assert p.argv.count(name) == 1, p.argv
+    return p.argv[p.argv.index(name) + 1]
+
+
+def test_kv_capacity_matches_what_vllm_logged_for_smollm2_with_1_gib() -> None:
+    # DESIGN.md: 2 x 30 layers x 3 kv heads x 64 x 4 B = 46,080 B/token; vLLM logged 23,296 tokens.
+    assert kv_cache_tokens(GIB, 46_080) == 23_296
+
+
+def test_cpu_plan_for_smollm2_on_two_cores() -> None:
+    p = plan(SMOLLM2, LAPTOP)
+    assert p.device == "cpu"
+    assert p.argv[:3] == ("/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server")
+    assert flag(p, "--model") == "/m"
+    assert flag(p, "--dtype") == "float32"
+    # 4 x 8192 tokens x 46,080 B = 1.41 GiB -> 2 GiB; 2 GiB / 46,080 B = 46,603 -> 46,592 in 16-token blocks
+    assert p.env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert p.kv_cache_tokens == 46_592
+    assert flag(p, "--max-model-len") == "8192"
+    assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "0"  # core 1 is left for the gateway
+    assert (flag(p, "--host"), flag(p, "--port"), flag(p, "--served-model-name")) == ("127.0.0.1", "9999", "m")
+    assert {c.setting for c in p.choices} >= {"--dtype", "VLLM_CPU_KVCACHE_SPACE", "--max-model-len"}
+    assert all(c.why for c in p.choices)
+
+
+def test_cpu_plan_uses_bfloat16_for_larger_models_and_binds_all_but_one_core() -> None:
+    hw = Hardware(cpu_ids=(0, 1, 2, 3), ram_total_bytes=64 * GIB, ram_available_bytes=60 * GIB)
+    p = plan(PHI3_MINI, hw)
+    assert flag(p, "--dtype") == "bfloat16"
+    assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-2"
+
+
+def test_cpu_plan_keeps_the_users_kv_cache_setting() -> None:
+    p = plan(SMOLLM2, LAPTOP, environ={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert "VLLM_CPU_KVCACHE_SPACE" not in p.env  # the user's environment reaches the engine as it is
+    assert p.kv_cache_tokens == 23_296
+
+
+def test_cpu_too_small_says_how_much_is_needed() -> None:
+    with pytest.raises(NotEnoughMemoryError) as e:
+        plan(LLAMA2_70B, LAPTOP)
+    assert "GiB of RAM" in e.value.message
+    assert "22.0 GiB is available" in e.value.message
+    assert e.value.exit_code == 4
+    assert "parameters" in e.value.hint
+
+
+def test_one_a100_serves_llama2_7b_without_tensor_parallel() -> None:
+    p = plan(LLAMA2_7B, gpus(1, "NVIDIA A100-SXM4-80GB", 80, 8.0))
+    assert p.argv[:3] == ("/venv/bin/vllm", "serve", "/m")
+    assert flag(p, "--dtype") == "bfloat16"
+    assert flag(p, "--tensor-parallel-size") == "1"
+    assert flag(p, "--gpu-memory-utilization") == "0.90"
+    assert flag(p, "--max-model-len") == "4096"
+    # 72 GiB - 1.5 GiB runtime - 13.48 GB weights, at 2 x 32 x 32 x 128 x 2 B = 524,288 B/token
+    kv_bytes = int(80 * GIB * 0.9) - int(1.5 * GIB) - 2 * 6_738_415_616
+    assert p.kv_cache_tokens == kv_bytes // 524_288 // 16 * 16
+    assert 118_000 < p.kv_cache_tokens < 119_000
+    assert p.env == {"CUDA_VISIBLE_DEVICES": "0"}
+
+
+def test_llama2_13b_needs_two_24gb_gpus() -> None:
+    p = plan(LLAMA2_13B, gpus(2, "NVIDIA L4", 24, 8.9))
+    assert flag(p, "--tensor-parallel-size") == "2"
+    assert p.env == {"CUDA_VISIBLE_DEVICES": "0,1"}
+    per_gpu = int(24 * GIB * 0.9) - int(1.5 * GIB) - 2 * 13_015_864_320 // 2
+    assert p.kv_cache_tokens == 2 * per_gpu // 819_200 // 16 * 16
+
+
+def test_llama2_70b_on_eight_h100_takes_the_fewest_gpus_that_hold_it() -> None:
+    p = plan(LLAMA2_70B, gpus(8, "NVIDIA H100 80GB HBM3", 80, 9.0))
+    # 137.95 GB of weights do not fit on one 80 GB GPU; two hold 69 GB each and ~41k tokens of KV
+    assert flag(p, "--tensor-parallel-size") == "2"
+    assert p.gpu_indices == (0, 1)
+    assert 40_000 < p.kv_cache_tokens < 42_000
+
+
+def test_t4_gets_float16() -> None:
+    p = plan(PHI3_MINI, gpus(1, "Tesla T4", 16, 7.5))
+    assert flag(p, "--dtype") == "float16"
+    assert flag(p, "--tensor-parallel-size") == "1"
+
+
+def test_model_that_fits_nowhere_names_the_need() -> None:
+    with pytest.raises(NotEnoughMemoryError) as e:
+        plan(LLAMA2_70B, gpus(1, "NVIDIA A10G", 24, 8.6))
+    assert "does not fit" in e.value.message and "A10G" in e.value.message
+    assert "more or larger GPUs" in e.value.hint
+
+
+def test_user_flags_win_and_pass_through() -> None:
+    p = plan(SMOLLM2, LAPTOP, "--dtype=bfloat16", "--enforce-eager", "--max-model-len", "2048")
+    assert "--dtype" not in p.argv and "--dtype=bfloat16" in p.argv
+    assert flag(p, "--max-model-len") == "2048"
+    assert p.argv[-4:] == ("--dtype=bfloat16", "--enforce-eager", "--max-model-len", "2048")
+    yours = {c.setting for c in p.choices if c.value == "(yours)"}
+    assert yours == {"--dtype", "--max-model-len"}
+
+
+@pytest.mark.parametrize("flag_name", ["--port", "--host", "--model"])
+def test_the_gateway_owns_the_engines_address(flag_name: str) -> None:
+    with pytest.raises(UsageError):
+        plan(SMOLLM2, LAPTOP, flag_name, "x")
+
+
+@pytest.mark.parametrize(
+    ("cores", "expected"), [((0,), "0"), ((0, 1, 2), "0-2"), ((0, 1, 2, 5), "0-2,5"), ((1, 3, 4), "1,3-4")]
+)
+def test_core_list(cores: tuple[int, ...], expected: str) -> None:
+    assert _core_list(cores) == expected
