@@ -33,7 +33,7 @@ def convert_gguf(gguf: Path, out: Path, progress: Callable[[str], None] = lambda
             "can be imported.",
         ) from e
     # save_pretrained refuses a model that still carries its GGUF quantizer; the weights are plain now.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     progress("writing safetensors")

@@ -7,11 +7,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from deploykit.errors import ModelImportError
 from deploykit.models.config import read_model_config
 from deploykit.models.gguf import convert_gguf
 from deploykit.models.store import LocalModel, ModelStore, check_alias
-
-from deploykit.errors import ModelImportError
 
 # Files a model directory may carry that serving never reads.
 _SKIP = {".git", ".gitattributes", ".cache", "__pycache__"}
@@ -83,7 +82,7 @@ def _fingerprint(source: Path) -> str:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
     else:
-        for f in sorted(p for p in source.rglob("*") if p.is_file()):
-            stat = f.stat()
-            digest.update(f"{f.relative_to(source)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        for path in sorted(p for p in source.rglob("*") if p.is_file()):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(source)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()

@@ -49,14 +49,14 @@ class ModelStore:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def list(self) -> list[LocalModel]:
+    def models(self) -> list[LocalModel]:
         if not self.root.is_dir():
             return []
         found = (self._read(d) for d in sorted(self.root.iterdir()) if (d / "manifest.json").is_file())
         return [m for m in found if m is not None]
 
     def aliases(self) -> list[str]:
-        return [m.alias for m in self.list()]
+        return [m.alias for m in self.models()]
 
     def find(self, alias: str) -> LocalModel | None:
         entry = self.root / alias

@@ -12,11 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deploykit.errors import NotEnoughMemoryError, UsageError
 from deploykit.models.config import ModelConfig
 from deploykit.models.fit import GIB, dtype_bytes, kv_bytes_per_token, weight_bytes
 from deploykit.serve.hardware import Gpu, Hardware
-
-from deploykit.errors import NotEnoughMemoryError, UsageError
 
 # vLLM allocates KV cache in blocks of this many tokens; capacities round down to it.
 KV_BLOCK_TOKENS = 16

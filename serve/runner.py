@@ -20,13 +20,6 @@ from types import FrameType
 
 import httpx
 import uvicorn
-from deploykit.models.config import read_model_config
-from deploykit.models.store import ModelStore
-from deploykit.serve.engine import EngineProcess, EngineProgress
-from deploykit.serve.gateway.app import create_app
-from deploykit.serve.gateway.proxy import Backend
-from deploykit.serve.hardware import Hardware, detect_hardware
-from deploykit.serve.plan import LaunchPlan, plan_launch
 
 from deploykit.errors import (
     EngineDiedError,
@@ -35,6 +28,13 @@ from deploykit.errors import (
     PortInUseError,
     UsageError,
 )
+from deploykit.models.config import read_model_config
+from deploykit.models.store import ModelStore
+from deploykit.serve.engine import EngineProcess, EngineProgress
+from deploykit.serve.gateway.app import create_app
+from deploykit.serve.gateway.proxy import Backend
+from deploykit.serve.hardware import Hardware, detect_hardware
+from deploykit.serve.plan import LaunchPlan, plan_launch
 from deploykit.settings import Settings
 
 _POLL_S = 0.5

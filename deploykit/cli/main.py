@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
 
 from deploykit import __version__
 from deploykit.cli import chat, doctor, models, serve
-from deploykit.console import err, print_error
+from deploykit.console import print_error
 from deploykit.errors import DeploykitError
 
 app = typer.Typer(
@@ -36,20 +35,14 @@ def _root(
 
 
 def main() -> None:
-    """Run the CLI; a DeploykitError becomes one message and its exit code (DEPLOYKIT_DEBUG=1: traceback)."""
-    command = typer.main.get_command(app)
+    """Run the CLI; a DeploykitError becomes one message and its exit code (DEPLOYKIT_DEBUG=1: traceback).
+
+    Usage errors are click's own (exit 2, with the usage line).
+    """
     try:
-        command.main(prog_name="deploykit", standalone_mode=False)
+        app(prog_name="deploykit")
     except DeploykitError as e:
         if os.environ.get("DEPLOYKIT_DEBUG"):
             raise
         print_error(e)
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        err.print("Interrupted.")
-        sys.exit(130)

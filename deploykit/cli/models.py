@@ -53,7 +53,7 @@ def import_(
 @app.command("list")
 def list_(json_: JsonOpt = False) -> None:
     """List the models in the local store."""
-    models = _store().list()
+    models = _store().models()
     if json_:
         print_json([m.to_json() for m in models])
         return

@@ -72,21 +72,28 @@ def _show_plan(plan: LaunchPlan, as_json: bool) -> None:
 
 
 class ConsoleReporter(ServeReporter):
+    """A live status line on a terminal; one line per start-up phase in a log or CI."""
+
     def __init__(self) -> None:
         self._status: Status | None = None
+        self._phase = ""
 
     def starting(self, plan: LaunchPlan, url: str, log_path: str) -> None:
         err.print(f"Gateway on [bold]{url}[/bold] (/health now, /ready once the engine is up)")
         err.print(f"Engine log: {log_path}", highlight=False)
-        self._status = err.status("Starting the engine")
-        self._status.start()
+        if err.is_terminal:
+            self._status = err.status("Starting the engine")
+            self._status.start()
 
     def progress(self, progress: EngineProgress) -> None:
         if self._status is not None:
             last = progress.last_line[-100:]
             self._status.update(
-                f"Starting the engine: {progress.phase} ({progress.elapsed_s:.0f} s)\n  [dim]{last}[/dim]"
+                f"Starting the engine: {progress.phase} ({progress.elapsed_s:.0f} s)\n  [dim]{last}[/dim]",
             )
+        elif progress.phase != self._phase:
+            err.print(f"Starting the engine: {progress.phase} ({progress.elapsed_s:.0f} s)", highlight=False)
+        self._phase = progress.phase
 
     def ready(self, ready: Ready) -> None:
         self._stop_status()

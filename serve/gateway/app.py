@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated
 
-from deploykit.serve.gateway.errors import GatewayError, error_body, install_error_handlers
-from deploykit.serve.gateway.proxy import Backend, forward, get_json, parse_body
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from deploykit import __version__
+from deploykit.serve.gateway.errors import GatewayError, error_body, install_error_handlers
+from deploykit.serve.gateway.proxy import Backend, forward, get_json, parse_body
 
 
 class Backends:

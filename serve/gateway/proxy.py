@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import httpx
-from deploykit.serve.gateway.errors import GatewayError
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+
+from deploykit.serve.gateway.errors import GatewayError
 
 # Request headers worth passing to the engine, and response headers worth passing back.
 _REQUEST_HEADERS = ("content-type", "accept", "x-request-id")

@@ -106,7 +106,7 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_process(served: Served)
     asker.join(120)
     assert result == {"status": 200, "tokens": 48}  # the in-flight request finished
     assert served.make.wait(60) == 0
-    gone, alive = psutil.wait_procs(tree, timeout=10)
+    _, alive = psutil.wait_procs(tree, timeout=10)
     assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
     with pytest.raises(httpx.ConnectError):
         httpx.get(served.url + "/health")

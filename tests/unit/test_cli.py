@@ -1,0 +1,123 @@
+"""The CLI as a user runs it: real subprocesses, exit codes, one clear message and no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_models import LLAMA2_7B_CONFIG, write_safetensors
+
+CLI = [sys.executable, "-m", "deploykit"]
+
+
+def deploykit(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DEPLOYKIT_HOME": str(home)}
+    env.pop("DEPLOYKIT_DEBUG", None)
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in result.stderr
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding a tiny model (real safetensors) and a 70B-sized one (config only, dummy .bin)."""
+    root = tmp_path_factory.mktemp("cli")
+    tiny = root / "src-tiny"
+    tiny.mkdir()
+    small = {**LLAMA2_7B_CONFIG, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    (tiny / "config.json").write_text(json.dumps(small))
+    write_safetensors(tiny / "model.safetensors", {"w": [64, 64]})
+    huge = root / "src-huge"
+    huge.mkdir()
+    (huge / "config.json").write_text(
+        json.dumps(
+            {
+                **LLAMA2_7B_CONFIG,
+                "num_hidden_layers": 80,
+                "hidden_size": 8192,
+                "num_attention_heads": 64,
+                "num_key_value_heads": 8,
+                "intermediate_size": 28672,
+            }
+        )
+    )
+    (huge / "pytorch_model.bin").write_bytes(b"0")
+    home = root / "home"
+    for src, alias in ((tiny, "smollm2-135m"), (huge, "llama-2-70b")):
+        assert deploykit(home, "models", "import", str(src), "--alias", alias).returncode == 0
+    return home
+
+
+def test_unknown_model_lists_close_matches(home: Path) -> None:
+    result = deploykit(home, "serve", "smolm2-135m", "--dry-run")
+    assert_clean_failure(result, 3, "Unknown model 'smolm2-135m'", "Did you mean: smollm2-135m?")
+
+
+def test_dry_run_prints_the_plan_and_why(home: Path) -> None:
+    result = deploykit(home, "serve", "--dry-run", "--engine-port", "8123")
+    assert result.returncode == 0, result.stderr
+    for text in ("VLLM_CPU_KVCACHE_SPACE", "--dtype", "float32", "vllm.entrypoints.openai.api_server", "--port 8123"):
+        assert text in result.stdout
+
+
+def test_dry_run_json_and_passthrough_flags(home: Path) -> None:
+    result = deploykit(home, "serve", "smollm2-135m", "--dry-run", "--json", "--", "--dtype", "bfloat16")
+    plan = json.loads(result.stdout)
+    assert plan["argv"].count("--dtype") == 1 and plan["argv"][-2:] == ["--dtype", "bfloat16"]
+    assert {"setting": "--dtype", "value": "(yours)"}.items() <= next(
+        c for c in plan["choices"] if c["setting"] == "--dtype"
+    ).items()
+
+
+def test_engine_address_flags_are_refused(home: Path) -> None:
+    assert_clean_failure(deploykit(home, "serve", "smollm2-135m", "--", "--port", "1"), 2, "--port")
+
+
+def test_not_enough_ram_says_what_is_needed(home: Path) -> None:
+    result = deploykit(home, "serve", "llama-2-70b", "--dry-run")
+    assert_clean_failure(result, 4, "GiB of RAM", "available", "parameters")
+
+
+def test_port_in_use_fails_fast(home: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = deploykit(home, "serve", "smollm2-135m", "--port", str(taken.getsockname()[1]))
+    assert_clean_failure(result, 4, "already in use", "--port")
+
+
+def test_import_of_a_missing_path(home: Path) -> None:
+    assert_clean_failure(deploykit(home, "models", "import", "/nope.gguf", "--alias", "x"), 7, "does not exist")
+
+
+def test_unknown_flag_is_a_usage_error(home: Path) -> None:
+    result = deploykit(home, "serve", "--no-such-flag")
+    assert result.returncode == 2 and "No such option" in result.stderr
+
+
+def test_models_list_json(home: Path) -> None:
+    listed = json.loads(deploykit(home, "models", "list", "--json").stdout)
+    assert sorted(m["alias"] for m in listed) == ["llama-2-70b", "smollm2-135m"]
+
+
+def test_doctor_json_reports_this_machine(home: Path) -> None:
+    result = deploykit(home, "doctor", "--json")
+    report = json.loads(result.stdout)
+    assert report["hardware"]["cpu_ids"] and report["models"] == ["llama-2-70b", "smollm2-135m"]
+    assert result.returncode == (0 if report["ok"] else 1)
+
+
+def test_chat_without_a_server(home: Path) -> None:
+    result = deploykit(home, "chat", "--url", "http://127.0.0.1:9", "-p", "hi")
+    assert_clean_failure(result, 6, "Cannot reach", "deploykit serve")
