@@ -57,7 +57,7 @@ typecheck: install
 	cp -as "$(CURDIR)/models" .cache/typecheck/deploykit/models
 	cp -as "$(CURDIR)/serve" .cache/typecheck/deploykit/serve
 	cp -as "$(CURDIR)/loadtests" .cache/typecheck/deploykit/loadtests
-	cd .cache/typecheck && "$(CURDIR)/$(BIN)/mypy" --config-file "$(CURDIR)/pyproject.toml" -p deploykit
+	cd .cache/typecheck && "$(CURDIR)/$(BIN)/mypy" --config-file "$(CURDIR)/pyproject.toml" --cache-dir "$(CURDIR)/.mypy_cache" -p deploykit
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
