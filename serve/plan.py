@@ -14,11 +14,9 @@ from pathlib import Path
 
 from deploykit.errors import NotEnoughMemoryError, UsageError
 from deploykit.models.config import ModelConfig
-from deploykit.models.fit import GIB, dtype_bytes, kv_bytes_per_token, weight_bytes
+from deploykit.models.fit import GIB, dtype_bytes, fit_on, kv_bytes_per_token, kv_cache_tokens, weight_bytes
 from deploykit.serve.hardware import Gpu, Hardware
 
-# vLLM allocates KV cache in blocks of this many tokens; capacities round down to it.
-KV_BLOCK_TOKENS = 16
 # Share of each GPU's memory vLLM may take (its own default).
 GPU_MEMORY_UTILIZATION = 0.90
 # Per GPU, beyond weights and KV cache: CUDA context, activations, CUDA graphs (an estimate).
@@ -180,24 +178,22 @@ def _plan_gpu(
     choices.append(Choice("--dtype", dtype, why))
 
     weights = weight_bytes(config, dtype)
-    per_token = kv_bytes_per_token(config, dtype)
-    budget = int(smallest.memory_bytes * GPU_MEMORY_UTILIZATION) - GPU_RUNTIME_OVERHEAD
-    wanted_len = min(config.max_context, MIN_CONTEXT)
+    budget = gpu_budget(smallest)
     sizes = [tp for tp in (1, 2, 4, 8) if tp <= len(gpus) and config.attention_heads % tp == 0]
-    for tp in sizes:
-        kv_bytes = tp * (budget - weights // tp)
-        tokens = kv_cache_tokens(kv_bytes, per_token) if kv_bytes > 0 else 0
-        if tokens >= wanted_len:
-            break
-    else:
-        need_per_gpu = weights / max(sizes) + GPU_RUNTIME_OVERHEAD + wanted_len * per_token / max(sizes)
+    fits = [fit_on(config, dtype, tp, budget, MIN_CONTEXT) for tp in sizes]
+    fit = next((f for f in fits if f.fits), None)
+    if fit is None:
+        largest = fits[-1]
+        need = weights / largest.devices + GPU_RUNTIME_OVERHEAD
+        need += largest.min_context * kv_bytes_per_token(config, dtype) / largest.devices
         raise NotEnoughMemoryError(
-            f"The model does not fit: {_gib(weights)} of {dtype} weights plus KV cache for {wanted_len} "
-            f"tokens need about {_gib(need_per_gpu / GPU_MEMORY_UTILIZATION)} per GPU across "
-            f"{max(sizes)} x {smallest.name} ({_gib(smallest.memory_bytes)} each).",
+            f"The model does not fit: {_gib(weights)} of {dtype} weights plus KV cache for {largest.min_context} "
+            f"tokens need about {_gib(need / GPU_MEMORY_UTILIZATION)} per GPU across "
+            f"{largest.devices} x {smallest.name} ({_gib(smallest.memory_bytes)} each).",
             "Use more or larger GPUs, or a quantized or smaller model; "
-            + _largest_fit_hint(budget * max(sizes), dtype),
+            + _largest_fit_hint(budget * largest.devices, dtype),
         )
+    tp, tokens = fit.devices, fit.kv_cache_tokens
     why = (
         f"{_gib(weights)} of weights fit on 1 GPU with room for KV cache"
         if tp == 1
@@ -238,9 +234,9 @@ def _plan_gpu(
     )
 
 
-def kv_cache_tokens(kv_bytes: int, bytes_per_token: int) -> int:
-    """Tokens a KV cache of `kv_bytes` holds, rounded down to whole blocks as vLLM does."""
-    return kv_bytes // bytes_per_token // KV_BLOCK_TOKENS * KV_BLOCK_TOKENS
+def gpu_budget(gpu: Gpu) -> int:
+    """Bytes of one GPU the engine gives to weights and KV cache."""
+    return int(gpu.memory_bytes * GPU_MEMORY_UTILIZATION) - GPU_RUNTIME_OVERHEAD
 
 
 def _common_flags(served_name: str, port: int) -> list[str]:

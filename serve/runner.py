@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import httpx
@@ -26,8 +27,10 @@ from deploykit.errors import (
     EngineStartError,
     MissingDependencyError,
     PortInUseError,
+    UnknownModelError,
     UsageError,
 )
+from deploykit.models.catalog import load_catalog
 from deploykit.models.config import read_model_config
 from deploykit.models.store import ModelStore
 from deploykit.serve.engine import EngineProcess, EngineProgress
@@ -79,12 +82,21 @@ def prepare(
     hardware: Hardware | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> LaunchPlan:
-    """Resolve the model in the store and plan its engine for this machine."""
-    local = ModelStore(settings.models_dir).get(model)
+    """Plan the engine for a model in the store; a catalog model not yet pulled is planned from the
+    catalog's numbers (for --dry-run: its weights must be pulled before it can start)."""
+    store, catalog = ModelStore(settings.models_dir), load_catalog()
+    local = store.find(model)
+    entry = catalog.find(model)
+    if local is not None:
+        path, name, config = local.path, model, read_model_config(local.path)
+    elif entry is not None:
+        path, name, config = Path(entry.repo), entry.alias, entry.config()
+    else:
+        raise UnknownModelError(model, [*store.aliases(), *catalog.aliases()])
     return plan_launch(
-        local.path,
-        model,
-        read_model_config(local.path),
+        path,
+        name,
+        config,
         hardware or detect_hardware(),
         port=engine_port or free_port(),
         extra_args=engine_args,
@@ -101,7 +113,7 @@ def run(settings: Settings, plan: LaunchPlan, options: ServeOptions, reporter: S
     try:
         engine.start()
         reporter.starting(plan, f"http://{options.host}:{options.port}", str(engine.log_path))
-        outcome = asyncio.run(_serve(engine, listener, options, reporter))
+        outcome = asyncio.run(_serve(engine, listener, options, reporter, stop_signals))
     finally:
         listener.close()
         reporter.stopping("stopping the engine")
@@ -127,7 +139,13 @@ def run(settings: Settings, plan: LaunchPlan, options: ServeOptions, reporter: S
         )
 
 
-async def _serve(engine: EngineProcess, listener: socket.socket, options: ServeOptions, reporter: ServeReporter) -> str:
+async def _serve(
+    engine: EngineProcess,
+    listener: socket.socket,
+    options: ServeOptions,
+    reporter: ServeReporter,
+    stop_signals: _StopSignals,
+) -> str:
     timeout = httpx.Timeout(connect=5.0, read=options.read_timeout_s, write=30.0, pool=None)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     async with httpx.AsyncClient(base_url=engine.url, timeout=timeout, limits=limits) as client:
@@ -140,7 +158,7 @@ async def _serve(engine: EngineProcess, listener: socket.socket, options: ServeO
         )
         server = uvicorn.Server(config)
         serving = asyncio.create_task(server.serve(sockets=[listener]))
-        outcome = await _watch(engine, backend, server, options, reporter)
+        outcome = await _watch(engine, backend, server, options, reporter, stop_signals)
         if outcome != "stopped":
             server.should_exit = True
         await serving
@@ -153,11 +171,15 @@ async def _watch(
     server: uvicorn.Server,
     options: ServeOptions,
     reporter: ServeReporter,
+    stop_signals: _StopSignals,
 ) -> str:
     """Follow the engine until it is ready, then until it exits or a signal stops the gateway."""
     started = time.monotonic()
     async with httpx.AsyncClient(base_url=engine.url, timeout=2.0) as probe:
         while not server.should_exit:
+            if stop_signals.received:  # a signal that came before uvicorn took over the handlers
+                server.should_exit = True
+                break
             if engine.returncode() is not None:
                 was_ready = backend.status == "ready"
                 backend.status = "stopped"

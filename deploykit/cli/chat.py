@@ -6,7 +6,6 @@ import sys
 
 import typer
 
-from deploykit.chat import connect, pick_model, stream_chat
 from deploykit.console import err
 
 
@@ -29,6 +28,8 @@ def chat(
 
       deploykit chat --url https://api.openai.com --model gpt-4o-mini
     """
+    from deploykit.chat import connect, pick_model, stream_chat  # openai takes a second to import
+
     client = connect(url, api_key)
     name = pick_model(client, model)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []

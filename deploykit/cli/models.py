@@ -7,13 +7,17 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from deploykit.card import ModelCard, fits_here, show_model
 from deploykit.cli.options import JsonOpt
 from deploykit.console import err, human_bytes, out, print_json
+from deploykit.models.catalog import load_catalog, parse_params
+from deploykit.models.hub import delete_model, pull
 from deploykit.models.importer import import_model
 from deploykit.models.store import ModelStore
+from deploykit.serve.hardware import detect_hardware
 from deploykit.settings import Settings
 
-app = typer.Typer(help="List, import and remove local models.", no_args_is_help=True)
+app = typer.Typer(help="Find models in the catalog; list, import and remove local ones.", no_args_is_help=True)
 
 
 def _store() -> ModelStore:
@@ -70,9 +74,157 @@ def list_(json_: JsonOpt = False) -> None:
 
 @app.command("rm")
 def rm(alias: str = typer.Argument(..., help="The model to delete."), json_: JsonOpt = False) -> None:
-    """Delete a model from the local store and say how much space that freed."""
-    freed = _store().remove(alias)
+    """Delete a model and say how much space that freed (a pulled model's blobs in the HF cache included)."""
+    freed = delete_model(_store(), alias)
     if json_:
         print_json({"alias": alias, "freed_bytes": freed})
     else:
         err.print(f"Removed {alias}; freed {human_bytes(freed)}.")
+
+
+@app.command("search")
+def search(
+    text: str = typer.Argument("", help="Part of an alias, hub repo id or licence."),
+    task: str = typer.Option(None, help="text-generation, embeddings, speech-recognition, ..."),
+    license: str = typer.Option(None, "--license", help="Exact licence, e.g. apache-2.0, llama2, mit."),
+    max_params: str = typer.Option(None, help="At most this many parameters: 8b, 500m, ..."),
+    fits: bool = typer.Option(False, "--fits", help="Only models that fit this machine's GPUs or RAM."),
+    json_: JsonOpt = False,
+) -> None:
+    """Filter the model catalog (open models and, for comparison, managed services).
+
+    Examples:
+
+      deploykit models search llama --task text-generation
+
+      deploykit models search --license apache-2.0 --max-params 8b --fits
+    """
+    hardware = detect_hardware() if fits else None
+    entries = load_catalog().search(
+        text,
+        task=task,
+        license=license,
+        max_params=parse_params(max_params) if max_params else None,
+        keep=(lambda e: e.servable and fits_here(e.config(), hardware)) if hardware else None,
+    )
+    if json_:
+        print_json([e.model_dump() | {"servable": e.servable} for e in entries])
+        return
+    if not entries:
+        err.print("No catalog model matches. Any hub repo id works too: deploykit models show ORG/NAME.")
+        raise typer.Exit(1)
+    table = Table()
+    for column in ("alias", "task", "arch", "params", "context", "licence", "where"):
+        table.add_column(column)
+    for e in entries:
+        params = f"{e.params / 1e9:.1f}B" if e.params >= 1e9 else (f"{e.params / 1e6:.0f}M" if e.params else "-")
+        where = e.repo + (" (gated)" if e.gated else "") if e.servable else f"service: {e.provider}"
+        table.add_row(e.alias, e.task, e.architecture, params, f"{e.context:,}", e.license, where)
+    out.print(table)
+
+
+@app.command("show")
+def show(
+    name: str = typer.Argument(..., help="A catalog alias, hub repo id, or local model."),
+    seq_len: int = typer.Option(2048, help="Sequence length for the concurrency estimate."),
+    json_: JsonOpt = False,
+) -> None:
+    """The model card: catalog facts, memory at each dtype, and the fit on this machine.
+
+    Examples:
+
+      deploykit models show llama-3.1-8b-instruct
+
+      deploykit models show smollm2-135m --seq-len 8192 --json
+    """
+    card = show_model(_store(), load_catalog(), name, detect_hardware(), seq_len)
+    if json_:
+        print_json(card.to_json())
+    else:
+        _print_card(card)
+
+
+def _print_card(card: ModelCard) -> None:
+    e = card.entry
+    out.print(f"[bold]{card.name}[/bold]")
+    if e is not None:
+        where = e.repo if e.servable else f"service by {e.provider}, not servable here"
+        out.print(f"  {e.task}, {e.architecture}; licence {e.license}{' (gated)' if e.gated else ''}; {where}")
+    if card.local is not None:
+        out.print(f"  local: {card.local.path} ({human_bytes(card.local.size_bytes)}, from {card.local.source})")
+    c = card.config
+    if c is None:
+        return
+    out.print(
+        f"  {c.params / 1e9:.2f}B parameters; {c.layers} layers, {c.attention_heads} attention / {c.kv_heads} KV "
+        f"heads of {c.head_dim}; context {c.max_context:,}"
+    )
+    memory = Table(title="Memory")
+    for column in ("dtype", "weights", "KV cache per token", f"KV for {card.seq_len:,} tokens"):
+        memory.add_column(column)
+    for m in card.memory:
+        memory.add_row(
+            m.dtype,
+            human_bytes(m.weight_bytes),
+            f"{m.kv_bytes_per_token:,} B",
+            human_bytes(m.kv_bytes_per_token * card.seq_len),
+        )
+    out.print(memory)
+    fit = Table(title="Fit on this machine")
+    for column in (
+        "on",
+        "fits",
+        "dtype",
+        "weights each",
+        "KV cache tokens",
+        "max context",
+        f"seqs of {card.seq_len:,}",
+    ):
+        fit.add_column(column)
+    for row in card.fits:
+        f = row.fit
+        fit.add_row(
+            row.target,
+            "yes" if f.fits else "[red]no[/red]",
+            f.dtype,
+            human_bytes(f.weight_bytes_per_device),
+            f"{f.kv_cache_tokens:,}",
+            f"{f.max_context:,}",
+            f"{f.concurrent_sequences(card.seq_len):,}",
+        )
+    out.print(fit)
+
+
+def pull_command(
+    model: str = typer.Argument(..., help="Catalog alias or hub repo id, optionally @revision."),
+    token: str = typer.Option(None, envvar="HF_TOKEN", help="Hub token, for gated models (default: HF_TOKEN)."),
+    offline: bool = typer.Option(False, "--offline", help="Use only the local cache; never ask the hub."),
+    json_: JsonOpt = False,
+) -> None:
+    """Download a model from the Hugging Face hub for serving, into the standard HF cache (HF_HOME).
+
+    Only what serving needs is fetched (config, tokenizer, chat template, one weight format, safetensors
+    first). Free disk is checked first, an interrupted download resumes, and every file is verified against
+    the hub's sizes and sha256 before the model counts as present.
+
+    Examples:
+
+      deploykit pull smollm2-135m
+
+      deploykit pull meta-llama/Llama-3.1-8B-Instruct --token hf_...
+
+      deploykit pull Qwen/Qwen2.5-7B-Instruct@main
+    """
+    with err.status(f"Pulling {model}") as status:
+        local = pull(
+            model,
+            store=_store(),
+            catalog=load_catalog(),
+            token=token,
+            offline=offline,
+            progress=lambda m: status.update(f"Pulling {model}: {m}"),
+        )
+    if json_:
+        print_json(local.to_json())
+    else:
+        err.print(f"[bold]{local.alias}[/bold] is ready to serve ({human_bytes(local.size_bytes)}, {local.source}).")

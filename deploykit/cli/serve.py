@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 
 import typer
@@ -11,6 +12,9 @@ from rich.table import Table
 from deploykit.cli.options import DEFAULT_MODEL, HostOpt, JsonOpt, PortOpt
 from deploykit.console import err, out, print_json
 from deploykit.errors import UsageError
+from deploykit.models.catalog import load_catalog
+from deploykit.models.hub import pull, resolve_name
+from deploykit.models.store import ModelStore
 from deploykit.serve.engine import EngineProgress
 from deploykit.serve.plan import LaunchPlan
 from deploykit.serve.runner import Ready, ServeOptions, ServeReporter, prepare, run
@@ -26,6 +30,7 @@ def serve(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the launch plan and why, start nothing."),
     start_timeout: float = typer.Option(900, help="Seconds the engine may take to become ready."),
     drain_timeout: float = typer.Option(30, help="Seconds in-flight requests get to finish on shutdown."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Pull the model first without asking, if it is missing."),
     json_: JsonOpt = False,
 ) -> None:
     """Serve MODEL with vLLM behind the gateway on http://HOST:PORT (Ctrl-C or SIGTERM stops both).
@@ -41,16 +46,34 @@ def serve(
       deploykit serve smollm2-135m --dry-run       # show the engine command and why
 
       deploykit serve smollm2-135m -- --enforce-eager --max-num-seqs 64
+
+      deploykit serve qwen2.5-7b-instruct --yes    # pull from the hub first
     """
     if model.startswith("-"):
         raise UsageError("Name the model before `--`.", "For example: deploykit serve smollm2-135m -- --enforce-eager")
     settings = Settings()
+    store = ModelStore(settings.models_dir)
+    if not dry_run and store.find(model) is None:
+        model = _pull_first(store, model, yes)
     plan = prepare(settings, model, engine_args=list(ctx.args), engine_port=engine_port or None)
     if dry_run:
         _show_plan(plan, json_)
         return
     options = ServeOptions(host=host, port=port, start_timeout_s=start_timeout, drain_timeout_s=drain_timeout)
     run(settings, plan, options, ConsoleReporter())
+
+
+def _pull_first(store: ModelStore, model: str, yes: bool) -> str:
+    catalog = load_catalog()
+    _, repo, revision = resolve_name(model, catalog)  # an unknown name fails here, with close matches
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError(
+                f"{model} is not downloaded yet.", f"Pass --yes to pull it first, or `deploykit pull {model}`."
+            )
+        typer.confirm(f"{model} is not here yet. Download {repo}@{revision} from the hub?", abort=True)
+    local = pull(model, store=store, catalog=catalog, progress=lambda m: err.print(f"{model}: {m}", highlight=False))
+    return local.alias
 
 
 def _show_plan(plan: LaunchPlan, as_json: bool) -> None:

@@ -29,6 +29,7 @@ class Served:
     home: Path
     make: subprocess.Popen[bytes]
     log: Path
+    http: httpx.Client  # one client for the session's probes: a new one per call costs CPU the engine needs
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -56,11 +57,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    served = Served(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{engine_port}", home, make, log)
+    http = httpx.Client(timeout=5)
+    served = Served(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{engine_port}", home, make, log, http)
     try:
         _wait_ready(served)
         yield served
     finally:
+        http.close()
         if make.poll() is None:
             for p in psutil.Process(make.pid).children(recursive=True):
                 p.terminate()
@@ -76,7 +79,7 @@ def _wait_ready(served: Served) -> None:
         if served.make.poll() is not None:
             pytest.fail(f"make serve exited with {served.make.returncode}:\n{served.output()[-5000:]}")
         try:
-            if httpx.get(served.url + "/ready", timeout=2).status_code == 200:
+            if served.http.get(served.url + "/ready").status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -85,7 +88,7 @@ def _wait_ready(served: Served) -> None:
 
 
 def engine_metric(served: Served, name: str) -> float:
-    text = httpx.get(served.engine_url + "/metrics", timeout=5).text
+    text = served.http.get(served.engine_url + "/metrics").text
     match = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)
     assert match, f"{name} not in the engine's metrics"
     return float(match.group(1))

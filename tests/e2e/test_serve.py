@@ -6,10 +6,14 @@ Tests run in file order against one engine start; the last one stops it with SIG
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -84,6 +88,26 @@ def test_engine_kv_cache_matches_the_plan_within_1_percent(served: Served) -> No
     assert abs(plan["kv_cache_tokens"] - engine_tokens) <= 0.01 * engine_tokens
 
 
+def test_chat_command_streams_an_answer(served: Served) -> None:
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "deploykit"),
+            "chat",
+            "--url",
+            served.url,
+            "--temperature",
+            "0",
+            "-p",
+            "What is the capital of France?",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
 def test_sigterm_drains_in_flight_requests_and_leaves_no_process(served: Served) -> None:
     serve = served.serve_process()
     tree = [serve, *serve.children(recursive=True)]
@@ -113,11 +137,6 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_process(served: Served)
 
 
 def _dry_run_plan(served: Served) -> dict[str, int]:
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     cli = Path(sys.executable).parent / "deploykit"
     env = {**os.environ, "DEPLOYKIT_HOME": str(served.home)}
     out = subprocess.run([str(cli), "serve", MODEL, "--dry-run", "--json"], env=env, capture_output=True, check=True)

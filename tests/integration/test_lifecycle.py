@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,15 +52,32 @@ def start(tmp_path: Path, *engine_args: str, port: int | None = None) -> Gateway
 
 def wait_ready(gw: Gateway, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert gw.proc.poll() is None, gw.finish()[1]
-        try:
-            if httpx.get(gw.url + "/ready").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
+    with httpx.Client() as probe:
+        while time.monotonic() < deadline:
+            assert gw.proc.poll() is None, gw.finish()[1]
+            try:
+                if probe.get(gw.url + "/ready").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
     raise AssertionError("not ready")
+
+
+def post_in_background(gw: Gateway, max_tokens: int) -> Callable[[], httpx.Response]:
+    """POST a completion from a thread; the returned function waits for its response."""
+    result: dict[str, httpx.Response] = {}
+    body = {"model": "fake-model", "prompt": "x", "max_tokens": max_tokens}
+    thread = threading.Thread(
+        target=lambda: result.setdefault("r", httpx.post(gw.url + "/v1/completions", json=body, timeout=60))
+    )
+    thread.start()
+
+    def wait() -> httpx.Response:
+        thread.join(60)
+        return result["r"]
+
+    return wait
 
 
 @pytest.fixture
@@ -74,16 +91,10 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
 
 
 def test_engine_death_answers_503_and_exits_non_zero_with_the_engine_log(gateway: Gateway) -> None:
-    result: dict[str, httpx.Response] = {}
-    body = {"model": "fake-model", "prompt": "x", "max_tokens": 400}  # 20 s of generation
-    asker = threading.Thread(
-        target=lambda: result.setdefault("r", httpx.post(gateway.url + "/v1/completions", json=body, timeout=60))
-    )
-    asker.start()
+    answer = post_in_background(gateway, max_tokens=400)  # 20 s of generation
     time.sleep(0.5)
     gateway.engine().kill()
-    asker.join(30)
-    response = result["r"]
+    response = answer()
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "engine_unavailable"
     code, out = gateway.finish()
@@ -137,17 +148,12 @@ def test_non_streaming_client_that_leaves_aborts_at_the_engine(gateway: Gateway)
 
 def test_ctrl_c_drains_stops_the_engine_and_exits_0(gateway: Gateway) -> None:
     tree = [psutil.Process(gateway.proc.pid), gateway.engine()]
-    result: dict[str, httpx.Response] = {}
-    body = {"model": "fake-model", "prompt": "x", "max_tokens": 20}  # 1 s of generation
-    asker = threading.Thread(
-        target=lambda: result.setdefault("r", httpx.post(gateway.url + "/v1/completions", json=body, timeout=30))
-    )
-    asker.start()
+    answer = post_in_background(gateway, max_tokens=20)  # 1 s of generation
     time.sleep(0.3)
     gateway.proc.send_signal(signal.SIGINT)
-    asker.join(30)
-    assert result["r"].status_code == 200
-    assert len(result["r"].json()["choices"][0]["text"].split()) == 20
+    response = answer()
+    assert response.status_code == 200
+    assert len(response.json()["choices"][0]["text"].split()) == 20
     code, out = gateway.finish()
     assert code == 0, out
     _, alive = psutil.wait_procs(tree, timeout=5)

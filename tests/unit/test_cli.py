@@ -61,7 +61,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_unknown_model_lists_close_matches(home: Path) -> None:
     result = deploykit(home, "serve", "smolm2-135m", "--dry-run")
-    assert_clean_failure(result, 3, "Unknown model 'smolm2-135m'", "Did you mean: smollm2-135m?")
+    assert_clean_failure(result, 3, "Unknown model 'smolm2-135m'", "Did you mean: smollm2-135m")
 
 
 def test_dry_run_prints_the_plan_and_why(home: Path) -> None:
@@ -121,3 +121,20 @@ def test_doctor_json_reports_this_machine(home: Path) -> None:
 def test_chat_without_a_server(home: Path) -> None:
     result = deploykit(home, "chat", "--url", "http://127.0.0.1:9", "-p", "hi")
     assert_clean_failure(result, 6, "Cannot reach", "deploykit serve")
+
+
+def test_missing_engine_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from deploykit.errors import MissingDependencyError
+    from deploykit.serve.runner import require_engine
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(MissingDependencyError) as e:
+        require_engine("cpu")
+    assert "deploykit[cpu]" in e.value.hint and "download.pytorch.org/whl/cpu" in e.value.hint
+    with pytest.raises(MissingDependencyError) as e:
+        require_engine("gpu")
+    assert "deploykit[gpu]" in e.value.hint
+    assert e.value.exit_code == 5

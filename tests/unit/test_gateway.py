@@ -107,7 +107,6 @@ async def test_missing_model_is_a_400(gateway: httpx.AsyncClient) -> None:
 
 
 async def test_engine_errors_pass_through_with_their_status(gateway: httpx.AsyncClient, backend: Backend) -> None:
-    backend.model = "m1"
     # the fake engine itself rejects this name; the gateway must relay the 404, not rewrite it
     backend_app = create_fake_engine("other")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=backend_app), base_url="http://e") as c:

@@ -8,8 +8,9 @@ import pytest
 
 from deploykit.errors import NotEnoughMemoryError, UsageError
 from deploykit.models.config import ModelConfig
+from deploykit.models.fit import kv_cache_tokens
 from deploykit.serve.hardware import Gpu, Hardware
-from deploykit.serve.plan import LaunchPlan, _core_list, kv_cache_tokens, plan_launch
+from deploykit.serve.plan import LaunchPlan, _core_list, plan_launch
 
 GIB = 1024**3
 

@@ -1,0 +1,106 @@
+"""`deploykit models show` and `models search --fits`: what a model is, what memory it needs at each dtype,
+and whether it fits this machine, from the catalog or a local copy's config.json, before any download.
+
+The fit uses the launch plan's own budgets (serve.plan), so `serve --dry-run` and `models show` agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deploykit.errors import UnknownModelError
+from deploykit.models.catalog import Catalog, CatalogEntry
+from deploykit.models.config import ModelConfig, read_model_config
+from deploykit.models.fit import Fit, fit_on, kv_bytes_per_token, weight_bytes
+from deploykit.models.store import LocalModel, ModelStore
+from deploykit.serve.hardware import Hardware
+from deploykit.serve.plan import CPU_RUNTIME_OVERHEAD, MIN_CONTEXT, gpu_budget
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class DtypeMemory:
+    dtype: str
+    weight_bytes: int
+    kv_bytes_per_token: int
+
+
+@dataclass(frozen=True)
+class FitRow:
+    target: str  # "2 x NVIDIA L4 (tensor parallel)" or "CPU RAM"
+    fit: Fit
+
+    def to_json(self, seq_len: int) -> dict[str, object]:
+        return {
+            "target": self.target,
+            "fits": self.fit.fits,
+            "dtype": self.fit.dtype,
+            "weight_bytes_per_device": self.fit.weight_bytes_per_device,
+            "kv_cache_tokens": self.fit.kv_cache_tokens,
+            "max_context": self.fit.max_context,
+            "concurrent_sequences": self.fit.concurrent_sequences(seq_len),
+        }
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    entry: CatalogEntry | None
+    local: LocalModel | None
+    config: ModelConfig | None  # None for a service
+    memory: tuple[DtypeMemory, ...]
+    fits: tuple[FitRow, ...]
+    seq_len: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "catalog": self.entry.model_dump() if self.entry else None,
+            "local": self.local.to_json() if self.local else None,
+            "memory": [m.__dict__ for m in self.memory],
+            "fit": [row.to_json(self.seq_len) for row in self.fits],
+            "seq_len": self.seq_len,
+        }
+
+
+def fit_rows(config: ModelConfig, hardware: Hardware) -> list[FitRow]:
+    """How the model sits on each GPU count this machine offers (tensor parallel), or in its RAM."""
+    if hardware.has_gpu:
+        smallest = min(hardware.gpus, key=lambda g: g.memory_bytes)
+        dtype = "bfloat16" if all(g.supports_bfloat16 for g in hardware.gpus) else "float16"
+        sizes = [n for n in (1, 2, 4, 8) if n <= len(hardware.gpus) and config.attention_heads % n == 0]
+        return [
+            FitRow(
+                f"{n} x {smallest.name}" + (" (tensor parallel)" if n > 1 else ""),
+                fit_on(config, dtype, n, gpu_budget(smallest), MIN_CONTEXT),
+            )
+            for n in sizes
+        ]
+    dtype = "float32" if config.is_small else "bfloat16"
+    budget = hardware.ram_available_bytes - CPU_RUNTIME_OVERHEAD
+    return [FitRow("CPU RAM", fit_on(config, dtype, 1, budget, MIN_CONTEXT))]
+
+
+def fits_here(config: ModelConfig, hardware: Hardware) -> bool:
+    return any(row.fit.fits for row in fit_rows(config, hardware))
+
+
+def show_model(store: ModelStore, catalog: Catalog, name: str, hardware: Hardware, seq_len: int = 2048) -> ModelCard:
+    """The card for a local model or a catalog entry (the local copy's config.json wins)."""
+    local = store.find(name)
+    entry = catalog.find(name)
+    if local is None and entry is None:
+        raise UnknownModelError(name, [*store.aliases(), *catalog.aliases()])
+    config: ModelConfig | None
+    if local is not None:
+        config = read_model_config(local.path)
+    elif entry is not None and entry.servable:
+        config = entry.config()
+    else:
+        config = None
+    memory = (
+        tuple(DtypeMemory(d, weight_bytes(config, d), kv_bytes_per_token(config, d)) for d in DTYPES) if config else ()
+    )
+    fits = tuple(fit_rows(config, hardware)) if config else ()
+    return ModelCard(name, entry, local, config, memory, fits, seq_len)

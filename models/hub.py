@@ -1,0 +1,252 @@
+"""The Hugging Face hub, through huggingface_hub only: resolve a model, choose the files serving needs,
+check the disk, download into the standard HF cache (HF_HOME honoured, resumable), and verify every
+file against the hub's sizes and LFS sha256 before the model counts as present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+import huggingface_hub as hf
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import errors as hf_errors
+from huggingface_hub.file_download import hf_hub_url, http_get, repo_folder_name
+from huggingface_hub.utils._headers import build_hf_headers
+
+from deploykit.errors import DeploykitError, NotFoundError, ResourceError, UsageError
+from deploykit.models.catalog import Catalog
+from deploykit.models.store import LocalModel, ModelStore
+
+# Small files an engine reads besides the weights (config, tokenizer, chat template, pooling config).
+_SERVING_FILES = ("*.json", "*.jinja", "tokenizer.model", "*.tiktoken", "vocab.txt", "merges.txt", "README.md")
+# Weight formats by preference: one is downloaded, never duplicates in another format.
+_WEIGHT_FORMATS = ("*.safetensors", "*.bin", "*.pt")
+# Folders of other runtimes' copies of the model.
+_OTHER_RUNTIMES = ("onnx/", "openvino/", "coreml/", "tf/", "flax/", "gguf/")
+# Free space left over after a download, so the disk is never filled to the last byte.
+DISK_MARGIN = 512 * 1024**2
+
+
+class GatedModelError(DeploykitError):
+    exit_code = 3
+
+
+class CorruptDownloadError(DeploykitError):
+    exit_code = 6
+
+
+class HubUnreachableError(DeploykitError):
+    exit_code = 6
+
+
+class NotEnoughDiskError(ResourceError):
+    pass
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    size: int
+    sha256: str | None  # LFS files; small git files have none
+
+
+@dataclass(frozen=True)
+class RemoteModel:
+    repo: str
+    revision: str  # the commit sha the name resolved to
+    files: tuple[RemoteFile, ...]
+
+
+def resolve_name(name: str, catalog: Catalog) -> tuple[str, str, str]:
+    """'alias[@rev]' or 'org/repo[@rev]' -> (alias, repo id, revision)."""
+    base, _, revision = name.partition("@")
+    entry = catalog.find(base)
+    if entry is not None:
+        if not entry.servable:
+            raise UsageError(f"{entry.alias} is a managed service ({entry.provider}); it has no weights to pull.")
+        return entry.alias, entry.repo, revision or entry.revision
+    if "/" not in base:
+        catalog.get(base)  # UnknownModelError with close matches
+    return base.split("/")[-1].lower(), base, revision or "main"
+
+
+def remote_model(repo: str, revision: str, *, token: str | None, endpoint: str | None) -> RemoteModel:
+    with hub_errors(repo):
+        info = hf.HfApi(endpoint=endpoint, token=token).model_info(repo, revision=revision, files_metadata=True)
+    files = tuple(RemoteFile(s.rfilename, s.size or 0, s.lfs.sha256 if s.lfs else None) for s in info.siblings or [])
+    assert info.sha is not None
+    return RemoteModel(repo, info.sha, files)
+
+
+def serving_files(files: tuple[RemoteFile, ...]) -> list[RemoteFile]:
+    """What the engine needs: config, tokenizer, chat template, and the weights in one format."""
+    usable = [f for f in files if not f.path.startswith(_OTHER_RUNTIMES)]
+    small = [f for f in usable if any(fnmatch.fnmatch(f.path.split("/")[-1], p) for p in _SERVING_FILES)]
+    for pattern in _WEIGHT_FORMATS:
+        weights = [f for f in usable if "/" not in f.path and fnmatch.fnmatch(f.path, pattern)]
+        if weights:
+            return small + weights
+    return small
+
+
+def pull(
+    name: str,
+    *,
+    store: ModelStore,
+    catalog: Catalog,
+    token: str | None = None,
+    offline: bool = False,
+    endpoint: str | None = None,
+    cache_dir: Path | None = None,
+    disk_free: Callable[[Path], int] = lambda p: shutil.disk_usage(p).free,
+    progress: Callable[[str], None] = lambda _m: None,
+) -> LocalModel:
+    """Download a model for serving and record it in the store; an already verified model is reused."""
+    alias, repo, revision = resolve_name(name, catalog)
+    cache = Path(cache_dir or hf_constants.HF_HUB_CACHE)
+    existing = store.find(alias)
+    verified = existing is not None and existing.format == "hub" and existing.path.is_dir()
+    if existing is not None and verified and (offline or revision == existing.fingerprint):
+        return existing  # verified when it was pulled; a commit does not change
+    if offline:
+        raise NotFoundError(
+            f"{repo} is not in the local cache.", "Pull it once with the hub reachable (without --offline)."
+        )
+    progress(f"asking the hub about {repo}@{revision}")
+    remote = remote_model(repo, revision, token=token, endpoint=endpoint)
+    files = serving_files(remote.files)
+    if not any(f.path.endswith(_WEIGHT_FORMATS_SUFFIXES) for f in files):
+        raise NotFoundError(f"{repo} has no weights deploykit can serve (safetensors, .bin or .pt).")
+    missing = sum(f.size for f in files if not _cached(cache, repo, remote.revision, f))
+    cache.mkdir(parents=True, exist_ok=True)
+    free = disk_free(cache)
+    if missing + DISK_MARGIN > free:
+        raise NotEnoughDiskError(
+            f"{repo} needs {_gib(missing)} more in {cache}, which has {_gib(free)} free.",
+            "Free some space, or point HF_HOME at a larger disk.",
+        )
+    progress(f"downloading {len(files)} files ({_gib(missing)})")
+    with hub_errors(repo):
+        _download_lfs_resumably(cache, repo, remote.revision, files, token=token, endpoint=endpoint)
+        snapshot = Path(
+            hf.snapshot_download(
+                repo,
+                revision=remote.revision,
+                allow_patterns=[f.path for f in files],
+                token=token,
+                endpoint=endpoint,
+                cache_dir=cache,
+            )
+        )
+    progress("verifying sizes and sha256")
+    verify(snapshot, files)
+    return store.link(
+        alias, snapshot, source=f"hf://{repo}@{remote.revision}", format="hub", fingerprint=remote.revision
+    )
+
+
+_WEIGHT_FORMATS_SUFFIXES = tuple(p.lstrip("*") for p in _WEIGHT_FORMATS)
+
+
+def _download_lfs_resumably(
+    cache: Path, repo: str, revision: str, files: list[RemoteFile], *, token: str | None, endpoint: str | None
+) -> None:
+    """Fetch the LFS files (the weights) straight into the cache's blobs/ through partial files that survive
+    an interruption: the next pull continues each with a Range request. (huggingface_hub itself restarts
+    a file from its first byte in a new process.) snapshot_download then finds the blobs in place."""
+    blobs = cache / repo_folder_name(repo_id=repo, repo_type="model") / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    headers = build_hf_headers(token=token)
+    for f in files:
+        if f.sha256 is None or (blobs / f.sha256).exists():
+            continue  # the LFS sha256 is the blob's name in the cache, as huggingface_hub names it
+        partial = blobs / f"{f.sha256}.partial"
+        partial.touch()
+        with partial.open("r+b") as out:
+            out.seek(0, os.SEEK_END)
+            url = hf_hub_url(repo, f.path, revision=revision, endpoint=endpoint)
+            http_get(url, out, resume_size=out.tell(), headers=headers, expected_size=f.size, displayed_filename=f.path)
+        partial.replace(blobs / f.sha256)
+
+
+def verify(snapshot: Path, files: list[RemoteFile]) -> None:
+    """Each file has the hub's size and, for LFS files, its sha256; a bad copy is deleted."""
+    for f in files:
+        local = snapshot / f.path
+        size = local.stat().st_size if local.exists() else -1
+        bad = size != f.size
+        if not bad and f.sha256 is not None:
+            bad = _sha256(local) != f.sha256
+        if bad:
+            blob = local.resolve()
+            local.unlink(missing_ok=True)
+            blob.unlink(missing_ok=True)
+            what = "sha256" if size == f.size else "size"
+            raise CorruptDownloadError(
+                f"{f.path} does not match the hub's {what}; the bad copy was deleted.",
+                "Run the pull again; if it fails again, the hub or a proxy is serving a damaged file.",
+            )
+
+
+def delete_model(store: ModelStore, alias: str, cache_dir: Path | None = None) -> int:
+    """Remove a model from the store; a pulled one also leaves the HF cache, with the blobs only it used.
+    Returns the bytes freed."""
+    model = store.get(alias)
+    freed = store.remove(alias)
+    if model.format == "hub":  # the entry held only a manifest; the bytes are in the cache
+        strategy = hf.scan_cache_dir(cache_dir).delete_revisions(model.fingerprint)
+        freed = strategy.expected_freed_size
+        strategy.execute()
+    return freed
+
+
+@contextlib.contextmanager
+def hub_errors(repo: str) -> Iterator[None]:
+    """Turn huggingface_hub's errors into ones that say what to do."""
+    try:
+        yield
+    except hf_errors.GatedRepoError as e:
+        raise GatedModelError(
+            f"{repo} is gated: its licence must be accepted before download.",
+            f"Accept it on https://huggingface.co/{repo} while logged in, then set HF_TOKEN "
+            "(or pass --token) to a token of that account.",
+        ) from e
+    except hf_errors.RevisionNotFoundError as e:
+        raise NotFoundError(f"{repo} has no such revision.", "Use a branch, tag or commit of the repo.") from e
+    except hf_errors.RepositoryNotFoundError as e:
+        raise NotFoundError(
+            f"{repo} does not exist on the hub (or is private).",
+            "Check the repo id; `deploykit models search` lists the catalog.",
+        ) from e
+    except (hf_errors.OfflineModeIsEnabled, hf_errors.LocalEntryNotFoundError, httpx2.TransportError, OSError) as e:
+        raise HubUnreachableError(
+            f"The hub cannot be reached for {repo}: {e}",
+            "Check the network or HF_ENDPOINT; --offline uses only what is cached.",
+        ) from e
+    except hf_errors.HfHubHTTPError as e:
+        raise HubUnreachableError(f"The hub answered an error for {repo}: {e}") from e
+
+
+def _cached(cache: Path, repo: str, revision: str, f: RemoteFile) -> bool:
+    path = hf.try_to_load_from_cache(repo, f.path, cache_dir=cache, revision=revision)
+    return isinstance(path, str) and os.path.getsize(path) == f.size
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.2f} GiB"

