@@ -6,12 +6,14 @@ The fit uses the launch plan's own budgets (serve.plan), so `serve --dry-run` an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from deploykit.errors import UnknownModelError
 from deploykit.models.catalog import Catalog, CatalogEntry
-from deploykit.models.config import ModelConfig, read_model_config
+from deploykit.models.config import ModelConfig, parse_config, read_model_config
 from deploykit.models.fit import Fit, fit_on, kv_bytes_per_token, weight_bytes
+from deploykit.models.hub import HubCard
 from deploykit.models.store import LocalModel, ModelStore
 from deploykit.serve.hardware import Hardware
 from deploykit.serve.plan import CPU_RUNTIME_OVERHEAD, MIN_CONTEXT, gpu_budget
@@ -48,16 +50,27 @@ class ModelCard:
     name: str
     entry: CatalogEntry | None
     local: LocalModel | None
+    hub: HubCard | None  # None for a service, or when the hub is unreachable and nothing is cached
     config: ModelConfig | None  # None for a service
     memory: tuple[DtypeMemory, ...]
     fits: tuple[FitRow, ...]
     seq_len: int
 
     def to_json(self) -> dict[str, object]:
+        hub = self.hub
         return {
             "name": self.name,
             "catalog": self.entry.model_dump() if self.entry else None,
             "local": self.local.to_json() if self.local else None,
+            "hub": {
+                "repo": hub.repo,
+                "revision": hub.revision,
+                "from_cache": hub.from_cache,
+                "readme": hub.readme,
+                "files": [f.__dict__ for f in hub.files],
+            }
+            if hub
+            else None,
             "memory": [m.__dict__ for m in self.memory],
             "fit": [row.to_json(self.seq_len) for row in self.fits],
             "seq_len": self.seq_len,
@@ -86,21 +99,36 @@ def fits_here(config: ModelConfig, hardware: Hardware) -> bool:
     return any(row.fit.fits for row in fit_rows(config, hardware))
 
 
-def show_model(store: ModelStore, catalog: Catalog, name: str, hardware: Hardware, seq_len: int = 2048) -> ModelCard:
-    """The card for a local model or a catalog entry (the local copy's config.json wins)."""
+HubReader = Callable[[str, str], HubCard | None]  # (repo, revision) -> card
+
+
+def show_model(
+    store: ModelStore,
+    catalog: Catalog,
+    name: str,
+    hardware: Hardware,
+    seq_len: int = 2048,
+    read_hub: HubReader | None = None,
+) -> ModelCard:
+    """The card for a local model, a catalog entry or any hub repo id. The sizing config comes from the
+    local copy's config.json, else the catalog's numbers, else the hub's config.json."""
     local = store.find(name)
     entry = catalog.find(name)
-    if local is None and entry is None:
+    base, _, revision = name.partition("@")
+    repo = entry.repo if entry is not None else (base if "/" in base else "")
+    hub = read_hub(repo, revision or (entry.revision if entry else "main")) if read_hub and repo else None
+    if local is None and entry is None and hub is None:
         raise UnknownModelError(name, [*store.aliases(), *catalog.aliases()])
-    config: ModelConfig | None
+    config: ModelConfig | None = None
     if local is not None:
         config = read_model_config(local.path)
     elif entry is not None and entry.servable:
         config = entry.config()
-    else:
-        config = None
+    elif hub is not None and hub.config is not None:
+        weights = sum(f.size for f in hub.files if f.path.endswith(".safetensors"))
+        config = parse_config(hub.config, params=weights // 2 if weights else None)  # bf16 on the hub
     memory = (
         tuple(DtypeMemory(d, weight_bytes(config, d), kv_bytes_per_token(config, d)) for d in DTYPES) if config else ()
     )
     fits = tuple(fit_rows(config, hardware)) if config else ()
-    return ModelCard(name, entry, local, config, memory, fits, seq_len)
+    return ModelCard(name, entry, local, hub, config, memory, fits, seq_len)

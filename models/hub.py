@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -84,6 +85,74 @@ def remote_model(repo: str, revision: str, *, token: str | None, endpoint: str |
     files = tuple(RemoteFile(s.rfilename, s.size or 0, s.lfs.sha256 if s.lfs else None) for s in info.siblings or [])
     assert info.sha is not None
     return RemoteModel(repo, info.sha, files)
+
+
+# Small files `models show` reads from the hub, kept in the HF cache so the card shows offline too.
+_CARD_FILES = ("README.md", "config.json")
+
+
+@dataclass(frozen=True)
+class HubCard:
+    """What the hub says about a repo: its README model card, config and files, live or from the last look."""
+
+    repo: str
+    revision: str
+    readme: str | None
+    config: dict[str, object] | None
+    files: tuple[RemoteFile, ...]
+    from_cache: bool
+
+
+def read_card(
+    repo: str,
+    revision: str,
+    *,
+    listings: Path,
+    token: str | None = None,
+    offline: bool = False,
+    endpoint: str | None = None,
+    cache_dir: Path | None = None,
+) -> HubCard | None:
+    """The hub's card for `repo`, cached (small files in the HF cache, the file listing under `listings`) so
+    that it shows offline; None when the hub cannot be reached and nothing is cached."""
+    listing = listings / (repo.replace("/", "--") + ".json")
+    texts: dict[str, str | None] = {}
+    if not offline:
+        try:
+            remote = remote_model(repo, revision, token=token, endpoint=endpoint)
+            names = {f.path for f in remote.files}
+            with hub_errors(repo):
+                for name in _CARD_FILES:
+                    path = None
+                    if name in names:
+                        path = hf.hf_hub_download(
+                            repo, name, revision=remote.revision, token=token, endpoint=endpoint, cache_dir=cache_dir
+                        )
+                    texts[name] = _read(path)
+            listings.mkdir(parents=True, exist_ok=True)
+            listing.write_text(json.dumps({"revision": remote.revision, "files": [f.__dict__ for f in remote.files]}))
+            return _card(repo, remote.revision, texts, remote.files, from_cache=False)
+        except (HubUnreachableError, GatedModelError):
+            pass  # show what was cached, if anything
+    if not listing.exists():
+        return None
+    record = json.loads(listing.read_text())
+    for name in _CARD_FILES:
+        path = hf.try_to_load_from_cache(repo, name, cache_dir=cache_dir, revision=record["revision"])
+        texts[name] = _read(path if isinstance(path, str) else None)
+    files = tuple(RemoteFile(**f) for f in record["files"])
+    return _card(repo, record["revision"], texts, files, from_cache=True)
+
+
+def _card(
+    repo: str, revision: str, texts: dict[str, str | None], files: tuple[RemoteFile, ...], from_cache: bool
+) -> HubCard:
+    config = texts.get("config.json")
+    return HubCard(repo, revision, texts.get("README.md"), json.loads(config) if config else None, files, from_cache)
+
+
+def _read(path: str | None) -> str | None:
+    return Path(path).read_text(errors="replace") if path else None
 
 
 def serving_files(files: tuple[RemoteFile, ...]) -> list[RemoteFile]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markdown import Markdown
 from rich.table import Table
 
 from deploykit.card import ModelCard, fits_here, show_model
 from deploykit.cli.options import JsonOpt
 from deploykit.console import err, human_bytes, out, print_json
 from deploykit.models.catalog import load_catalog, parse_params
-from deploykit.models.hub import delete_model, pull
+from deploykit.models.hub import HubCard, delete_model, pull, read_card
 from deploykit.models.importer import import_model
 from deploykit.models.store import ModelStore
 from deploykit.serve.hardware import detect_hardware
@@ -65,10 +66,13 @@ def list_(json_: JsonOpt = False) -> None:
         err.print("No models yet. Add one with `deploykit models import PATH --alias NAME`.")
         return
     table = Table()
-    for column in ("alias", "size", "format", "source", "added"):
+    for column in ("alias", "size", "source", "revision", "verified", "added"):
         table.add_column(column)
     for m in models:
-        table.add_row(m.alias, human_bytes(m.size_bytes), m.format, m.source, m.added_at)
+        # pulled models are recorded only after their sizes and sha256 matched the hub's
+        verified = "sha256" if m.format == "hub" else f"local {m.format}"
+        revision = m.fingerprint[:12] if m.format == "hub" else "-"
+        table.add_row(m.alias, human_bytes(m.size_bytes), m.source, revision, verified, m.added_at[:19])
     out.print(table)
 
 
@@ -127,9 +131,12 @@ def search(
 def show(
     name: str = typer.Argument(..., help="A catalog alias, hub repo id, or local model."),
     seq_len: int = typer.Option(2048, help="Sequence length for the concurrency estimate."),
+    token: str = typer.Option(None, envvar="HF_TOKEN", help="Hub token, for gated models (default: HF_TOKEN)."),
+    offline: bool = typer.Option(False, "--offline", help="Show only what is cached; never ask the hub."),
     json_: JsonOpt = False,
 ) -> None:
-    """The model card: catalog facts, memory at each dtype, and the fit on this machine.
+    """The model card: catalog facts, the hub's README card and files (cached, so shown offline too),
+    memory at each dtype, and the fit on this machine.
 
     Examples:
 
@@ -137,7 +144,12 @@ def show(
 
       deploykit models show smollm2-135m --seq-len 8192 --json
     """
-    card = show_model(_store(), load_catalog(), name, detect_hardware(), seq_len)
+    settings = Settings()
+
+    def read_hub(repo: str, revision: str) -> HubCard | None:
+        return read_card(repo, revision, listings=settings.home / "hub", token=token, offline=offline)
+
+    card = show_model(ModelStore(settings.models_dir), load_catalog(), name, detect_hardware(), seq_len, read_hub)
     if json_:
         print_json(card.to_json())
     else:
@@ -152,6 +164,17 @@ def _print_card(card: ModelCard) -> None:
         out.print(f"  {e.task}, {e.architecture}; licence {e.license}{' (gated)' if e.gated else ''}; {where}")
     if card.local is not None:
         out.print(f"  local: {card.local.path} ({human_bytes(card.local.size_bytes)}, from {card.local.source})")
+    hub = card.hub
+    if hub is not None:
+        age = " (cached: the hub was not asked or not reachable)" if hub.from_cache else ""
+        total = sum(f.size for f in hub.files)
+        out.print(f"  hub: {hub.repo}@{hub.revision[:12]}, {len(hub.files)} files, {human_bytes(total)}{age}")
+        for f in sorted(hub.files, key=lambda f: -f.size)[:8]:
+            out.print(f"    {human_bytes(f.size):>10}  {f.path}", highlight=False)
+        if hub.readme:
+            out.print(Markdown(_strip_front_matter(hub.readme)[:3000]))
+    elif e is not None and e.servable:
+        out.print("  hub: no card: the hub is unreachable (or the repo gated without access) and none is cached")
     c = card.config
     if c is None:
         return
@@ -228,3 +251,12 @@ def pull_command(
         print_json(local.to_json())
     else:
         err.print(f"[bold]{local.alias}[/bold] is ready to serve ({human_bytes(local.size_bytes)}, {local.source}).")
+
+
+def _strip_front_matter(readme: str) -> str:
+    """Model cards start with YAML metadata between --- lines; people read what follows."""
+    if readme.startswith("---"):
+        end = readme.find("\n---", 3)
+        if end != -1:
+            return readme[end + 4 :].lstrip()
+    return readme

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,22 +16,27 @@ from pathlib import Path
 
 import pytest
 
+from deploykit.card import HubReader, show_model
 from deploykit.errors import NotFoundError
 from deploykit.models.catalog import load_catalog
 from deploykit.models.hub import (
     CorruptDownloadError,
     GatedModelError,
+    HubCard,
     NotEnoughDiskError,
     delete_model,
     pull,
+    read_card,
 )
 from deploykit.models.store import ModelStore
+from deploykit.serve.hardware import Hardware
 from tests.fakes.hub import FakeHub, serve_hub
 from tests.unit.test_models import LLAMA2_7B_CONFIG, write_safetensors
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 LLAMA = "meta-llama/Llama-2-7b-hf"
 CATALOG = load_catalog()
+LAPTOP = Hardware(cpu_ids=(0, 1), ram_total_bytes=24 * 1024**3, ram_available_bytes=22 * 1024**3)
 
 
 def minilm_snapshot() -> Path:
@@ -164,3 +170,67 @@ def test_a_pull_killed_mid_file_resumes_without_fetching_bytes_twice(hub: FakeHu
     assert starts == [0, kept]  # the second request asked only for the bytes not yet on disk
     pulled = json.loads(second.stdout)
     assert (Path(pulled["path"]) / "model.safetensors").stat().st_size == size
+
+
+def card_reader(hub_url: str, tmp_path: Path, offline: bool = False) -> HubReader:
+    def read(repo: str, revision: str) -> HubCard | None:
+        return read_card(
+            repo, revision, listings=tmp_path / "listings", endpoint=hub_url, cache_dir=tmp_path / "hf", offline=offline
+        )
+
+    return read
+
+
+def test_show_reads_the_hub_card_and_shows_it_from_cache_offline(
+    hub: FakeHub, store: ModelStore, tmp_path: Path
+) -> None:
+    live = show_model(store, CATALOG, "all-minilm-l6-v2", LAPTOP, read_hub=card_reader(hub.url, tmp_path))
+    assert live.hub is not None and not live.hub.from_cache
+    assert live.hub.readme == (minilm_snapshot() / "README.md").read_text()
+    sizes = {f.path: f.size for f in live.hub.files}
+    assert sizes["model.safetensors"] == (minilm_snapshot() / "model.safetensors").stat().st_size
+    assert hub.served[(MINILM, "model.safetensors")] == 0  # the card never downloads weights
+    unreachable = "http://127.0.0.1:9"
+    for reader in (card_reader(unreachable, tmp_path), card_reader(hub.url, tmp_path, offline=True)):
+        cached = show_model(store, CATALOG, "all-minilm-l6-v2", LAPTOP, read_hub=reader)
+        assert cached.hub is not None and cached.hub.from_cache
+        assert cached.hub.readme == live.hub.readme and cached.hub.files == live.hub.files
+
+
+def test_show_without_hub_or_cache_still_shows_the_catalog(store: ModelStore, tmp_path: Path) -> None:
+    card = show_model(store, CATALOG, "llama-2-7b", LAPTOP, read_hub=card_reader("http://127.0.0.1:9", tmp_path))
+    assert card.hub is None and card.config is not None and card.memory
+
+
+def test_show_any_hub_repo_sizes_it_from_its_config(hub: FakeHub, store: ModelStore, tmp_path: Path) -> None:
+    card = show_model(store, CATALOG, LLAMA, LAPTOP, read_hub=card_reader(hub.url, tmp_path))
+    assert card.hub is None  # gated, no token: the card says nothing it may not
+    assert card.entry is not None  # ... but the catalog knows it
+    hub.repos[LLAMA].gated = False
+    hub.repos["acme/tiny-llama"] = hub.repos.pop(LLAMA)
+    hub.repos["acme/tiny-llama"].repo_id = "acme/tiny-llama"
+    card = show_model(store, CATALOG, "acme/tiny-llama", LAPTOP, read_hub=card_reader(hub.url, tmp_path))
+    assert card.entry is None and card.hub is not None and card.config is not None
+    assert card.config.layers == 32 and card.config.kv_heads == 32
+    assert card.memory[1].kv_bytes_per_token == 2 * 32 * 32 * 128 * 2
+
+
+def test_serve_pulls_a_missing_model_first_with_yes(hub: FakeHub, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "hfhome"),
+        "DEPLOYKIT_HOME": str(tmp_path / "home"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    cmd = [sys.executable, "-m", "deploykit", "serve", "all-minilm-l6-v2"]
+    asked = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert asked.returncode == 2 and "--yes" in asked.stderr and "Traceback" not in asked.stderr
+    with socket.socket() as taken:  # the pull happens, then serving stops at the port: no engine start here
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        pulled = subprocess.run(
+            [*cmd, "--yes", "--port", str(taken.getsockname()[1])], env=env, capture_output=True, text=True, timeout=120
+        )
+    assert pulled.returncode == 4 and "already in use" in pulled.stderr, pulled.stderr
+    assert ModelStore(tmp_path / "home" / "models").get("all-minilm-l6-v2").format == "hub"
