@@ -169,8 +169,8 @@ def _print_card(card: ModelCard) -> None:
         age = " (cached: the hub was not asked or not reachable)" if hub.from_cache else ""
         total = sum(f.size for f in hub.files)
         out.print(f"  hub: {hub.repo}@{hub.revision[:12]}, {len(hub.files)} files, {human_bytes(total)}{age}")
-        for f in sorted(hub.files, key=lambda f: -f.size)[:8]:
-            out.print(f"    {human_bytes(f.size):>10}  {f.path}", highlight=False)
+        for file in sorted(hub.files, key=lambda file: -file.size)[:8]:
+            out.print(f"    {human_bytes(file.size):>10}  {file.path}", highlight=False)
         if hub.readme:
             out.print(Markdown(_strip_front_matter(hub.readme)[:3000]))
     elif e is not None and e.servable:
