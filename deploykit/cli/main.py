@@ -8,7 +8,7 @@ import sys
 import typer
 
 from deploykit import __version__
-from deploykit.cli import chat, doctor, models, serve
+from deploykit.cli import chat, doctor, loadtest, models, serve
 from deploykit.console import print_error
 from deploykit.errors import DeploykitError
 
@@ -22,6 +22,7 @@ app = typer.Typer(
 app.command("serve", context_settings={"allow_extra_args": True})(serve.serve)
 app.command("doctor")(doctor.doctor)
 app.command("chat")(chat.chat)
+app.command("loadtest")(loadtest.loadtest)
 app.command("pull")(models.pull_command)
 app.add_typer(models.app, name="models")
 

@@ -1,0 +1,54 @@
+"""One typed description of a load test: the target, the requests, the load shape, the SLOs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class LoadTestConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str  # base URL of an OpenAI-compatible server (with or without /v1), or an Azure OpenAI resource
+    model: str
+    api: Literal["chat", "completions"] = "chat"
+    stream: bool = True
+    api_key: str | None = None
+    azure_deployment: str | None = None  # Azure OpenAI: deployment name; the api-key header carries the key
+    azure_api_version: str = "2024-10-21"
+    vllm: bool = True  # the server is vLLM (deploykit, vLLM): ask for ignore_eos and per-chunk usage
+    input_tokens: int = Field(128, ge=1)
+    output_tokens: int = Field(64, ge=1)
+    concurrency: int | None = Field(None, ge=1)  # closed loop: this many users, each one request at a time
+    rate: float | None = Field(None, gt=0)  # open loop: Poisson arrivals per second
+    max_in_flight: int = Field(256, ge=1)  # open loop: the users that carry the arrivals
+    duration_s: float = Field(30.0, gt=0)
+    max_requests: int | None = Field(None, ge=1)
+    warmup_s: float = Field(0.0, ge=0)
+    cooldown_s: float = Field(0.0, ge=0)
+    timeout_s: float = Field(600.0, gt=0)
+    slos: str = ""  # e.g. "ttft_p95=1s,tpot_p95=50ms"
+    max_schedule_lag_s: float = 0.010  # a generator later than this at p99 makes the run invalid
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> LoadTestConfig:
+        if (self.concurrency is None) == (self.rate is None):
+            raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
+        return self
+
+    @property
+    def users(self) -> int:
+        return self.concurrency if self.concurrency is not None else self.max_in_flight
+
+    def path(self) -> str:
+        kind = "chat/completions" if self.api == "chat" else "completions"
+        if self.azure_deployment:
+            return f"/openai/deployments/{self.azure_deployment}/{kind}?api-version={self.azure_api_version}"
+        return ("" if self.url.rstrip("/").endswith("/v1") else "/v1") + f"/{kind}"
+
+    def headers(self) -> dict[str, str]:
+        if not self.api_key:
+            return {}
+        return {"api-key": self.api_key} if self.azure_deployment else {"Authorization": f"Bearer {self.api_key}"}

@@ -1,0 +1,150 @@
+"""From per-request records to a run's summary: latency percentiles from the unrounded data, throughput,
+goodput under SLOs, error counts, and whether the load generator kept its schedule."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from deploykit.errors import UsageError
+from deploykit.loadtests.records import RequestRecord
+
+PERCENTILES = (50, 90, 95, 99)
+_UNITS = {"ms": 1e-3, "s": 1.0}
+
+
+@dataclass(frozen=True)
+class Distribution:
+    n: int
+    mean: float
+    p50: float
+    p90: float
+    p95: float
+    p99: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Distribution | None:
+        if not values:
+            return None
+        ordered = sorted(values)
+        p50, p90, p95, p99 = (percentile(ordered, q) for q in PERCENTILES)
+        return cls(len(ordered), sum(ordered) / len(ordered), p50, p90, p95, p99)
+
+
+@dataclass(frozen=True)
+class Slo:
+    """A latency objective, e.g. ttft_p95=1s: per request, `metric` at most `limit` seconds; for the run,
+    the `pct` percentile of it at most `limit`."""
+
+    metric: str  # ttft | tpot | itl | e2e
+    pct: int
+    limit: float
+
+    def met_by(self, record: RequestRecord) -> bool:
+        value = {"ttft": record.ttft_from_schedule, "tpot": record.tpot, "e2e": record.e2e}.get(self.metric)
+        if self.metric == "itl":
+            gaps = record.itl()
+            value = max(gaps) if gaps else None
+        return value is not None and value <= self.limit
+
+
+@dataclass(frozen=True)
+class Summary:
+    requests: int
+    ok: int
+    errors: dict[str, int]
+    window_s: float
+    offered_rps: float
+    rps: float
+    output_tokens_per_s: float
+    input_tokens_per_s: float
+    ttft: Distribution | None
+    ttft_from_schedule: Distribution | None
+    itl: Distribution | None
+    chunk_gap: Distribution | None
+    tpot: Distribution | None
+    e2e: Distribution | None
+    goodput_rps: float
+    slo_attainment: float
+    slos_met: dict[str, bool]
+    usage_reported: bool  # False when any token count came from the stream instead of the server
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), on sorted data."""
+    if len(ordered) == 1:
+        return ordered[0]
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def parse_slos(text: str) -> list[Slo]:
+    """'ttft_p95=1s,tpot_p95=50ms' -> SLOs."""
+    slos = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = re.fullmatch(r"(ttft|tpot|itl|e2e)_p(50|90|95|99)=([\d.]+)(ms|s)", part)
+        if not m:
+            raise UsageError(
+                f"'{part}' is not an SLO.",
+                "Write them as ttft_p95=1s,tpot_p95=50ms: ttft, tpot, itl or e2e; p50, p90, p95 or p99; s or ms.",
+            )
+        slos.append(Slo(m[1], int(m[2]), float(m[3]) * _UNITS[m[4]]))
+    return slos
+
+
+def summarize(records: Sequence[RequestRecord], window: tuple[float, float], slos: Sequence[Slo] = ()) -> Summary:
+    """The steady-state summary: requests scheduled inside `window` (monotonic start, end)."""
+    start, end = window
+    inside = [r for r in records if start <= r.scheduled < end]
+    ok = [r for r in inside if r.ok]
+    span = max(end - start, 1e-9)
+    good = [r for r in inside if r.ok and all(s.met_by(r) for s in slos)]
+
+    def dist(values: list[float | None]) -> Distribution | None:
+        return Distribution.of([v for v in values if v is not None])
+
+    summary_itl = [g for r in ok for g in r.itl()]
+    distributions = {
+        "ttft": dist([r.ttft for r in ok]),
+        "tpot": dist([r.tpot for r in ok]),
+        "itl": Distribution.of(summary_itl),
+        "e2e": dist([r.e2e for r in ok]),
+    }
+    slos_met = {}
+    for s in slos:
+        d = distributions[s.metric] if s.metric != "ttft" else dist([r.ttft_from_schedule for r in ok])
+        slos_met[f"{s.metric}_p{s.pct}"] = d is not None and percentile_of(d, s.pct) <= s.limit
+    return Summary(
+        requests=len(inside),
+        ok=len(ok),
+        errors=dict(Counter(r.error for r in inside if r.error)),
+        window_s=span,
+        offered_rps=len(inside) / span,
+        rps=len(ok) / span,
+        output_tokens_per_s=sum(r.output_tokens for r in ok) / span,
+        input_tokens_per_s=sum(r.input_tokens for r in ok) / span,
+        ttft=distributions["ttft"],
+        ttft_from_schedule=dist([r.ttft_from_schedule for r in ok]),
+        itl=distributions["itl"],
+        chunk_gap=Distribution.of([g for r in ok for g in r.chunk_gaps()]),
+        tpot=distributions["tpot"],
+        e2e=distributions["e2e"],
+        goodput_rps=len(good) / span,
+        slo_attainment=len(good) / len(inside) if inside else 0.0,
+        slos_met=slos_met,
+        usage_reported=all(r.usage_reported for r in ok),
+    )
+
+
+def percentile_of(d: Distribution, pct: int) -> float:
+    """A stored percentile; SLOs may only name the ones a summary keeps."""
+    value: float = getattr(d, f"p{pct}")
+    return value

@@ -1,0 +1,103 @@
+"""A locust user for OpenAI-compatible endpoints (streaming by default), and the shared state of a run.
+
+`deploykit loadtest` drives it headless. It also works as a plain locustfile (web UI, distributed runs):
+
+    DEPLOYKIT_LOADTEST='{"url": "http://127.0.0.1:8000", "model": "smollm2-135m", "concurrency": 8}' \\
+        locust -f loadtests/openai_user.py --host http://127.0.0.1:8000
+
+Open loop: one Poisson schedule for the whole run; each user takes the next arrival time, waits for it and
+sends, and latency counts from the scheduled time, so a slow server cannot hide its queue. Closed loop:
+each user sends its next request as soon as the last one ends.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import gevent
+import requests
+from locust import User, events, task
+
+from deploykit.loadtests.config import LoadTestConfig
+from deploykit.loadtests.records import RequestRecord
+from deploykit.loadtests.request import request_body, send
+
+
+@dataclass
+class RunState:
+    """What the users of one run share: the config, the open-loop schedule, and the records."""
+
+    config: LoadTestConfig
+    records: list[RequestRecord] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    next_arrival: float = 0.0
+    stopping: bool = False
+
+    def __post_init__(self) -> None:
+        self.random = random.Random(self.config.seed)
+        self.next_arrival = self.started
+
+    def take_arrival(self) -> float:
+        """The next scheduled send time: now for a closed loop, the Poisson schedule for an open one."""
+        if self.config.rate is None:
+            return time.monotonic()
+        due = self.next_arrival
+        self.next_arrival += self.random.expovariate(self.config.rate)
+        return due
+
+    def full(self) -> bool:
+        limit = self.config.max_requests
+        return self.stopping or (limit is not None and len(self.records) >= limit)
+
+
+class OpenAIUser(User):
+    """Configured by one RunState (`state`), set on a subclass per run (see `user_for`). Requests go through
+    a plain requests session of its own (locust's session would time them at the headers, not per event);
+    each one is reported to locust's statistics too, for its web UI."""
+
+    abstract = True
+    state: RunState
+
+    def on_start(self) -> None:
+        self.session = requests.Session()
+
+    def on_stop(self) -> None:
+        self.session.close()
+
+    @task
+    def one_request(self) -> None:
+        state = self.state
+        if state.full():
+            gevent.sleep(0.05)
+            return
+        scheduled = state.take_arrival()
+        delay = scheduled - time.monotonic()
+        if delay > 0:
+            gevent.sleep(delay)
+        cfg = state.config
+        body = request_body(cfg, cfg.input_tokens, cfg.output_tokens)
+        record = send(self.session, cfg, cfg.url.rstrip("/") + cfg.path(), body, scheduled)
+        state.records.append(record)
+        events.request.fire(  # type: ignore[no-untyped-call]
+            request_type="POST",
+            name=cfg.api,
+            response_time=record.e2e * 1000,
+            response_length=record.output_tokens,
+            exception=RuntimeError(record.error) if record.error else None,
+            context={},
+        )
+
+    def wait_time(self) -> float:
+        return 0.0
+
+
+def user_for(state: RunState) -> type[OpenAIUser]:
+    """A user class bound to one run's state; locust instantiates it once per simulated user."""
+    return type("ConfiguredOpenAIUser", (OpenAIUser,), {"state": state, "host": state.config.url, "abstract": False})
+
+
+if os.environ.get("DEPLOYKIT_LOADTEST"):  # used as a plain locustfile
+    ConfiguredOpenAIUser = user_for(RunState(LoadTestConfig.model_validate_json(os.environ["DEPLOYKIT_LOADTEST"])))

@@ -1,0 +1,62 @@
+"""What one request did, timed with a monotonic clock, and what can be derived from it alone."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# Error classes, in the order a request can fail.
+ERROR_CLASSES = ("connect", "timeout", "429", "4xx", "5xx", "cut")
+
+
+@dataclass
+class RequestRecord:
+    """Times are time.monotonic() seconds. `events` holds (arrival, tokens) for each SSE event that
+    carried content (a role-only first chunk does not count)."""
+
+    scheduled: float  # when the request was due: the open-loop schedule, or the send time in a closed loop
+    sent: float
+    end: float
+    status: int | None = None
+    error: str | None = None  # one of ERROR_CLASSES, or None
+    retry_after: float | None = None
+    headers_at: float | None = None
+    events: list[tuple[float, int]] = field(default_factory=list)
+    output_tokens: int = 0
+    input_tokens: int = 0
+    usage_reported: bool = False  # False: tokens were counted from the stream, not reported by the server
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def ttft(self) -> float | None:
+        return self.events[0][0] - self.sent if self.events else None
+
+    @property
+    def ttft_from_schedule(self) -> float | None:
+        return self.events[0][0] - self.scheduled if self.events else None
+
+    @property
+    def e2e(self) -> float:
+        return self.end - self.sent
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first: (last token - first token) / (output tokens - 1)."""
+        if len(self.events) < 2 or self.output_tokens < 2:
+            return None
+        return (self.events[-1][0] - self.events[0][0]) / (self.output_tokens - 1)
+
+    def itl(self) -> list[float]:
+        """Per-token inter-token latencies: an event carrying k tokens spreads its gap over k tokens."""
+        out: list[float] = []
+        for (prev, _), (t, k) in zip(self.events, self.events[1:], strict=False):
+            out += [(t - prev) / k] * k if k > 0 else []
+        return out
+
+    def chunk_gaps(self) -> list[float]:
+        return [t - prev for (prev, _), (t, _) in zip(self.events, self.events[1:], strict=False)]
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)

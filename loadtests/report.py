@@ -1,0 +1,83 @@
+"""A load test's report: summary and per-request records, written as JSON and CSV, and read back."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploykit.loadtests.config import LoadTestConfig
+from deploykit.loadtests.metrics import Distribution, Summary
+from deploykit.loadtests.records import RequestRecord
+
+
+@dataclass
+class LoadTestReport:
+    config: LoadTestConfig
+    summary: Summary
+    records: list[RequestRecord]
+    schedule_lag: Distribution | None
+    generator_cpu_percent: float
+    invalid_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def valid(self) -> bool:
+        return not self.invalid_reasons
+
+    def to_json(self, with_records: bool = True) -> dict[str, object]:
+        data: dict[str, object] = {
+            "config": self.config.model_dump(exclude={"api_key"}),
+            "summary": self.summary.to_json(),
+            "valid": self.valid,
+            "invalid_reasons": self.invalid_reasons,
+            "schedule_lag": self.schedule_lag.__dict__ if self.schedule_lag else None,
+            "generator_cpu_percent": self.generator_cpu_percent,
+        }
+        if with_records:
+            data["records"] = [r.to_json() for r in self.records]
+        return data
+
+    def write(self, json_path: Path, csv_path: Path | None = None) -> None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = json_path.with_suffix(json_path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp.replace(json_path)  # a reader never sees half a report
+        if csv_path is not None:
+            with csv_path.open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(
+                    [
+                        "scheduled",
+                        "sent",
+                        "end",
+                        "status",
+                        "error",
+                        "ttft",
+                        "ttft_from_schedule",
+                        "tpot",
+                        "e2e",
+                        "output_tokens",
+                        "input_tokens",
+                        "usage_reported",
+                        "events",
+                    ]
+                )
+                for r in self.records:
+                    writer.writerow(
+                        [
+                            r.scheduled,
+                            r.sent,
+                            r.end,
+                            r.status,
+                            r.error or "",
+                            r.ttft,
+                            r.ttft_from_schedule,
+                            r.tpot,
+                            r.e2e,
+                            r.output_tokens,
+                            r.input_tokens,
+                            r.usage_reported,
+                            len(r.events),
+                        ]
+                    )

@@ -1,0 +1,110 @@
+"""A synthetic OpenAI-compatible SSE server with a known schedule, to check what the load tester measures.
+
+Every streamed answer: a role-only first chunk after ROLE_S, the first content event TTFT_S after the
+request arrived, then one event every GAP_S carrying CHUNK_TOKENS[i % len] tokens (so some events carry
+several), each with running usage when asked (vLLM's continuous_usage_stats), then a usage-only chunk and
+[DONE]. The model "errors" injects faults by request number: n % 10 == 3 -> 429 with Retry-After: 2,
+n % 10 == 5 -> 500, n % 10 == 7 -> the connection drops after 3 events.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ROLE_S = 0.005
+TTFT_S = 0.050
+GAP_S = 0.020
+CHUNK_TOKENS = (1, 1, 3, 1, 2)
+
+
+def chunk_plan(max_tokens: int) -> list[int]:
+    """Tokens per content event for an answer of `max_tokens` tokens."""
+    plan, left = [], max_tokens
+    for k in itertools.cycle(CHUNK_TOKENS):
+        if left <= 0:
+            return plan
+        plan.append(min(k, left))
+        left -= plan[-1]
+    raise AssertionError("unreachable")
+
+
+def serve_sse() -> ThreadingHTTPServer:
+    counter = itertools.count()
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self._send_json(200, {"object": "list", "data": [{"id": "synth", "object": "model"}]})
+
+        def do_POST(self) -> None:
+            arrived = time.monotonic()
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with lock:
+                n = next(counter)
+            if body["model"] == "errors" and n % 10 == 3:
+                self._send_json(429, {"error": {"message": "slow down"}}, {"Retry-After": "2"})
+                return
+            if body["model"] == "errors" and n % 10 == 5:
+                self._send_json(500, {"error": {"message": "boom"}})
+                return
+            cut = body["model"] == "errors" and n % 10 == 7
+            options = body.get("stream_options") or {}
+            running = options.get("continuous_usage_stats", False)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self._wait_until(arrived + ROLE_S)
+            self._event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+            done = 0
+            for i, k in enumerate(chunk_plan(body["max_tokens"])):
+                self._wait_until(arrived + TTFT_S + i * GAP_S)
+                done += k
+                event: dict[str, object] = {"choices": [{"index": 0, "delta": {"content": "x" * k}}]}
+                if running:
+                    event["usage"] = {"prompt_tokens": 7, "completion_tokens": done, "total_tokens": 7 + done}
+                self._event(event)
+                if cut and i == 2:  # the connection drops mid-body, as when a server dies
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+            if options.get("include_usage"):
+                self._event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": done}})
+            self._chunk(b"data: [DONE]\n\n")
+            self.wfile.write(b"0\r\n\r\n")
+
+        def _wait_until(self, t: float) -> None:
+            delay = t - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+
+        def _event(self, data: dict[str, object]) -> None:
+            self._chunk(f"data: {json.dumps(data)}\n\n".encode())
+
+        def _chunk(self, data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+        def _send_json(self, status: int, data: object, headers: dict[str, str] | None = None) -> None:
+            raw = json.dumps(data).encode()
+            self.send_response(status)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

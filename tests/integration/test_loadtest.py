@@ -1,0 +1,99 @@
+"""`deploykit loadtest` (locust, in its own process as a user runs it) against the synthetic SSE server:
+what it measures agrees with the server's known schedule, and every error is classified."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploykit.loadtests.metrics import percentile
+from tests.fakes.sse_server import GAP_S, TTFT_S, chunk_plan, serve_sse
+
+OUTPUT_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    server = serve_sse()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def loadtest(tmp_path: Path, url: str, *args: str) -> dict:  # type: ignore[type-arg]
+    out = tmp_path / "run.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deploykit",
+            "loadtest",
+            url,
+            "--out",
+            str(out),
+            "--csv",
+            str(tmp_path / "run.csv"),
+            "--output-tokens",
+            str(OUTPUT_TOKENS),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
+def test_measures_the_known_schedule(tmp_path: Path, url: str) -> None:
+    report = loadtest(tmp_path, url, "--model", "synth", "-c", "4", "--duration", "4")
+    s = report["summary"]
+    records = report["records"]
+    assert s["ok"] == s["requests"] >= 20 and s["errors"] == {}
+    assert abs(s["ttft"]["p50"] - TTFT_S) < 0.002  # the role-only chunk at 5 ms does not count
+    assert abs(s["chunk_gap"]["p50"] - GAP_S) < 0.002
+    plan = chunk_plan(OUTPUT_TOKENS)
+    ideal_itl = sorted(g for k in plan[1:] for g in [GAP_S / k] * k)
+    assert abs(s["itl"]["p50"] - percentile(ideal_itl, 50)) < 0.002
+    ideal_tpot = (len(plan) - 1) * GAP_S / (OUTPUT_TOKENS - 1)
+    assert abs(s["tpot"]["p50"] - ideal_tpot) < 0.002
+    for r in records:  # token counts are exact, event by event, from the running usage
+        assert r["output_tokens"] == OUTPUT_TOKENS and r["usage_reported"]
+        assert [k for _, k in r["events"]] == plan
+    assert s["usage_reported"] is True
+    assert report["valid"], report["invalid_reasons"]
+    assert (tmp_path / "run.csv").read_text().count("\n") == len(records) + 1
+
+
+def test_every_error_is_classified(tmp_path: Path, url: str) -> None:
+    report = loadtest(tmp_path, url, "--model", "errors", "-c", "2", "--requests", "40", "--duration", "30")
+    records = report["records"]
+    errors = [r["error"] for r in records]
+    n = len(records)
+    assert n >= 40
+    # the server numbers requests across the whole module; each error class appears once per ten
+    assert errors.count("429") in (n // 10, n // 10 + 1)
+    assert errors.count("5xx") in (n // 10, n // 10 + 1)
+    assert errors.count("cut") in (n // 10, n // 10 + 1)
+    assert all(r["retry_after"] == 2.0 for r in records if r["error"] == "429")
+    assert {k: v for k, v in report["summary"]["errors"].items()} == {
+        k: errors.count(k) for k in ("429", "5xx", "cut") if errors.count(k)
+    }
+    assert report["summary"]["slo_attainment"] == pytest.approx(errors.count(None) / n)
+
+
+def test_open_loop_counts_latency_from_the_schedule(tmp_path: Path, url: str) -> None:
+    report = loadtest(tmp_path, url, "--model", "synth", "--rate", "20", "--duration", "4", "--slo", "ttft_p95=80ms")
+    s = report["summary"]
+    assert 10 < s["offered_rps"] < 35  # Poisson at 20/s over a few seconds
+    for r in report["records"]:
+        assert r["sent"] >= r["scheduled"] - 0.001
+    assert s["ttft_from_schedule"]["p50"] >= s["ttft"]["p50"]
+    assert s["slos_met"] == {"ttft_p95": True}
+    assert s["goodput_rps"] == pytest.approx(s["rps"], rel=0.2)

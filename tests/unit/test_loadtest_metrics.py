@@ -1,0 +1,87 @@
+"""Load-test arithmetic on hand-made records: TTFT, per-token ITL, TPOT, percentiles, goodput, windows."""
+
+from __future__ import annotations
+
+import pytest
+
+from deploykit.errors import UsageError
+from deploykit.loadtests.config import LoadTestConfig
+from deploykit.loadtests.metrics import Slo, parse_slos, percentile, summarize
+from deploykit.loadtests.records import RequestRecord
+
+
+def record(sent: float, first: float, gaps: list[tuple[float, int]], error: str | None = None) -> RequestRecord:
+    """A request sent at `sent`, first token event at `first`, then (gap, tokens) events."""
+    events = [(first, 1)]
+    for gap, k in gaps:
+        events.append((events[-1][0] + gap, k))
+    tokens = sum(k for _, k in events)
+    return RequestRecord(
+        scheduled=sent,
+        sent=sent,
+        end=events[-1][0],
+        events=events,
+        output_tokens=tokens,
+        usage_reported=True,
+        error=error,
+    )
+
+
+def test_itl_spreads_a_multi_token_event_over_its_tokens() -> None:
+    r = record(0.0, 0.1, [(0.02, 1), (0.03, 3)])
+    assert r.ttft == pytest.approx(0.1)
+    assert r.itl() == pytest.approx([0.02, 0.01, 0.01, 0.01])
+    assert r.chunk_gaps() == pytest.approx([0.02, 0.03])
+    assert r.tpot == pytest.approx(0.05 / 4)  # (last - first) / (5 tokens - 1)
+
+
+def test_ttft_from_schedule_includes_the_queue() -> None:
+    r = RequestRecord(scheduled=1.0, sent=1.5, end=2.0, events=[(1.6, 1)], output_tokens=1)
+    assert r.ttft == pytest.approx(0.1) and r.ttft_from_schedule == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize(("q", "expected"), [(0, 1.0), (50, 2.5), (90, 3.7), (100, 4.0)])
+def test_percentile_interpolates_like_numpy(q: float, expected: float) -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], q) == pytest.approx(expected)
+
+
+def test_summary_counts_the_window_errors_goodput_and_slos() -> None:
+    records = [record(t, t + 0.1, [(0.01, 1)] * 9) for t in (1.0, 2.0, 3.0)]
+    records.append(record(4.0, 4.9, [(0.01, 1)] * 9))  # too slow a first token for the SLO
+    records.append(RequestRecord(scheduled=5.0, sent=5.0, end=5.1, status=429, error="429", retry_after=2))
+    records.append(record(0.5, 0.6, []))  # before the window: warm-up
+    s = summarize(records, (1.0, 6.0), [Slo("ttft", 95, 0.5)])
+    assert (s.requests, s.ok, s.errors) == (5, 4, {"429": 1})
+    assert s.window_s == pytest.approx(5.0)
+    assert s.rps == pytest.approx(4 / 5) and s.offered_rps == pytest.approx(5 / 5)
+    assert s.output_tokens_per_s == pytest.approx(40 / 5)
+    assert s.goodput_rps == pytest.approx(3 / 5) and s.slo_attainment == pytest.approx(3 / 5)
+    assert s.slos_met == {"ttft_p95": False}
+    assert s.ttft is not None and s.ttft.p50 == pytest.approx(0.1)
+    assert s.itl is not None and s.itl.n == 36 and s.itl.p99 == pytest.approx(0.01)
+
+
+def test_parse_slos() -> None:
+    assert parse_slos("ttft_p95=1s, tpot_p99=50ms") == [Slo("ttft", 95, 1.0), Slo("tpot", 99, 0.05)]
+    assert parse_slos("") == []
+    for bad in ("ttft=1s", "ttft_p95=1", "latency_p95=1s", "ttft_p42=1s"):
+        with pytest.raises(UsageError):
+            parse_slos(bad)
+
+
+def test_config_paths_for_openai_vllm_and_azure() -> None:
+    cfg = LoadTestConfig(url="http://h:8000", model="m", concurrency=1)
+    assert cfg.path() == "/v1/chat/completions" and cfg.headers() == {}
+    assert LoadTestConfig(url="http://h/v1", model="m", rate=1.0, api="completions").path() == "/completions"
+    azure = LoadTestConfig(
+        url="https://x.openai.azure.com",
+        model="m",
+        concurrency=1,
+        api_key="k",
+        azure_deployment="gpt4o",
+        azure_api_version="2024-10-21",
+    )
+    assert azure.path() == "/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21"
+    assert azure.headers() == {"api-key": "k"}
+    with pytest.raises(ValueError, match="exactly one"):
+        LoadTestConfig(url="http://h", model="m")
