@@ -18,12 +18,11 @@ import time
 from dataclasses import dataclass, field
 
 import gevent
-import requests
 from locust import User, events, task
 
 from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.records import RequestRecord
-from deploykit.loadtests.request import request_body, send
+from deploykit.loadtests.request import Endpoint, request_body, send
 
 
 @dataclass
@@ -55,17 +54,17 @@ class RunState:
 
 class OpenAIUser(User):
     """Configured by one RunState (`state`), set on a subclass per run (see `user_for`). Requests go through
-    a plain requests session of its own (locust's session would time them at the headers, not per event);
+    a keep-alive connection of its own (locust's session would time them at the headers, not per event);
     each one is reported to locust's statistics too, for its web UI."""
 
     abstract = True
     state: RunState
 
     def on_start(self) -> None:
-        self.session = requests.Session()
+        self.endpoint = Endpoint(self.state.config.url, self.state.config.timeout_s)
 
     def on_stop(self) -> None:
-        self.session.close()
+        self.endpoint.reset()
 
     @task
     def one_request(self) -> None:
@@ -79,7 +78,7 @@ class OpenAIUser(User):
             gevent.sleep(delay)
         cfg = state.config
         body = request_body(cfg, cfg.input_tokens, cfg.output_tokens)
-        record = send(self.session, cfg, cfg.url.rstrip("/") + cfg.path(), body, scheduled)
+        record = send(self.endpoint, cfg, body, scheduled)
         state.records.append(record)
         events.request.fire(  # type: ignore[no-untyped-call]
             request_type="POST",

@@ -3,9 +3,11 @@ tokens it carries, the end, the status and the class of any error."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -33,43 +35,76 @@ def request_body(cfg: LoadTestConfig, prompt_tokens: int, output_tokens: int) ->
     return body
 
 
-def send(
-    session: requests.Session, cfg: LoadTestConfig, url: str, body: dict[str, Any], scheduled: float
-) -> RequestRecord:
-    prepared = session.prepare_request(requests.Request("POST", url, json=body, headers=cfg.headers()))
-    sent = time.monotonic()  # after encoding: the clock starts as the request leaves
-    record = RequestRecord(scheduled=scheduled, sent=sent, end=sent)
-    try:
-        with session.send(prepared, stream=True, timeout=cfg.timeout_s) as response:
+class Endpoint:
+    """One keep-alive HTTP connection to the target (stdlib http.client: the fewest layers between the
+    clock and the socket), reopened after any error."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        parts = urlsplit(url)
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if self.https else 80)
+        self.base = parts.path.rstrip("/")
+        self.timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+        self.reused = False
+
+    def connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+            self._conn = kind(self.host, self.port, timeout=self.timeout)
+            self.reused = False
+        else:
+            self.reused = True
+        return self._conn
+
+    def reset(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+
+
+def send(endpoint: Endpoint, cfg: LoadTestConfig, body: dict[str, Any], scheduled: float) -> RequestRecord:
+    payload = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **cfg.headers()}
+    path = endpoint.base + cfg.path()
+    for attempt in (1, 2):
+        sent = time.monotonic()  # after encoding: the clock starts as the request leaves
+        record = RequestRecord(scheduled=scheduled, sent=sent, end=sent)
+        try:
+            conn = endpoint.connection()
+            conn.request("POST", path, payload, headers)
+            response = conn.getresponse()
             record.headers_at = time.monotonic()
-            record.status = response.status_code
-            if response.status_code != 200:
-                record.error = _status_class(response.status_code)
-                if response.status_code == 429 and (after := response.headers.get("Retry-After")):
+            record.status = response.status
+            if response.status != 200:
+                record.error = _status_class(response.status)
+                if response.status == 429 and (after := response.getheader("Retry-After")):
                     record.retry_after = float(after)
-                response.content  # noqa: B018  (drain, so the connection can be reused)
+                response.read()
             elif cfg.stream:
                 _read_stream(response, cfg, record)
             else:
-                _read_whole(response.json(), cfg, record, time.monotonic())
-    except requests.exceptions.ConnectionError as e:
-        # a connection refused before any byte is `connect`; one lost mid-stream is a cut stream
-        record.error = "cut" if record.headers_at is not None else "connect"
-        if isinstance(e.__context__, TimeoutError):
+                _read_whole(json.loads(response.read()), record, time.monotonic())
+        except TimeoutError:
             record.error = "timeout"
-    except requests.exceptions.Timeout:
-        record.error = "timeout"
-    except requests.exceptions.ChunkedEncodingError:
-        record.error = "cut"
-    record.end = time.monotonic()
-    return record
+        except (http.client.HTTPException, OSError):
+            if record.headers_at is None and endpoint.reused and attempt == 1:
+                endpoint.reset()  # the server closed an idle keep-alive connection: a new one, once
+                continue
+            record.error = "cut" if record.headers_at is not None else "connect"
+        record.end = time.monotonic()
+        if record.error is not None:
+            endpoint.reset()
+        return record
+    raise AssertionError("unreachable")
 
 
-def _read_stream(response: requests.Response, cfg: LoadTestConfig, record: RequestRecord) -> None:
+def _read_stream(response: http.client.HTTPResponse, cfg: LoadTestConfig, record: RequestRecord) -> None:
     buffer = b""
     done = False
     counted = 0  # tokens per event when the server reports no running usage
-    for data in response.iter_content(chunk_size=None):
+    while data := response.read1(65536):  # whatever has arrived, as soon as it has
         now = time.monotonic()
         buffer += data
         while b"\n\n" in buffer:
@@ -103,7 +138,7 @@ def _read_stream(response: requests.Response, cfg: LoadTestConfig, record: Reque
         record.error = "cut"
 
 
-def _read_whole(data: dict[str, Any], cfg: LoadTestConfig, record: RequestRecord, now: float) -> None:
+def _read_whole(data: dict[str, Any], record: RequestRecord, now: float) -> None:
     usage = data.get("usage") or {}
     record.output_tokens = usage.get("completion_tokens") or 0
     record.input_tokens = usage.get("prompt_tokens") or 0

@@ -14,8 +14,9 @@ from deploykit.errors import UsageError
 
 
 def loadtest(
+    ctx: typer.Context,
     url: str = typer.Argument(
-        ..., help="The endpoint: a deploykit gateway, vLLM, OpenAI, or an Azure OpenAI resource."
+        ..., help="The endpoint: a deploykit gateway, vLLM, OpenAI, or an Azure OpenAI resource; or `compare`."
     ),
     model: str = typer.Option(None, help="Model name (default: the endpoint's first model)."),
     api: str = typer.Option("chat", help="chat or completions."),
@@ -29,6 +30,10 @@ def loadtest(
     input_tokens: int = typer.Option(128, help="Prompt length, in tokens (about)."),
     output_tokens: int = typer.Option(64, help="Answer length, in tokens (held with ignore_eos on vLLM)."),
     slo: str = typer.Option("", help="SLOs for goodput, e.g. ttft_p95=1s,tpot_p95=50ms."),
+    sweep: str = typer.Option(None, help="Run once per load level, e.g. 1,4,16 (concurrency, or rates with --rate)."),
+    find_max: bool = typer.Option(
+        False, "--find-max", help="Search for the highest load that meets every --slo, from -c or --rate up."
+    ),
     out_path: Path = typer.Option(Path("loadtest.json"), "--out", help="The JSON report (summary and records)."),
     csv_path: Path = typer.Option(None, "--csv", help="Also write the per-request records as CSV."),
     api_key: str = typer.Option(None, envvar="OPENAI_API_KEY", help="API key (default: OPENAI_API_KEY)."),
@@ -45,8 +50,15 @@ def loadtest(
 
       deploykit loadtest http://127.0.0.1:8000 --rate 2 --slo ttft_p95=1s,tpot_p95=50ms --csv run.csv
 
+      deploykit loadtest http://127.0.0.1:8000 -c 1 --sweep 1,4,16 --duration 20 --out sweep.json
+
       deploykit loadtest https://api.openai.com --model gpt-4o-mini -c 4 --no-vllm
     """
+    if url == "compare":
+        _compare(ctx.args, json_)
+        return
+    if ctx.args:
+        raise UsageError(f"Unexpected arguments: {' '.join(ctx.args)}.", "See deploykit loadtest --help.")
     if api not in ("chat", "completions"):
         raise UsageError(f"--api must be chat or completions, not {api!r}.")
     if (concurrency is None) == (rate is None):
@@ -54,7 +66,8 @@ def loadtest(
     from pydantic import ValidationError
 
     from deploykit.loadtests.config import LoadTestConfig
-    from deploykit.loadtests.launch import run_in_own_process
+    from deploykit.loadtests.launch import find_max as search_max
+    from deploykit.loadtests.launch import run_in_own_process, run_sweep
     from deploykit.loadtests.request import discover_model
 
     kind: Literal["chat", "completions"] = "chat" if api == "chat" else "completions"
@@ -80,6 +93,32 @@ def loadtest(
         )
     except ValidationError as e:
         raise UsageError(f"Bad load-test options: {e.errors()[0]['msg']}.") from e
+    if find_max:
+        result = search_max(config, out_path, csv_path)
+        if json_:
+            print_json(result)
+        else:
+            _print_curve({"sweep": result["search"], "runs": result["runs"]})
+            best = result["best"]
+            err.print(
+                f"Highest {result['search']} meeting {slo}: {best:g}"
+                if best is not None
+                else f"Even the lowest load tried misses {slo}.",
+                highlight=False,
+            )
+        return
+    if sweep:
+        try:
+            points = [float(p) for p in sweep.split(",")]
+        except ValueError as e:
+            raise UsageError(f"--sweep takes numbers separated by commas, not {sweep!r}.") from e
+        curve = run_sweep(config, points, out_path, csv_path)
+        if json_:
+            print_json(curve)
+        else:
+            _print_curve(curve)
+            err.print(f"Curve: {out_path}; each run's report beside it.")
+        return
     report = run_in_own_process(config, out_path, csv_path)
     if json_:
         print_json(report)
@@ -106,4 +145,47 @@ def _print(data: dict[str, object]) -> None:
         d = s[name]
         if isinstance(d, dict):
             table.add_row(name, *(f"{d[k] * 1000:.1f} ms" for k in ("p50", "p90", "p95", "p99", "mean")))
+    out.print(table)
+
+
+def _print_curve(curve: dict[str, object]) -> None:
+    table = Table(title=f"Sweep over {curve['sweep']}")
+    for column in ("load", "req/s", "output tok/s", "goodput", "TTFT p50", "TTFT p95", "TPOT p50", "errors", "SLOs"):
+        table.add_column(column)
+    for run in curve["runs"]:  # type: ignore[attr-defined]
+        s = run["summary"]
+        ttft, tpot = s["ttft"] or {}, s["tpot"] or {}
+        table.add_row(
+            f"{run['load']:g}",
+            f"{s['rps']:.2f}",
+            f"{s['output_tokens_per_s']:.1f}",
+            f"{s['goodput_rps']:.2f}",
+            f"{ttft.get('p50', 0) * 1000:.0f} ms",
+            f"{ttft.get('p95', 0) * 1000:.0f} ms",
+            f"{tpot.get('p50', 0) * 1000:.1f} ms",
+            str(sum(s["errors"].values())),
+            "yes" if run["valid"] else "no",
+        )
+    out.print(table)
+
+
+def _compare(paths: list[str], as_json: bool) -> None:
+    from deploykit.loadtests.compare import compare, load_report
+
+    if len(paths) != 2:
+        raise UsageError("compare takes two reports.", "deploykit loadtest compare A.json B.json")
+    a, b = (load_report(Path(p)) for p in paths)
+    rows = compare(a, b)
+    if as_json:
+        print_json([{"metric": r.metric, "a": r.a, "b": r.b, "unit": r.unit, "ratio": r.ratio} for r in rows])
+        return
+    table = Table()
+    for column in ("metric", paths[0], paths[1], "B / A"):
+        table.add_column(column)
+    for r in rows:
+
+        def cell(v: float | None, unit: str = r.unit) -> str:
+            return "-" if v is None else f"{v:.1f} {unit}".strip()
+
+        table.add_row(r.metric, cell(r.a), cell(r.b), "-" if r.ratio is None else f"{r.ratio:.2f}")
     out.print(table)

@@ -22,7 +22,7 @@ app = typer.Typer(
 app.command("serve", context_settings={"allow_extra_args": True})(serve.serve)
 app.command("doctor")(doctor.doctor)
 app.command("chat")(chat.chat)
-app.command("loadtest")(loadtest.loadtest)
+app.command("loadtest", context_settings={"allow_extra_args": True})(loadtest.loadtest)
 app.command("pull")(models.pull_command)
 app.add_typer(models.app, name="models")
 

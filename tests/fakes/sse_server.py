@@ -4,7 +4,8 @@ Every streamed answer: a role-only first chunk after ROLE_S, the first content e
 request arrived, then one event every GAP_S carrying CHUNK_TOKENS[i % len] tokens (so some events carry
 several), each with running usage when asked (vLLM's continuous_usage_stats), then a usage-only chunk and
 [DONE]. The model "errors" injects faults by request number: n % 10 == 3 -> 429 with Retry-After: 2,
-n % 10 == 5 -> 500, n % 10 == 7 -> the connection drops after 3 events.
+n % 10 == 5 -> 500, n % 10 == 7 -> the connection drops after 3 events. The model "queue" serves at most QUEUE_SLOTS
+answers at a time; the others wait for a slot, so TTFT grows past that concurrency.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ ROLE_S = 0.005
 TTFT_S = 0.050
 GAP_S = 0.020
 CHUNK_TOKENS = (1, 1, 3, 1, 2)
+QUEUE_SLOTS = 4
 
 
 def chunk_plan(max_tokens: int) -> list[int]:
@@ -33,9 +35,10 @@ def chunk_plan(max_tokens: int) -> list[int]:
     raise AssertionError("unreachable")
 
 
-def serve_sse() -> ThreadingHTTPServer:
+def serve_sse(ttft_s: float = TTFT_S, gap_s: float = GAP_S, port: int = 0) -> ThreadingHTTPServer:
     counter = itertools.count()
     lock = threading.Lock()
+    slots = threading.Semaphore(QUEUE_SLOTS)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -43,12 +46,23 @@ def serve_sse() -> ThreadingHTTPServer:
         def log_message(self, *args: object) -> None:
             pass
 
+        def parse_request(self) -> bool:
+            self.arrived = time.monotonic()  # the schedule starts as the request line arrives
+            return super().parse_request()
+
         def do_GET(self) -> None:
             self._send_json(200, {"object": "list", "data": [{"id": "synth", "object": "model"}]})
 
         def do_POST(self) -> None:
-            arrived = time.monotonic()
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if body["model"] == "queue":
+                with slots:
+                    self._answer(body)
+            else:
+                self._answer(body)
+
+        def _answer(self, body: dict[str, object]) -> None:
+            arrived = self.arrived if body["model"] != "queue" else time.monotonic()
             with lock:
                 n = next(counter)
             if body["model"] == "errors" and n % 10 == 3:
@@ -68,7 +82,7 @@ def serve_sse() -> ThreadingHTTPServer:
             self._event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
             done = 0
             for i, k in enumerate(chunk_plan(body["max_tokens"])):
-                self._wait_until(arrived + TTFT_S + i * GAP_S)
+                self._wait_until(arrived + ttft_s + i * gap_s)
                 done += k
                 event: dict[str, object] = {"choices": [{"index": 0, "delta": {"content": "x" * k}}]}
                 if running:
@@ -104,7 +118,18 @@ def serve_sse() -> ThreadingHTTPServer:
             self.end_headers()
             self.wfile.write(raw)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+def main() -> None:
+    """`python -m tests.fakes.sse_server`: serve on a free port, print it, run until killed."""
+    server = serve_sse()
+    print(server.server_address[1], flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

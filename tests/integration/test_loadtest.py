@@ -13,16 +13,20 @@ from pathlib import Path
 import pytest
 
 from deploykit.loadtests.metrics import percentile
-from tests.fakes.sse_server import GAP_S, TTFT_S, chunk_plan, serve_sse
+from tests.fakes.sse_server import GAP_S, QUEUE_SLOTS, TTFT_S, chunk_plan
 
 OUTPUT_TOKENS = 20
 
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    server = serve_sse()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    """The server in a process of its own, so that nothing else in the test process delays its replies."""
+    server = subprocess.Popen([sys.executable, "-m", "tests.fakes.sse_server"], stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    port = int(server.stdout.readline())
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait()
 
 
 def loadtest(tmp_path: Path, url: str, *args: str) -> dict:  # type: ignore[type-arg]
@@ -97,3 +101,87 @@ def test_open_loop_counts_latency_from_the_schedule(tmp_path: Path, url: str) ->
     assert s["ttft_from_schedule"]["p50"] >= s["ttft"]["p50"]
     assert s["slos_met"] == {"ttft_p95": True}
     assert s["goodput_rps"] == pytest.approx(s["rps"], rel=0.2)
+
+
+def test_sweep_writes_a_curve_and_one_report_per_level(tmp_path: Path, url: str) -> None:
+    out = tmp_path / "sweep.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deploykit",
+            "loadtest",
+            url,
+            "--model",
+            "synth",
+            "-c",
+            "1",
+            "--sweep",
+            "1,4",
+            "--duration",
+            "2",
+            "--output-tokens",
+            str(OUTPUT_TOKENS),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    curve = json.loads(out.read_text())
+    assert curve["sweep"] == "concurrency" and [r["load"] for r in curve["runs"]] == [1, 4]
+    one, four = (r["summary"] for r in curve["runs"])
+    assert four["output_tokens_per_s"] > 2.5 * one["output_tokens_per_s"]  # the server has no queue
+    for run in curve["runs"]:
+        assert json.loads(Path(run["report"]).read_text())["records"]
+
+    compared = subprocess.run(
+        [sys.executable, "-m", "deploykit", "loadtest", "compare", *(r["report"] for r in curve["runs"]), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert compared.returncode == 0, compared.stderr
+    rows = {row["metric"]: row for row in json.loads(compared.stdout)}
+    assert rows["output tokens/s"]["ratio"] == pytest.approx(four["output_tokens_per_s"] / one["output_tokens_per_s"])
+    assert rows["TTFT p50"]["a"] == pytest.approx(one["ttft"]["p50"] * 1000)
+
+
+def test_find_max_finds_the_servers_capacity(tmp_path: Path, url: str) -> None:
+    out = tmp_path / "max.json"
+    # 4 slots, 20 tokens take ~0.3 s: past 4 streams requests queue and TTFT p95 passes 150 ms
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deploykit",
+            "loadtest",
+            url,
+            "--model",
+            "queue",
+            "-c",
+            "1",
+            "--find-max",
+            "--slo",
+            "ttft_p95=150ms",
+            "--duration",
+            "2.5",
+            "--output-tokens",
+            str(OUTPUT_TOKENS),
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found["best"] == QUEUE_SLOTS
+    tried = [r["load"] for r in found["runs"]]
+    assert tried == [1, 2, 4, 5, 6, 8]  # doubling to the first miss, then bisecting
+    assert [r["passed"] for r in found["runs"]] == [True, True, True, False, False, False]
+    assert json.loads(out.read_text())["best"] == QUEUE_SLOTS
