@@ -129,7 +129,9 @@ def summarize(records: Sequence[RequestRecord], window: tuple[float, float], slo
         window_s=span,
         offered_rps=len(inside) / span,
         rps=len(ok) / span,
-        output_tokens_per_s=sum(r.output_tokens for r in ok) / span,
+        # tokens that arrived inside the window, whenever their request started: long requests at high
+        # concurrency straddle the window's edges, and counting them whole would skew the rate
+        output_tokens_per_s=sum(k for r in records if r.ok for t, k in r.events if start <= t < end) / span,
         input_tokens_per_s=sum(r.input_tokens for r in ok) / span,
         ttft=distributions["ttft"],
         ttft_from_schedule=dist([r.ttft_from_schedule for r in ok]),
