@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deploykit.loadtests.workload import Lengths, Workload, load_prompts
 
 
 class LoadTestConfig(BaseModel):
@@ -18,8 +20,10 @@ class LoadTestConfig(BaseModel):
     azure_deployment: str | None = None  # Azure OpenAI: deployment name; the api-key header carries the key
     azure_api_version: str = "2024-10-21"
     vllm: bool = True  # the server is vLLM (deploykit, vLLM): ask for ignore_eos and per-chunk usage
-    input_tokens: int = Field(128, ge=1)
-    output_tokens: int = Field(64, ge=1)
+    input_tokens: str = "128"  # fixed, or "64:256" for a uniform draw per request
+    output_tokens: str = "64"
+    shared_prefix_tokens: int = Field(0, ge=0)  # a prefix every synthetic prompt shares
+    prompts: str | None = None  # a JSONL prompt file, or "bundled"; replaces the synthetic prompts
     concurrency: int | None = Field(None, ge=1)  # closed loop: this many users, each one request at a time
     rate: float | None = Field(None, gt=0)  # open loop: Poisson arrivals per second
     max_in_flight: int = Field(256, ge=1)  # open loop: the users that carry the arrivals
@@ -32,11 +36,22 @@ class LoadTestConfig(BaseModel):
     max_schedule_lag_s: float = 0.010  # a generator later than this at p99 makes the run invalid
     seed: int = 0
 
+    @field_validator("input_tokens", "output_tokens", mode="before")
+    @classmethod
+    def _lengths(cls, value: object) -> str:
+        Lengths.parse(str(value))  # a usage error now, not in the load generator
+        return str(value)
+
     @model_validator(mode="after")
     def _one_shape(self) -> LoadTestConfig:
         if (self.concurrency is None) == (self.rate is None):
             raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
         return self
+
+    def workload(self) -> Workload:
+        output = Lengths.parse(self.output_tokens)
+        prompts = load_prompts(self.prompts, output.high) if self.prompts else None
+        return Workload(Lengths.parse(self.input_tokens), output, self.shared_prefix_tokens, prompts, self.seed)
 
     @property
     def users(self) -> int:

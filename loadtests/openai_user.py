@@ -38,6 +38,7 @@ class RunState:
     def __post_init__(self) -> None:
         self.random = random.Random(self.config.seed)
         self.next_arrival = self.started
+        self.workload = self.config.workload()
 
     def take_arrival(self) -> float:
         """The next scheduled send time: now for a closed loop, the Poisson schedule for an open one."""
@@ -77,7 +78,7 @@ class OpenAIUser(User):
         if delay > 0:
             gevent.sleep(delay)
         cfg = state.config
-        body = request_body(cfg, cfg.input_tokens, cfg.output_tokens)
+        body = request_body(cfg, state.workload.next())
         record = send(self.endpoint, cfg, body, scheduled)
         state.records.append(record)
         events.request.fire(  # type: ignore[no-untyped-call]

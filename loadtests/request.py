@@ -14,18 +14,15 @@ import requests
 from deploykit.errors import UsageError
 from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.records import RequestRecord
-
-# A word that most tokenizers count as one token, so that a prompt of N words is about N tokens.
-_WORD = " hello"
+from deploykit.loadtests.workload import Prompt
 
 
-def request_body(cfg: LoadTestConfig, prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
-    prompt = "Count:" + _WORD * max(prompt_tokens - 1, 0)
-    body: dict[str, Any] = {"model": cfg.model, "max_tokens": output_tokens, "stream": cfg.stream}
+def request_body(cfg: LoadTestConfig, prompt: Prompt) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": cfg.model, "max_tokens": prompt.max_tokens, "stream": cfg.stream}
     if cfg.api == "chat":
-        body["messages"] = [{"role": "user", "content": prompt}]
+        body["messages"] = [{"role": "user", "content": prompt.text}]
     else:
-        body["prompt"] = prompt
+        body["prompt"] = prompt.text
     if cfg.stream:
         body["stream_options"] = {"include_usage": True}
         if cfg.vllm:

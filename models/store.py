@@ -95,16 +95,8 @@ class ModelStore:
         try:
             (staging / "model").mkdir(parents=True)
             build(staging / "model")
-            size = sum(f.stat().st_size for f in (staging / "model").rglob("*") if f.is_file())
-            manifest = {
-                "alias": alias,
-                "source": source,
-                "format": format,
-                "fingerprint": fingerprint,
-                "size_bytes": size,
-                "added_at": _now_iso(),
-            }
-            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            manifest = _manifest(alias, source, format, fingerprint, staging / "model")
+            (staging / "manifest.json").write_text(manifest)
             if final.exists():
                 old = self.root / f".old-{alias}-{os.getpid()}"
                 final.rename(old)
@@ -121,18 +113,8 @@ class ModelStore:
         check_alias(alias)
         entry = self.root / alias
         entry.mkdir(parents=True, exist_ok=True)
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        manifest = {
-            "alias": alias,
-            "source": source,
-            "format": format,
-            "fingerprint": fingerprint,
-            "size_bytes": size,
-            "added_at": _now_iso(),
-            "path": str(path),
-        }
         tmp = entry / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.write_text(_manifest(alias, source, format, fingerprint, path, external=True))
         tmp.replace(entry / "manifest.json")  # atomic: a reader sees the old manifest or the new one
         return self.get(alias)
 
@@ -156,6 +138,21 @@ class ModelStore:
             )
         except (OSError, ValueError, KeyError):
             return None  # a damaged entry is not servable; `models list` simply does not show it
+
+
+def _manifest(alias: str, source: str, format: str, fingerprint: str, files: Path, external: bool = False) -> str:
+    """manifest.json for a model whose files are in `files` (recorded as its path when `external`)."""
+    manifest: dict[str, object] = {
+        "alias": alias,
+        "source": source,
+        "format": format,
+        "fingerprint": fingerprint,
+        "size_bytes": sum(f.stat().st_size for f in files.rglob("*") if f.is_file()),
+        "added_at": _now_iso(),
+    }
+    if external:
+        manifest["path"] = str(files)
+    return json.dumps(manifest, indent=2) + "\n"
 
 
 def _now_iso() -> str:

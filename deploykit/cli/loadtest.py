@@ -27,8 +27,10 @@ def loadtest(
     requests: int = typer.Option(None, "--requests", help="Stop after this many requests."),
     warmup: float = typer.Option(0, help="Seconds at the start left out of the results."),
     cooldown: float = typer.Option(0, help="Seconds at the end left out of the results."),
-    input_tokens: int = typer.Option(128, help="Prompt length, in tokens (about)."),
-    output_tokens: int = typer.Option(64, help="Answer length, in tokens (held with ignore_eos on vLLM)."),
+    input_tokens: str = typer.Option("128", help="Prompt length in tokens (about): 128, or 64:256 drawn uniformly."),
+    output_tokens: str = typer.Option("64", help="Answer length in tokens (held with ignore_eos on vLLM); or 32:128."),
+    shared_prefix: int = typer.Option(0, help="Tokens of a prefix every synthetic prompt shares."),
+    prompts: str = typer.Option(None, help="Prompts from a JSONL file ({prompt, max_tokens} a line), or `bundled`."),
     slo: str = typer.Option("", help="SLOs for goodput, e.g. ttft_p95=1s,tpot_p95=50ms."),
     sweep: str = typer.Option(None, help="Run once per load level, e.g. 1,4,16 (concurrency, or rates with --rate)."),
     find_max: bool = typer.Option(
@@ -36,6 +38,7 @@ def loadtest(
     ),
     out_path: Path = typer.Option(Path("loadtest.json"), "--out", help="The JSON report (summary and records)."),
     csv_path: Path = typer.Option(None, "--csv", help="Also write the per-request records as CSV."),
+    html_path: Path = typer.Option(None, "--html", help="Also write an HTML report with plots."),
     api_key: str = typer.Option(None, envvar="OPENAI_API_KEY", help="API key (default: OPENAI_API_KEY)."),
     azure_deployment: str = typer.Option(None, help="Azure OpenAI deployment name (sends the key as api-key)."),
     azure_api_version: str = typer.Option("2024-10-21", help="Azure OpenAI api-version."),
@@ -83,6 +86,8 @@ def loadtest(
             vllm=vllm,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
+            shared_prefix_tokens=shared_prefix,
+            prompts=prompts,
             concurrency=concurrency,
             rate=rate,
             duration_s=duration,
@@ -93,8 +98,10 @@ def loadtest(
         )
     except ValidationError as e:
         raise UsageError(f"Bad load-test options: {e.errors()[0]['msg']}.") from e
+    config.workload()  # a bad prompt file fails here, with its line number, not in the load generator
     if find_max:
         result = search_max(config, out_path, csv_path)
+        _html(html_path, out_path)
         if json_:
             print_json(result)
         else:
@@ -113,6 +120,7 @@ def loadtest(
         except ValueError as e:
             raise UsageError(f"--sweep takes numbers separated by commas, not {sweep!r}.") from e
         curve = run_sweep(config, points, out_path, csv_path)
+        _html(html_path, out_path)
         if json_:
             print_json(curve)
         else:
@@ -120,6 +128,7 @@ def loadtest(
             err.print(f"Curve: {out_path}; each run's report beside it.")
         return
     report = run_in_own_process(config, out_path, csv_path)
+    _html(html_path, out_path)
     if json_:
         print_json(report)
     else:
@@ -189,3 +198,11 @@ def _compare(paths: list[str], as_json: bool) -> None:
 
         table.add_row(r.metric, cell(r.a), cell(r.b), "-" if r.ratio is None else f"{r.ratio:.2f}")
     out.print(table)
+
+
+def _html(html_path: Path | None, source: Path) -> None:
+    if html_path is not None:
+        from deploykit.loadtests.html import write_html
+
+        write_html(html_path, source)
+        err.print(f"HTML report: {html_path}")

@@ -9,10 +9,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
 from deploykit.loadtests.metrics import percentile
+from deploykit.loadtests.workload import load_prompts
 from tests.fakes.sse_server import GAP_S, QUEUE_SLOTS, TTFT_S, chunk_plan
 
 OUTPUT_TOKENS = 20
@@ -29,34 +31,29 @@ def url() -> Iterator[str]:
     server.wait()
 
 
-def loadtest(tmp_path: Path, url: str, *args: str) -> dict:  # type: ignore[type-arg]
-    out = tmp_path / "run.json"
+def cli(*args: str) -> str:
+    """Run `deploykit loadtest ARGS` as a user would; its standard output."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deploykit",
-            "loadtest",
-            url,
-            "--out",
-            str(out),
-            "--csv",
-            str(tmp_path / "run.csv"),
-            "--output-tokens",
-            str(OUTPUT_TOKENS),
-            *args,
-        ],
+        [sys.executable, "-m", "deploykit", "loadtest", *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         env={**os.environ, "COLUMNS": "120"},
     )
     assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def loadtest(tmp_path: Path, url: str, *args: str) -> dict:  # type: ignore[type-arg]
+    out = tmp_path / "run.json"
+    cli(url, "--out", str(out), "--csv", str(tmp_path / "run.csv"), "--output-tokens", str(OUTPUT_TOKENS), *args)
     return json.loads(out.read_text())  # type: ignore[no-any-return]
 
 
 def test_measures_the_known_schedule(tmp_path: Path, url: str) -> None:
-    report = loadtest(tmp_path, url, "--model", "synth", "-c", "4", "--duration", "4")
+    report = loadtest(
+        tmp_path, url, "--model", "synth", "-c", "4", "--duration", "4", "--html", str(tmp_path / "r.html")
+    )
     s = report["summary"]
     records = report["records"]
     assert s["ok"] == s["requests"] >= 20 and s["errors"] == {}
@@ -73,6 +70,8 @@ def test_measures_the_known_schedule(tmp_path: Path, url: str) -> None:
     assert s["usage_reported"] is True
     assert report["valid"], report["invalid_reasons"]
     assert (tmp_path / "run.csv").read_text().count("\n") == len(records) + 1
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("<svg") == 3 and page.count('class="bar"') == 60  # TTFT and ITL histograms, 30 bins each
 
 
 def test_every_error_is_classified(tmp_path: Path, url: str) -> None:
@@ -105,46 +104,36 @@ def test_open_loop_counts_latency_from_the_schedule(tmp_path: Path, url: str) ->
 
 def test_sweep_writes_a_curve_and_one_report_per_level(tmp_path: Path, url: str) -> None:
     out = tmp_path / "sweep.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deploykit",
-            "loadtest",
-            url,
-            "--model",
-            "synth",
-            "-c",
-            "1",
-            "--sweep",
-            "1,4",
-            "--duration",
-            "2",
-            "--output-tokens",
-            str(OUTPUT_TOKENS),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    cli(
+        url,
+        "--html",
+        str(tmp_path / "sweep.html"),
+        "--model",
+        "synth",
+        "-c",
+        "1",
+        "--sweep",
+        "1,4",
+        "--duration",
+        "2",
+        "--output-tokens",
+        str(OUTPUT_TOKENS),
+        "--out",
+        str(out),
     )
-    assert result.returncode == 0, result.stderr
     curve = json.loads(out.read_text())
     assert curve["sweep"] == "concurrency" and [r["load"] for r in curve["runs"]] == [1, 4]
     one, four = (r["summary"] for r in curve["runs"])
     assert four["output_tokens_per_s"] > 2.5 * one["output_tokens_per_s"]  # the server has no queue
     for run in curve["runs"]:
         assert json.loads(Path(run["report"]).read_text())["records"]
+    page = (tmp_path / "sweep.html").read_text()
+    svg = ElementTree.fromstring(page[page.index("<svg") : page.index("</svg>") + 6])
+    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 3 and all(len(p.get("points", "").split()) == 2 for p in lines)  # 3 metrics x 2 levels
 
-    compared = subprocess.run(
-        [sys.executable, "-m", "deploykit", "loadtest", "compare", *(r["report"] for r in curve["runs"]), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert compared.returncode == 0, compared.stderr
-    rows = {row["metric"]: row for row in json.loads(compared.stdout)}
+    compared = cli("compare", *(r["report"] for r in curve["runs"]), "--json")
+    rows = {row["metric"]: row for row in json.loads(compared)}
     assert rows["output tokens/s"]["ratio"] == pytest.approx(four["output_tokens_per_s"] / one["output_tokens_per_s"])
     assert rows["TTFT p50"]["a"] == pytest.approx(one["ttft"]["p50"] * 1000)
 
@@ -152,36 +141,45 @@ def test_sweep_writes_a_curve_and_one_report_per_level(tmp_path: Path, url: str)
 def test_find_max_finds_the_servers_capacity(tmp_path: Path, url: str) -> None:
     out = tmp_path / "max.json"
     # 4 slots, 20 tokens take ~0.3 s: past 4 streams requests queue and TTFT p95 passes 150 ms
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deploykit",
-            "loadtest",
-            url,
-            "--model",
-            "queue",
-            "-c",
-            "1",
-            "--find-max",
-            "--slo",
-            "ttft_p95=150ms",
-            "--duration",
-            "2.5",
-            "--output-tokens",
-            str(OUTPUT_TOKENS),
-            "--out",
-            str(out),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    stdout = cli(
+        url,
+        "--model",
+        "queue",
+        "-c",
+        "1",
+        "--find-max",
+        "--slo",
+        "ttft_p95=150ms",
+        "--duration",
+        "2.5",
+        "--output-tokens",
+        str(OUTPUT_TOKENS),
+        "--out",
+        str(out),
+        "--json",
     )
-    assert result.returncode == 0, result.stderr
-    found = json.loads(result.stdout)
+    found = json.loads(stdout)
     assert found["best"] == QUEUE_SLOTS
     tried = [r["load"] for r in found["runs"]]
     assert tried == [1, 2, 4, 5, 6, 8]  # doubling to the first miss, then bisecting
     assert [r["passed"] for r in found["runs"]] == [True, True, True, False, False, False]
     assert json.loads(out.read_text())["best"] == QUEUE_SLOTS
+
+
+def test_bundled_prompts_set_each_answers_length(tmp_path: Path, url: str) -> None:
+    report = loadtest(tmp_path, url, "--model", "synth", "-c", "2", "--duration", "3", "--prompts", "bundled")
+    wanted = {p.max_tokens for p in load_prompts("bundled", 64)}
+    lengths = {r["output_tokens"] for r in report["records"]}
+    assert lengths <= wanted and len(lengths) > 1
+
+
+def test_a_bad_prompt_file_is_a_usage_error(tmp_path: Path, url: str) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "deploykit", "loadtest", url, "-c", "1", "--model", "synth", "--prompts", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "Line 1" in result.stderr and "Traceback" not in result.stderr

@@ -13,6 +13,7 @@ from deploykit.models.config import _estimate_params, parse_config
 from deploykit.models.fit import fit_on, kv_bytes_per_token
 from deploykit.models.store import ModelStore
 from deploykit.serve.hardware import Gpu, Hardware
+from tests.unit.test_models import LLAMA2_7B_CONFIG as LLAMA_2_7B
 
 GIB = 1024**3
 CATALOG = load_catalog()
@@ -41,17 +42,6 @@ MIXTRAL_8X7B = {
     "num_local_experts": 8,
     "num_experts_per_tok": 2,
     "torch_dtype": "bfloat16",
-    "vocab_size": 32000,
-}
-LLAMA_2_7B = {
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "max_position_embeddings": 4096,
-    "num_attention_heads": 32,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 32,
-    "torch_dtype": "float16",
     "vocab_size": 32000,
 }
 

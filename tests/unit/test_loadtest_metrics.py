@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from deploykit.errors import UsageError
 from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.metrics import Slo, parse_slos, percentile, summarize
 from deploykit.loadtests.records import RequestRecord
+from deploykit.loadtests.workload import Lengths, Prompt, Workload, load_prompts
 
 
 def record(sent: float, first: float, gaps: list[tuple[float, int]], error: str | None = None) -> RequestRecord:
@@ -85,3 +88,30 @@ def test_config_paths_for_openai_vllm_and_azure() -> None:
     assert azure.headers() == {"api-key": "k"}
     with pytest.raises(ValueError, match="exactly one"):
         LoadTestConfig(url="http://h", model="m")
+
+
+def test_lengths_fixed_and_uniform() -> None:
+    import random
+
+    assert Lengths.parse("128") == Lengths(128, 128) and Lengths.parse(7) == Lengths(7, 7)
+    drawn = {Lengths.parse("10:12").draw(random.Random(1)) for _ in range(50)}
+    assert drawn <= {10, 11, 12}
+    for bad in ("0", "x", "9:3", "-1"):
+        with pytest.raises(UsageError):
+            Lengths.parse(bad)
+
+
+def test_workload_shared_prefix_and_prompt_files(tmp_path: Path) -> None:
+    w = Workload(Lengths(5, 5), Lengths(3, 3), shared_prefix_tokens=4)
+    a, b = w.next(), w.next()
+    assert a.text.startswith("Shared context: context context context\n") and a.max_tokens == 3
+    assert a.text.split("\n")[0] == b.text.split("\n")[0]
+    assert a.text.split("\n")[1] == "Count: hello hello hello hello"
+    bundled = load_prompts("bundled", 64)
+    assert len(bundled) >= 10 and all(p.text and p.max_tokens > 0 for p in bundled)
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "hi"}\n\n{"prompt": "there", "max_tokens": 5}\n')
+    assert load_prompts(str(f), 64) == [Prompt("hi", 64), Prompt("there", 5)]
+    f.write_text('{"prompt": "hi"}\nnot json\n')
+    with pytest.raises(UsageError, match="Line 2"):
+        load_prompts(str(f), 64)
