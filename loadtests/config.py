@@ -34,6 +34,7 @@ class LoadTestConfig(BaseModel):
     timeout_s: float = Field(600.0, gt=0)
     slos: str = ""  # e.g. "ttft_p95=1s,tpot_p95=50ms"
     max_schedule_lag_s: float = 0.010  # a generator later than this at p99 makes the run invalid
+    processes: int = Field(1, ge=1)  # load-generator processes; their records are merged into one report
     seed: int = 0
 
     @field_validator("input_tokens", "output_tokens", mode="before")
@@ -46,7 +47,25 @@ class LoadTestConfig(BaseModel):
     def _one_shape(self) -> LoadTestConfig:
         if (self.concurrency is None) == (self.rate is None):
             raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
+        if self.concurrency is not None and self.concurrency < self.processes:
+            raise ValueError(f"{self.processes} processes need a concurrency of at least {self.processes}")
         return self
+
+    def split(self) -> list[LoadTestConfig]:
+        """One config per load-generator process, together giving this config's load."""
+        n = self.processes
+        parts = []
+        for i in range(n):
+            update: dict[str, object] = {"processes": 1, "seed": self.seed * 1000 + i}
+            if self.concurrency is not None:
+                update["concurrency"] = self.concurrency // n + (1 if i < self.concurrency % n else 0)
+            else:
+                update["rate"] = self.rate / n  # type: ignore[operator]
+                update["max_in_flight"] = max(1, self.max_in_flight // n)
+            if self.max_requests is not None:
+                update["max_requests"] = max(1, self.max_requests // n + (1 if i < self.max_requests % n else 0))
+            parts.append(self.model_copy(update=update))
+        return parts
 
     def workload(self) -> Workload:
         output = Lengths.parse(self.output_tokens)

@@ -20,6 +20,8 @@ class LoadTestReport:
     schedule_lag: Distribution | None
     generator_cpu_percent: float
     invalid_reasons: list[str] = field(default_factory=list)
+    started: float = 0.0  # time.monotonic() of the run's start and end (one clock for every process)
+    ended: float = 0.0
 
     @property
     def valid(self) -> bool:
@@ -33,6 +35,8 @@ class LoadTestReport:
             "invalid_reasons": self.invalid_reasons,
             "schedule_lag": self.schedule_lag.__dict__ if self.schedule_lag else None,
             "generator_cpu_percent": self.generator_cpu_percent,
+            "started": self.started,
+            "ended": self.ended,
         }
         if with_records:
             data["records"] = [r.to_json() for r in self.records]
@@ -81,3 +85,12 @@ class LoadTestReport:
                             len(r.events),
                         ]
                     )
+
+
+def records_from_json(data: list[dict[str, object]]) -> list[RequestRecord]:
+    records = []
+    for raw in data:
+        record = RequestRecord(**raw)  # type: ignore[arg-type]
+        record.events = [(float(t), int(k)) for t, k in record.events]
+        records.append(record)
+    return records

@@ -80,6 +80,8 @@ def run_load(config: LoadTestConfig, on_progress: Callable[[Progress], None] = l
         schedule_lag=lag,
         generator_cpu_percent=cpu,
         invalid_reasons=invalid,
+        started=state.started,
+        ended=ended,
     )
 
 

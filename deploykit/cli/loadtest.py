@@ -43,6 +43,7 @@ def loadtest(
     azure_deployment: str = typer.Option(None, help="Azure OpenAI deployment name (sends the key as api-key)."),
     azure_api_version: str = typer.Option("2024-10-21", help="Azure OpenAI api-version."),
     vllm: bool = typer.Option(True, help="The server is vLLM: ask for ignore_eos and per-chunk usage."),
+    processes: int = typer.Option(1, help="Load-generator processes, for more load than one can drive."),
     json_: JsonOpt = False,
 ) -> None:
     """Load-test an endpoint and report TTFT, inter-token latency, throughput and goodput.
@@ -87,6 +88,7 @@ def loadtest(
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             shared_prefix_tokens=shared_prefix,
+            processes=processes,
             prompts=prompts,
             concurrency=concurrency,
             rate=rate,

@@ -183,3 +183,13 @@ def test_a_bad_prompt_file_is_a_usage_error(tmp_path: Path, url: str) -> None:
         timeout=60,
     )
     assert result.returncode == 2 and "Line 1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_several_processes_merge_into_one_report(tmp_path: Path, url: str) -> None:
+    report = loadtest(tmp_path, url, "--model", "synth", "-c", "4", "--processes", "2", "--duration", "3")
+    records, s = report["records"], report["summary"]
+    assert report["config"]["processes"] == 2
+    assert len(records) >= 20 and s["errors"] == {}
+    assert [r["scheduled"] for r in records] == sorted(r["scheduled"] for r in records)
+    assert abs(s["ttft"]["p50"] - TTFT_S) < 0.003
+    assert not list(tmp_path.glob("run.part*.json"))  # the per-process parts are merged and removed

@@ -115,3 +115,13 @@ def test_workload_shared_prefix_and_prompt_files(tmp_path: Path) -> None:
     f.write_text('{"prompt": "hi"}\nnot json\n')
     with pytest.raises(UsageError, match="Line 2"):
         load_prompts(str(f), 64)
+
+
+def test_split_over_processes_keeps_the_total_load() -> None:
+    closed = LoadTestConfig(url="http://h", model="m", concurrency=5, processes=2, max_requests=7).split()
+    assert [c.concurrency for c in closed] == [3, 2] and [c.max_requests for c in closed] == [4, 3]
+    assert {c.processes for c in closed} == {1} and len({c.seed for c in closed}) == 2
+    opened = LoadTestConfig(url="http://h", model="m", rate=3.0, processes=3).split()
+    assert [c.rate for c in opened] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="at least 4"):
+        LoadTestConfig(url="http://h", model="m", concurrency=2, processes=4)
