@@ -24,6 +24,7 @@ class LoadTestConfig(BaseModel):
     output_tokens: str = "64"
     shared_prefix_tokens: int = Field(0, ge=0)  # a prefix every synthetic prompt shares
     prompts: str | None = None  # a JSONL prompt file, or "bundled"; replaces the synthetic prompts
+    tokenizer: str | None = None  # tokenizer.json (or its folder) to count tokens a server does not report
     concurrency: int | None = Field(None, ge=1)  # closed loop: this many users, each one request at a time
     rate: float | None = Field(None, gt=0)  # open loop: Poisson arrivals per second
     max_in_flight: int = Field(256, ge=1)  # open loop: the users that carry the arrivals

@@ -22,7 +22,7 @@ from locust import User, events, task
 
 from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.records import RequestRecord
-from deploykit.loadtests.request import Endpoint, request_body, send
+from deploykit.loadtests.request import Endpoint, load_token_counter, request_body, send
 
 
 @dataclass
@@ -39,6 +39,7 @@ class RunState:
         self.random = random.Random(self.config.seed)
         self.next_arrival = self.started
         self.workload = self.config.workload()
+        self.count_tokens = load_token_counter(self.config.tokenizer) if self.config.tokenizer else None
 
     def take_arrival(self) -> float:
         """The next scheduled send time: now for a closed loop, the Poisson schedule for an open one."""
@@ -79,7 +80,7 @@ class OpenAIUser(User):
             gevent.sleep(delay)
         cfg = state.config
         body = request_body(cfg, state.workload.next())
-        record = send(self.endpoint, cfg, body, scheduled)
+        record = send(self.endpoint, cfg, body, scheduled, state.count_tokens)
         state.records.append(record)
         events.request.fire(  # type: ignore[no-untyped-call]
             request_type="POST",

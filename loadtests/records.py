@@ -24,6 +24,7 @@ class RequestRecord:
     output_tokens: int = 0
     input_tokens: int = 0
     usage_reported: bool = False  # False: tokens were counted from the stream, not reported by the server
+    counted_by: str = "server"  # server | tokenizer | events (one token per event, the last resort)
 
     @property
     def ok(self) -> bool:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import http.client
 import json
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -61,7 +63,30 @@ class Endpoint:
         self._conn = None
 
 
-def send(endpoint: Endpoint, cfg: LoadTestConfig, body: dict[str, Any], scheduled: float) -> RequestRecord:
+TokenCounter = Callable[[str], int]
+
+
+def load_token_counter(path: str) -> TokenCounter:
+    """Count tokens with a model's own tokenizer (tokenizer.json), for servers that report no usage."""
+    from tokenizers import Tokenizer
+
+    file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises its own untyped exceptions
+        raise UsageError(f"Cannot load a tokenizer from {path}: {e}.", "Pass a tokenizer.json or its folder.") from e
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def send(
+    endpoint: Endpoint,
+    cfg: LoadTestConfig,
+    body: dict[str, Any],
+    scheduled: float,
+    count_tokens: TokenCounter | None = None,
+) -> RequestRecord:
     payload = json.dumps(body).encode()
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **cfg.headers()}
     path = endpoint.base + cfg.path()
@@ -80,7 +105,7 @@ def send(endpoint: Endpoint, cfg: LoadTestConfig, body: dict[str, Any], schedule
                     record.retry_after = float(after)
                 response.read()
             elif cfg.stream:
-                _read_stream(response, cfg, record)
+                _read_stream(response, cfg, record, count_tokens)
             else:
                 _read_whole(json.loads(response.read()), record, time.monotonic())
         except TimeoutError:
@@ -97,7 +122,9 @@ def send(endpoint: Endpoint, cfg: LoadTestConfig, body: dict[str, Any], schedule
     raise AssertionError("unreachable")
 
 
-def _read_stream(response: http.client.HTTPResponse, cfg: LoadTestConfig, record: RequestRecord) -> None:
+def _read_stream(
+    response: http.client.HTTPResponse, cfg: LoadTestConfig, record: RequestRecord, count_tokens: TokenCounter | None
+) -> None:
     buffer = b""
     done = False
     counted = 0  # tokens per event when the server reports no running usage
@@ -122,7 +149,7 @@ def _read_stream(response: http.client.HTTPResponse, cfg: LoadTestConfig, record
                 if usage and usage.get("completion_tokens") is not None:
                     tokens = usage["completion_tokens"] - counted  # running usage: exact tokens per event
                 else:
-                    tokens = 1
+                    tokens = max(1, count_tokens(text)) if count_tokens else 1
                 record.events.append((now, tokens))
                 counted += tokens
             if usage:
@@ -130,7 +157,8 @@ def _read_stream(response: http.client.HTTPResponse, cfg: LoadTestConfig, record
                 record.input_tokens = usage.get("prompt_tokens") or 0
                 record.usage_reported = True
     if not record.usage_reported:
-        record.output_tokens = counted  # flagged: counted from the stream, one token per event
+        record.output_tokens = counted  # flagged: counted from the stream, not reported by the server
+        record.counted_by = "tokenizer" if count_tokens else "events"
     if not done and record.error is None:
         record.error = "cut"
 

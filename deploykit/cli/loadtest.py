@@ -44,6 +44,9 @@ def loadtest(
     azure_api_version: str = typer.Option("2024-10-21", help="Azure OpenAI api-version."),
     vllm: bool = typer.Option(True, help="The server is vLLM: ask for ignore_eos and per-chunk usage."),
     processes: int = typer.Option(1, help="Load-generator processes, for more load than one can drive."),
+    tokenizer: str = typer.Option(
+        None, help="A tokenizer.json (or its folder) to count tokens when the server reports no usage."
+    ),
     json_: JsonOpt = False,
 ) -> None:
     """Load-test an endpoint and report TTFT, inter-token latency, throughput and goodput.
@@ -89,6 +92,7 @@ def loadtest(
             output_tokens=output_tokens,
             shared_prefix_tokens=shared_prefix,
             processes=processes,
+            tokenizer=tokenizer,
             prompts=prompts,
             concurrency=concurrency,
             rate=rate,
@@ -101,6 +105,10 @@ def loadtest(
     except ValidationError as e:
         raise UsageError(f"Bad load-test options: {e.errors()[0]['msg']}.") from e
     config.workload()  # a bad prompt file fails here, with its line number, not in the load generator
+    if tokenizer:
+        from deploykit.loadtests.request import load_token_counter
+
+        load_token_counter(tokenizer)  # likewise a bad tokenizer
     if find_max:
         result = search_max(config, out_path, csv_path)
         _html(html_path, out_path)

@@ -5,7 +5,8 @@ request arrived, then one event every GAP_S carrying CHUNK_TOKENS[i % len] token
 several), each with running usage when asked (vLLM's continuous_usage_stats), then a usage-only chunk and
 [DONE]. The model "errors" injects faults by request number: n % 10 == 3 -> 429 with Retry-After: 2,
 n % 10 == 5 -> 500, n % 10 == 7 -> the connection drops after 3 events. The model "queue" serves at most QUEUE_SLOTS
-answers at a time; the others wait for a slot, so TTFT grows past that concurrency.
+answers at a time; the others wait for a slot, so TTFT grows past that concurrency. The model "nousage"
+reports no usage at all; each event's text is k words " x", k tokens for a word-level tokenizer.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def serve_sse(ttft_s: float = TTFT_S, gap_s: float = GAP_S, port: int = 0) -> Th
                 return
             cut = body["model"] == "errors" and n % 10 == 7
             options = body.get("stream_options") or {}
+            if body["model"] == "nousage":
+                options = {}
             running = options.get("continuous_usage_stats", False)
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -84,7 +87,8 @@ def serve_sse(ttft_s: float = TTFT_S, gap_s: float = GAP_S, port: int = 0) -> Th
             for i, k in enumerate(chunk_plan(body["max_tokens"])):
                 self._wait_until(arrived + ttft_s + i * gap_s)
                 done += k
-                event: dict[str, object] = {"choices": [{"index": 0, "delta": {"content": "x" * k}}]}
+                text = " x" * k if body["model"] == "nousage" else "x" * k
+                event: dict[str, object] = {"choices": [{"index": 0, "delta": {"content": text}}]}
                 if running:
                     event["usage"] = {"prompt_tokens": 7, "completion_tokens": done, "total_tokens": 7 + done}
                 self._event(event)

