@@ -1,6 +1,7 @@
 """The HTML report: self-contained SVG plots (no plotting library, no network) of a run or a sweep.
 
-A run: TTFT and ITL distributions, and a timeline of in-flight requests and output tokens per second.
+A run: TTFT and ITL distributions, and timelines of in-flight requests and output tokens per second
+(each on its own axis: their scales differ by orders of magnitude).
 A sweep or a find-max search: latency against throughput across the load levels, with the SLO lines.
 """
 
@@ -95,7 +96,8 @@ def run_page(report: dict[str, object]) -> str:
     body = [
         histogram("TTFT", ttft, "ms"),
         histogram("Inter-token latency (per token)", itl, "ms"),
-        line_chart("Timeline", [("in-flight requests", in_flight), ("output tokens / s", tokens)], "s", "count"),
+        line_chart("Requests in flight", [("in flight", in_flight)], "s since start", "requests"),
+        line_chart("Output tokens per second", [("tokens / s", tokens)], "s since start", "tokens / s"),
     ]
     return _page("Load test", report, body)
 

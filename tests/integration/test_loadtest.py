@@ -72,7 +72,7 @@ def test_measures_the_known_schedule(tmp_path: Path, url: str) -> None:
     assert report["valid"], report["invalid_reasons"]
     assert (tmp_path / "run.csv").read_text().count("\n") == len(records) + 1
     page = (tmp_path / "r.html").read_text()
-    assert page.count("<svg") == 3 and page.count('class="bar"') == 60  # TTFT and ITL histograms, 30 bins each
+    assert page.count("<svg") == 4 and page.count('class="bar"') == 60  # TTFT and ITL histograms, 30 bins each
 
 
 def test_every_error_is_classified(tmp_path: Path, url: str) -> None:
