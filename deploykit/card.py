@@ -16,7 +16,14 @@ from deploykit.models.fit import Fit, fit_on, kv_bytes_per_token, weight_bytes
 from deploykit.models.hub import HubCard
 from deploykit.models.store import LocalModel, ModelStore
 from deploykit.serve.hardware import Hardware
-from deploykit.serve.plan import CPU_RUNTIME_OVERHEAD, MIN_CONTEXT, gpu_budget
+from deploykit.serve.plan import (
+    CPU_RUNTIME_OVERHEAD,
+    MIN_CONTEXT,
+    cpu_dtype,
+    gpu_budget,
+    gpu_dtype,
+    tensor_parallel_sizes,
+)
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -81,8 +88,8 @@ def fit_rows(config: ModelConfig, hardware: Hardware) -> list[FitRow]:
     """How the model sits on each GPU count this machine offers (tensor parallel), or in its RAM."""
     if hardware.has_gpu:
         smallest = min(hardware.gpus, key=lambda g: g.memory_bytes)
-        dtype = "bfloat16" if all(g.supports_bfloat16 for g in hardware.gpus) else "float16"
-        sizes = [n for n in (1, 2, 4, 8) if n <= len(hardware.gpus) and config.attention_heads % n == 0]
+        dtype = gpu_dtype(hardware.gpus)
+        sizes = tensor_parallel_sizes(config, len(hardware.gpus))
         return [
             FitRow(
                 f"{n} x {smallest.name}" + (" (tensor parallel)" if n > 1 else ""),
@@ -90,7 +97,7 @@ def fit_rows(config: ModelConfig, hardware: Hardware) -> list[FitRow]:
             )
             for n in sizes
         ]
-    dtype = "float32" if config.is_small else "bfloat16"
+    dtype = cpu_dtype(config)
     budget = hardware.ram_available_bytes - CPU_RUNTIME_OVERHEAD
     return [FitRow("CPU RAM", fit_on(config, dtype, 1, budget, MIN_CONTEXT))]
 

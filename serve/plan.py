@@ -94,11 +94,10 @@ def _plan_cpu(
     python: str,
 ) -> LaunchPlan:
     choices: list[Choice] = []
-    if config.is_small:
-        dtype = "float32"
+    dtype = cpu_dtype(config)
+    if dtype == "float32":
         why = f"{_params(config)} parameters: float32 is cheap, and bfloat16 on CPUs can answer garbage"
     else:
-        dtype = "bfloat16"
         why = f"{_params(config)} parameters: float32 would double the RAM the weights take"
     choices.append(Choice("--dtype", dtype, why))
 
@@ -171,15 +170,16 @@ def _plan_gpu(
 ) -> LaunchPlan:
     choices: list[Choice] = []
     smallest = min(gpus, key=lambda g: g.memory_bytes)
-    if all(g.supports_bfloat16 for g in gpus):
-        dtype, why = "bfloat16", f"{smallest.name} supports bfloat16 (compute capability >= 8.0)"
+    dtype = gpu_dtype(gpus)
+    if dtype == "bfloat16":
+        why = f"{smallest.name} supports bfloat16 (compute capability >= 8.0)"
     else:
-        dtype, why = "float16", f"{smallest.name} has no fast bfloat16 (compute capability < 8.0)"
+        why = f"{smallest.name} has no fast bfloat16 (compute capability < 8.0)"
     choices.append(Choice("--dtype", dtype, why))
 
     weights = weight_bytes(config, dtype)
     budget = gpu_budget(smallest)
-    sizes = [tp for tp in (1, 2, 4, 8) if tp <= len(gpus) and config.attention_heads % tp == 0]
+    sizes = tensor_parallel_sizes(config, len(gpus))
     fits = [fit_on(config, dtype, tp, budget, MIN_CONTEXT) for tp in sizes]
     fit = next((f for f in fits if f.fits), None)
     if fit is None:
@@ -232,6 +232,21 @@ def _plan_gpu(
         kv_cache_tokens=tokens,
         gpu_indices=indices,
     )
+
+
+def cpu_dtype(config: ModelConfig) -> str:
+    """float32 for small models (cheap, and bfloat16 on CPUs can answer garbage), else bfloat16."""
+    return "float32" if config.is_small else "bfloat16"
+
+
+def gpu_dtype(gpus: Sequence[Gpu]) -> str:
+    """bfloat16 where every GPU computes it fast (compute capability >= 8.0), else float16."""
+    return "bfloat16" if all(g.supports_bfloat16 for g in gpus) else "float16"
+
+
+def tensor_parallel_sizes(config: ModelConfig, gpu_count: int) -> list[int]:
+    """The tensor-parallel sizes vLLM accepts here: powers of two that divide the attention heads."""
+    return [tp for tp in (1, 2, 4, 8) if tp <= gpu_count and config.attention_heads % tp == 0]
 
 
 def gpu_budget(gpu: Gpu) -> int:
