@@ -21,15 +21,9 @@ from pathlib import Path
 
 import httpx
 
+from deploykit.serve.runner import free_port
+
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def time_until_ok(argv: list[str], env: dict[str, str], url: str, timeout: float = 900) -> float:

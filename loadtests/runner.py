@@ -27,7 +27,6 @@ class Progress:
     elapsed_s: float
     duration_s: float
     done: int
-    in_flight: int
     errors: int
 
 
@@ -55,7 +54,7 @@ def run_load(config: LoadTestConfig, on_progress: Callable[[Progress], None] = l
         gevent.sleep(0.25)
         done = len(state.records)
         errors = sum(1 for r in state.records if r.error)
-        on_progress(Progress(time.monotonic() - state.started, config.duration_s, done, _in_flight(runner), errors))
+        on_progress(Progress(time.monotonic() - state.started, config.duration_s, done, errors))
     ended = time.monotonic()
     state.stopping = True
     runner.quit()  # requests in flight are cut off; they are outside the window and not counted
@@ -83,7 +82,3 @@ def run_load(config: LoadTestConfig, on_progress: Callable[[Progress], None] = l
         started=state.started,
         ended=ended,
     )
-
-
-def _in_flight(runner: object) -> int:
-    return int(getattr(runner, "user_count", 0))

@@ -30,6 +30,7 @@ from deploykit.models.store import LocalModel, ModelStore
 _SERVING_FILES = ("*.json", "*.jinja", "tokenizer.model", "*.tiktoken", "vocab.txt", "merges.txt", "README.md")
 # Weight formats by preference: one is downloaded, never duplicates in another format.
 _WEIGHT_FORMATS = ("*.safetensors", "*.bin", "*.pt")
+_WEIGHT_SUFFIXES = tuple(p.lstrip("*") for p in _WEIGHT_FORMATS)
 # Folders of other runtimes' copies of the model.
 _OTHER_RUNTIMES = ("onnx/", "openvino/", "coreml/", "tf/", "flax/", "gguf/")
 # Free space left over after a download, so the disk is never filled to the last byte.
@@ -192,7 +193,7 @@ def pull(
     progress(f"asking the hub about {repo}@{revision}")
     remote = remote_model(repo, revision, token=token, endpoint=endpoint)
     files = serving_files(remote.files)
-    if not any(f.path.endswith(_WEIGHT_FORMATS_SUFFIXES) for f in files):
+    if not any(f.path.endswith(_WEIGHT_SUFFIXES) for f in files):
         raise NotFoundError(f"{repo} has no weights deploykit can serve (safetensors, .bin or .pt).")
     missing = sum(f.size for f in files if not _cached(cache, repo, remote.revision, f))
     cache.mkdir(parents=True, exist_ok=True)
@@ -220,9 +221,6 @@ def pull(
     return store.link(
         alias, snapshot, source=f"hf://{repo}@{remote.revision}", format="hub", fingerprint=remote.revision
     )
-
-
-_WEIGHT_FORMATS_SUFFIXES = tuple(p.lstrip("*") for p in _WEIGHT_FORMATS)
 
 
 def _download_lfs_resumably(

@@ -59,6 +59,17 @@ def hub(tmp_path: Path) -> Iterator[FakeHub]:
     server.shutdown()
 
 
+def cli_env(hub: FakeHub, tmp_path: Path) -> dict[str, str]:
+    """The environment for running the deploykit CLI against the local hub, in temp homes."""
+    return {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "hfhome"),
+        "DEPLOYKIT_HOME": str(tmp_path / "home"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> ModelStore:
     return ModelStore(tmp_path / "store")
@@ -143,13 +154,7 @@ def test_rm_frees_the_cache_blobs(hub: FakeHub, store: ModelStore, tmp_path: Pat
 def test_a_pull_killed_mid_file_resumes_without_fetching_bytes_twice(hub: FakeHub, tmp_path: Path) -> None:
     size = hub.repos[MINILM].files["model.safetensors"].size
     hub.throttle[(MINILM, "model.safetensors")] = 10 * 1024**2  # ~9 s for the 87 MiB file
-    env = {
-        **os.environ,
-        "HF_ENDPOINT": hub.url,
-        "HF_HOME": str(tmp_path / "hfhome"),
-        "DEPLOYKIT_HOME": str(tmp_path / "home"),
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    }
+    env = cli_env(hub, tmp_path)
     cmd = [sys.executable, "-m", "deploykit", "pull", "all-minilm-l6-v2"]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     blobs = tmp_path / "hfhome" / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2" / "blobs"
@@ -216,13 +221,7 @@ def test_show_any_hub_repo_sizes_it_from_its_config(hub: FakeHub, store: ModelSt
 
 
 def test_serve_pulls_a_missing_model_first_with_yes(hub: FakeHub, tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "HF_ENDPOINT": hub.url,
-        "HF_HOME": str(tmp_path / "hfhome"),
-        "DEPLOYKIT_HOME": str(tmp_path / "home"),
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    }
+    env = cli_env(hub, tmp_path)
     cmd = [sys.executable, "-m", "deploykit", "serve", "all-minilm-l6-v2"]
     asked = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
     assert asked.returncode == 2 and "--yes" in asked.stderr and "Traceback" not in asked.stderr
