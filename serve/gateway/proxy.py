@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -19,12 +20,14 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from deploykit.serve.gateway.errors import GatewayError
+from deploykit.serve.gateway.exchange import DONE_EVENT, Exchange
 
 # Request headers worth passing to the engine, and response headers worth passing back.
 _REQUEST_HEADERS = ("content-type", "accept", "x-request-id")
 _RESPONSE_HEADERS = ("x-request-id",)
 # nginx's status for a request whose client went away before the answer; nobody receives it.
 CLIENT_CLOSED_REQUEST = 499
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
 
 T = TypeVar("T")
 
@@ -36,6 +39,10 @@ class Backend:
     model: str
     client: httpx.AsyncClient  # base_url is the engine's loopback address
     status: str = "starting"  # starting | ready | stopped
+
+    @property
+    def replica(self) -> str:
+        return str(self.client.base_url).rstrip("/")
 
     def require_ready(self) -> None:
         if self.status == "ready":
@@ -58,8 +65,10 @@ def parse_body(raw: bytes) -> dict[str, object]:
     return body
 
 
-async def forward(backend: Backend, path: str, raw: bytes, request: Request) -> Response:
+async def forward(backend: Backend, path: str, raw: bytes, request: Request, exchange: Exchange) -> Response:
+    """Send the request to the engine and relay its answer, accounting for it in `exchange` on the way."""
     backend.require_ready()
+    exchange.replica = backend.replica
     headers = {k: v for k in _REQUEST_HEADERS if (v := request.headers.get(k))}
     upstream_request = backend.client.build_request("POST", path, content=raw, headers=headers)
     try:
@@ -67,12 +76,15 @@ async def forward(backend: Backend, path: str, raw: bytes, request: Request) -> 
         # leave while we still wait for them: cancelling the exchange then aborts it at the engine.
         upstream = await _unless_client_leaves(request, backend.client.send(upstream_request, stream=True))
         if upstream is None:
+            exchange.finish_nowait(CLIENT_CLOSED_REQUEST, "client disconnected")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         relayed = {k: v for k in _RESPONSE_HEADERS if (v := upstream.headers.get(k))}
+        if exchange.admission is not None:
+            relayed |= exchange.admission.headers
         media_type = upstream.headers.get("content-type", "application/json")
         if media_type.startswith("text/event-stream"):
             return StreamingResponse(
-                _relay(upstream), status_code=upstream.status_code, media_type=media_type, headers=relayed
+                _relay(upstream, exchange), status_code=upstream.status_code, media_type=media_type, headers=relayed
             )
         try:
             content = await _unless_client_leaves(request, upstream.aread())
@@ -81,7 +93,10 @@ async def forward(backend: Backend, path: str, raw: bytes, request: Request) -> 
     except httpx.TransportError as e:
         raise _unreachable(backend, e) from e
     if content is None:
+        exchange.finish_nowait(CLIENT_CLOSED_REQUEST, "client disconnected")
         return Response(status_code=CLIENT_CLOSED_REQUEST)
+    exchange.observe_body(content)
+    await exchange.finish(upstream.status_code, None if upstream.status_code < 400 else "engine error")
     return Response(content, status_code=upstream.status_code, media_type=media_type, headers=relayed)
 
 
@@ -95,13 +110,37 @@ async def get_json(backend: Backend, path: str) -> dict[str, object]:
     return result
 
 
-async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
-    """Pass SSE bytes through as they arrive; a stream the engine cuts short ends with an error event."""
+async def get_text(backend: Backend, path: str) -> str | None:
+    """A GET answer's text, or None when the engine cannot answer (for best-effort scrapes)."""
+    try:
+        response = await backend.client.get(path, timeout=2.0)
+    except httpx.HTTPError:
+        return None
+    return response.text if response.status_code == 200 else None
+
+
+async def _relay(upstream: httpx.Response, exchange: Exchange) -> AsyncIterator[bytes]:
+    """Relay SSE events as they arrive, accounting for each; the ledger row is committed before [DONE] is sent.
+
+    A stream the engine cuts short ends with an error event; a client that leaves closes the engine
+    connection, which aborts the request there.
+    """
+    status, error = upstream.status_code, None
+    pending = b""
     try:
         async for chunk in upstream.aiter_raw():
-            yield chunk
+            *events, pending = _EVENT_END.split(pending + chunk)
+            out = []
+            for event in events:
+                if event == DONE_EVENT:
+                    await exchange.finish(status)
+                if exchange.observe_event(event):
+                    out.append(event + b"\n\n")
+            if out:
+                yield b"".join(out)
     except httpx.TransportError as e:
-        error = {
+        status, error = 502, f"engine stopped mid-stream ({type(e).__name__})"
+        body = {
             "error": {
                 "message": f"The engine stopped mid-stream ({type(e).__name__}).",
                 "type": "server_error",
@@ -109,9 +148,13 @@ async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
                 "code": "engine_unavailable",
             }
         }
-        yield f"data: {json.dumps(error)}\n\n".encode()
+        yield f"data: {json.dumps(body)}\n\n".encode()
+    except BaseException:  # the client went away (the response task is cancelled)
+        status, error = CLIENT_CLOSED_REQUEST, "client disconnected"
+        raise
     finally:
         await upstream.aclose()  # on client disconnect too: closing the connection aborts it at the engine
+        exchange.finish_nowait(status, error or ("stream ended without [DONE]" if not exchange.finished else None))
 
 
 async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T | None:

@@ -2,8 +2,9 @@
 
 Run in-process (`create_fake_engine()` behind httpx.ASGITransport) or as a real process:
     python -m tests.fakes.engine --port 8123 [--model NAME] [--token-delay 0.01]
-It answers every prompt with the words of ANSWER, one token per SSE chunk, and records the requests
-it saw finish and the ones whose client went away.
+It answers every prompt with the words of ANSWER, one token per SSE chunk (and a usage chunk when
+stream_options asks), embeds any input as a fixed 3-number vector, and records the requests it saw
+finish and the ones whose client went away.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 ANSWER = "The capital of France is Paris."
+PROMPT_TOKENS = 5  # what the fake reports for every prompt
 
 
 def create_fake_engine(model: str = "fake-model", token_delay: float = 0.0) -> FastAPI:
@@ -48,7 +50,8 @@ def create_fake_engine(model: str = "fake-model", token_delay: float = 0.0) -> F
         words = (ANSWER.split(" ") * (max_tokens // 6 + 1))[:max_tokens]
         pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
         if body.get("stream"):
-            return StreamingResponse(_stream(app, pieces, chat, token_delay), media_type="text/event-stream")
+            usage = (body.get("stream_options") or {}).get("include_usage") is True
+            return StreamingResponse(_stream(app, pieces, chat, token_delay, usage), media_type="text/event-stream")
         app.state.in_flight += 1
         try:
             for _ in pieces:  # like vLLM, stop generating for a client that has gone
@@ -62,7 +65,6 @@ def create_fake_engine(model: str = "fake-model", token_delay: float = 0.0) -> F
         text = "".join(pieces)
         choice = {"index": 0, "finish_reason": "length"}
         choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-        usage = {"prompt_tokens": 5, "completion_tokens": len(pieces), "total_tokens": 5 + len(pieces)}
         kind = "chat.completion" if chat else "text_completion"
         return {
             "id": "cmpl-1",
@@ -70,7 +72,7 @@ def create_fake_engine(model: str = "fake-model", token_delay: float = 0.0) -> F
             "created": int(time.time()),
             "model": model,
             "choices": [choice],
-            "usage": usage,
+            "usage": _usage(len(pieces)),
         }
 
     @app.post("/v1/chat/completions")
@@ -81,10 +83,27 @@ def create_fake_engine(model: str = "fake-model", token_delay: float = 0.0) -> F
     async def completions(request: Request) -> object:
         return await complete(request, chat=False)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> object:
+        body = await request.json()
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": [0.5, -0.5, 0.25]} for i in range(len(inputs))]
+        tokens = sum(len(str(text).split()) for text in inputs)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return {"object": "list", "model": model, "data": data, "usage": usage}
+
     return app
 
 
-async def _stream(app: FastAPI, pieces: list[str], chat: bool, delay: float) -> AsyncIterator[bytes]:
+def _usage(completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": PROMPT_TOKENS,
+        "completion_tokens": completion_tokens,
+        "total_tokens": PROMPT_TOKENS + completion_tokens,
+    }
+
+
+async def _stream(app: FastAPI, pieces: list[str], chat: bool, delay: float, usage: bool) -> AsyncIterator[bytes]:
     app.state.in_flight += 1
     done = False
     try:
@@ -99,6 +118,8 @@ async def _stream(app: FastAPI, pieces: list[str], chat: bool, delay: float) -> 
                     "choices": [{"index": 0, **delta, "finish_reason": None}],
                 }
             )
+        if usage:
+            yield _event({"choices": [], "usage": _usage(len(pieces))})
         yield b"data: [DONE]\n\n"
         done = True
     finally:

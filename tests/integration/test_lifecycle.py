@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -28,6 +29,15 @@ class Gateway:
     proc: subprocess.Popen[str]
     url: str
     engine_url: str
+    home: Path
+
+    def ledger(self) -> list[tuple[str, int, int]]:
+        """(endpoint, status, completion tokens) of each ledger row, read as another process would."""
+        db = sqlite3.connect(self.home / "deploykit.db")
+        try:
+            return db.execute("SELECT endpoint, status, completion_tokens FROM requests ORDER BY id").fetchall()
+        finally:
+            db.close()
 
     def engine(self) -> psutil.Process:
         return next(p for p in psutil.Process(self.proc.pid).children() if "tests.fakes.engine" in p.cmdline())
@@ -47,7 +57,7 @@ def start(tmp_path: Path, *engine_args: str, port: int | None = None) -> Gateway
         stderr=subprocess.STDOUT,
         text=True,
     )
-    return Gateway(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{engine_port}")
+    return Gateway(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{engine_port}", tmp_path)
 
 
 def wait_ready(gw: Gateway, timeout: float = 30) -> None:
@@ -134,6 +144,8 @@ def test_client_disconnect_mid_stream_aborts_at_the_engine(gateway: Gateway) -> 
         assert time.monotonic() < deadline, stats
         time.sleep(0.05)
     assert stats == {"finished": 0, "aborted": 1, "in_flight": 0}
+    [(endpoint, status, tokens)] = gateway.ledger()
+    assert (endpoint, status) == ("/v1/completions", 499) and 1 <= tokens < 400
 
 
 def test_non_streaming_client_that_leaves_aborts_at_the_engine(gateway: Gateway) -> None:
@@ -158,3 +170,24 @@ def test_ctrl_c_drains_stops_the_engine_and_exits_0(gateway: Gateway) -> None:
     assert code == 0, out
     _, alive = psutil.wait_procs(tree, timeout=5)
     assert not alive
+    assert gateway.ledger() == [("/v1/completions", 200, 20)]
+
+
+def test_every_answer_a_client_received_is_in_the_ledger_after_kill_9(tmp_path: Path) -> None:
+    gw = start(tmp_path, "--token-delay", "0.001")
+    wait_ready(gw)
+
+    def ask(i: int) -> None:
+        body = {"model": "fake-model", "prompt": "x", "max_tokens": 5 + i, "stream": i % 2 == 0}
+        with httpx.stream("POST", gw.url + "/v1/completions", json=body, timeout=30) as response:
+            assert response.status_code == 200
+            response.read()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gw.proc.kill()  # no drain, no flush: only what was committed before each answer's last byte survives
+    gw.finish()
+    assert sorted(tokens for _, _, tokens in gw.ledger()) == [5 + i for i in range(16)]

@@ -3,48 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
-from deploykit.serve.gateway import Backend, create_app
+from deploykit.serve.gateway import Backend
 from tests.fakes.engine import ANSWER, create_fake_engine
+from tests.unit.gateway_support import assert_openai_error, chat
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-async def backend() -> AsyncIterator[Backend]:
-    engine = httpx.ASGITransport(app=create_fake_engine("m1"))
-    async with httpx.AsyncClient(transport=engine, base_url="http://engine") as client:
-        yield Backend("m1", client, status="ready")
-
-
-@pytest.fixture
-async def gateway(backend: Backend) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app([backend]))
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-        yield client
-
-
-def chat(**extra: object) -> dict[str, object]:
-    return {"model": "m1", "messages": [{"role": "user", "content": "Capital of France?"}], **extra}
-
-
-def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, object]:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["message"]
-    if code is not None:
-        assert error["code"] == code
-    return error
 
 
 async def test_health_answers_whatever_the_engine_does(gateway: httpx.AsyncClient, backend: Backend) -> None:

@@ -1,0 +1,210 @@
+"""The gateway's database: API keys and the usage ledger, in SQLite (default) or PostgreSQL.
+
+One small seam over both: `connect(url)` gives a `Database` whose SQL uses `?` placeholders, and the
+schema evolves by ordered, named migrations recorded in the `migrations` table. SQLite runs in WAL
+mode with synchronous=NORMAL: a committed row survives the gateway being killed (`kill -9`), which is
+what the ledger promises; surviving a power cut would need synchronous=FULL.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from deploykit.errors import MissingDependencyError, UsageError
+
+Row = tuple[Any, ...]
+
+# (name, SQL) in order; `{id}` is an auto-increment primary key in each dialect. Never edit one that
+# has shipped: add the next.
+MIGRATIONS: tuple[tuple[str, str], ...] = (
+    (
+        "m001_keys",
+        """
+        CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            secret_sha256 TEXT NOT NULL,
+            models TEXT,
+            rpm INTEGER,
+            tpm INTEGER,
+            max_concurrent INTEGER,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION,
+            revoked_at DOUBLE PRECISION
+        )
+        """,
+    ),
+    (
+        "m002_requests",
+        """
+        CREATE TABLE requests (
+            id {id},
+            at DOUBLE PRECISION NOT NULL,
+            key_id TEXT,
+            model TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            ttft_ms DOUBLE PRECISION,
+            duration_ms DOUBLE PRECISION NOT NULL,
+            replica TEXT,
+            error TEXT,
+            day TEXT NOT NULL
+        );
+        CREATE INDEX requests_at ON requests (at);
+        CREATE INDEX requests_day ON requests (day);
+        """,
+    ),
+    (
+        "m003_deployments",
+        """
+        CREATE TABLE deployments (
+            id TEXT PRIMARY KEY,
+            models TEXT NOT NULL,
+            device TEXT NOT NULL,
+            gpus INTEGER NOT NULL,
+            started_at DOUBLE PRECISION NOT NULL,
+            last_seen_at DOUBLE PRECISION NOT NULL,
+            stopped_at DOUBLE PRECISION
+        )
+        """,
+    ),
+)
+
+
+class Database(Protocol):
+    url: str
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement in its own transaction; the number of rows it changed."""
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one statement per row, all in one transaction (one commit)."""
+
+    def atomic(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Run the statements in one transaction: all commit, or none."""
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
+
+    def close(self) -> None: ...
+
+
+def connect(url: str) -> Database:
+    """Open the database at `url` (sqlite:///PATH or postgresql://...) and bring its schema up to date."""
+    db: Database
+    if url.startswith("sqlite:///"):
+        db = SQLiteDatabase(Path(url.removeprefix("sqlite:///")))
+    elif url.startswith(("postgresql://", "postgres://")):
+        db = PostgresDatabase(url)
+    else:
+        raise UsageError(
+            f"Unsupported database URL '{url}'.",
+            "Use sqlite:///PATH or postgresql://USER@HOST/DB (DEPLOYKIT_DATABASE_URL).",
+        )
+    migrate(db)
+    return db
+
+
+def migrate(db: Database) -> list[str]:
+    """Apply the migrations this database has not had yet, in order; the names applied."""
+    db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
+    done = {name for (name,) in db.query("SELECT name FROM migrations")}
+    serial = "BIGSERIAL PRIMARY KEY" if isinstance(db, PostgresDatabase) else "INTEGER PRIMARY KEY"
+    applied = []
+    for name, sql in MIGRATIONS:
+        if name in done:
+            continue
+        statements: list[tuple[str, Sequence[Any]]] = [
+            (s.strip(), ()) for s in sql.replace("{id}", serial).split(";") if s.strip()
+        ]
+        statements.append(("INSERT INTO migrations (name, applied_at) VALUES (?, ?)", (name, time.time())))
+        db.atomic(statements)
+        applied.append(name)
+    return applied
+
+
+class SQLiteDatabase:
+    """One connection shared by the threads that use it, behind a lock (SQLite serialises writes anyway)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.url = f"sqlite:///{path}"
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._lock = threading.Lock()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self._lock:
+            return self._conn.execute(sql, params).rowcount
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self.atomic([(sql, row) for row in rows])
+
+    def atomic(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    self._conn.execute(sql, params)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        with self._lock:
+            return list(self._conn.execute(sql, params).fetchall())
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class PostgresDatabase:
+    """PostgreSQL through psycopg 3 (the `postgres` extra), for several gateways sharing keys and a ledger."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            import psycopg
+        except ImportError as e:
+            raise MissingDependencyError(
+                "A PostgreSQL database needs psycopg.", "Install it: pip install 'deploykit[postgres]'."
+            ) from e
+        self.url = url
+        try:
+            self._conn = psycopg.connect(url, autocommit=True)
+        except psycopg.OperationalError as e:
+            raise UsageError(f"Cannot connect to PostgreSQL: {e}".strip(), "Check DEPLOYKIT_DATABASE_URL.") from e
+        self._lock = threading.Lock()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self._lock:
+            return self._conn.execute(_pg(sql), params).rowcount  # type: ignore[arg-type]
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self._lock, self._conn.transaction(), self._conn.cursor() as cur:
+            cur.executemany(_pg(sql), rows)  # type: ignore[arg-type]
+
+    def atomic(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        with self._lock, self._conn.transaction():
+            for sql, params in statements:
+                self._conn.execute(_pg(sql), params)  # type: ignore[arg-type]
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        with self._lock:
+            return list(self._conn.execute(_pg(sql), params).fetchall())  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def _pg(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s")

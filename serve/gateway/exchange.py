@@ -1,0 +1,135 @@
+"""The accounting of one request through the gateway: what it used, how fast it was, and where it is recorded.
+
+An Exchange watches the answer go by (each SSE event of a stream, or the whole JSON body), learns the
+token usage and the time to first content, and on `finish` settles the key's quota, writes the ledger
+row and updates the metrics, once, whichever way the request ended.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+
+from deploykit.serve.gateway.auth import ApiKey
+from deploykit.serve.gateway.ledger import Ledger, UsageRecord
+from deploykit.serve.gateway.metrics import GatewayMetrics
+from deploykit.serve.gateway.ratelimit import Admission, RateLimiter
+
+# An SSE event that carries generated text (a role-only first chunk has "content":"" and does not count).
+_CONTENT = re.compile(rb'"(?:content|text)":\s*"[^"]')
+_USAGE = re.compile(rb'"usage":\s*\{')
+DONE_EVENT = b"data: [DONE]"
+
+
+@dataclass
+class Exchange:
+    ledger: Ledger
+    metrics: GatewayMetrics
+    limiter: RateLimiter
+    endpoint: str
+    model: str
+    key: ApiKey | None = None
+    admission: Admission | None = None
+    replica: str | None = None
+    strip_usage: bool = False  # the gateway asked for the usage chunk; the client did not
+    at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.monotonic)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    content_events: int = 0
+    first_content: float | None = None
+    last_content: float | None = None
+    finished: bool = False
+
+    def __post_init__(self) -> None:
+        self.metrics.in_flight.labels(self.model).inc()
+
+    @property
+    def key_label(self) -> str:
+        return self.key.name if self.key is not None else ""
+
+    def observe_event(self, event: bytes) -> bool:
+        """Account for one SSE event (without its blank-line end); False when it must not reach the client."""
+        if _CONTENT.search(event):
+            now = time.monotonic()
+            if self.first_content is None:
+                self.first_content = now
+            elif self.last_content is not None:
+                self.metrics.itl.labels(self.model).observe(now - self.last_content)
+            self.last_content = now
+            self.content_events += 1
+        if _USAGE.search(event) and event.startswith(b"data: "):
+            try:
+                chunk = json.loads(event[6:])
+            except ValueError:
+                return True
+            self.observe_usage(chunk.get("usage"))
+            if self.strip_usage and not chunk.get("choices"):
+                return False
+        return True
+
+    def observe_body(self, content: bytes) -> None:
+        """Account for a whole JSON answer."""
+        try:
+            body = json.loads(content)
+        except ValueError:
+            return
+        if isinstance(body, dict):
+            self.observe_usage(body.get("usage"))
+
+    def observe_usage(self, usage: object) -> None:
+        if isinstance(usage, dict):
+            self.prompt_tokens = _int(usage.get("prompt_tokens"), self.prompt_tokens)
+            self.completion_tokens = _int(usage.get("completion_tokens"), self.completion_tokens)
+
+    async def finish(self, status: int, error: str | None = None) -> None:
+        """Settle and record the request, returning once its ledger row is committed."""
+        record = self._close(status, error)
+        if record is not None:
+            await self.ledger.record(record)
+
+    def finish_nowait(self, status: int, error: str | None = None) -> None:
+        """Settle and record a request whose client has gone (nobody waits for the row)."""
+        record = self._close(status, error)
+        if record is not None:
+            self.ledger.record_nowait(record)
+
+    def _close(self, status: int, error: str | None) -> UsageRecord | None:
+        if self.finished:
+            return None
+        self.finished = True
+        duration = time.monotonic() - self.started
+        prompt = self.prompt_tokens or 0
+        # without the engine's usage (a stream cut short), each content event is counted as one token
+        completion = self.completion_tokens if self.completion_tokens is not None else self.content_events
+        used = prompt + completion if self.prompt_tokens is not None else None
+        if self.admission is not None:
+            self.limiter.finish(self.admission, used)
+        m, key = self.metrics, self.key_label
+        m.in_flight.labels(self.model).dec()
+        m.requests.labels(self.model, key, str(status)).inc()
+        m.tokens.labels(self.model, key, "prompt").inc(prompt)
+        m.tokens.labels(self.model, key, "completion").inc(completion)
+        m.duration.labels(self.model).observe(duration)
+        ttft = None if self.first_content is None else self.first_content - self.started
+        if ttft is not None:
+            m.ttft.labels(self.model).observe(ttft)
+        return UsageRecord(
+            at=self.at,
+            key_id=self.key.id if self.key is not None else None,
+            model=self.model,
+            endpoint=self.endpoint,
+            status=status,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            ttft_ms=None if ttft is None else ttft * 1000,
+            duration_ms=duration * 1000,
+            replica=self.replica,
+            error=error,
+        )
+
+
+def _int(value: object, default: int | None) -> int | None:
+    return value if isinstance(value, int) else default

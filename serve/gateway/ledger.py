@@ -1,0 +1,171 @@
+"""The usage ledger: one row per request, committed before the response's last bytes leave the gateway.
+
+A writer thread commits rows in groups (one transaction for whatever queued up meanwhile), so that a
+busy gateway pays one commit per group, not per request, and the event loop never waits on the disk.
+`record` returns once the row is committed: the proxy awaits it before it sends a stream's final
+`[DONE]` event or a whole response, so anything a client received is in the ledger even if the gateway
+is killed right after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass
+
+from deploykit.serve.gateway.database import Database
+
+log = logging.getLogger("deploykit.gateway")
+
+_COLUMNS = (
+    "at, key_id, model, endpoint, status, prompt_tokens, completion_tokens, ttft_ms, duration_ms, replica, error, day"
+)
+_INSERT = f"INSERT INTO requests ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    at: float  # wall-clock time the request arrived (unix seconds)
+    key_id: str | None
+    model: str
+    endpoint: str
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float | None
+    duration_ms: float
+    replica: str | None
+    error: str | None = None
+
+
+_Pending = tuple[UsageRecord, asyncio.AbstractEventLoop | None, "asyncio.Future[None] | None"]
+
+
+class Ledger:
+    def __init__(self, db: Database, *, max_batch: int = 512) -> None:
+        self.db = db
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._max_batch = max_batch
+        self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
+        self._writer.start()
+
+    async def record(self, record: UsageRecord) -> None:
+        """Queue the row and return once it is committed."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._queue.put((record, loop, done))
+        await done
+
+    def record_nowait(self, record: UsageRecord) -> None:
+        """Queue the row without waiting (for requests whose client has gone)."""
+        self._queue.put((record, None, None))
+
+    def close(self) -> None:
+        """Commit everything queued, then stop the writer."""
+        self._queue.put(None)
+        self._writer.join()
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            stop = item is None
+            batch = [] if item is None else [item]
+            while len(batch) < self._max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            if batch:
+                self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: Sequence[_Pending]) -> None:
+        error: Exception | None = None
+        try:
+            self.db.executemany(_INSERT, [(*astuple(record), _day(record.at)) for record, _, _ in batch])
+        except Exception as e:  # a full disk must not kill the writer; the requests still get their answer
+            log.exception("could not write %d ledger rows", len(batch))
+            error = e
+        for _, loop, done in batch:
+            if loop is not None and done is not None:
+                loop.call_soon_threadsafe(_settle, done, error)
+
+
+def _settle(done: asyncio.Future[None], error: Exception | None) -> None:
+    if not done.done():  # else the awaiting request was cancelled
+        done.set_result(None)  # a failed write is logged by the writer; the client still gets its answer
+
+
+def _day(at: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(at))
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    group: str
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+_GROUPS = {
+    "model": "r.model",
+    "key": "COALESCE(k.name, r.key_id, '(no key)')",
+    "day": "r.day",
+}
+
+
+def usage_by(db: Database, by: str, since: float = 0.0) -> list[UsageRow]:
+    """Requests and tokens since `since` (unix seconds), grouped by model, key or UTC day."""
+    group = _GROUPS[by]
+    rows = db.query(
+        f"SELECT {group}, COUNT(*), SUM(CASE WHEN r.status >= 400 THEN 1 ELSE 0 END), "
+        "SUM(r.prompt_tokens), SUM(r.completion_tokens) "
+        "FROM requests r LEFT JOIN api_keys k ON k.id = r.key_id "
+        f"WHERE r.at >= ? GROUP BY {group} ORDER BY {group}",
+        (since,),
+    )
+    return [UsageRow(str(g), int(n), int(e), int(p), int(c)) for g, n, e, p, c in rows]
+
+
+def deployment_hours(db: Database, since: float = 0.0, now: float | None = None) -> dict[str, float]:
+    """Hours each device kind served since `since`, counted per GPU ('cpu' counts machines)."""
+    now = time.time() if now is None else now
+    hours: dict[str, float] = {}
+    for device, gpus, started, last_seen in db.query(
+        "SELECT device, gpus, started_at, last_seen_at FROM deployments WHERE last_seen_at >= ?", (since,)
+    ):
+        span = max(0.0, min(last_seen, now) - max(started, since)) / 3600
+        hours[device] = hours.get(device, 0.0) + span * max(1, gpus)
+    return hours
+
+
+class DeploymentLog:
+    """The deployments table: when a gateway served what on which hardware, for GPU-hour costs."""
+
+    def __init__(self, db: Database, models: Sequence[str], device: str, gpus: int) -> None:
+        self.db = db
+        self.id = uuid.uuid4().hex
+        now = time.time()
+        db.execute(
+            "INSERT INTO deployments (id, models, device, gpus, started_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (self.id, ",".join(models), device, gpus, now, now),
+        )
+
+    def heartbeat(self) -> None:
+        self.db.execute("UPDATE deployments SET last_seen_at = ? WHERE id = ?", (time.time(), self.id))
+
+    def stop(self) -> None:
+        now = time.time()
+        self.db.execute("UPDATE deployments SET last_seen_at = ?, stopped_at = ? WHERE id = ?", (now, now, self.id))

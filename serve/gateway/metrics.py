@@ -1,0 +1,92 @@
+"""Prometheus metrics: the gateway's own (requests, tokens, latencies, in-flight, replica health) and the
+engines' queue and KV-cache figures, scraped from each vLLM's /metrics and re-exported with a replica label.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Seconds; TTFT and duration span a CPU engine's seconds, ITL a GPU's milliseconds.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+# The engine figures worth re-exporting: queue depth, running requests, KV-cache use, preemptions.
+_ENGINE_METRICS = re.compile(
+    r"^(vllm:(num_requests_running|num_requests_waiting|kv_cache_usage_perc|gpu_cache_usage_perc"
+    r"|cpu_cache_usage_perc|num_preemptions_total))(\{[^}]*\})?\s+(\S+)"
+)
+
+
+class GatewayMetrics:
+    """One registry per gateway (no process-wide globals, so tests can build as many as they like)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "deploykit_requests",
+            "Requests answered, by model, key and HTTP status.",
+            ["model", "key", "status"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "deploykit_tokens",
+            "Tokens processed, by model, key and kind (prompt|completion).",
+            ["model", "key", "kind"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "deploykit_ttft_seconds",
+            "Time to the first content event of a streamed answer.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "deploykit_inter_token_seconds",
+            "Gaps between a stream's content events (one event per engine step).",
+            ["model"],
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "deploykit_request_duration_seconds",
+            "Request duration through the gateway.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("deploykit_in_flight_requests", "Requests in flight, by model.", ["model"], registry=r)
+        self.replica_up = Gauge(
+            "deploykit_replica_up",
+            "1 when the replica's engine is ready to serve, else 0.",
+            ["model", "replica"],
+            registry=r,
+        )
+
+    def render(self, engine_texts: Iterable[tuple[str, str]] = ()) -> bytes:
+        """The exposition text: ours, then each (replica, engine /metrics text) re-labelled."""
+        lines = [generate_latest(self.registry).decode()]
+        for replica, text in engine_texts:
+            lines += relabel_engine_metrics(text, replica)
+        return ("".join(lines[:1]) + "".join(f"{line}\n" for line in lines[1:])).encode()
+
+
+def relabel_engine_metrics(text: str, replica: str) -> list[str]:
+    """The engine samples worth keeping, each with `replica` added to its labels."""
+    kept = []
+    for line in text.splitlines():
+        match = _ENGINE_METRICS.match(line)
+        if match is None:
+            continue
+        name, labels, value = match.group(1), match.group(3), match.group(4)
+        inner = labels[1:-1] if labels else ""
+        joined = f'replica="{_escape(replica)}"' + (f",{inner}" if inner else "")
+        kept.append(f"{name}{{{joined}}} {value}")
+    return kept
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -1,0 +1,151 @@
+"""Per-key quotas: requests per minute, tokens per minute and concurrent requests.
+
+Each per-minute limit is a token bucket that holds a minute's allowance and refills continuously. A
+request reserves its prompt estimate plus max_tokens before it is forwarded and is settled to the
+tokens it really used when it ends, so a bucket can go below zero and later requests wait for it.
+Admission checks every limit before taking from any, in one synchronous step on the event loop: two
+concurrent requests can never both take the last unit (no over-admission).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from deploykit.serve.gateway.auth import ApiKey
+from deploykit.serve.gateway.errors import GatewayError
+
+
+@dataclass
+class Bucket:
+    """A minute's allowance of `per_minute`, refilled continuously."""
+
+    per_minute: int
+    level: float
+    updated: float
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.per_minute, self.level + (now - self.updated) * self.per_minute / 60)
+        self.updated = now
+
+    def wait_s(self, amount: float) -> float:
+        """Seconds until `amount` can be taken (0 when it can be now)."""
+        return max(0.0, (amount - self.level) * 60 / self.per_minute)
+
+    def reset_s(self) -> float:
+        """Seconds until the bucket is full again."""
+        return max(0.0, (self.per_minute - self.level) * 60 / self.per_minute)
+
+
+@dataclass
+class _KeyState:
+    requests: Bucket | None
+    tokens: Bucket | None
+    in_flight: int = 0
+
+
+@dataclass
+class Admission:
+    """One admitted request's hold on its key's quotas, until `RateLimiter.finish`."""
+
+    key_id: str
+    reserved_tokens: int
+    headers: dict[str, str] = field(default_factory=dict)
+    finished: bool = False
+
+
+class RateLimiter:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._state: dict[str, _KeyState] = {}
+
+    def admit(self, key: ApiKey, tokens: int) -> Admission:
+        """Take one request and `tokens` from the key's quotas, or raise the 429 that says when to retry."""
+        now = self._clock()
+        state = self._state_of(key, now)
+        if key.max_concurrent is not None and state.in_flight >= key.max_concurrent:
+            raise _limited(
+                f"The API key '{key.name}' has {state.in_flight} requests in flight, its limit.",
+                "concurrent_requests",
+                1.0,
+                _headers(state),
+            )
+        if state.tokens is not None and tokens > state.tokens.per_minute:
+            raise GatewayError(
+                429,
+                f"This request needs about {tokens} tokens, more than the API key '{key.name}' may use in a "
+                f"minute ({state.tokens.per_minute}); lower max_tokens or shorten the prompt.",
+                "tokens",
+                "rate_limit_exceeded",
+                headers=_headers(state),
+            )
+        for bucket, amount, what in ((state.requests, 1, "requests"), (state.tokens, tokens, "tokens")):
+            if bucket is not None and bucket.wait_s(amount) > 0:
+                raise _limited(
+                    f"Rate limit reached for the API key '{key.name}': {bucket.per_minute} {what} per minute.",
+                    what,
+                    bucket.wait_s(amount),
+                    _headers(state),
+                )
+        if state.requests is not None:
+            state.requests.level -= 1
+        if state.tokens is not None:
+            state.tokens.level -= tokens
+        state.in_flight += 1
+        return Admission(key.id, tokens, _headers(state))
+
+    def finish(self, admission: Admission, used_tokens: int | None) -> None:
+        """Release the request's concurrency slot and settle its tokens to what it used (None: as reserved)."""
+        if admission.finished:
+            return
+        admission.finished = True
+        state = self._state.get(admission.key_id)
+        if state is None:
+            return
+        state.in_flight -= 1
+        if state.tokens is not None and used_tokens is not None:
+            state.tokens.refill(self._clock())
+            state.tokens.level = min(
+                state.tokens.per_minute, state.tokens.level + admission.reserved_tokens - used_tokens
+            )
+
+    def _state_of(self, key: ApiKey, now: float) -> _KeyState:
+        state = self._state.get(key.id)
+        if state is None:
+            state = _KeyState(
+                Bucket(key.rpm, key.rpm, now) if key.rpm else None,
+                Bucket(key.tpm, key.tpm, now) if key.tpm else None,
+            )
+            self._state[key.id] = state
+        for bucket in (state.requests, state.tokens):
+            if bucket is not None:
+                bucket.refill(now)
+        return state
+
+
+def estimate_prompt_tokens(body_bytes: int) -> int:
+    """A deliberately high guess from the body's size (about 4 bytes a token, JSON included), settled later."""
+    return math.ceil(body_bytes / 4)
+
+
+def _limited(message: str, what: str, retry_after_s: float, headers: dict[str, str]) -> GatewayError:
+    return GatewayError(
+        429,
+        message,
+        what,
+        "rate_limit_exceeded",
+        headers={**headers, "Retry-After": str(max(1, math.ceil(retry_after_s)))},
+    )
+
+
+def _headers(state: _KeyState) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers for whichever limits the key has."""
+    headers = {}
+    for bucket, what in ((state.requests, "requests"), (state.tokens, "tokens")):
+        if bucket is not None:
+            headers[f"x-ratelimit-limit-{what}"] = str(bucket.per_minute)
+            headers[f"x-ratelimit-remaining-{what}"] = str(max(0, math.floor(bucket.level)))
+            headers[f"x-ratelimit-reset-{what}"] = f"{bucket.reset_s():.3g}s"
+    return headers

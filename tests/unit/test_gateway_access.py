@@ -1,0 +1,256 @@
+"""API keys, quotas, limits, the usage ledger and metrics, through the gateway in front of the fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from deploykit.errors import NotFoundError, UsageError
+from deploykit.serve.gateway import Backend, create_app
+from deploykit.serve.gateway.app import GatewayOptions
+from deploykit.serve.gateway.auth import create_key, list_keys, revoke_key
+from deploykit.serve.gateway.database import Database
+from deploykit.serve.gateway.ledger import usage_by
+from deploykit.serve.gateway.metrics import relabel_engine_metrics
+from tests.fakes.engine import ANSWER, PROMPT_TOKENS, create_fake_engine
+from tests.unit.gateway_support import assert_openai_error, chat, client_of
+
+pytestmark = pytest.mark.anyio
+ANSWER_TOKENS = len(ANSWER.split())
+
+
+def ledger_rows(app: FastAPI, db: Database) -> list[dict[str, object]]:
+    """The ledger's rows once everything queued is committed."""
+    app.state.gateway.ledger.close()
+    names = ["key_id", "model", "endpoint", "status", "prompt_tokens", "completion_tokens", "ttft_ms", "error"]
+    rows = db.query(f"SELECT {', '.join(names)} FROM requests ORDER BY id")
+    return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+# keys
+
+
+def test_a_key_is_stored_hashed_and_shown_once(db: Database) -> None:
+    key, token = create_key(db, "team-a", models=["m1"], rpm=10)
+    assert token.startswith(f"dk-{key.id}-")
+    secret = token.split("-")[-1]
+    stored = db.query("SELECT * FROM api_keys")
+    assert secret not in json.dumps(stored)
+    assert [k.name for k in list_keys(db)] == ["team-a"]
+    assert list_keys(db)[0].public(time.time())["status"] == "active"
+
+
+def test_key_names_are_unique_and_limits_positive(db: Database) -> None:
+    create_key(db, "team-a")
+    with pytest.raises(UsageError, match="exists already"):
+        create_key(db, "team-a")
+    with pytest.raises(UsageError, match="--rpm"):
+        create_key(db, "team-b", rpm=0)
+    with pytest.raises(UsageError, match="past"):
+        create_key(db, "team-c", expires_at=time.time() - 1)
+
+
+def test_revoke_by_name_or_id(db: Database) -> None:
+    key, _ = create_key(db, "team-a")
+    assert revoke_key(db, key.id).status(time.time()) == "revoked"
+    assert revoke_key(db, "team-a").revoked_at is not None  # twice is fine
+    with pytest.raises(NotFoundError, match="team-b"):
+        revoke_key(db, "team-b")
+
+
+# authentication
+
+
+@pytest.fixture
+def secured(make_app: Callable[..., FastAPI]) -> FastAPI:
+    return make_app(auth=True)
+
+
+async def test_without_auth_no_key_is_needed(gateway: httpx.AsyncClient) -> None:
+    assert (await gateway.post("/v1/chat/completions", json=chat())).status_code == 200
+
+
+@pytest.mark.parametrize("header", ["authorization", "api-key"])
+async def test_bearer_and_azure_style_headers_are_accepted(secured: FastAPI, db: Database, header: str) -> None:
+    _, token = create_key(db, "team-a")
+    value = f"Bearer {token}" if header == "authorization" else token
+    async with client_of(secured, **{header: value}) as client:
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, "missing_api_key"),
+        ({"authorization": "Basic abc"}, "missing_api_key"),
+        ({"authorization": "Bearer sk-not-ours"}, "invalid_api_key"),
+        ({"authorization": "Bearer dk-000000000000-00"}, "invalid_api_key"),
+        ({"api-key": "dk-"}, "invalid_api_key"),
+    ],
+)
+async def test_missing_or_wrong_keys_are_401(secured: FastAPI, headers: dict[str, str], code: str) -> None:
+    async with client_of(secured, **headers) as client:
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert_openai_error(response, 401, code)
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_a_right_id_with_a_wrong_secret_is_401(secured: FastAPI, db: Database) -> None:
+    _, token = create_key(db, "team-a")
+    async with client_of(secured, authorization=f"Bearer {token[:-1]}x") as client:
+        assert_openai_error(await client.post("/v1/chat/completions", json=chat()), 401, "invalid_api_key")
+
+
+async def test_revoked_and_expired_keys_are_401(secured: FastAPI, db: Database) -> None:
+    revoked, revoked_token = create_key(db, "revoked")
+    revoke_key(db, revoked.id)
+    expired, expired_token = create_key(db, "expired", expires_at=time.time() + 3600)
+    db.execute("UPDATE api_keys SET expires_at = ? WHERE id = ?", (time.time() - 1, expired.id))
+    for token, code in ((revoked_token, "revoked_api_key"), (expired_token, "expired_api_key")):
+        async with client_of(secured, authorization=f"Bearer {token}") as client:
+            assert_openai_error(await client.post("/v1/chat/completions", json=chat()), 401, code)
+
+
+async def test_a_key_limited_to_other_models_is_403_and_sees_none(secured: FastAPI, db: Database) -> None:
+    _, token = create_key(db, "team-a", models=["other"])
+    async with client_of(secured, authorization=f"Bearer {token}") as client:
+        error = assert_openai_error(await client.post("/v1/chat/completions", json=chat()), 403, "model_not_allowed")
+        assert error["type"] == "permission_error"
+        assert (await client.get("/v1/models")).json()["data"] == []
+        assert_openai_error(await client.get("/v1/models", headers={"authorization": ""}), 401)
+
+
+# quotas and limits
+
+
+async def test_over_the_request_quota_is_429_with_retry_after(secured: FastAPI, db: Database) -> None:
+    _, token = create_key(db, "team-a", rpm=2)
+    async with client_of(secured, authorization=f"Bearer {token}") as client:
+        ok = [await client.post("/v1/chat/completions", json=chat()) for _ in range(2)]
+        limited = await client.post("/v1/chat/completions", json=chat())
+    assert [r.status_code for r in ok] == [200, 200]
+    assert ok[0].headers["x-ratelimit-limit-requests"] == "2"
+    assert ok[1].headers["x-ratelimit-remaining-requests"] == "0"
+    assert_openai_error(limited, 429, "rate_limit_exceeded")
+    assert int(limited.headers["retry-after"]) == 30
+
+
+async def test_tokens_are_settled_to_the_engines_usage(secured: FastAPI, db: Database) -> None:
+    _, token = create_key(db, "team-a", tpm=10_000)
+    async with client_of(secured, authorization=f"Bearer {token}") as client:
+        first = await client.post("/v1/chat/completions", json=chat(max_tokens=6))
+        second = await client.post("/v1/chat/completions", json=chat(max_tokens=6))
+    reserved = int(first.headers["x-ratelimit-limit-tokens"]) - int(first.headers["x-ratelimit-remaining-tokens"])
+    used = PROMPT_TOKENS + 6
+    assert reserved > used  # the estimate is deliberately high...
+    remaining = int(second.headers["x-ratelimit-remaining-tokens"])
+    assert 10_000 - remaining - reserved == pytest.approx(used, abs=1)  # ...and settled to what was used
+
+
+async def test_concurrent_requests_are_never_over_admitted(db: Database) -> None:
+    slow = httpx.ASGITransport(app=create_fake_engine("m1", token_delay=0.02))
+    async with httpx.AsyncClient(transport=slow, base_url="http://engine") as engine:
+        app = create_app([Backend("m1", engine, status="ready")], db, GatewayOptions(auth=True))
+        _, token = create_key(db, "team-a", max_concurrent=3, rpm=1000)
+        async with client_of(app, authorization=f"Bearer {token}") as client:
+            responses = await asyncio.gather(
+                *(client.post("/v1/chat/completions", json=chat(max_tokens=6)) for _ in range(20))
+            )
+        app.state.gateway.close()
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * 3 + [429] * 17
+    assert {r.json()["error"]["type"] for r in responses if r.status_code == 429} == {"concurrent_requests"}
+
+
+async def test_a_body_over_the_limit_is_413(make_app: Callable[..., FastAPI]) -> None:
+    async with client_of(make_app(max_body_bytes=100)) as client:
+        response = await client.post("/v1/completions", json={"model": "m1", "prompt": "x" * 200})
+    assert_openai_error(response, 413, "request_too_large")
+
+
+@pytest.mark.parametrize(
+    ("value", "code"), [(101, "max_tokens_too_large"), (0, "invalid_value"), ("9", "invalid_value")]
+)
+async def test_max_tokens_is_checked(make_app: Callable[..., FastAPI], value: object, code: str) -> None:
+    async with client_of(make_app(max_tokens=100)) as client:
+        response = await client.post("/v1/chat/completions", json=chat(max_tokens=value))
+    assert assert_openai_error(response, 400, code)["param"] == "max_tokens"
+
+
+# ledger
+
+
+async def test_every_request_is_in_the_ledger_with_its_usage(secured: FastAPI, db: Database) -> None:
+    key, token = create_key(db, "team-a")
+    async with client_of(secured, authorization=f"Bearer {token}") as client:
+        await client.post("/v1/chat/completions", json=chat(max_tokens=6))
+        async with client.stream("POST", "/v1/completions", json={"model": "m1", "prompt": "x", "stream": True}) as r:
+            raw = b"".join([chunk async for chunk in r.aiter_raw()])
+        await client.post("/v1/embeddings", json={"model": "m1", "input": ["a b c", "d"]})
+        await client.post("/v1/chat/completions", json=chat(model="nope"))
+    async with client_of(secured) as anonymous:
+        await anonymous.post("/v1/chat/completions", json=chat())
+    rows = ledger_rows(secured, db)
+    assert [(r["endpoint"], r["status"], r["key_id"]) for r in rows] == [
+        ("/v1/chat/completions", 200, key.id),
+        ("/v1/completions", 200, key.id),
+        ("/v1/embeddings", 200, key.id),
+        ("/v1/chat/completions", 404, key.id),
+        ("/v1/chat/completions", 401, None),
+    ]
+    assert (rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (PROMPT_TOKENS, 6)
+    assert (rows[1]["prompt_tokens"], rows[1]["completion_tokens"]) == (PROMPT_TOKENS, 16)
+    assert rows[1]["ttft_ms"] is not None and rows[0]["ttft_ms"] is None
+    assert (rows[2]["prompt_tokens"], rows[2]["completion_tokens"]) == (4, 0)
+    assert rows[3]["error"] == "model_not_found" and rows[4]["error"] == "missing_api_key"
+    # the gateway asked for the usage chunk to count tokens; the client did not, so it never saw it
+    assert b'"usage"' not in raw and raw.endswith(b"data: [DONE]\n\n")
+    by_key = {row.group: row for row in usage_by(db, "key")}
+    assert by_key["team-a"].requests == 4 and by_key["team-a"].errors == 1
+    assert by_key["(no key)"].requests == 1
+
+
+async def test_a_client_that_asks_for_usage_still_gets_it(gateway: httpx.AsyncClient) -> None:
+    body = chat(stream=True, stream_options={"include_usage": True}, max_tokens=3)
+    async with gateway.stream("POST", "/v1/chat/completions", json=body) as response:
+        raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    events = [json.loads(e[6:]) for e in raw.decode().split("\n\n") if e.startswith("data: {")]
+    assert events[-1]["usage"]["completion_tokens"] == 3
+
+
+# metrics
+
+
+async def test_metrics_count_requests_tokens_and_latency(gateway: httpx.AsyncClient) -> None:
+    await gateway.post("/v1/chat/completions", json=chat(stream=True, max_tokens=4))
+    await gateway.post("/v1/chat/completions", json=chat(model="nope"))
+    text = (await gateway.get("/metrics")).text
+    assert 'deploykit_requests_total{key="",model="m1",status="200"} 1.0' in text
+    assert 'deploykit_requests_total{key="",model="nope",status="404"} 1.0' in text
+    assert 'deploykit_tokens_total{key="",kind="completion",model="m1"} 4.0' in text
+    assert 'deploykit_ttft_seconds_count{model="m1"} 1.0' in text
+    assert 'deploykit_inter_token_seconds_count{model="m1"} 3.0' in text
+    assert 'deploykit_in_flight_requests{model="m1"} 0.0' in text
+    assert 'deploykit_replica_up{model="m1",replica="http://engine"} 1.0' in text
+
+
+def test_engine_metrics_are_re_exported_with_a_replica_label() -> None:
+    text = "\n".join(
+        [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            'vllm:num_requests_running{engine="0",model_name="m1"} 3.0',
+            "vllm:num_requests_waiting 1.0",
+            'vllm:prompt_tokens_total{model_name="m1"} 99.0',
+        ]
+    )
+    assert relabel_engine_metrics(text, "http://127.0.0.1:9000") == [
+        'vllm:num_requests_running{replica="http://127.0.0.1:9000",engine="0",model_name="m1"} 3.0',
+        'vllm:num_requests_waiting{replica="http://127.0.0.1:9000"} 1.0',
+    ]
