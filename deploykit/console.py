@@ -6,6 +6,7 @@ import json
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from deploykit.errors import DeploykitError
 
@@ -19,10 +20,10 @@ def print_json(data: object) -> None:
 
 def print_error(e: DeploykitError) -> None:
     for line in e.details:
-        err.print(f"  [dim]{line}[/dim]", markup=True, highlight=False)
-    err.print(f"[bold red]Error:[/bold red] {e.message}", highlight=False)
+        err.print(f"  [dim]{escape(line)}[/dim]", markup=True, highlight=False)
+    err.print(f"[bold red]Error:[/bold red] {escape(e.message)}", highlight=False)
     if e.hint:
-        err.print(f"[yellow]Hint:[/yellow] {e.hint}", highlight=False)
+        err.print(f"[yellow]Hint:[/yellow] {escape(e.hint)}", highlight=False)
 
 
 def human_bytes(n: float) -> str:

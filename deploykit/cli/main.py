@@ -8,7 +8,7 @@ import sys
 import typer
 
 from deploykit import __version__
-from deploykit.cli import chat, doctor, loadtest, models, serve
+from deploykit.cli import chat, doctor, keys, loadtest, models, serve, usage
 from deploykit.console import print_error
 from deploykit.errors import DeploykitError
 
@@ -24,7 +24,9 @@ app.command("doctor")(doctor.doctor)
 app.command("chat")(chat.chat)
 app.command("loadtest", context_settings={"allow_extra_args": True})(loadtest.loadtest)
 app.command("pull")(models.pull_command)
+app.command("usage")(usage.usage)
 app.add_typer(models.app, name="models")
+app.add_typer(keys.app, name="keys")
 
 
 @app.callback(invoke_without_command=True)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -109,6 +110,16 @@ def connect(url: str) -> Database:
         )
     migrate(db)
     return db
+
+
+@contextmanager
+def opened(url: str) -> Iterator[Database]:
+    """`connect`, closing the database when the block ends."""
+    db = connect(url)
+    try:
+        yield db
+    finally:
+        db.close()
 
 
 def migrate(db: Database) -> list[str]:

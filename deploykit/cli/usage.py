@@ -1,0 +1,75 @@
+"""`deploykit usage`: tokens and requests from the gateway's ledger, priced against managed APIs."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+import typer
+from rich.table import Table
+
+from deploykit.cli.options import JsonOpt
+from deploykit.console import err, out, print_json
+from deploykit.loadtests.prices import load_prices
+from deploykit.serve.gateway.database import opened
+from deploykit.settings import Settings
+from deploykit.usage import parse_since, usage_report
+
+
+def usage(
+    since: str = typer.Option("30d", help="How far back: 24h, 7d, 2w, or a date such as 2026-11-01 (UTC)."),
+    by: str = typer.Option("model", help="Group by model, key or day."),
+    compare: str = typer.Option("", help="Comma-separated managed services to price the same traffic on."),
+    hourly_cost: float | None = typer.Option(
+        None, help="What one GPU-hour (machine-hour on CPU) of this deployment costs you, in USD."
+    ),
+    json_: JsonOpt = False,
+) -> None:
+    """Show what the gateway served, and what it would have cost on managed pay-as-you-go APIs.
+
+    Prices come from the dated data shipped with deploykit ($DEPLOYKIT_HOME/prices.toml adds or
+    overrides entries); the self-hosted side is the deployment's GPU-hours times --hourly-cost.
+
+    Examples:
+
+      deploykit usage --since 7d --by key
+
+      deploykit usage --by day --compare gpt-4o-mini,gpt-4o --hourly-cost 1.20
+    """
+    settings = Settings()
+    with opened(settings.database) as db:
+        report = usage_report(
+            db,
+            load_prices(settings.home / "prices.toml"),
+            by=by,
+            since=parse_since(since),
+            compare=[c.strip() for c in compare.split(",") if c.strip()],
+            hourly_cost=hourly_cost,
+        )
+    for warning in report.warnings:
+        err.print(f"[yellow]Warning:[/yellow] {warning}", highlight=False)
+    if json_:
+        print_json(dataclasses.asdict(report))
+        return
+    start = dt.datetime.fromtimestamp(report.since, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    table = Table(title=f"Usage since {start}")
+    for column in (by, "requests", "errors", "prompt tokens", "completion tokens", *report.managed):
+        table.add_column(column, justify="left" if column == by else "right")
+    for i, row in enumerate(report.rows):
+        costs = [f"${c[i]:,.4f}" for c in report.managed.values()]
+        table.add_row(row.group, *_counts(row), *costs)
+    total = report.total
+    table.add_row("[bold]total[/bold]", *_counts(total), *(f"${c:,.4f}" for c in report.managed_total.values()))
+    out.print(table)
+    if not report.hours:
+        out.print("Self-hosted: no deployment recorded in this period.")
+        return
+    hours = ", ".join(f"{h:,.1f} {device} hours" for device, h in report.hours.items())
+    line = f"Self-hosted: {hours}"
+    if report.self_hosted_cost is not None:
+        line += f" x ${report.hourly_cost:,.2f} = ${report.self_hosted_cost:,.2f}"
+    out.print(line, highlight=False)
+
+
+def _counts(row: object) -> list[str]:
+    return [f"{getattr(row, f):,}" for f in ("requests", "errors", "prompt_tokens", "completion_tokens")]

@@ -1,0 +1,144 @@
+"""`deploykit usage` and `deploykit keys`: the ledger summed up, priced against managed APIs, by the library
+and through the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from deploykit.errors import DeploykitError, NotFoundError, UsageError
+from deploykit.loadtests.prices import load_prices
+from deploykit.serve.gateway.database import Database, connect
+from deploykit.serve.gateway.ledger import Ledger, UsageRecord
+from deploykit.usage import parse_since, usage_report
+from tests.unit.test_cli import assert_clean_failure, deploykit
+
+DAY = 86400.0
+T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC).timestamp()
+
+
+def record(at: float, model: str, prompt: int, completion: int, status: int = 200) -> UsageRecord:
+    return UsageRecord(at, None, model, "/v1/chat/completions", status, prompt, completion, 10.0, 100.0, "r1")
+
+
+def fill(db: Database, records: list[UsageRecord]) -> None:
+    ledger = Ledger(db)
+
+    async def write() -> None:
+        await asyncio.gather(*(ledger.record(r) for r in records))
+
+    asyncio.run(write())
+    ledger.close()
+
+
+@pytest.fixture
+def ledger_db(tmp_path: Path) -> Database:
+    db = connect(f"sqlite:///{tmp_path / 'deploykit.db'}")
+    fill(
+        db,
+        [
+            record(T0, "llama", 1_000_000, 500_000),
+            record(T0 + 10, "llama", 1_000_000, 500_000, status=500),
+            record(T0 + DAY, "qwen", 2_000_000, 0),
+            record(T0 - 5 * DAY, "old", 7, 7),
+        ],
+    )
+    # a GPU deployment: 2 GPUs for 3 hours, within the window
+    db.execute(
+        "INSERT INTO deployments (id, models, device, gpus, started_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?)",
+        ("d1", "llama", "gpu", 2, T0, T0 + 3 * 3600),
+    )
+    return db
+
+
+def test_usage_by_model_with_managed_prices_hand_checked(ledger_db: Database) -> None:
+    report = usage_report(
+        ledger_db,
+        load_prices(),
+        by="model",
+        since=T0,
+        compare=["gpt-4o-mini", "gpt-4o"],
+        hourly_cost=2.0,
+        today=dt.date(2026, 5, 2),
+    )
+    assert [(r.group, r.requests, r.errors, r.prompt_tokens, r.completion_tokens) for r in report.rows] == [
+        ("llama", 2, 1, 2_000_000, 1_000_000),
+        ("qwen", 1, 0, 2_000_000, 0),
+    ]
+    # gpt-4o-mini: $0.15 in, $0.60 out per 1M -> llama 2 x 0.15 + 1 x 0.60 = 0.90; qwen 2 x 0.15 = 0.30
+    assert report.managed["gpt-4o-mini"] == pytest.approx([0.90, 0.30])
+    assert report.managed_total["gpt-4o"] == pytest.approx(4 * 2.50 + 1 * 10.00)
+    assert report.hours == {"gpu": pytest.approx(6.0)}  # 3 hours x 2 GPUs
+    assert report.self_hosted_cost == pytest.approx(12.0)
+    assert report.warnings == []  # the prices were a day old on that date
+
+
+def test_usage_by_day_and_key(ledger_db: Database) -> None:
+    by_day = usage_report(ledger_db, load_prices(), by="day", since=0)
+    assert [(r.group, r.requests) for r in by_day.rows] == [("2026-10-27", 1), ("2026-11-01", 2), ("2026-11-02", 1)]
+    by_key = usage_report(ledger_db, load_prices(), by="key", since=0)
+    assert [(r.group, r.requests) for r in by_key.rows] == [("(no key)", 4)]
+
+
+def test_old_prices_are_flagged_and_unknown_ones_refused(ledger_db: Database) -> None:
+    report = usage_report(ledger_db, load_prices(), compare=["gpt-4o"], today=dt.date(2026, 11, 29))
+    assert len(report.warnings) == 1 and "212 days old" in report.warnings[0]
+    with pytest.raises(NotFoundError, match="No price for 'claude'"):
+        usage_report(ledger_db, load_prices(), compare=["claude"])
+    with pytest.raises(UsageError, match="--by"):
+        usage_report(ledger_db, load_prices(), by="week")
+
+
+def test_a_user_price_file_adds_and_overrides(tmp_path: Path) -> None:
+    user = tmp_path / "prices.toml"
+    user.write_text(
+        "\n".join(
+            [
+                "[[service]]",
+                'name = "gpt-4o-mini"',
+                'provider = "openai"',
+                "input_per_mtok = 0.10",
+                "output_per_mtok = 0.40",
+                "as_of = 2026-11-01",
+                'source = "our negotiated contract"',
+                'confidence = "official"',
+            ]
+        )
+    )
+    prices = load_prices(user)
+    assert prices.find("gpt-4o-mini").input_per_mtok == 0.10
+    assert prices.find("gpt-4o").input_per_mtok == 2.50
+    user.write_text("[[service]]\nname = 'x'\n")
+    with pytest.raises(DeploykitError, match="invalid"):
+        load_prices(user)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("24h", T0 - DAY), ("7d", T0 - 7 * DAY), ("30m", T0 - 1800), ("2026-10-31", T0 - DAY)],
+)
+def test_since_takes_spans_and_dates(text: str, expected: float) -> None:
+    assert parse_since(text, now=T0) == pytest.approx(expected)
+
+
+def test_keys_and_usage_through_the_cli(tmp_path: Path) -> None:
+    created = deploykit(tmp_path, "keys", "create", "--name", "ci", "--rpm", "60", "--json")
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)
+    assert key["key"].startswith(f"dk-{key['id']}-") and key["rpm"] == 60
+    listed = json.loads(deploykit(tmp_path, "keys", "list", "--json").stdout)
+    assert [(k["name"], k["status"]) for k in listed] == [("ci", "active")]
+    assert "key" not in listed[0]
+    assert deploykit(tmp_path, "keys", "revoke", "ci").returncode == 0
+    assert json.loads(deploykit(tmp_path, "keys", "list", "--json").stdout)[0]["status"] == "revoked"
+    assert_clean_failure(deploykit(tmp_path, "keys", "create", "--name", "ci"), 2, "exists already")
+    assert_clean_failure(deploykit(tmp_path, "keys", "revoke", "nobody"), 3, "No API key named 'nobody'")
+    assert_clean_failure(deploykit(tmp_path, "keys", "create", "--name", "x", "--expires", "soon"), 2, "not a date")
+    usage = deploykit(tmp_path, "usage", "--compare", "gpt-4o-mini", "--json")
+    assert usage.returncode == 0, usage.stderr
+    assert json.loads(usage.stdout)["total"]["requests"] == 0
+    assert_clean_failure(deploykit(tmp_path, "usage", "--compare", "nope"), 3, "No price for 'nope'", "[[service]]")
