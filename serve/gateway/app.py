@@ -24,6 +24,7 @@ from deploykit.serve.gateway.ledger import Ledger
 from deploykit.serve.gateway.metrics import GatewayMetrics
 from deploykit.serve.gateway.proxy import CLIENT_CLOSED_REQUEST, Backend, forward, get_json, get_text, parse_body
 from deploykit.serve.gateway.ratelimit import RateLimiter, estimate_prompt_tokens
+from deploykit.serve.gateway.schema import install_openapi
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ def create_app(backends: Sequence[Backend], db: Database, options: GatewayOption
     async def embeddings(request: Request, gateway: GatewayDep) -> Response:
         return await _proxy(request, gateway, "/v1/embeddings")
 
+    install_openapi(app, list(app.state.gateway.backends.by_model))
     return app
 
 
