@@ -1,12 +1,20 @@
-"""What the gateway costs: the same requests sent straight to the engine and through the gateway.
+"""What the gateway costs: the same streams sent straight to the upstream and through the gateway.
 
-    python benchmarks/gateway_overhead.py --gateway http://127.0.0.1:8000 --engine http://127.0.0.1:8001 \\
-        --model smollm2-135m --concurrency 1,32 --rounds 4
+    python -m benchmarks.gateway_overhead [--concurrency 1,64,256] [--round-s 8] [--rounds 4]
+    python -m benchmarks.gateway_overhead --soak 600 --concurrency 64
 
-Start the gateway with a known engine port first: `deploykit serve --engine-port 8001`. Rounds
-alternate direct and gateway batches so that drift on a noisy machine hits both alike. Every request
-streams a fixed number of tokens (ignore_eos); TTFT and end-to-end latency are taken per request.
-Prints, per concurrency: p50/p99 of each, the latency the gateway adds, and the throughput ratio.
+By default it starts its own fast upstream (benchmarks/fast_upstream.py: a known token schedule at
+almost no CPU cost) and a gateway in front of it with everything on: API key auth, quotas on that key,
+the SQLite ledger and metrics. Against a running deployment instead:
+    deploykit serve --engine-port 8001 ...
+    python -m benchmarks.gateway_overhead --gateway http://127.0.0.1:8000 --upstream http://127.0.0.1:8001 \\
+        --model smollm2-135m --key dk-...
+
+Closed loop: C workers, each with one keep-alive connection, send streaming completions back to back
+for a round of ROUND_S seconds. Rounds alternate direct and gateway (drift on a noisy machine hits both
+alike). Prints per concurrency: TTFT and end-to-end p50/p99 of each path, the latency the gateway adds
+(gateway pXX - direct pXX), the throughput ratio (gateway tokens/s / direct tokens/s) and the gateway
+process's CPU use. --soak runs the gateway path alone for SOAK seconds and prints the gateway's RSS.
 """
 
 from __future__ import annotations
@@ -14,94 +22,270 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
 
-import httpx
+import psutil
+
+_TEXT, _EMPTY = b'"text":"', b'"text":""'
+_END = b"\r\n0\r\n\r\n"  # the last chunk of a chunked response
 
 
 @dataclass
 class Sample:
+    concurrency: int = 1
     ttft: list[float] = field(default_factory=list)
     total: list[float] = field(default_factory=list)
     tokens: int = 0
     wall: float = 0.0
+    errors: int = 0
+    gateway_cpu_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Each worker is always busy with one request, so throughput = C x tokens / time spent in requests
+        (unlike tokens / wall time, this does not depend on how many whole requests fit in a round)."""
+        return self.concurrency * self.tokens / sum(self.total)
 
 
-async def one(client: httpx.AsyncClient, url: str, body: dict[str, object], sample: Sample) -> None:
-    start = time.perf_counter()
-    first = None
-    async with client.stream("POST", url + "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    request: bytes  # the whole HTTP request, sent as is
+
+    @classmethod
+    def of(cls, url: str, body: dict[str, object], headers: dict[str, str]) -> Target:
+        parts = urlsplit(url)
+        raw = json.dumps(body).encode()
+        lines = [
+            "POST /v1/completions HTTP/1.1",
+            f"host: {parts.netloc}",
+            "content-type: application/json",
+            f"content-length: {len(raw)}",
+            *(f"{k}: {v}" for k, v in headers.items()),
+        ]
+        return cls(parts.hostname or "127.0.0.1", parts.port or 80, ("\r\n".join(lines) + "\r\n\r\n").encode() + raw)
+
+
+def _tokens(data: bytes) -> int:
+    """Completion events that carry text (one token each from the fast upstream; vLLM's are tokens too)."""
+    return data.count(_TEXT) - data.count(_EMPTY)
+
+
+async def _worker(target: Target, until: float, sample: Sample) -> None:
+    """Send streaming requests back to back on one connection until `until`; time each one."""
+    reader, writer = await asyncio.open_connection(target.host, target.port)
+    try:
+        while time.perf_counter() < until:
+            start = time.perf_counter()
+            writer.write(target.request)
+            first, buffer = None, b""
+            while not buffer.endswith(_END):
+                data = await reader.read(65536)
+                if not data:
+                    raise ConnectionError("the server closed the connection")
+                if first is None and _tokens(data):
+                    first = time.perf_counter()
+                buffer += data
+            end = time.perf_counter()
+            if not buffer.startswith(b"HTTP/1.1 200"):
+                sample.errors += 1
                 continue
-            event = json.loads(line[6:])
-            if first is None and event["choices"] and event["choices"][0]["text"]:
-                first = time.perf_counter()
-            if event.get("usage"):
-                sample.tokens += event["usage"]["completion_tokens"]
-    end = time.perf_counter()
-    sample.ttft.append((first or end) - start)
-    sample.total.append(end - start)
+            sample.ttft.append((first or end) - start)
+            sample.total.append(end - start)
+            sample.tokens += _tokens(buffer)
+    finally:
+        writer.close()
 
 
-async def batch(client: httpx.AsyncClient, url: str, body: dict[str, object], n: int, sample: Sample) -> None:
+async def run_round(target: Target, concurrency: int, seconds: float, sample: Sample) -> None:
     start = time.perf_counter()
-    await asyncio.gather(*(one(client, url, body, sample) for _ in range(n)))
+    await asyncio.gather(*(_worker(target, start + seconds, sample) for _ in range(concurrency)))
     sample.wall += time.perf_counter() - start
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gateway", required=True)
-    parser.add_argument("--engine", required=True)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--concurrency", default="1,32")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=0, help="per batch (default: 4 x concurrency, at least 8)")
-    parser.add_argument("--max-tokens", type=int, default=16)
-    args = parser.parse_args()
+def _cpu_s(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def _wait_http(url: str, timeout: float = 30) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not answer")
+
+
+def start_stack(ttft: float, gap: float) -> tuple[list[subprocess.Popen[bytes]], str, str, str]:
+    """Start the fast upstream and a gateway in front of it: (processes, upstream url, gateway url, API key)."""
+    from deploykit.serve.gateway.auth import create_key
+    from deploykit.serve.gateway.database import opened
+    from deploykit.serve.runner import free_port
+
+    home = Path(tempfile.mkdtemp(prefix="deploykit-bench-"))
+    db_url = f"sqlite:///{home / 'deploykit.db'}"
+    with opened(db_url) as db:
+        _, token = create_key(db, "bench", rpm=10_000_000, tpm=1_000_000_000, max_concurrent=100_000)
+    up_port, gw_port = free_port(), free_port()
+    upstream = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.fast_upstream",
+            "--port",
+            str(up_port),
+            "--ttft",
+            str(ttft),
+            "--gap",
+            str(gap),
+        ]
+    )
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.gateway_overhead", "--serve-gateway", str(gw_port), str(up_port), db_url]
+    )
+    up, gw = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{gw_port}"
+    _wait_http(up + "/v1/models")
+    _wait_http(gw + "/health")
+    return [upstream, gateway], up, gw, token
+
+
+def serve_gateway(port: int, upstream_port: int, db_url: str) -> None:
+    """The gateway process: auth on, the ledger in db_url, metrics as always."""
+    import uvicorn
+    import uvloop
+
+    from deploykit.serve.gateway import Backend, create_app
+    from deploykit.serve.gateway.app import GatewayOptions
+    from deploykit.serve.gateway.database import connect
+    from deploykit.serve.gateway.proxy import engine_session
+
+    async def main() -> None:
+        async with engine_session() as session:
+            backend = Backend("fast", f"http://127.0.0.1:{upstream_port}", session, status="ready")
+            app = create_app([backend], connect(db_url), GatewayOptions(auth=True))
+            config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+            await uvicorn.Server(config).serve()
+            app.state.gateway.close()
+
+    uvloop.run(main())
+
+
+async def compare(args: argparse.Namespace, upstream: str, gateway: str, token: str, gateway_pid: int | None) -> None:
     body = {
         "model": args.model,
         "prompt": "The capital of France is",
         "max_tokens": args.max_tokens,
+        "stream": True,
         "temperature": 0,
         "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
     }
-    limits = httpx.Limits(max_connections=None)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await batch(client, args.engine, body, 4, Sample())  # warm both paths
-        await batch(client, args.gateway, body, 4, Sample())
-        print(f"{'streams':>7} {'path':>8} {'ttft p50':>9} {'ttft p99':>9} {'e2e p50':>9} {'e2e p99':>9} {'tok/s':>8}")
-        for concurrency in (int(c) for c in args.concurrency.split(",")):
-            n = args.requests or max(8, 4 * concurrency)
-            direct, gateway = Sample(), Sample()
-            for r in range(args.rounds):
-                # a bounded-concurrency batch: n requests, `concurrency` at a time
-                for path, sample in ((args.engine, direct), (args.gateway, gateway))[:: 1 if r % 2 == 0 else -1]:
-                    for i in range(0, n, concurrency):
-                        await batch(client, path, body, min(concurrency, n - i), sample)
-            for name, s in (("direct", direct), ("gateway", gateway)):
-                print(
-                    f"{concurrency:>7} {name:>8} {pct(s.ttft, 50) * 1e3:>8.1f}ms {pct(s.ttft, 99) * 1e3:>8.1f}ms "
-                    f"{pct(s.total, 50) * 1e3:>8.1f}ms {pct(s.total, 99) * 1e3:>8.1f}ms {s.tokens / s.wall:>8.1f}"
-                )
+    direct_t = Target.of(upstream, body, {})
+    gateway_t = Target.of(gateway, body, {"authorization": f"Bearer {token}"} if token else {})
+    await run_round(direct_t, 4, 1.0, Sample())  # warm both paths
+    await run_round(gateway_t, 4, 1.0, Sample())
+    print(f"{'streams':>7} {'path':>8} {'ttft p50':>9} {'ttft p99':>9} {'e2e p50':>9} {'e2e p99':>9} {'tok/s':>9}")
+    for concurrency in (int(c) for c in args.concurrency.split(",")):
+        direct, through = Sample(concurrency), Sample(concurrency)
+        for r in range(args.rounds):
+            pair = ((direct_t, direct), (gateway_t, through))
+            for target, sample in pair[:: 1 if r % 2 == 0 else -1]:
+                cpu = _cpu_s(gateway_pid)
+                await run_round(target, concurrency, args.round_s, sample)
+                sample.gateway_cpu_s += _cpu_s(gateway_pid) - cpu
+        for name, s in (("direct", direct), ("gateway", through)):
             print(
-                f"{concurrency:>7} {'added':>8} {(pct(gateway.ttft, 50) - pct(direct.ttft, 50)) * 1e3:>8.1f}ms "
-                f"{(pct(gateway.ttft, 99) - pct(direct.ttft, 99)) * 1e3:>8.1f}ms "
-                f"{(pct(gateway.total, 50) - pct(direct.total, 50)) * 1e3:>8.1f}ms "
-                f"{(pct(gateway.total, 99) - pct(direct.total, 99)) * 1e3:>8.1f}ms "
-                f"ratio {(gateway.tokens / gateway.wall) / (direct.tokens / direct.wall):.3f}"
+                f"{concurrency:>7} {name:>8} {pct(s.ttft, 50) * 1e3:>8.1f}ms {pct(s.ttft, 99) * 1e3:>8.1f}ms "
+                f"{pct(s.total, 50) * 1e3:>8.1f}ms {pct(s.total, 99) * 1e3:>8.1f}ms {s.tokens_per_s:>9.1f}"
+                f"  ({len(s.total)} requests"
+                + (f", {s.errors} errors" if s.errors else "")
+                + (f", gateway CPU {s.gateway_cpu_s / s.wall:.0%}" if gateway_pid else "")
+                + ")"
             )
+        print(
+            f"{concurrency:>7} {'added':>8} {(pct(through.ttft, 50) - pct(direct.ttft, 50)) * 1e3:>8.1f}ms "
+            f"{(pct(through.ttft, 99) - pct(direct.ttft, 99)) * 1e3:>8.1f}ms "
+            f"{(pct(through.total, 50) - pct(direct.total, 50)) * 1e3:>8.1f}ms "
+            f"{(pct(through.total, 99) - pct(direct.total, 99)) * 1e3:>8.1f}ms "
+            f"ratio {through.tokens_per_s / direct.tokens_per_s:.3f}",
+            flush=True,
+        )
+
+
+async def soak(args: argparse.Namespace, gateway: str, token: str, pid: int) -> None:
+    body = {"model": args.model, "prompt": "x", "max_tokens": args.max_tokens, "stream": True}
+    target = Target.of(gateway, body, {"authorization": f"Bearer {token}"})
+    proc = psutil.Process(pid)
+    concurrency = int(args.concurrency.split(",")[-1])
+    started = time.monotonic()
+    print(f"{'t (s)':>6} {'gateway RSS':>12} {'requests':>9}")
+    sample = Sample(concurrency)
+    while (elapsed := time.monotonic() - started) < args.soak:
+        print(f"{elapsed:>6.0f} {proc.memory_info().rss / 2**20:>8.1f} MiB {len(sample.total):>9}", flush=True)
+        await run_round(target, concurrency, min(30.0, args.soak - elapsed), sample)
+    rss = proc.memory_info().rss / 2**20
+    print(f"{args.soak:>6.0f} {rss:>8.1f} MiB {len(sample.total):>9}  errors {sample.errors}", flush=True)
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--serve-gateway":
+        serve_gateway(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default="1,64,256")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--round-s", type=float, default=8.0)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--ttft", type=float, default=0.1, help="the fast upstream's time to first token (s)")
+    parser.add_argument("--gap", type=float, default=0.05, help="the fast upstream's gap between tokens (s)")
+    parser.add_argument("--soak", type=float, default=0.0, help="seconds of gateway-only load; prints RSS")
+    parser.add_argument("--gateway", help="a running gateway (with --upstream) instead of starting both")
+    parser.add_argument("--upstream", help="the engine behind --gateway")
+    parser.add_argument("--model", default="fast")
+    parser.add_argument("--key", default=os.environ.get("DEPLOYKIT_API_KEY", ""), help="API key for --gateway")
+    args = parser.parse_args()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        if args.gateway:
+            upstream, gateway, token, pid = args.upstream, args.gateway, args.key, None
+        else:
+            procs, upstream, gateway, token = start_stack(args.ttft, args.gap)
+            pid = procs[1].pid
+            print(
+                f"fast upstream: TTFT {args.ttft * 1e3:.0f} ms, a token every {args.gap * 1e3:.0f} ms, "
+                f"{args.max_tokens} tokens; gateway with auth, quotas, ledger and metrics on",
+                flush=True,
+            )
+        if args.soak:
+            if pid is None:
+                raise SystemExit("--soak measures the gateway it starts; leave out --gateway")
+            asyncio.run(soak(args, gateway, token, pid))
+        else:
+            asyncio.run(compare(args, upstream, gateway, token, pid))
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait()
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -39,7 +39,7 @@ from deploykit.serve.gateway.app import GatewayOptions, create_app
 from deploykit.serve.gateway.auth import KeyVerifier
 from deploykit.serve.gateway.database import Database, connect
 from deploykit.serve.gateway.ledger import DeploymentLog
-from deploykit.serve.gateway.proxy import Backend
+from deploykit.serve.gateway.proxy import Backend, engine_session
 from deploykit.serve.hardware import Hardware, detect_hardware
 from deploykit.serve.plan import LaunchPlan, plan_launch
 from deploykit.settings import Settings
@@ -129,7 +129,8 @@ def run(settings: Settings, plan: LaunchPlan, options: ServeOptions, reporter: S
         reporter.starting(plan, f"http://{options.host}:{options.port}", str(engine.log_path))
         if options.auth_required and not KeyVerifier(db).any_keys():
             reporter.warn("API keys are required but none exist: every request gets 401. Run `deploykit keys create`.")
-        outcome = asyncio.run(_serve(engine, listener, db, deployment, options, reporter, stop_signals))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            outcome = runner.run(_serve(engine, listener, db, deployment, options, reporter, stop_signals))
     finally:
         listener.close()
         reporter.stopping("stopping the engine")
@@ -166,10 +167,8 @@ async def _serve(
     reporter: ServeReporter,
     stop_signals: _StopSignals,
 ) -> str:
-    timeout = httpx.Timeout(connect=5.0, read=options.read_timeout_s, write=30.0, pool=None)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-    async with httpx.AsyncClient(base_url=engine.url, timeout=timeout, limits=limits) as client:
-        backend = Backend(engine.plan.served_name, client)
+    async with engine_session(options.read_timeout_s) as session:
+        backend = Backend(engine.plan.served_name, engine.url, session)
         gateway_options = GatewayOptions(options.auth_required, options.max_body_bytes, options.max_tokens)
         app = create_app([backend], db, gateway_options)
         config = uvicorn.Config(
@@ -187,6 +186,15 @@ async def _serve(
             heartbeat.cancel()
             app.state.gateway.close()  # every ledger row queued by the drained requests is committed
         return outcome
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (uvicorn[standard] brings it): a faster event loop for the gateway."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _heartbeat(deployment: DeploymentLog, every_s: float = 60.0) -> None:

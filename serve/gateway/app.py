@@ -83,7 +83,7 @@ class Gateway:
         self.ledger.close()
 
 
-def _gateway(request: Request) -> Gateway:
+async def _gateway(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
 

@@ -44,7 +44,9 @@ class Exchange:
     finished: bool = False
 
     def __post_init__(self) -> None:
-        self.metrics.in_flight.labels(self.model).inc()
+        self._in_flight = self.metrics.in_flight.labels(self.model)
+        self._itl = self.metrics.itl.labels(self.model)  # looked up once: observe_event runs per event
+        self._in_flight.inc()
 
     @property
     def key_label(self) -> str:
@@ -57,7 +59,7 @@ class Exchange:
             if self.first_content is None:
                 self.first_content = now
             elif self.last_content is not None:
-                self.metrics.itl.labels(self.model).observe(now - self.last_content)
+                self._itl.observe(now - self.last_content)
             self.last_content = now
             self.content_events += 1
         if _USAGE.search(event) and event.startswith(b"data: "):
@@ -108,7 +110,7 @@ class Exchange:
         if self.admission is not None:
             self.limiter.finish(self.admission, used)
         m, key = self.metrics, self.key_label
-        m.in_flight.labels(self.model).dec()
+        self._in_flight.dec()
         m.requests.labels(self.model, key, str(status)).inc()
         m.tokens.labels(self.model, key, "prompt").inc(prompt)
         m.tokens.labels(self.model, key, "completion").inc(completion)

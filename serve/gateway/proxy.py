@@ -1,8 +1,12 @@
-"""Forward one OpenAI request to an engine and relay its answer, streamed chunk by chunk when it streams.
+"""Forward one OpenAI request to an engine and relay its answer, streamed event by event when it streams.
 
 The engine's own OpenAI server does the work; the proxy passes the request body through untouched and
 relays the response bytes as they arrive. A client that goes away closes the engine connection, which
 makes vLLM abort the request.
+
+The engine side is aiohttp (its C HTTP parser and connection pool stay cheap at hundreds of streams,
+where httpx's pool scans every connection per request), and a stream goes back through a small ASGI
+response that sends each batch of events as it comes, with one watcher task for the client leaving.
 """
 
 from __future__ import annotations
@@ -11,13 +15,14 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-import httpx
+import aiohttp
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from deploykit.serve.gateway.errors import GatewayError
 from deploykit.serve.gateway.exchange import DONE_EVENT, Exchange
@@ -32,17 +37,25 @@ _EVENT_END = re.compile(rb"\r?\n\r?\n")
 T = TypeVar("T")
 
 
+def engine_session(read_timeout_s: float = 600.0) -> aiohttp.ClientSession:
+    """The HTTP client for talking to engines (create it inside the running event loop)."""
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=read_timeout_s)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+
+
 @dataclass
 class Backend:
     """One engine serving one model name. `status` is kept current by whoever runs the engine."""
 
     model: str
-    client: httpx.AsyncClient  # base_url is the engine's loopback address
+    url: str  # the engine's base URL, e.g. http://127.0.0.1:8001
+    session: aiohttp.ClientSession
     status: str = "starting"  # starting | ready | stopped
 
     @property
     def replica(self) -> str:
-        return str(self.client.base_url).rstrip("/")
+        return self.url.rstrip("/")
 
     def require_ready(self) -> None:
         if self.status == "ready":
@@ -70,11 +83,12 @@ async def forward(backend: Backend, path: str, raw: bytes, request: Request, exc
     backend.require_ready()
     exchange.replica = backend.replica
     headers = {k: v for k in _REQUEST_HEADERS if (v := request.headers.get(k))}
-    upstream_request = backend.client.build_request("POST", path, content=raw, headers=headers)
     try:
         # A non-streaming engine answer sends its headers only when generation ends, so the client may
         # leave while we still wait for them: cancelling the exchange then aborts it at the engine.
-        upstream = await _unless_client_leaves(request, backend.client.send(upstream_request, stream=True))
+        upstream = await _unless_client_leaves(
+            request, backend.session.post(backend.url + path, data=raw, headers=headers)
+        )
         if upstream is None:
             exchange.finish_nowait(CLIENT_CLOSED_REQUEST, "client disconnected")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -83,84 +97,123 @@ async def forward(backend: Backend, path: str, raw: bytes, request: Request, exc
             relayed |= exchange.admission.headers
         media_type = upstream.headers.get("content-type", "application/json")
         if media_type.startswith("text/event-stream"):
-            return StreamingResponse(
-                _relay(upstream, exchange), status_code=upstream.status_code, media_type=media_type, headers=relayed
-            )
+            return RelayedStream(upstream, exchange, media_type, relayed)
         try:
-            content = await _unless_client_leaves(request, upstream.aread())
-        finally:
-            await upstream.aclose()
-    except httpx.TransportError as e:
+            content = await _unless_client_leaves(request, upstream.read())
+        except BaseException:
+            upstream.close()
+            raise
+        if content is None:
+            upstream.close()  # closing the connection aborts the request at the engine
+        else:
+            upstream.release()  # the connection goes back to the pool
+    except aiohttp.ClientError as e:
         raise _unreachable(backend, e) from e
     if content is None:
         exchange.finish_nowait(CLIENT_CLOSED_REQUEST, "client disconnected")
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     exchange.observe_body(content)
-    await exchange.finish(upstream.status_code, None if upstream.status_code < 400 else "engine error")
-    return Response(content, status_code=upstream.status_code, media_type=media_type, headers=relayed)
+    await exchange.finish(upstream.status, None if upstream.status < 400 else "engine error")
+    return Response(content, status_code=upstream.status, media_type=media_type, headers=relayed)
+
+
+class RelayedStream(Response):
+    """An engine's SSE answer relayed event by event; the ledger row is committed before [DONE] is sent.
+
+    A stream the engine cuts short ends with an error event. A client that leaves cancels the relay,
+    which closes the engine connection: the engine aborts the request.
+    """
+
+    def __init__(
+        self, upstream: aiohttp.ClientResponse, exchange: Exchange, media_type: str, headers: Mapping[str, str]
+    ) -> None:
+        # no Response.__init__: it would declare a content-length for the empty body
+        self.status_code = upstream.status
+        self.media_type = media_type
+        self.background = None
+        self.init_headers(headers)
+        self.upstream = upstream
+        self.exchange = exchange
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay = asyncio.ensure_future(self._relay(send))
+        gone = asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not relay.done():  # the client left
+                relay.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relay
+        if relay.done() and not relay.cancelled() and relay.exception() is not None:
+            raise relay.exception()  # type: ignore[misc]
+
+    async def _relay(self, send: Send) -> None:
+        exchange, upstream = self.exchange, self.upstream
+        status, error, complete = upstream.status, None, False
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        pending = b""
+        try:
+            async for chunk in upstream.content.iter_any():
+                *events, pending = _EVENT_END.split(pending + chunk)
+                out = []
+                for event in events:
+                    if event == DONE_EVENT:
+                        await exchange.finish(status)
+                    if exchange.observe_event(event):
+                        out.append(event + b"\n\n")
+                if out:
+                    await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+            complete = True
+        except aiohttp.ClientError as e:
+            status, error = 502, f"engine stopped mid-stream ({type(e).__name__})"
+            body = {
+                "error": {
+                    "message": f"The engine stopped mid-stream ({type(e).__name__}).",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "engine_unavailable",
+                }
+            }
+            await send(
+                {"type": "http.response.body", "body": f"data: {json.dumps(body)}\n\n".encode(), "more_body": True}
+            )
+        except BaseException:  # the client went away (the relay is cancelled)
+            status, error = CLIENT_CLOSED_REQUEST, "client disconnected"
+            raise
+        finally:
+            if complete:
+                upstream.release()  # the connection goes back to the pool
+            else:
+                upstream.close()  # on client disconnect too: closing the connection aborts it at the engine
+            exchange.finish_nowait(status, error or ("stream ended without [DONE]" if not exchange.finished else None))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def get_json(backend: Backend, path: str) -> dict[str, object]:
     backend.require_ready()
     try:
-        response = await backend.client.get(path)
-    except httpx.TransportError as e:
+        async with backend.session.get(backend.url + path) as response:
+            result: dict[str, object] = await response.json(content_type=None)
+    except aiohttp.ClientError as e:
         raise _unreachable(backend, e) from e
-    result: dict[str, object] = response.json()
     return result
 
 
 async def get_text(backend: Backend, path: str) -> str | None:
     """A GET answer's text, or None when the engine cannot answer (for best-effort scrapes)."""
     try:
-        response = await backend.client.get(path, timeout=2.0)
-    except httpx.HTTPError:
+        async with backend.session.get(backend.url + path, timeout=aiohttp.ClientTimeout(total=2.0)) as response:
+            return await response.text() if response.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError):
         return None
-    return response.text if response.status_code == 200 else None
-
-
-async def _relay(upstream: httpx.Response, exchange: Exchange) -> AsyncIterator[bytes]:
-    """Relay SSE events as they arrive, accounting for each; the ledger row is committed before [DONE] is sent.
-
-    A stream the engine cuts short ends with an error event; a client that leaves closes the engine
-    connection, which aborts the request there.
-    """
-    status, error = upstream.status_code, None
-    pending = b""
-    try:
-        async for chunk in upstream.aiter_raw():
-            *events, pending = _EVENT_END.split(pending + chunk)
-            out = []
-            for event in events:
-                if event == DONE_EVENT:
-                    await exchange.finish(status)
-                if exchange.observe_event(event):
-                    out.append(event + b"\n\n")
-            if out:
-                yield b"".join(out)
-    except httpx.TransportError as e:
-        status, error = 502, f"engine stopped mid-stream ({type(e).__name__})"
-        body = {
-            "error": {
-                "message": f"The engine stopped mid-stream ({type(e).__name__}).",
-                "type": "server_error",
-                "param": None,
-                "code": "engine_unavailable",
-            }
-        }
-        yield f"data: {json.dumps(body)}\n\n".encode()
-    except BaseException:  # the client went away (the response task is cancelled)
-        status, error = CLIENT_CLOSED_REQUEST, "client disconnected"
-        raise
-    finally:
-        await upstream.aclose()  # on client disconnect too: closing the connection aborts it at the engine
-        exchange.finish_nowait(status, error or ("stream ended without [DONE]" if not exchange.finished else None))
 
 
 async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T | None:
     """Await `work`, but cancel it and return None if the client disconnects first."""
     task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_wait_for_disconnect(request))
+    gone = asyncio.ensure_future(_wait_for_disconnect(request.receive))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -173,8 +226,8 @@ async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T | Non
     return None
 
 
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 

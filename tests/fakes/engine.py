@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 ANSWER = "The capital of France is Paris."
 PROMPT_TOKENS = 5  # what the fake reports for every prompt
@@ -35,6 +35,15 @@ def create_fake_engine(model: str = "fake-model", token_delay: float = 0.0) -> F
     @app.get("/stats")
     async def stats() -> dict[str, int]:
         return {"finished": app.state.finished, "aborted": app.state.aborted, "in_flight": app.state.in_flight}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        lines = [
+            "# TYPE vllm:num_requests_running gauge",
+            f'vllm:num_requests_running{{model_name="{model}"}} {app.state.in_flight}',
+            f'vllm:prompt_tokens_total{{model_name="{model}"}} 0',
+        ]
+        return Response("\n".join(lines) + "\n", media_type="text/plain")
 
     @app.get("/v1/models")
     async def models() -> dict[str, object]:
@@ -86,7 +95,11 @@ def create_fake_engine(model: str = "fake-model", token_delay: float = 0.0) -> F
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> object:
         body = await request.json()
-        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        raw = body.get("input")
+        inputs = raw if isinstance(raw, list) else [raw]
+        if raw is None or not all(isinstance(text, str) for text in inputs):
+            error = {"message": "input must be a string or a list of strings", "type": "BadRequestError"}
+            return JSONResponse({"error": {**error, "param": None, "code": 400}}, 400)
         data = [{"object": "embedding", "index": i, "embedding": [0.5, -0.5, 0.25]} for i in range(len(inputs))]
         tokens = sum(len(str(text).split()) for text in inputs)
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}

@@ -21,8 +21,9 @@ from deploykit.serve.gateway.app import GatewayOptions
 from deploykit.serve.gateway.auth import create_key, list_keys, revoke_key
 from deploykit.serve.gateway.database import MIGRATIONS, connect, migrate
 from deploykit.serve.gateway.ledger import DeploymentLog, deployment_hours, usage_by
+from deploykit.serve.gateway.proxy import engine_session
 from deploykit.serve.runner import free_port
-from tests.fakes.engine import PROMPT_TOKENS, create_fake_engine
+from tests.fakes.engine import PROMPT_TOKENS
 
 
 def _pg_bin() -> Path | None:
@@ -67,24 +68,24 @@ def test_migrations_apply_once_in_order(postgres_url: str) -> None:
     db.close()
 
 
-def test_keys_ledger_and_deployments_on_postgres(postgres_url: str) -> None:
+def test_keys_ledger_and_deployments_on_postgres(postgres_url: str, engine_url: str) -> None:
     db = connect(postgres_url)
     _, token = create_key(db, "pg-team", models=["m1"], rpm=100)
     assert [k.name for k in list_keys(db)] == ["pg-team"]
     deployment = DeploymentLog(db, ["m1"], "gpu", 4)
-    engine = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_fake_engine("m1")), base_url="http://e")
-    app = create_app([Backend("m1", engine, status="ready")], db, GatewayOptions(auth=True))
 
     async def traffic() -> list[int]:
-        headers = {"authorization": f"Bearer {token}"}
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://g", headers=headers) as client:
-            body = {"model": "m1", "prompt": "x", "max_tokens": 4, "stream": True}
-            responses = await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(10)))
+        async with engine_session() as session:
+            app = create_app([Backend("m1", engine_url, session, status="ready")], db, GatewayOptions(auth=True))
+            headers = {"authorization": f"Bearer {token}"}
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://g", headers=headers) as client:
+                body = {"model": "m1", "prompt": "x", "max_tokens": 4, "stream": True}
+                responses = await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(10)))
+            app.state.gateway.close()
         return [r.status_code for r in responses]
 
     assert asyncio.run(traffic()) == [200] * 10
-    app.state.gateway.close()
     deployment.stop()
     [row] = usage_by(db, "key")
     assert (row.group, row.requests, row.prompt_tokens, row.completion_tokens) == (

@@ -13,13 +13,8 @@ from fastapi import FastAPI
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import Gateway, GatewayOptions
 from deploykit.serve.gateway.database import Database, connect
-from tests.fakes.engine import create_fake_engine
+from deploykit.serve.gateway.proxy import engine_session
 from tests.unit.gateway_support import client_of
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture
@@ -30,10 +25,9 @@ def db(tmp_path: Path) -> Iterator[Database]:
 
 
 @pytest.fixture
-async def backend() -> AsyncIterator[Backend]:
-    engine = httpx.ASGITransport(app=create_fake_engine("m1"))
-    async with httpx.AsyncClient(transport=engine, base_url="http://engine") as client:
-        yield Backend("m1", client, status="ready")
+async def backend(engine_url: str) -> AsyncIterator[Backend]:
+    async with engine_session() as session:
+        yield Backend("m1", engine_url, session, status="ready")
 
 
 @pytest.fixture

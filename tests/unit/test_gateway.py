@@ -8,7 +8,9 @@ import httpx
 import pytest
 
 from deploykit.serve.gateway import Backend
+from deploykit.serve.runner import free_port
 from tests.fakes.engine import ANSWER, create_fake_engine
+from tests.fakes.threaded import serve_in_thread
 from tests.unit.gateway_support import assert_openai_error, chat
 
 pytestmark = pytest.mark.anyio
@@ -75,9 +77,8 @@ async def test_missing_model_is_a_400(gateway: httpx.AsyncClient) -> None:
 
 async def test_engine_errors_pass_through_with_their_status(gateway: httpx.AsyncClient, backend: Backend) -> None:
     # the fake engine itself rejects this name; the gateway must relay the 404, not rewrite it
-    backend_app = create_fake_engine("other")
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=backend_app), base_url="http://e") as c:
-        backend.client = c
+    with serve_in_thread(create_fake_engine("other")) as url:
+        backend.url = url
         response = await gateway.post("/v1/chat/completions", json=chat())
     assert response.status_code == 404
     assert response.json()["error"]["message"] == "no such model"
@@ -90,14 +91,10 @@ async def test_starting_or_stopped_engine_is_a_503(gateway: httpx.AsyncClient, b
 
 
 async def test_unreachable_engine_is_a_503(gateway: httpx.AsyncClient, backend: Backend) -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused", request=request)
-
-    async with httpx.AsyncClient(transport=httpx.MockTransport(refuse), base_url="http://e") as c:
-        backend.client = c
-        response = await gateway.post("/v1/chat/completions", json=chat())
+    backend.url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    response = await gateway.post("/v1/chat/completions", json=chat())
     error = assert_openai_error(response, 503, "engine_unavailable")
-    assert "ConnectError" in str(error["message"])
+    assert "ClientConnectorError" in str(error["message"])
 
 
 async def test_unknown_path_is_a_404_in_openai_shape(gateway: httpx.AsyncClient) -> None:

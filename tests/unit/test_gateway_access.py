@@ -18,7 +18,8 @@ from deploykit.serve.gateway.auth import create_key, list_keys, revoke_key
 from deploykit.serve.gateway.database import Database
 from deploykit.serve.gateway.ledger import usage_by
 from deploykit.serve.gateway.metrics import relabel_engine_metrics
-from tests.fakes.engine import ANSWER, PROMPT_TOKENS, create_fake_engine
+from deploykit.serve.gateway.proxy import engine_session
+from tests.fakes.engine import ANSWER, PROMPT_TOKENS
 from tests.unit.gateway_support import assert_openai_error, chat, client_of
 
 pytestmark = pytest.mark.anyio
@@ -154,10 +155,9 @@ async def test_tokens_are_settled_to_the_engines_usage(secured: FastAPI, db: Dat
     assert 10_000 - remaining - reserved == pytest.approx(used, abs=1)  # ...and settled to what was used
 
 
-async def test_concurrent_requests_are_never_over_admitted(db: Database) -> None:
-    slow = httpx.ASGITransport(app=create_fake_engine("m1", token_delay=0.02))
-    async with httpx.AsyncClient(transport=slow, base_url="http://engine") as engine:
-        app = create_app([Backend("m1", engine, status="ready")], db, GatewayOptions(auth=True))
+async def test_concurrent_requests_are_never_over_admitted(db: Database, slow_engine_url: str) -> None:
+    async with engine_session() as session:
+        app = create_app([Backend("m1", slow_engine_url, session, status="ready")], db, GatewayOptions(auth=True))
         _, token = create_key(db, "team-a", max_concurrent=3, rpm=1000)
         async with client_of(app, authorization=f"Bearer {token}") as client:
             responses = await asyncio.gather(
@@ -228,7 +228,7 @@ async def test_a_client_that_asks_for_usage_still_gets_it(gateway: httpx.AsyncCl
 # metrics
 
 
-async def test_metrics_count_requests_tokens_and_latency(gateway: httpx.AsyncClient) -> None:
+async def test_metrics_count_requests_tokens_and_latency(gateway: httpx.AsyncClient, backend: Backend) -> None:
     await gateway.post("/v1/chat/completions", json=chat(stream=True, max_tokens=4))
     await gateway.post("/v1/chat/completions", json=chat(model="nope"))
     text = (await gateway.get("/metrics")).text
@@ -238,7 +238,9 @@ async def test_metrics_count_requests_tokens_and_latency(gateway: httpx.AsyncCli
     assert 'deploykit_ttft_seconds_count{model="m1"} 1.0' in text
     assert 'deploykit_inter_token_seconds_count{model="m1"} 3.0' in text
     assert 'deploykit_in_flight_requests{model="m1"} 0.0' in text
-    assert 'deploykit_replica_up{model="m1",replica="http://engine"} 1.0' in text
+    assert f'deploykit_replica_up{{model="m1",replica="{backend.url}"}} 1.0' in text
+    # the engine's own figures, re-exported per replica
+    assert f'vllm:num_requests_running{{replica="{backend.url}",model_name="m1"}} 0' in text
 
 
 def test_engine_metrics_are_re_exported_with_a_replica_label() -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,27 +16,32 @@ from schemathesis.generation import GenerationMode
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
 from deploykit.serve.gateway.database import connect
-from tests.fakes.engine import create_fake_engine
-
-
-def build_app(home: Path) -> Iterator[FastAPI]:
-    engine = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_fake_engine("m1")), base_url="http://e")
-    db = connect(f"sqlite:///{home / 'fuzz.db'}")
-    app = create_app([Backend("m1", engine, status="ready")], db, GatewayOptions(max_tokens=64, max_body_bytes=65536))
-    yield app
-    app.state.gateway.close()
-    db.close()
+from deploykit.serve.gateway.proxy import engine_session
+from tests.fakes.threaded import serve_in_thread
 
 
 @pytest.fixture(scope="module")
-def gateway_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FastAPI]:
-    yield from build_app(tmp_path_factory.mktemp("fuzz"))
+def gateway_url(tmp_path_factory: pytest.TempPathFactory, engine_url: str) -> Iterator[str]:
+    """The gateway over real HTTP, in front of the fake engine, with a max_tokens and a body limit."""
+    db = connect(f"sqlite:///{tmp_path_factory.mktemp('fuzz') / 'fuzz.db'}")
+    backends: list[Backend] = []
+
+    async def build() -> FastAPI:
+        backends.append(Backend("m1", engine_url, engine_session(), status="ready"))
+        return create_app(backends, db, GatewayOptions(max_tokens=64, max_body_bytes=65536))
+
+    async def stop() -> None:
+        await backends[0].session.close()
+
+    with serve_in_thread(build=build, on_stop=stop) as url:
+        yield url
+    db.close()
 
 
-def test_no_request_gets_a_server_error(gateway_app: FastAPI) -> None:
+def test_no_request_gets_a_server_error(gateway_url: str) -> None:
     # schemathesis' pytest plugin does not run on pytest 9; its strategies run under hypothesis directly.
     # Bodies come both valid (positive) and broken on purpose (negative: wrong types, missing fields).
-    schema = schemathesis.openapi.from_asgi("/openapi.json", gateway_app)
+    schema = schemathesis.openapi.from_url(f"{gateway_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.label for op in operations} >= {"POST /v1/chat/completions", "POST /v1/embeddings", "GET /metrics"}
     for operation in operations:
@@ -47,13 +51,13 @@ def test_no_request_gets_a_server_error(gateway_app: FastAPI) -> None:
             @given(case=operation.as_strategy(generation_mode=mode))
             @settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck), database=None)
             def fuzz(case: schemathesis.Case) -> None:
-                case.call_and_validate(checks=[not_a_server_error])
+                case.call_and_validate(base_url=gateway_url, checks=[not_a_server_error])
 
             fuzz()
 
 
-def test_the_schema_describes_the_bodies_and_the_served_models(gateway_app: FastAPI) -> None:
-    document = gateway_app.openapi()
+def test_the_schema_describes_the_bodies_and_the_served_models(gateway_url: str) -> None:
+    document = httpx.get(f"{gateway_url}/openapi.json").json()
     chat = document["components"]["schemas"]["ChatCompletionRequest"]
     assert chat["properties"]["model"]["enum"] == ["m1"]
     assert {"messages", "model"} <= set(chat["required"])

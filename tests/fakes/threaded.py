@@ -1,0 +1,57 @@
+"""Serve an ASGI app over real HTTP from a thread (its own event loop), for tests that need real I/O."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from deploykit.serve.runner import free_port
+
+
+@contextmanager
+def serve_in_thread(
+    app: ASGIApp | None = None,
+    *,
+    build: Callable[[], Awaitable[ASGIApp]] | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> Iterator[str]:
+    """Serve `app` (or the app `build` makes inside the server's event loop, so that the clients it holds
+    belong to that loop) on a free loopback port; yield its URL, and stop it afterwards (then await
+    `on_stop` in that loop, to close those clients)."""
+    port = free_port()
+
+    async def make_app() -> ASGIApp:
+        if build is not None:
+            return await build()
+        assert app is not None
+        return app
+
+    started = threading.Event()
+    holder: dict[str, uvicorn.Server] = {}
+
+    async def run() -> None:
+        config = uvicorn.Config(await make_app(), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+        holder["server"] = server = uvicorn.Server(config)
+        task = asyncio.ensure_future(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.01)
+        started.set()
+        await task
+        if on_stop is not None:
+            await on_stop()
+
+    thread = threading.Thread(target=lambda: asyncio.run(run()), daemon=True)
+    thread.start()
+    assert started.wait(30), "the test server did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        holder["server"].should_exit = True
+        thread.join(30)
+        time.sleep(0)  # let the loop's last callbacks run before the next test binds ports
