@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from deploykit.errors import UsageError
 
 _NVIDIA_SMI_QUERY = "index,name,memory.total,memory.free,compute_cap"
 
@@ -39,6 +41,21 @@ class Hardware:
     @property
     def cpu_cores(self) -> int:
         return len(self.cpu_ids)
+
+    def split(self, n: int) -> list[Hardware]:
+        """Shares for n engines: each its own equal group of GPUs, or an n-th of the available RAM (the CPU
+        cores are shared: vLLM's CPU backend binds its threads itself)."""
+        if n == 1:
+            return [self]
+        if self.gpus:
+            if len(self.gpus) < n:
+                raise UsageError(
+                    f"{n} engines need at least {n} GPUs; this machine has {len(self.gpus)}.",
+                    "Lower --replicas, or serve fewer models from this gateway.",
+                )
+            per = len(self.gpus) // n
+            return [replace(self, gpus=self.gpus[i * per : (i + 1) * per]) for i in range(n)]
+        return [replace(self, ram_available_bytes=self.ram_available_bytes // n) for _ in range(n)]
 
 
 def detect_hardware() -> Hardware:

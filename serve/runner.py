@@ -1,8 +1,9 @@
-"""`deploykit serve`: plan the engine, start it, serve the gateway in front, and stop both cleanly.
+"""`deploykit serve`: plan the engines, start them, serve the gateway in front, and stop all cleanly.
 
-The gateway listens from the first second (/health answers, /ready says 503 until the engine can
-serve), so probes and clients see a live service while the engine compiles. Ctrl-C or SIGTERM stops
-accepting, drains in-flight requests (bounded), then stops the engine's whole process group.
+The gateway listens from the first second (/health answers, /ready says 503 until every model can
+serve), so probes and clients see a live service while the engines compile. The supervisor restarts
+an engine that dies. Ctrl-C or SIGTERM stops accepting, drains in-flight requests (bounded), then stops
+each engine's whole process group.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import ipaddress
 import os
 import signal
 import socket
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +34,16 @@ from deploykit.errors import (
 from deploykit.models.catalog import load_catalog
 from deploykit.models.config import read_model_config
 from deploykit.models.store import ModelStore
-from deploykit.serve.engine import EngineProcess, EngineProgress
+from deploykit.serve.engine import EngineProgress
 from deploykit.serve.gateway.app import GatewayOptions, create_app
 from deploykit.serve.gateway.auth import KeyVerifier
 from deploykit.serve.gateway.database import Database, connect
 from deploykit.serve.gateway.ledger import DeploymentLog
-from deploykit.serve.gateway.proxy import Backend, engine_session
+from deploykit.serve.gateway.proxy import engine_session
+from deploykit.serve.gateway.routing import Backend
 from deploykit.serve.hardware import Hardware, detect_hardware
 from deploykit.serve.plan import LaunchPlan, plan_launch
+from deploykit.serve.supervisor import Failure, Ready, Replica, RestartPolicy, Supervisor
 from deploykit.settings import Settings
 
 _POLL_S = 0.5
@@ -63,129 +65,170 @@ class ServeOptions:
         return self.auth if self.auth is not None else not is_loopback(self.host)
 
 
-@dataclass(frozen=True)
-class Ready:
-    """What `serve` reports once the engine can serve."""
-
-    url: str
-    model: str
-    startup_s: float
-    engine_url: str
-    predicted_kv_tokens: int
-    logged_kv_tokens: int | None
-
-
 class ServeReporter:
     """How `run` tells the caller what is happening; the CLI draws it, tests record it."""
 
-    def starting(self, plan: LaunchPlan, url: str, log_path: str) -> None: ...
+    def starting(self, url: str, engines: Sequence[tuple[LaunchPlan, Path]]) -> None: ...
     def warn(self, message: str) -> None: ...
-    def progress(self, progress: EngineProgress) -> None: ...
+    def progress(self, name: str, progress: EngineProgress) -> None: ...
     def ready(self, ready: Ready) -> None: ...
     def stopping(self, reason: str) -> None: ...
 
 
 def prepare(
     settings: Settings,
-    model: str,
+    models: Sequence[str],
     *,
+    replicas: int = 1,
     engine_args: Sequence[str] = (),
     engine_port: int | None = None,
     hardware: Hardware | None = None,
     environ: Mapping[str, str] | None = None,
-) -> LaunchPlan:
-    """Plan the engine for a model in the store; a catalog model not yet pulled is planned from the
-    catalog's numbers (for --dry-run: its weights must be pulled before it can start)."""
+) -> list[LaunchPlan]:
+    """Plan every engine: `replicas` of each model, each on its share of the machine (its own GPUs, or
+    its part of the RAM). A catalog model not yet pulled is planned from the catalog's numbers (for
+    --dry-run: its weights must be pulled before it can start)."""
+    if replicas < 1:
+        raise UsageError(f"--replicas must be at least 1 (got {replicas}).")
+    if len(set(models)) != len(models):
+        raise UsageError("A model is named twice.", "Use --replicas for several engines of one model.")
+    count = len(models) * replicas
+    if engine_port and count > 1:
+        raise UsageError("--engine-port fixes one engine's port; several engines pick free ones.", "Leave it out.")
     store, catalog = ModelStore(settings.models_dir), load_catalog()
-    local = store.find(model)
-    entry = catalog.find(model)
-    if local is not None:
-        path, name, config = local.path, model, read_model_config(local.path)
-    elif entry is not None:
-        path, name, config = Path(entry.repo), entry.alias, entry.config()
-    else:
-        raise UnknownModelError(model, [*store.aliases(), *catalog.aliases()])
-    return plan_launch(
-        path,
-        name,
-        config,
-        hardware or detect_hardware(),
-        port=engine_port or free_port(),
-        extra_args=engine_args,
-        environ=os.environ if environ is None else environ,
-    )
+    shares = (hardware or detect_hardware()).split(count)
+    plans = []
+    for i, model in enumerate(models):
+        local = store.find(model)
+        entry = catalog.find(model)
+        if local is not None:
+            path, name, config = local.path, model, read_model_config(local.path)
+        elif entry is not None:
+            path, name, config = Path(entry.repo), entry.alias, entry.config()
+        else:
+            raise UnknownModelError(model, [*store.aliases(), *catalog.aliases()])
+        for r in range(replicas):
+            plans.append(
+                plan_launch(
+                    path,
+                    name,
+                    config,
+                    shares[i * replicas + r],
+                    port=engine_port or free_port(),
+                    extra_args=engine_args,
+                    environ=os.environ if environ is None else environ,
+                )
+            )
+    return plans
 
 
-def run(settings: Settings, plan: LaunchPlan, options: ServeOptions, reporter: ServeReporter) -> None:
-    """Serve until a signal stops it; raises if the engine fails to start or dies while serving."""
-    require_engine(plan.device)
+def run(
+    settings: Settings,
+    plans: Sequence[LaunchPlan],
+    options: ServeOptions,
+    reporter: ServeReporter,
+    policy: RestartPolicy | None = None,
+) -> None:
+    """Serve until a signal stops it; raises if an engine fails its first start, or a model loses every replica."""
+    require_engine(plans[0].device)
     db = connect(settings.database)
     listener = bind(options.host, options.port)
-    engine = EngineProcess(plan, settings.logs_dir / f"engine-{plan.served_name}.log")
-    deployment = DeploymentLog(db, [plan.served_name], plan.device, len(plan.gpu_indices))
+    names = list(dict.fromkeys(p.served_name for p in plans))
+    deployment = DeploymentLog(db, names, plans[0].device, sum(len(p.gpu_indices) for p in plans))
     stop_signals = _StopSignals()
     try:
-        engine.start()
-        reporter.starting(plan, f"http://{options.host}:{options.port}", str(engine.log_path))
         if options.auth_required and not KeyVerifier(db).any_keys():
             reporter.warn("API keys are required but none exist: every request gets 401. Run `deploykit keys create`.")
+        serving = _serve(
+            settings, plans, listener, db, deployment, options, reporter, stop_signals, policy or RestartPolicy()
+        )
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            outcome = runner.run(_serve(engine, listener, db, deployment, options, reporter, stop_signals))
+            failure = runner.run(serving)
     finally:
         listener.close()
-        reporter.stopping("stopping the engine")
-        engine.stop()
         deployment.stop()
         db.close()
         stop_signals.restore()
-    if outcome == "died":
+    if failure is None:
+        return
+    engine = failure.engine
+    if failure.kind == "died":
         raise EngineDiedError(
-            f"The engine exited (status {engine.returncode()}) while serving.",
+            f"The engine for {engine.plan.served_name} died {failure.failures} times in a row; it was given up.",
             f"Its full log is {engine.log_path}.",
             details=engine.last_lines(),
         )
-    if outcome == "failed":
+    if failure.kind == "failed":
         raise EngineStartError(
-            f"The engine exited (status {engine.returncode()}) before it was ready.",
+            f"The engine for {engine.plan.served_name} exited (status {engine.returncode()}) before it was ready.",
             f"Its full log is {engine.log_path}; the last lines are above.",
             details=engine.last_lines(),
         )
-    if outcome == "timeout":
-        raise EngineStartError(
-            f"The engine was not ready after {options.start_timeout_s:.0f} s.",
-            f"Its log is {engine.log_path}; raise --start-timeout if the machine is just slow.",
-            details=engine.last_lines(),
-        )
+    raise EngineStartError(
+        f"The engine for {engine.plan.served_name} was not ready after {options.start_timeout_s:.0f} s.",
+        f"Its log is {engine.log_path}; raise --start-timeout if the machine is just slow.",
+        details=engine.last_lines(),
+    )
 
 
 async def _serve(
-    engine: EngineProcess,
+    settings: Settings,
+    plans: Sequence[LaunchPlan],
     listener: socket.socket,
     db: Database,
     deployment: DeploymentLog,
     options: ServeOptions,
     reporter: ServeReporter,
     stop_signals: _StopSignals,
-) -> str:
+    policy: RestartPolicy,
+) -> Failure | None:
     async with engine_session(options.read_timeout_s) as session:
-        backend = Backend(engine.plan.served_name, engine.url, session)
+        replicas: list[Replica] = []
+        for plan in plans:
+            index = sum(r.plan.served_name == plan.served_name for r in replicas)
+            several = sum(p.served_name == plan.served_name for p in plans) > 1
+            log = settings.logs_dir / f"engine-{plan.served_name}{f'-{index + 1}' if several else ''}.log"
+            replicas.append(Replica(plan, index, log, Backend(plan.served_name, plan.url, session)))
+        supervisor = Supervisor(replicas, reporter, policy=policy, start_timeout_s=options.start_timeout_s)
         gateway_options = GatewayOptions(options.auth_required, options.max_body_bytes, options.max_tokens)
-        app = create_app([backend], db, gateway_options)
+        app = create_app([r.backend for r in replicas], db, gateway_options)
         config = uvicorn.Config(
             app, log_level="warning", timeout_graceful_shutdown=int(options.drain_timeout_s), lifespan="off"
         )
         server = uvicorn.Server(config)
-        serving = asyncio.create_task(server.serve(sockets=[listener]))
-        heartbeat = asyncio.create_task(_heartbeat(deployment))
         try:
-            outcome = await _watch(engine, backend, server, options, reporter, stop_signals)
-            if outcome != "stopped":
-                server.should_exit = True
-            await serving
+            supervisor.start_all()
+            reporter.starting(f"http://{options.host}:{options.port}", [(r.plan, r.log_path) for r in replicas])
+            serving = asyncio.create_task(server.serve(sockets=[listener]))
+            heartbeat = asyncio.create_task(_heartbeat(deployment))
+            try:
+                failure = await _watch(supervisor, server, stop_signals)
+                if failure is not None:
+                    server.should_exit = True
+                else:
+                    reporter.stopping("draining in-flight requests")
+                await serving
+            finally:
+                heartbeat.cancel()
+                app.state.gateway.close()  # every ledger row queued by the drained requests is committed
         finally:
-            heartbeat.cancel()
-            app.state.gateway.close()  # every ledger row queued by the drained requests is committed
-        return outcome
+            reporter.stopping("stopping the engines")
+            supervisor.stop_all()
+        return failure
+
+
+async def _watch(supervisor: Supervisor, server: uvicorn.Server, stop_signals: _StopSignals) -> Failure | None:
+    """Supervise the engines until one fails for good or a signal stops the gateway."""
+    async with httpx.AsyncClient(timeout=2.0) as probe:
+        while not server.should_exit:
+            if stop_signals.received:  # a signal that came before uvicorn took over the handlers
+                server.should_exit = True
+                break
+            failure = await supervisor.step(probe)
+            if failure is not None:
+                return failure
+            await asyncio.sleep(_POLL_S)
+    return None
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -202,53 +245,6 @@ async def _heartbeat(deployment: DeploymentLog, every_s: float = 60.0) -> None:
     while True:
         await asyncio.sleep(every_s)
         await asyncio.to_thread(deployment.heartbeat)
-
-
-async def _watch(
-    engine: EngineProcess,
-    backend: Backend,
-    server: uvicorn.Server,
-    options: ServeOptions,
-    reporter: ServeReporter,
-    stop_signals: _StopSignals,
-) -> str:
-    """Follow the engine until it is ready, then until it exits or a signal stops the gateway."""
-    started = time.monotonic()
-    async with httpx.AsyncClient(base_url=engine.url, timeout=2.0) as probe:
-        while not server.should_exit:
-            if stop_signals.received:  # a signal that came before uvicorn took over the handlers
-                server.should_exit = True
-                break
-            if engine.returncode() is not None:
-                was_ready = backend.status == "ready"
-                backend.status = "stopped"
-                return "died" if was_ready else "failed"
-            if backend.status == "starting":
-                reporter.progress(engine.progress())
-                if await _healthy(probe):
-                    backend.status = "ready"
-                    reporter.ready(
-                        Ready(
-                            url=f"http://{options.host}:{options.port}",
-                            model=backend.model,
-                            startup_s=time.monotonic() - started,
-                            engine_url=engine.url,
-                            predicted_kv_tokens=engine.plan.kv_cache_tokens,
-                            logged_kv_tokens=engine.logged_kv_cache_tokens,
-                        )
-                    )
-                elif time.monotonic() - started > options.start_timeout_s:
-                    return "timeout"
-            await asyncio.sleep(_POLL_S)
-    reporter.stopping("draining in-flight requests")
-    return "stopped"
-
-
-async def _healthy(probe: httpx.AsyncClient) -> bool:
-    try:
-        return (await probe.get("/health")).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def require_engine(device: str) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.status import Status
 from rich.table import Table
 
@@ -17,13 +20,17 @@ from deploykit.models.hub import pull, resolve_name
 from deploykit.models.store import ModelStore
 from deploykit.serve.engine import EngineProgress
 from deploykit.serve.plan import LaunchPlan
-from deploykit.serve.runner import Ready, ServeOptions, ServeReporter, prepare, run
+from deploykit.serve.runner import ServeOptions, ServeReporter, prepare, run
+from deploykit.serve.supervisor import Ready
 from deploykit.settings import Settings
 
 
 def serve(
     ctx: typer.Context,
-    model: str = typer.Argument(DEFAULT_MODEL, help="Model alias from `deploykit models list`."),
+    models: list[str] = typer.Argument(
+        None, help=f"Model aliases from `deploykit models list` (default: {DEFAULT_MODEL}).", show_default=False
+    ),
+    replicas: int = typer.Option(1, help="Engine processes per model (one GPU group each on GPU machines)."),
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8000,
     engine_port: int = typer.Option(0, help="Loopback port for the engine (0: pick a free one)."),
@@ -38,9 +45,11 @@ def serve(
     max_tokens: int | None = typer.Option(None, help="Largest max_tokens a request may ask for (400 above)."),
     json_: JsonOpt = False,
 ) -> None:
-    """Serve MODEL with vLLM behind the gateway on http://HOST:PORT (Ctrl-C or SIGTERM stops both).
+    """Serve MODELS with vLLM behind one gateway on http://HOST:PORT (Ctrl-C or SIGTERM stops all).
 
-    Arguments after `--` go to the engine and win over the plan's own values.
+    Requests go to the model their `model` field names, and to its least busy ready replica; a replica
+    that dies is restarted while the others serve. Arguments after `--` go to every engine and win over
+    the plan's own values.
 
     Examples:
 
@@ -52,19 +61,25 @@ def serve(
 
       deploykit serve smollm2-135m -- --enforce-eager --max-num-seqs 64
 
+      deploykit serve smollm2-135m all-minilm-l6-v2     # chat and embeddings, one gateway
+
+      deploykit serve llama-3.1-8b-instruct --replicas 4   # 4 engines, balanced, restarted on failure
+
       deploykit serve qwen2.5-7b-instruct --yes    # pull from the hub first
 
       deploykit serve --host 0.0.0.0               # API keys required (`deploykit keys create`)
     """
-    if model.startswith("-"):
-        raise UsageError("Name the model before `--`.", "For example: deploykit serve smollm2-135m -- --enforce-eager")
+    models, engine_args = _split_engine_args(models or [], [*ctx.args])
+    models = models or [DEFAULT_MODEL]
+    if any(m.startswith("-") for m in models):
+        raise UsageError("Name the models before `--`.", "For example: deploykit serve smollm2-135m -- --enforce-eager")
     settings = Settings()
     store = ModelStore(settings.models_dir)
-    if not dry_run and store.find(model) is None:
-        model = _pull_first(store, model, yes)
-    plan = prepare(settings, model, engine_args=list(ctx.args), engine_port=engine_port or None)
+    if not dry_run:
+        models = [m if store.find(m) is not None else _pull_first(store, m, yes) for m in models]
+    plans = prepare(settings, models, replicas=replicas, engine_args=engine_args, engine_port=engine_port or None)
     if dry_run:
-        _show_plan(plan, json_)
+        _show_plans(plans, json_)
         return
     options = ServeOptions(
         host=host,
@@ -75,7 +90,19 @@ def serve(
         max_body_bytes=max_body,
         max_tokens=max_tokens,
     )
-    run(settings, plan, options, ConsoleReporter())
+    run(settings, plans, options, ConsoleReporter())
+
+
+def _split_engine_args(positional: list[str], extra: list[str]) -> tuple[list[str], list[str]]:
+    """MODELS and the engine's arguments: click hands everything after `--` to the MODELS argument, so the
+    split is read back from the command line."""
+    argv = sys.argv
+    if "--" not in argv:
+        return positional, extra
+    after = argv[argv.index("--") + 1 :]
+    if after and positional[-len(after) :] == after:
+        return positional[: -len(after)], after + extra
+    return positional, extra
 
 
 def _pull_first(store: ModelStore, model: str, yes: bool) -> str:
@@ -91,12 +118,16 @@ def _pull_first(store: ModelStore, model: str, yes: bool) -> str:
     return local.alias
 
 
-def _show_plan(plan: LaunchPlan, as_json: bool) -> None:
+def _show_plans(plans: list[LaunchPlan], as_json: bool) -> None:
     if as_json:
-        data = asdict(plan)
-        data["env"] = dict(plan.env)
-        print_json(data)
+        data = [{**asdict(plan), "env": dict(plan.env)} for plan in plans]
+        print_json(data[0] if len(data) == 1 else data)
         return
+    for plan in plans:
+        _show_plan(plan)
+
+
+def _show_plan(plan: LaunchPlan) -> None:
     table = Table(title=f"Launch plan for {plan.served_name} on {plan.device.upper()}")
     for column in ("setting", "value", "why"):
         table.add_column(column)
@@ -114,11 +145,15 @@ class ConsoleReporter(ServeReporter):
 
     def __init__(self) -> None:
         self._status: Status | None = None
-        self._phase = ""
+        self._phases: dict[str, str] = {}
+        self._url = ""
+        self._waiting = 0
 
-    def starting(self, plan: LaunchPlan, url: str, log_path: str) -> None:
-        err.print(f"Gateway on [bold]{url}[/bold] (/health now, /ready once the engine is up)")
-        err.print(f"Engine log: {log_path}", highlight=False)
+    def starting(self, url: str, engines: Sequence[tuple[LaunchPlan, Path]]) -> None:
+        self._url, self._waiting = url, len(engines)
+        err.print(f"Gateway on [bold]{url}[/bold] (/health now, /ready once the engines are up)")
+        for plan, log_path in engines:
+            err.print(f"Engine log for {plan.served_name}: {log_path}", highlight=False)
         if err.is_terminal:
             self._status = err.status("Starting the engine")
             self._status.start()
@@ -126,23 +161,24 @@ class ConsoleReporter(ServeReporter):
     def warn(self, message: str) -> None:
         err.print(f"[yellow]Warning:[/yellow] {message}", highlight=False)
 
-    def progress(self, progress: EngineProgress) -> None:
+    def progress(self, name: str, progress: EngineProgress) -> None:
         if self._status is not None:
-            last = progress.last_line[-100:]
+            last = escape(progress.last_line[-100:])
             self._status.update(
-                f"Starting the engine: {progress.phase} ({progress.elapsed_s:.0f} s)\n  [dim]{last}[/dim]",
+                f"Starting {name}: {progress.phase} ({progress.elapsed_s:.0f} s)\n  [dim]{last}[/dim]",
             )
-        elif progress.phase != self._phase:
-            err.print(f"Starting the engine: {progress.phase} ({progress.elapsed_s:.0f} s)", highlight=False)
-        self._phase = progress.phase
+        elif self._phases.get(name) != progress.phase:
+            err.print(f"Starting {name}: {progress.phase} ({progress.elapsed_s:.0f} s)", highlight=False)
+        self._phases[name] = progress.phase
 
     def ready(self, ready: Ready) -> None:
         self._stop_status()
         kv = f"; KV cache {ready.logged_kv_tokens:,} tokens" if ready.logged_kv_tokens else ""
-        err.print(
-            f"[green]Ready[/green] in {ready.startup_s:.0f} s: {ready.model} on {ready.url}/v1{kv}. Ctrl-C stops.",
-            highlight=False,
-        )
+        replica = f" (replica {ready.replica + 1})" if ready.replica else ""
+        err.print(f"[green]Ready[/green] in {ready.startup_s:.0f} s: {ready.model}{replica}{kv}.", highlight=False)
+        self._waiting -= 1
+        if self._waiting == 0:
+            err.print(f"Serving on {self._url}/v1. Ctrl-C stops.", highlight=False)
 
     def stopping(self, reason: str) -> None:
         self._stop_status()

@@ -2,6 +2,6 @@
 
 from deploykit.serve.gateway.app import create_app
 from deploykit.serve.gateway.errors import GatewayError
-from deploykit.serve.gateway.proxy import Backend
+from deploykit.serve.gateway.routing import Backend
 
 __all__ = ["Backend", "GatewayError", "create_app"]

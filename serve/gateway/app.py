@@ -22,8 +22,9 @@ from deploykit.serve.gateway.errors import GatewayError, error_body, install_err
 from deploykit.serve.gateway.exchange import Exchange
 from deploykit.serve.gateway.ledger import Ledger
 from deploykit.serve.gateway.metrics import GatewayMetrics
-from deploykit.serve.gateway.proxy import CLIENT_CLOSED_REQUEST, Backend, forward, get_json, get_text, parse_body
+from deploykit.serve.gateway.proxy import CLIENT_CLOSED_REQUEST, forward, get_json, get_text, parse_body
 from deploykit.serve.gateway.ratelimit import RateLimiter, estimate_prompt_tokens
+from deploykit.serve.gateway.routing import Backend, Router
 from deploykit.serve.gateway.schema import install_openapi
 
 
@@ -34,40 +35,11 @@ class GatewayOptions:
     max_tokens: int | None = None  # the most a request may ask for (None: the engine's own limit)
 
 
-class Backends:
-    """The engines behind the gateway, by the model name clients ask for."""
-
-    def __init__(self, backends: Sequence[Backend]) -> None:
-        self.by_model = {b.model: b for b in backends}
-
-    def route(self, body: dict[str, object]) -> Backend:
-        model = body.get("model")
-        names = ", ".join(sorted(self.by_model))
-        if not isinstance(model, str) or not model:
-            raise GatewayError(
-                400,
-                f"The request needs a 'model' field; this gateway serves: {names}.",
-                "invalid_request_error",
-                "missing_model",
-                "model",
-            )
-        backend = self.by_model.get(model)
-        if backend is None:
-            raise GatewayError(
-                404,
-                f"The model '{model}' does not exist here; this gateway serves: {names}.",
-                "invalid_request_error",
-                "model_not_found",
-                "model",
-            )
-        return backend
-
-
 class Gateway:
     """What the routes share: the engines, the keys, the quotas, the ledger and the metrics."""
 
     def __init__(self, backends: Sequence[Backend], db: Database, options: GatewayOptions) -> None:
-        self.backends = Backends(backends)
+        self.router = Router(backends)
         self.options = options
         self.verifier = KeyVerifier(db)
         self.limiter = RateLimiter()
@@ -105,16 +77,18 @@ def create_app(backends: Sequence[Backend], db: Database, options: GatewayOption
     @app.get("/ready")
     async def ready(gateway: GatewayDep) -> Response:
         """200 when every model has an engine that can serve, else 503 with each model's status."""
-        status = {name: b.status for name, b in gateway.backends.by_model.items()}
+        models = gateway.router.models.values()
+        status = {m.name: m.status for m in models}
+        replicas = {m.name: {r.replica: r.status for r in m.replicas} for m in models}
         if all(s == "ready" for s in status.values()):
-            return JSONResponse({"status": "ready", "models": status})
+            return JSONResponse({"status": "ready", "models": status, "replicas": replicas})
         body = error_body("Not every model can serve yet.", "service_unavailable", "not_ready")
-        return JSONResponse({**body, "models": status}, status_code=503)
+        return JSONResponse({**body, "models": status, "replicas": replicas}, status_code=503)
 
     @app.get("/metrics")
     async def metrics(gateway: GatewayDep) -> Response:
         """Prometheus metrics: the gateway's, then each engine's queue and KV-cache figures."""
-        backends = list(gateway.backends.by_model.values())
+        backends = gateway.router.replicas
         for b in backends:
             gateway.metrics.replica_up.labels(b.model, b.replica).set(1 if b.status == "ready" else 0)
         texts = await asyncio.gather(*(get_text(b, "/metrics") for b in backends if b.status == "ready"))
@@ -126,8 +100,9 @@ def create_app(backends: Sequence[Backend], db: Database, options: GatewayOption
     async def models(request: Request, gateway: GatewayDep) -> dict[str, object]:
         key = gateway.authenticate(request)
         data: list[object] = []
-        for backend in gateway.backends.by_model.values():
-            if backend.status == "ready" and (key is None or key.allows(backend.model)):
+        for model in gateway.router.models.values():
+            backend = model.pick()
+            if backend is not None and (key is None or key.allows(model.name)):
                 listing = await get_json(backend, "/v1/models")
                 data += list(listing.get("data", []))  # type: ignore[call-overload]
         return {"object": "list", "data": data}
@@ -144,33 +119,33 @@ def create_app(backends: Sequence[Backend], db: Database, options: GatewayOption
     async def embeddings(request: Request, gateway: GatewayDep) -> Response:
         return await _proxy(request, gateway, "/v1/embeddings")
 
-    install_openapi(app, list(app.state.gateway.backends.by_model))
+    install_openapi(app, list(app.state.gateway.router.models))
     return app
 
 
 async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
     exchange: Exchange | None = None
     key: ApiKey | None = None
-    model = ""
+    name = ""
     try:
         raw = await _read_body(request, gateway.options.max_body_bytes)
         key = gateway.authenticate(request)
         body = parse_body(raw)
-        model = body["model"] if isinstance(body.get("model"), str) else ""  # type: ignore[assignment]
-        backend = gateway.backends.route(body)
+        name = body["model"] if isinstance(body.get("model"), str) else ""  # type: ignore[assignment]
+        model = gateway.router.route(body)
         if key is not None:
-            require_model_access(key, backend.model)
+            require_model_access(key, model.name)
         max_tokens = _max_tokens(body, gateway.options.max_tokens)
         admission = None
         if key is not None:
             admission = gateway.limiter.admit(key, estimate_prompt_tokens(len(raw)) + max_tokens)
-        exchange = Exchange(gateway.ledger, gateway.metrics, gateway.limiter, path, backend.model, key, admission)
+        exchange = Exchange(gateway.ledger, gateway.metrics, gateway.limiter, path, model.name, key, admission)
         if body.get("stream") is True:
             raw, exchange.strip_usage = _with_usage(body, raw)
-        return await forward(backend, path, raw, request, exchange)
+        return await forward(model, path, raw, request, exchange)
     except GatewayError as e:
         if exchange is None:
-            exchange = Exchange(gateway.ledger, gateway.metrics, gateway.limiter, path, model, key)
+            exchange = Exchange(gateway.ledger, gateway.metrics, gateway.limiter, path, name, key)
         await exchange.finish(e.status, e.code or e.type)
         raise
     except BaseException as e:  # the client went away, or a bug: the request is still settled and recorded

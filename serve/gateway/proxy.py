@@ -16,7 +16,6 @@ import contextlib
 import json
 import re
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass
 from typing import TypeVar
 
 import aiohttp
@@ -26,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from deploykit.serve.gateway.errors import GatewayError
 from deploykit.serve.gateway.exchange import DONE_EVENT, Exchange
+from deploykit.serve.gateway.routing import Backend, Model, unavailable
 
 # Request headers worth passing to the engine, and response headers worth passing back.
 _REQUEST_HEADERS = ("content-type", "accept", "x-request-id")
@@ -44,29 +44,6 @@ def engine_session(read_timeout_s: float = 600.0) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
 
 
-@dataclass
-class Backend:
-    """One engine serving one model name. `status` is kept current by whoever runs the engine."""
-
-    model: str
-    url: str  # the engine's base URL, e.g. http://127.0.0.1:8001
-    session: aiohttp.ClientSession
-    status: str = "starting"  # starting | ready | stopped
-
-    @property
-    def replica(self) -> str:
-        return self.url.rstrip("/")
-
-    def require_ready(self) -> None:
-        if self.status == "ready":
-            return
-        if self.status == "starting":
-            message = f"The engine for '{self.model}' is still starting; GET /ready says when it can serve."
-        else:
-            message = f"The engine for '{self.model}' has stopped; the gateway cannot serve it."
-        raise GatewayError(503, message, "service_unavailable", "engine_unavailable")
-
-
 def parse_body(raw: bytes) -> dict[str, object]:
     """The request's JSON object, or a 400 that says what is wrong with it."""
     try:
@@ -78,11 +55,25 @@ def parse_body(raw: bytes) -> dict[str, object]:
     return body
 
 
-async def forward(backend: Backend, path: str, raw: bytes, request: Request, exchange: Exchange) -> Response:
-    """Send the request to the engine and relay its answer, accounting for it in `exchange` on the way."""
-    backend.require_ready()
+async def forward(model: Model, path: str, raw: bytes, request: Request, exchange: Exchange) -> Response:
+    """Send the request to the model's least busy replica and relay its answer, accounting for it in
+    `exchange`. A replica that fails before answering anything is left for the next one."""
+    tried: list[Backend] = []
+    while (backend := model.pick(tried)) is not None:
+        tried.append(backend)
+        try:
+            return await _forward_to(backend, path, raw, request, exchange)
+        except aiohttp.ClientError as e:  # nothing reached the client yet: another replica may answer
+            if model.pick(tried) is None:
+                raise _unreachable(backend, e) from e
+    raise unavailable(model)
+
+
+async def _forward_to(backend: Backend, path: str, raw: bytes, request: Request, exchange: Exchange) -> Response:
     exchange.replica = backend.replica
     headers = {k: v for k in _REQUEST_HEADERS if (v := request.headers.get(k))}
+    backend.outstanding += 1
+    streaming = False
     try:
         # A non-streaming engine answer sends its headers only when generation ends, so the client may
         # leave while we still wait for them: cancelling the exchange then aborts it at the engine.
@@ -97,21 +88,21 @@ async def forward(backend: Backend, path: str, raw: bytes, request: Request, exc
             relayed |= exchange.admission.headers
         media_type = upstream.headers.get("content-type", "application/json")
         if media_type.startswith("text/event-stream"):
-            return RelayedStream(upstream, exchange, media_type, relayed)
+            streaming = True  # the stream releases the replica when it ends
+            return RelayedStream(upstream, backend, exchange, media_type, relayed)
         try:
             content = await _unless_client_leaves(request, upstream.read())
         except BaseException:
             upstream.close()
             raise
-        if content is None:
-            upstream.close()  # closing the connection aborts the request at the engine
-        else:
-            upstream.release()  # the connection goes back to the pool
-    except aiohttp.ClientError as e:
-        raise _unreachable(backend, e) from e
+    finally:
+        if not streaming:
+            backend.outstanding -= 1
     if content is None:
+        upstream.close()  # closing the connection aborts the request at the engine
         exchange.finish_nowait(CLIENT_CLOSED_REQUEST, "client disconnected")
         return Response(status_code=CLIENT_CLOSED_REQUEST)
+    upstream.release()  # the connection goes back to the pool
     exchange.observe_body(content)
     await exchange.finish(upstream.status, None if upstream.status < 400 else "engine error")
     return Response(content, status_code=upstream.status, media_type=media_type, headers=relayed)
@@ -125,7 +116,12 @@ class RelayedStream(Response):
     """
 
     def __init__(
-        self, upstream: aiohttp.ClientResponse, exchange: Exchange, media_type: str, headers: Mapping[str, str]
+        self,
+        upstream: aiohttp.ClientResponse,
+        backend: Backend,
+        exchange: Exchange,
+        media_type: str,
+        headers: Mapping[str, str],
     ) -> None:
         # no Response.__init__: it would declare a content-length for the empty body
         self.status_code = upstream.status
@@ -133,6 +129,7 @@ class RelayedStream(Response):
         self.background = None
         self.init_headers(headers)
         self.upstream = upstream
+        self.backend = backend
         self.exchange = exchange
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -183,6 +180,7 @@ class RelayedStream(Response):
             status, error = CLIENT_CLOSED_REQUEST, "client disconnected"
             raise
         finally:
+            self.backend.outstanding -= 1
             if complete:
                 upstream.release()  # the connection goes back to the pool
             else:
@@ -192,7 +190,6 @@ class RelayedStream(Response):
 
 
 async def get_json(backend: Backend, path: str) -> dict[str, object]:
-    backend.require_ready()
     try:
         async with backend.session.get(backend.url + path) as response:
             result: dict[str, object] = await response.json(content_type=None)

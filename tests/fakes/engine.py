@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -155,10 +157,13 @@ def main() -> None:
     parser.add_argument("--model", default="fake-model")
     parser.add_argument("--token-delay", type=float, default=0.01)
     parser.add_argument("--startup-delay", type=float, default=0.0)
+    parser.add_argument("--die-after", type=float, default=0.0, help="exit (status 3) this long after start")
     args = parser.parse_args()
     print("fake engine: loading weights", flush=True)
     time.sleep(args.startup_delay)
     print("fake engine: Starting vLLM API server", flush=True)
+    if args.die_after:
+        threading.Timer(args.die_after, lambda: os._exit(3)).start()
     uvicorn.run(create_fake_engine(args.model, args.token_delay), host="127.0.0.1", port=args.port, log_level="warning")
 
 

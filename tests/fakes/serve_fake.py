@@ -1,7 +1,9 @@
-"""`deploykit serve`'s runner with the fake engine as the engine process, for lifecycle tests.
+"""`deploykit serve`'s runner with fake engine processes as the engines, for lifecycle tests.
 
-    python -m tests.fakes.serve_fake PORT ENGINE_PORT [fake engine args...]
-Exits as the CLI does: 0 after a signal, the error's exit code after a failure.
+    python -m tests.fakes.serve_fake PORT ENGINE_PORT[,ENGINE_PORT...] [fake engine args...]
+One replica of "fake-model" per engine port. Restarts back off 0.2 s, 0.4 s, ... and a replica is given
+up after 2 failed restarts (so tests see it quickly). Exits as the CLI does: 0 after a signal, the
+error's exit code after a failure.
 """
 
 from __future__ import annotations
@@ -13,15 +15,29 @@ from deploykit.console import print_error
 from deploykit.errors import DeploykitError
 from deploykit.serve.plan import LaunchPlan
 from deploykit.serve.runner import ServeOptions, run
+from deploykit.serve.supervisor import RestartPolicy
 from deploykit.settings import Settings
 
 
 def main() -> None:
-    port, engine_port = int(sys.argv[1]), int(sys.argv[2])
-    argv = (sys.executable, "-m", "tests.fakes.engine", "--port", str(engine_port), *sys.argv[3:])
-    plan = LaunchPlan("cpu", argv, {}, (), "fake-model", engine_port, 2048, 0)
+    port, engine_ports = int(sys.argv[1]), [int(p) for p in sys.argv[2].split(",")]
+    plans = [
+        LaunchPlan(
+            "cpu",
+            (sys.executable, "-m", "tests.fakes.engine", "--port", str(p), *sys.argv[3:]),
+            {},
+            (),
+            "fake-model",
+            p,
+            2048,
+            0,
+        )
+        for p in engine_ports
+    ]
+    options = ServeOptions(port=port, drain_timeout_s=10, start_timeout_s=60)
+    policy = RestartPolicy(backoff_s=0.2, max_failures=2, stable_s=30)
     try:
-        run(Settings(), plan, ServeOptions(port=port, drain_timeout_s=10, start_timeout_s=60), ConsoleReporter())
+        run(Settings(), plans, options, ConsoleReporter(), policy)
     except DeploykitError as e:
         print_error(e)
         sys.exit(e.exit_code)

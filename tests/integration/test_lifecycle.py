@@ -3,6 +3,7 @@ engine death, failed start, port in use, client disconnects, Ctrl-C. (tests/e2e 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -39,18 +40,28 @@ class Gateway:
         finally:
             db.close()
 
+    def engines(self) -> list[psutil.Process]:
+        """The engine processes now running (a killed one lingers as a zombie until it is reaped)."""
+        found = []
+        for p in psutil.Process(self.proc.pid).children():
+            with contextlib.suppress(psutil.ZombieProcess, psutil.NoSuchProcess):
+                if "tests.fakes.engine" in p.cmdline():
+                    found.append(p)
+        return found
+
     def engine(self) -> psutil.Process:
-        return next(p for p in psutil.Process(self.proc.pid).children() if "tests.fakes.engine" in p.cmdline())
+        return self.engines()[0]
 
     def finish(self, timeout: float = 30) -> tuple[int, str]:
         out, _ = self.proc.communicate(timeout=timeout)
         return self.proc.returncode, out
 
 
-def start(tmp_path: Path, *engine_args: str, port: int | None = None) -> Gateway:
-    port, engine_port = port or free_port(), free_port()
+def start(tmp_path: Path, *engine_args: str, port: int | None = None, replicas: int = 1) -> Gateway:
+    port, engine_ports = port or free_port(), [free_port() for _ in range(replicas)]
+    engine_port = engine_ports[0]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.serve_fake", str(port), str(engine_port), *engine_args],
+        [sys.executable, "-m", "tests.fakes.serve_fake", str(port), ",".join(map(str, engine_ports)), *engine_args],
         cwd=REPO,
         env={**os.environ, "DEPLOYKIT_HOME": str(tmp_path)},
         stdout=subprocess.PIPE,
@@ -100,17 +111,62 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
         gw.finish()
 
 
-def test_engine_death_answers_503_and_exits_non_zero_with_the_engine_log(gateway: Gateway) -> None:
+def test_a_dead_engine_answers_503_then_is_restarted(gateway: Gateway) -> None:
     answer = post_in_background(gateway, max_tokens=400)  # 20 s of generation
     time.sleep(0.5)
-    gateway.engine().kill()
+    dead = gateway.engine()
+    dead.kill()
     response = answer()
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "engine_unavailable"
+    deadline = time.monotonic() + 30
+    while [e.pid for e in gateway.engines()] in ([], [dead.pid]):  # restarted after 0.2 s of backoff
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    wait_ready(gateway)
+    body = {"model": "fake-model", "prompt": "x", "max_tokens": 3}
+    assert httpx.post(gateway.url + "/v1/completions", json=body, timeout=30).status_code == 200
+    gateway.proc.send_signal(signal.SIGINT)
     code, out = gateway.finish()
-    assert code == 6
-    assert "The engine exited (status -9) while serving" in out
+    assert code == 0, out
+    assert "exited with status -9; restarting it in" in out
+    assert "is back" in out
+
+
+def test_an_engine_that_keeps_dying_is_given_up_and_serve_exits_6(tmp_path: Path) -> None:
+    gw = start(tmp_path, "--die-after", "1.5")
+    code, out = gw.finish(timeout=60)
+    assert code == 6, out
+    assert "died 3 times in a row; it was given up" in out
     assert "fake engine: Starting vLLM API server" in out  # its last log lines are shown
+
+
+def test_requests_go_around_a_dead_replica_while_it_restarts(tmp_path: Path) -> None:
+    gw = start(tmp_path, "--token-delay", "0.01", replicas=2)
+    try:
+        wait_ready(gw)
+        while set(httpx.get(gw.url + "/ready").json()["replicas"]["fake-model"].values()) != {"ready"}:
+            time.sleep(0.05)  # /ready is 200 as soon as one replica can serve
+        first, second = gw.engines()
+        first.kill()  # the gateway has not noticed yet: the first request to it is retried on the other
+        body = {"model": "fake-model", "prompt": "x", "max_tokens": 3}
+        with httpx.Client(timeout=30) as client:
+            statuses = [client.post(gw.url + "/v1/completions", json=body).status_code for _ in range(10)]
+            assert statuses == [200] * 10
+            assert client.get(gw.url + "/ready").status_code == 200  # one replica serving is enough
+            deadline = time.monotonic() + 30
+            while len({e.pid for e in gw.engines()} - {first.pid}) < 2:  # the dead one was restarted
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            while set(client.get(gw.url + "/ready").json()["replicas"]["fake-model"].values()) != {"ready"}:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert second.is_running()
+    finally:
+        gw.proc.send_signal(signal.SIGINT)
+        code, out = gw.finish()
+    assert code == 0, out
+    assert "replica 1" in out and "restarting it in" in out
 
 
 def test_engine_that_fails_to_start_shows_why(tmp_path: Path) -> None:

@@ -22,11 +22,13 @@ async def test_health_answers_whatever_the_engine_does(gateway: httpx.AsyncClien
 
 
 async def test_ready_follows_the_engine(gateway: httpx.AsyncClient, backend: Backend) -> None:
-    assert (await gateway.get("/ready")).json() == {"status": "ready", "models": {"m1": "ready"}}
+    replicas = {"m1": {backend.replica: "ready"}}
+    assert (await gateway.get("/ready")).json() == {"status": "ready", "models": {"m1": "ready"}, "replicas": replicas}
     backend.status = "starting"
     response = await gateway.get("/ready")
     assert_openai_error(response, 503, "not_ready")
     assert response.json()["models"] == {"m1": "starting"}
+    assert response.json()["replicas"] == {"m1": {backend.replica: "starting"}}
 
 
 async def test_models_lists_the_engines_models(gateway: httpx.AsyncClient) -> None:

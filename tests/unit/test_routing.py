@@ -1,0 +1,105 @@
+"""Routing: the model a request names, then its least busy ready replica, and retries across replicas."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+
+from deploykit.errors import UsageError
+from deploykit.serve.gateway import Backend, create_app
+from deploykit.serve.gateway.database import Database
+from deploykit.serve.gateway.proxy import engine_session
+from deploykit.serve.gateway.routing import Model
+from deploykit.serve.hardware import Gpu, Hardware
+from deploykit.serve.runner import free_port
+from tests.unit.gateway_support import chat, client_of
+
+pytestmark = pytest.mark.anyio
+
+
+def replicas(*outstanding: int, status: str = "ready") -> list[Backend]:
+    return [
+        Backend("m", f"http://r{i}", None, status=status, outstanding=n)  # type: ignore[arg-type]
+        for i, n in enumerate(outstanding)
+    ]
+
+
+def test_the_least_busy_ready_replica_is_picked() -> None:
+    rs = replicas(3, 1, 2)
+    assert Model("m", rs).pick() is rs[1]
+    rs[1].status = "starting"
+    assert Model("m", rs).pick() is rs[2]
+    assert Model("m", rs).pick(exclude=[rs[2]]) is rs[0]
+
+
+def test_ties_are_taken_in_turn() -> None:
+    rs = replicas(0, 0, 0)
+    model = Model("m", rs)
+    assert {id(model.pick()) for _ in range(3)} == {id(r) for r in rs}
+
+
+@pytest.mark.parametrize(
+    ("statuses", "expected"),
+    [(["ready", "stopped"], "ready"), (["starting", "stopped"], "starting"), (["stopped", "stopped"], "stopped")],
+)
+def test_a_model_is_ready_when_any_replica_is(statuses: list[str], expected: str) -> None:
+    rs = replicas(0, 0)
+    for r, s in zip(rs, statuses, strict=True):
+        r.status = s
+    assert Model("m", rs).status == expected
+    assert (Model("m", rs).pick() is None) == (expected != "ready")
+
+
+async def test_a_replica_that_does_not_answer_is_skipped_for_the_next(db: Database, engine_url: str) -> None:
+    async with engine_session() as session:
+        dead = Backend("m1", f"http://127.0.0.1:{free_port()}", session, status="ready")
+        alive = Backend("m1", engine_url, session, status="ready")
+        app = create_app([dead, alive], db)
+        async with client_of(app) as client:
+            statuses = [(await client.post("/v1/chat/completions", json=chat())).status_code for _ in range(6)]
+            ready = (await client.get("/ready")).json()
+        app.state.gateway.close()
+    assert statuses == [200] * 6
+    assert dead.outstanding == alive.outstanding == 0
+    assert ready["replicas"]["m1"] == {dead.replica: "ready", alive.replica: "ready"}
+
+
+async def test_models_are_routed_by_name(make_app: Callable[..., FastAPI], backend: Backend) -> None:
+    async with client_of(make_app()) as client:
+        assert (await client.post("/v1/embeddings", json={"model": "m1", "input": "a b"})).json()["usage"] == {
+            "prompt_tokens": 2,
+            "total_tokens": 2,
+        }
+
+
+def gpu(index: int) -> Gpu:
+    return Gpu(index, "NVIDIA A100-SXM4-80GB", 80 * 2**30, 80 * 2**30, 8.0)
+
+
+def test_hardware_is_split_between_engines() -> None:
+    eight = Hardware((0, 1), 64 * 2**30, 60 * 2**30, tuple(gpu(i) for i in range(8)))
+    shares = eight.split(4)
+    assert [[g.index for g in s.gpus] for s in shares] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    cpu = Hardware((0, 1), 24 * 2**30, 20 * 2**30)
+    assert [s.ram_available_bytes for s in cpu.split(2)] == [10 * 2**30, 10 * 2**30]
+    with pytest.raises(UsageError, match="at least 9 GPUs"):
+        eight.split(9)
+
+
+def test_prepare_plans_every_replica_on_its_share(tmp_path: Path) -> None:
+    from deploykit.serve.runner import prepare
+    from deploykit.settings import Settings
+
+    eight = Hardware((0, 1), 512 * 2**30, 500 * 2**30, tuple(gpu(i) for i in range(8)))
+    settings = Settings(home=tmp_path)
+    plans = prepare(settings, ["llama-3.1-8b-instruct"], replicas=4, hardware=eight, environ={})
+    # each replica plans within its own pair of GPUs (an 8B model needs only the first of them)
+    assert [p.gpu_indices for p in plans] == [(0,), (2,), (4,), (6,)]
+    assert len({p.port for p in plans}) == 4
+    with pytest.raises(UsageError, match="named twice"):
+        prepare(settings, ["llama-3.1-8b-instruct"] * 2, hardware=eight, environ={})
+    with pytest.raises(UsageError, match="--engine-port"):
+        prepare(settings, ["llama-3.1-8b-instruct"], replicas=2, engine_port=9000, hardware=eight, environ={})
