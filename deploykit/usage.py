@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from deploykit.errors import UsageError
-from deploykit.loadtests.prices import STALE_AFTER_DAYS, Prices
+from deploykit.models.prices import STALE_AFTER_DAYS, Prices
 from deploykit.serve.gateway.database import Database
 from deploykit.serve.gateway.ledger import UsageRow, deployment_hours, usage_by
 

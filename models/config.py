@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,12 @@ def read_model_config(model_dir: Path) -> ModelConfig:
         raise ModelImportError(f"{path} is not valid JSON: {e}.") from e
     weights = sorted(model_dir.glob("*.safetensors"))
     params = sum(count_safetensors_params(w) for w in weights) if weights else None
-    return parse_config(raw, params)
+    config = parse_config(raw, params)
+    # sentence-transformers models cap their input below the position table; vLLM takes that cap too
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, TypeError, ValueError):
+        cap = int(json.loads((model_dir / "sentence_bert_config.json").read_text())["max_seq_length"])
+        config = replace(config, max_context=min(config.max_context, cap))
+    return config
 
 
 def count_safetensors_params(path: Path) -> int:

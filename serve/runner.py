@@ -41,6 +41,7 @@ from deploykit.serve.gateway.database import Database, connect
 from deploykit.serve.gateway.ledger import DeploymentLog
 from deploykit.serve.gateway.proxy import engine_session
 from deploykit.serve.gateway.routing import Backend
+from deploykit.serve.gateway.spill import SpillTarget
 from deploykit.serve.hardware import Hardware, detect_hardware
 from deploykit.serve.plan import LaunchPlan, plan_launch
 from deploykit.serve.supervisor import Failure, Ready, Replica, RestartPolicy, Supervisor
@@ -59,6 +60,7 @@ class ServeOptions:
     auth: bool | None = None  # None: required unless the gateway listens on loopback only
     max_body_bytes: int = 4 * 1024 * 1024
     max_tokens: int | None = None
+    spills: tuple[SpillTarget, ...] = ()
 
     @property
     def auth_required(self) -> bool:
@@ -131,6 +133,12 @@ def run(
 ) -> None:
     """Serve until a signal stops it; raises if an engine fails its first start, or a model loses every replica."""
     require_engine(plans[0].device)
+    served = {p.served_name for p in plans}
+    for spill in options.spills:
+        if spill.model not in served:
+            raise UsageError(
+                f"--spill names '{spill.model}', which is not served here.", f"Served: {', '.join(served)}."
+            )
     db = connect(settings.database)
     listener = bind(options.host, options.port)
     names = list(dict.fromkeys(p.served_name for p in plans))
@@ -188,9 +196,12 @@ async def _serve(
             index = sum(r.plan.served_name == plan.served_name for r in replicas)
             several = sum(p.served_name == plan.served_name for p in plans) > 1
             log = settings.logs_dir / f"engine-{plan.served_name}{f'-{index + 1}' if several else ''}.log"
-            replicas.append(Replica(plan, index, log, Backend(plan.served_name, plan.url, session)))
+            backend = Backend(plan.served_name, plan.url, session)
+            replicas.append(Replica(plan, index, log, backend, several=several))
         supervisor = Supervisor(replicas, reporter, policy=policy, start_timeout_s=options.start_timeout_s)
-        gateway_options = GatewayOptions(options.auth_required, options.max_body_bytes, options.max_tokens)
+        gateway_options = GatewayOptions(
+            options.auth_required, options.max_body_bytes, options.max_tokens, options.spills
+        )
         app = create_app([r.backend for r in replicas], db, gateway_options)
         config = uvicorn.Config(
             app, log_level="warning", timeout_graceful_shutdown=int(options.drain_timeout_s), lifespan="off"

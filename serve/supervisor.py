@@ -62,9 +62,12 @@ class Failure:
 
 
 class Replica:
-    def __init__(self, plan: LaunchPlan, index: int, log_path: Path, backend: Backend) -> None:
+    def __init__(
+        self, plan: LaunchPlan, index: int, log_path: Path, backend: Backend, *, several: bool = False
+    ) -> None:
         self.plan = plan
         self.index = index
+        self.several = several  # the model has other replicas: name this one by its number
         self.log_path = log_path
         self.backend = backend
         self.engine = EngineProcess(plan, log_path)
@@ -77,7 +80,7 @@ class Replica:
 
     @property
     def label(self) -> str:
-        return f"{self.plan.served_name} (replica {self.index + 1})"
+        return f"{self.plan.served_name} (replica {self.index + 1})" if self.several else self.plan.served_name
 
     def start(self, now: float) -> None:
         if self.engine.returncode() is not None:
@@ -132,7 +135,7 @@ class Supervisor:
                     r.engine.stop()
                     self._died(r, now, f"was not ready {self.start_timeout_s:.0f} s after a restart")
                 elif not r.ever_ready:
-                    self.events.progress(r.label if len(self.replicas) > 1 else r.plan.served_name, r.engine.progress())
+                    self.events.progress(r.label, r.engine.progress())
             elif r.restart_at is not None and now >= r.restart_at:
                 self.events.warn(f"Restarting the engine for {r.label}.")
                 r.start(now)
@@ -175,7 +178,7 @@ class Supervisor:
         delay = self.policy.delay_s(r.failures)
         r.restart_at = now + delay
         self.events.warn(
-            f"The engine for {r.label} {why}; restarting it in {delay:.0f} s (log: {r.log_path}). {last}".strip()
+            f"The engine for {r.label} {why}; restarting it in {delay:g} s (log: {r.log_path}). {last}".strip()
         )
 
 

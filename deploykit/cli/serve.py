@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -17,8 +18,10 @@ from deploykit.console import err, out, print_json
 from deploykit.errors import UsageError
 from deploykit.models.catalog import load_catalog
 from deploykit.models.hub import pull, resolve_name
+from deploykit.models.prices import load_prices
 from deploykit.models.store import ModelStore
 from deploykit.serve.engine import EngineProgress
+from deploykit.serve.gateway.spill import parse_spill
 from deploykit.serve.plan import LaunchPlan
 from deploykit.serve.runner import ServeOptions, ServeReporter, prepare, run
 from deploykit.serve.supervisor import Ready
@@ -43,6 +46,14 @@ def serve(
     ),
     max_body: int = typer.Option(4 * 1024 * 1024, help="Largest request body in bytes (413 above)."),
     max_tokens: int | None = typer.Option(None, help="Largest max_tokens a request may ask for (400 above)."),
+    spill: list[str] = typer.Option(
+        [],
+        help="MODEL=REMOTE_MODEL@URL: a managed OpenAI-compatible or Azure OpenAI endpoint that takes MODEL's "
+        "requests when no local replica is ready (or past --spill-queue / --spill-ttft). Key in "
+        "DEPLOYKIT_SPILL_API_KEY.",
+    ),
+    spill_queue: int | None = typer.Option(None, help="Spill when ready replicas average this many requests."),
+    spill_ttft: float | None = typer.Option(None, help="Spill when the model's recent TTFT exceeds this (s)."),
     json_: JsonOpt = False,
 ) -> None:
     """Serve MODELS with vLLM behind one gateway on http://HOST:PORT (Ctrl-C or SIGTERM stops all).
@@ -68,6 +79,8 @@ def serve(
       deploykit serve qwen2.5-7b-instruct --yes    # pull from the hub first
 
       deploykit serve --host 0.0.0.0               # API keys required (`deploykit keys create`)
+
+      deploykit serve --spill smollm2-135m=gpt-4o-mini@https://api.openai.com/v1 --spill-queue 8
     """
     models, engine_args = _split_engine_args(models or [], [*ctx.args])
     models = models or [DEFAULT_MODEL]
@@ -78,6 +91,8 @@ def serve(
     if not dry_run:
         models = [m if store.find(m) is not None else _pull_first(store, m, yes) for m in models]
     plans = prepare(settings, models, replicas=replicas, engine_args=engine_args, engine_port=engine_port or None)
+    prices = load_prices(settings.home / "prices.toml")
+    spills = tuple(parse_spill(s, prices, os.environ, max_queue=spill_queue, max_ttft_s=spill_ttft) for s in spill)
     if dry_run:
         _show_plans(plans, json_)
         return
@@ -89,6 +104,7 @@ def serve(
         auth=auth,
         max_body_bytes=max_body,
         max_tokens=max_tokens,
+        spills=spills,
     )
     run(settings, plans, options, ConsoleReporter())
 

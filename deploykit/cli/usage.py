@@ -10,7 +10,7 @@ from rich.table import Table
 
 from deploykit.cli.options import JsonOpt
 from deploykit.console import err, out, print_json
-from deploykit.loadtests.prices import load_prices
+from deploykit.models.prices import load_prices
 from deploykit.serve.gateway.database import opened
 from deploykit.settings import Settings
 from deploykit.usage import parse_since, usage_report

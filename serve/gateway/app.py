@@ -22,10 +22,18 @@ from deploykit.serve.gateway.errors import GatewayError, error_body, install_err
 from deploykit.serve.gateway.exchange import Exchange
 from deploykit.serve.gateway.ledger import Ledger
 from deploykit.serve.gateway.metrics import GatewayMetrics
-from deploykit.serve.gateway.proxy import CLIENT_CLOSED_REQUEST, forward, get_json, get_text, parse_body
+from deploykit.serve.gateway.proxy import (
+    CLIENT_CLOSED_REQUEST,
+    forward,
+    forward_spill,
+    get_json,
+    get_text,
+    parse_body,
+)
 from deploykit.serve.gateway.ratelimit import RateLimiter, estimate_prompt_tokens
 from deploykit.serve.gateway.routing import Backend, Router
 from deploykit.serve.gateway.schema import install_openapi
+from deploykit.serve.gateway.spill import SpillTarget
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,7 @@ class GatewayOptions:
     auth: bool = False  # require an API key on every model request
     max_body_bytes: int = 4 * 1024 * 1024
     max_tokens: int | None = None  # the most a request may ask for (None: the engine's own limit)
+    spills: tuple[SpillTarget, ...] = ()  # managed endpoints that take over a model's overflow
 
 
 class Gateway:
@@ -40,6 +49,8 @@ class Gateway:
 
     def __init__(self, backends: Sequence[Backend], db: Database, options: GatewayOptions) -> None:
         self.router = Router(backends)
+        session = backends[0].session
+        self.spills = {s.model: (s, Backend(s.model, s.url, session, status="ready")) for s in options.spills}
         self.options = options
         self.verifier = KeyVerifier(db)
         self.limiter = RateLimiter()
@@ -139,9 +150,15 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
         admission = None
         if key is not None:
             admission = gateway.limiter.admit(key, estimate_prompt_tokens(len(raw)) + max_tokens)
-        exchange = Exchange(gateway.ledger, gateway.metrics, gateway.limiter, path, model.name, key, admission)
+        exchange = Exchange(
+            gateway.ledger, gateway.metrics, gateway.limiter, path, model.name, key, admission, route=model
+        )
         if body.get("stream") is True:
             raw, exchange.strip_usage = _with_usage(body, raw)
+        spill, spill_backend = gateway.spills.get(model.name, (None, None))
+        if spill is not None and spill_backend is not None and spill.takes(model):
+            exchange.spill = spill
+            return await forward_spill(spill, spill_backend, path, spill.body(json.loads(raw)), request, exchange)
         return await forward(model, path, raw, request, exchange)
     except GatewayError as e:
         if exchange is None:

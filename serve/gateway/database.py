@@ -76,6 +76,7 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         )
         """,
     ),
+    ("m004_request_cost", "ALTER TABLE requests ADD COLUMN cost_usd DOUBLE PRECISION"),
 )
 
 

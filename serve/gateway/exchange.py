@@ -16,6 +16,8 @@ from deploykit.serve.gateway.auth import ApiKey
 from deploykit.serve.gateway.ledger import Ledger, UsageRecord
 from deploykit.serve.gateway.metrics import GatewayMetrics
 from deploykit.serve.gateway.ratelimit import Admission, RateLimiter
+from deploykit.serve.gateway.routing import Model
+from deploykit.serve.gateway.spill import SpillTarget
 
 # An SSE event that carries generated text (a role-only first chunk has "content":"" and does not count).
 _CONTENT = re.compile(rb'"(?:content|text)":\s*"[^"]')
@@ -34,6 +36,8 @@ class Exchange:
     admission: Admission | None = None
     replica: str | None = None
     strip_usage: bool = False  # the gateway asked for the usage chunk; the client did not
+    route: Model | None = None  # the local model, whose recent TTFT this answer updates
+    spill: SpillTarget | None = None  # set when the request went to the managed endpoint
     at: float = field(default_factory=time.time)
     started: float = field(default_factory=time.monotonic)
     prompt_tokens: int | None = None
@@ -118,6 +122,8 @@ class Exchange:
         ttft = None if self.first_content is None else self.first_content - self.started
         if ttft is not None:
             m.ttft.labels(self.model).observe(ttft)
+            if self.route is not None and self.spill is None:
+                self.route.observe_ttft(ttft)
         return UsageRecord(
             at=self.at,
             key_id=self.key.id if self.key is not None else None,
@@ -130,6 +136,7 @@ class Exchange:
             duration_ms=duration * 1000,
             replica=self.replica,
             error=error,
+            cost_usd=None if self.spill is None else self.spill.cost(prompt, completion),
         )
 
 

@@ -23,9 +23,10 @@ from deploykit.serve.gateway.database import Database
 log = logging.getLogger("deploykit.gateway")
 
 _COLUMNS = (
-    "at, key_id, model, endpoint, status, prompt_tokens, completion_tokens, ttft_ms, duration_ms, replica, error, day"
+    "at, key_id, model, endpoint, status, prompt_tokens, completion_tokens, ttft_ms, duration_ms, replica, error, "
+    "cost_usd, day"
 )
-_INSERT = f"INSERT INTO requests ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT = f"INSERT INTO requests ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class UsageRecord:
     duration_ms: float
     replica: str | None
     error: str | None = None
+    cost_usd: float | None = None  # what a spilled request cost at the managed API's price
 
 
 _Pending = tuple[UsageRecord, asyncio.AbstractEventLoop | None, "asyncio.Future[None] | None"]

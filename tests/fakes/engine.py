@@ -24,7 +24,8 @@ ANSWER = "The capital of France is Paris."
 PROMPT_TOKENS = 5  # what the fake reports for every prompt
 
 
-def create_fake_engine(model: str = "fake-model", token_delay: float = 0.0) -> FastAPI:
+def create_fake_engine(model: str = "fake-model", token_delay: float = 0.0, api_key: str | None = None) -> FastAPI:
+    """With `api_key`, it stands for a managed API: requests need that key (Bearer or Azure's api-key)."""
     app = FastAPI()
     app.state.finished = 0
     app.state.aborted = 0
@@ -52,6 +53,11 @@ def create_fake_engine(model: str = "fake-model", token_delay: float = 0.0) -> F
         return {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "fake"}]}
 
     async def complete(request: Request, chat: bool) -> object:
+        if api_key is not None and api_key not in (
+            request.headers.get("api-key"),
+            request.headers.get("authorization", "").removeprefix("Bearer "),
+        ):
+            return JSONResponse({"error": {"message": "bad key", "type": "invalid_request_error"}}, 401)
         body = await request.json()
         if body.get("model") != model:
             return JSONResponse(
@@ -93,6 +99,12 @@ def create_fake_engine(model: str = "fake-model", token_delay: float = 0.0) -> F
     @app.post("/v1/completions")
     async def completions(request: Request) -> object:
         return await complete(request, chat=False)
+
+    @app.post("/openai/deployments/{deployment}/chat/completions")
+    async def azure_chat(request: Request, deployment: str) -> object:
+        if "api-version" not in request.query_params:
+            return JSONResponse({"error": {"message": "api-version is required", "type": "invalid_request"}}, 404)
+        return await complete(request, chat=True)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> object:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from deploykit.errors import DeploykitError, NotFoundError, UsageError
-from deploykit.loadtests.prices import load_prices
+from deploykit.models.prices import load_prices
 from deploykit.serve.gateway.database import Database, connect
 from deploykit.serve.gateway.ledger import Ledger, UsageRecord
 from deploykit.usage import parse_since, usage_report

@@ -50,7 +50,7 @@ class Prices:
             raise NotFoundError(
                 f"No price for '{name}'.",
                 f"Known: {known}. Add your own to $DEPLOYKIT_HOME/prices.toml ([[service]] entries, as in the "
-                "shipped loadtests/prices.toml).",
+                "shipped models/prices.toml).",
             )
         return price
 
@@ -61,7 +61,7 @@ class Prices:
 
 def load_prices(user_file: Path | None = None) -> Prices:
     """The shipped prices, with the user's file (if it exists) adding entries or replacing them by name."""
-    shipped = resources.files("deploykit.loadtests").joinpath("prices.toml").read_text()
+    shipped = resources.files("deploykit.models").joinpath("prices.toml").read_text()
     services = _parse(shipped, "the shipped price data")
     if user_file is not None and user_file.exists():
         services += _parse(user_file.read_text(), str(user_file))
