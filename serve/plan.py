@@ -6,10 +6,11 @@ Flags the user passes through win over the plan's own.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from deploykit.errors import NotEnoughMemoryError, UsageError
@@ -51,6 +52,7 @@ class LaunchPlan:
     max_model_len: int
     kv_cache_tokens: int  # predicted; the engine logs its own figure at start-up
     gpu_indices: tuple[int, ...] = field(default_factory=tuple)
+    adapters: tuple[str, ...] = ()  # LoRA adapters the engine serves as model names of their own
 
     @property
     def url(self) -> str:
@@ -252,6 +254,53 @@ def tensor_parallel_sizes(config: ModelConfig, gpu_count: int) -> list[int]:
 def gpu_budget(gpu: Gpu) -> int:
     """Bytes of one GPU the engine gives to weights and KV cache."""
     return int(gpu.memory_bytes * GPU_MEMORY_UTILIZATION) - GPU_RUNTIME_OVERHEAD
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter directory (as peft saves it) and the name clients ask for."""
+
+    name: str
+    path: Path
+    rank: int
+
+
+# the ranks vLLM accepts for --max-lora-rank
+_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def read_adapter(spec: str) -> Adapter:
+    """NAME=PATH -> an Adapter, with its rank from adapter_config.json."""
+    name, sep, path = spec.partition("=")
+    if not (sep and name and path):
+        raise UsageError(f"--lora '{spec}' is not NAME=PATH.", "For example: --lora support-bot=./adapters/support")
+    config = Path(path).expanduser() / "adapter_config.json"
+    try:
+        rank = int(json.loads(config.read_text())["r"])
+    except FileNotFoundError as e:
+        raise UsageError(
+            f"No adapter_config.json in {config.parent}.", "Point --lora at a peft adapter directory."
+        ) from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{config} does not say the adapter's rank (r).", "Is it a LoRA adapter saved by peft?") from e
+    if rank > _LORA_RANKS[-1]:
+        raise UsageError(f"The adapter {name} has rank {rank}; vLLM serves ranks up to {_LORA_RANKS[-1]}.")
+    return Adapter(name, config.parent.resolve(), rank)
+
+
+def with_adapters(plan: LaunchPlan, adapters: Sequence[Adapter]) -> LaunchPlan:
+    """The plan with LoRA serving on: each adapter answers under its own name, beside the base model."""
+    if not adapters:
+        return plan
+    rank = next(r for r in _LORA_RANKS if r >= max(a.rank for a in adapters))
+    modules = [f"{a.name}={a.path}" for a in adapters]
+    choices = (
+        *plan.choices,
+        Choice("--lora-modules", " ".join(a.name for a in adapters), "fine-tuned adapters, served by name"),
+        Choice("--max-lora-rank", str(rank), f"the smallest vLLM allows for rank {max(a.rank for a in adapters)}"),
+    )
+    argv = (*plan.argv, "--enable-lora", "--max-lora-rank", str(rank), "--lora-modules", *modules)
+    return replace(plan, argv=argv, choices=choices, adapters=tuple(a.name for a in adapters))
 
 
 def _common_flags(served_name: str, port: int) -> list[str]:

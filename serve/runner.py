@@ -43,7 +43,7 @@ from deploykit.serve.gateway.proxy import engine_session
 from deploykit.serve.gateway.routing import Backend
 from deploykit.serve.gateway.spill import SpillTarget
 from deploykit.serve.hardware import Hardware, detect_hardware
-from deploykit.serve.plan import LaunchPlan, plan_launch
+from deploykit.serve.plan import Adapter, LaunchPlan, plan_launch, with_adapters
 from deploykit.serve.supervisor import Failure, Ready, Replica, RestartPolicy, Supervisor
 from deploykit.settings import Settings
 
@@ -82,14 +82,15 @@ def prepare(
     models: Sequence[str],
     *,
     replicas: int = 1,
+    adapters: Sequence[Adapter] = (),
     engine_args: Sequence[str] = (),
     engine_port: int | None = None,
     hardware: Hardware | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> list[LaunchPlan]:
     """Plan every engine: `replicas` of each model, each on its share of the machine (its own GPUs, or
-    its part of the RAM). A catalog model not yet pulled is planned from the catalog's numbers (for
-    --dry-run: its weights must be pulled before it can start)."""
+    its part of the RAM); the LoRA `adapters` go with the first model. A catalog model not yet pulled is
+    planned from the catalog's numbers (for --dry-run: its weights must be pulled before it can start)."""
     if replicas < 1:
         raise UsageError(f"--replicas must be at least 1 (got {replicas}).")
     if len(set(models)) != len(models):
@@ -110,17 +111,16 @@ def prepare(
         else:
             raise UnknownModelError(model, [*store.aliases(), *catalog.aliases()])
         for r in range(replicas):
-            plans.append(
-                plan_launch(
-                    path,
-                    name,
-                    config,
-                    shares[i * replicas + r],
-                    port=engine_port or free_port(),
-                    extra_args=engine_args,
-                    environ=os.environ if environ is None else environ,
-                )
+            plan = plan_launch(
+                path,
+                name,
+                config,
+                shares[i * replicas + r],
+                port=engine_port or free_port(),
+                extra_args=engine_args,
+                environ=os.environ if environ is None else environ,
             )
+            plans.append(with_adapters(plan, adapters if i == 0 else ()))
     return plans
 
 
@@ -196,7 +196,7 @@ async def _serve(
             index = sum(r.plan.served_name == plan.served_name for r in replicas)
             several = sum(p.served_name == plan.served_name for p in plans) > 1
             log = settings.logs_dir / f"engine-{plan.served_name}{f'-{index + 1}' if several else ''}.log"
-            backend = Backend(plan.served_name, plan.url, session)
+            backend = Backend(plan.served_name, plan.url, session, adapters=plan.adapters)
             replicas.append(Replica(plan, index, log, backend, several=several))
         supervisor = Supervisor(replicas, reporter, policy=policy, start_timeout_s=options.start_timeout_s)
         gateway_options = GatewayOptions(

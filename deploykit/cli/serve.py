@@ -22,7 +22,7 @@ from deploykit.models.prices import load_prices
 from deploykit.models.store import ModelStore
 from deploykit.serve.engine import EngineProgress
 from deploykit.serve.gateway.spill import parse_spill
-from deploykit.serve.plan import LaunchPlan
+from deploykit.serve.plan import LaunchPlan, read_adapter
 from deploykit.serve.runner import ServeOptions, ServeReporter, prepare, run
 from deploykit.serve.supervisor import Ready
 from deploykit.settings import Settings
@@ -34,6 +34,9 @@ def serve(
         None, help=f"Model aliases from `deploykit models list` (default: {DEFAULT_MODEL}).", show_default=False
     ),
     replicas: int = typer.Option(1, help="Engine processes per model (one GPU group each on GPU machines)."),
+    lora: list[str] = typer.Option(
+        [], help="NAME=PATH: a LoRA adapter (a peft directory) for the first model, served as model NAME."
+    ),
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8000,
     engine_port: int = typer.Option(0, help="Loopback port for the engine (0: pick a free one)."),
@@ -76,6 +79,8 @@ def serve(
 
       deploykit serve llama-3.1-8b-instruct --replicas 4   # 4 engines, balanced, restarted on failure
 
+      deploykit serve smollm2-135m --lora support=./adapters/support   # the adapter answers as "support"
+
       deploykit serve qwen2.5-7b-instruct --yes    # pull from the hub first
 
       deploykit serve --host 0.0.0.0               # API keys required (`deploykit keys create`)
@@ -90,7 +95,10 @@ def serve(
     store = ModelStore(settings.models_dir)
     if not dry_run:
         models = [m if store.find(m) is not None else _pull_first(store, m, yes) for m in models]
-    plans = prepare(settings, models, replicas=replicas, engine_args=engine_args, engine_port=engine_port or None)
+    adapters = [read_adapter(spec) for spec in lora]
+    plans = prepare(
+        settings, models, replicas=replicas, adapters=adapters, engine_args=engine_args, engine_port=engine_port or None
+    )
     prices = load_prices(settings.home / "prices.toml")
     spills = tuple(parse_spill(s, prices, os.environ, max_queue=spill_queue, max_ttft_s=spill_ttft) for s in spill)
     if dry_run:

@@ -110,13 +110,17 @@ def create_app(backends: Sequence[Backend], db: Database, options: GatewayOption
     @app.get("/v1/models")
     async def models(request: Request, gateway: GatewayDep) -> dict[str, object]:
         key = gateway.authenticate(request)
-        data: list[object] = []
+        data: dict[str, object] = {}  # by id: an engine lists its LoRA adapters beside its model
         for model in gateway.router.models.values():
             backend = model.pick()
-            if backend is not None and (key is None or key.allows(model.name)):
-                listing = await get_json(backend, "/v1/models")
-                data += list(listing.get("data", []))  # type: ignore[call-overload]
-        return {"object": "list", "data": data}
+            if backend is None or model.name in data:
+                continue
+            listing = await get_json(backend, "/v1/models")
+            for entry in listing.get("data", []):  # type: ignore[attr-defined]
+                if isinstance(entry, dict) and entry.get("id") in gateway.router.models:
+                    data.setdefault(entry["id"], entry)
+        names = [name for name in data if key is None or key.allows(name)]
+        return {"object": "list", "data": [data[name] for name in names]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, gateway: GatewayDep) -> Response:

@@ -20,6 +20,7 @@ class Backend:
     session: aiohttp.ClientSession
     status: str = "starting"  # starting | ready | stopped
     outstanding: int = 0  # requests sent to it and not yet answered in full
+    adapters: tuple[str, ...] = ()  # LoRA adapters it also serves, each a model name of its own
 
     @property
     def replica(self) -> str:
@@ -73,7 +74,8 @@ class Router:
     def __init__(self, backends: Sequence[Backend]) -> None:
         grouped: dict[str, list[Backend]] = {}
         for backend in backends:
-            grouped.setdefault(backend.model, []).append(backend)
+            for name in (backend.model, *backend.adapters):
+                grouped.setdefault(name, []).append(backend)
         self.models = {name: Model(name, replicas) for name, replicas in grouped.items()}
 
     @property

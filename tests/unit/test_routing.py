@@ -103,3 +103,14 @@ def test_prepare_plans_every_replica_on_its_share(tmp_path: Path) -> None:
         prepare(settings, ["llama-3.1-8b-instruct"] * 2, hardware=eight, environ={})
     with pytest.raises(UsageError, match="--engine-port"):
         prepare(settings, ["llama-3.1-8b-instruct"], replicas=2, engine_port=9000, hardware=eight, environ={})
+
+
+def test_a_lora_adapter_is_a_model_served_by_its_base_models_replicas() -> None:
+    from deploykit.serve.gateway.routing import Router
+
+    base = Backend("base", "http://r0", None, status="ready", adapters=("support",))  # type: ignore[arg-type]
+    other = Backend("other", "http://r1", None, status="ready")  # type: ignore[arg-type]
+    router = Router([base, other])
+    assert list(router.models) == ["base", "support", "other"]
+    assert router.route({"model": "support"}).pick() is base
+    assert router.replicas.count(base) == 2  # listed under each name it answers to
