@@ -80,7 +80,8 @@ class Router:
 
     @property
     def replicas(self) -> list[Backend]:
-        return [r for model in self.models.values() for r in model.replicas]
+        """Every engine once (an engine serving LoRA adapters answers to several model names)."""
+        return list({id(r): r for model in self.models.values() for r in model.replicas}.values())
 
     def route(self, body: dict[str, object]) -> Model:
         name = body.get("model")
