@@ -1,4 +1,5 @@
-"""The load generator's own process: `python -m deploykit.loadtests CONFIG_JSON OUT_JSON [OUT_CSV]`.
+"""The load generator's own process: `python -m deploykit.loadtests CONFIG_JSON OUT_JSON [OUT_CSV]`, or one of
+its locust workers: `python -m deploykit.loadtests --worker CONFIG_JSON MASTER_PORT`.
 
 locust monkey-patches the process for gevent, which must happen before ssl, requests or urllib3 are
 imported; `deploykit loadtest` therefore runs the load here, in a process of its own, never in the
@@ -15,12 +16,18 @@ from pathlib import Path  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
+from deploykit.console import print_error  # noqa: E402
+from deploykit.errors import DeploykitError  # noqa: E402
 from deploykit.loadtests.config import LoadTestConfig  # noqa: E402
+from deploykit.loadtests.distributed import run_distributed, serve_worker  # noqa: E402
 from deploykit.loadtests.runner import Progress as RunProgress  # noqa: E402
 from deploykit.loadtests.runner import run_load  # noqa: E402
 
 
 def main() -> None:
+    if sys.argv[1] == "--worker":
+        serve_worker(LoadTestConfig.model_validate_json(sys.argv[2]), int(sys.argv[3]))
+        return
     config = LoadTestConfig.model_validate_json(sys.argv[1])
     out, csv = Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None
     console = Console(stderr=True)
@@ -38,7 +45,12 @@ def main() -> None:
             bar.update(task, completed=p.elapsed_s, description=f"{p.done} done, {p.errors} errors")
             bar.refresh()
 
-        report = run_load(config, show)
+        try:
+            report = run_distributed(config, show) if config.processes > 1 else run_load(config, show)
+        except DeploykitError as e:
+            bar.stop()
+            print_error(e)
+            sys.exit(e.exit_code)
     report.write(out, csv)
 
 

@@ -10,8 +10,7 @@ from typing import Any
 
 from deploykit.errors import DeploykitError, UsageError
 from deploykit.loadtests.config import LoadTestConfig
-from deploykit.loadtests.metrics import Distribution, parse_slos, summarize
-from deploykit.loadtests.report import LoadTestReport, records_from_json
+from deploykit.loadtests.metrics import parse_slos
 
 
 class LoadTestError(DeploykitError):
@@ -19,41 +18,16 @@ class LoadTestError(DeploykitError):
 
 
 def run_in_own_process(config: LoadTestConfig, out: Path, csv: Path | None = None) -> dict[str, object]:
-    """Run the load test in `config.processes` load-generator processes at once and merge their records
-    into one report (exactly: every process stamps with the same monotonic clock). Returns the report
-    without its per-request records (they are in `out`)."""
+    """Run the load test in a process of its own (with `config.processes` > 1, the master of that many locust
+    workers). Returns the report without its per-request records (they are in `out`)."""
     out.unlink(missing_ok=True)
-    parts = [out.with_name(f"{out.stem}.part{i}{out.suffix}") for i in range(config.processes)]
-    children = [
-        subprocess.Popen([sys.executable, "-m", "deploykit.loadtests", part_config.model_dump_json(), str(path)])
-        for part_config, path in zip(config.split(), parts, strict=True)
-    ]
-    codes = [child.wait() for child in children]
-    if any(codes) or not all(p.exists() for p in parts):
-        raise LoadTestError(f"The load generator failed (exit {max(codes)}).", "Its output is above.")
-    merged = _merge(config, [json.loads(p.read_text()) for p in parts])
-    merged.write(out, csv)
-    for p in parts:
-        p.unlink()
-    return merged.to_json(with_records=False)
-
-
-def _merge(config: LoadTestConfig, reports: list[dict[str, Any]]) -> LoadTestReport:
-    records = sorted((r for rep in reports for r in records_from_json(rep["records"])), key=lambda r: r.scheduled)
-    started = max(float(rep["started"]) for rep in reports)
-    ended = min(float(rep["ended"]) for rep in reports)
-    window = (started + config.warmup_s, ended - config.cooldown_s)
-    lags = [rep["schedule_lag"] for rep in reports if rep["schedule_lag"]]
-    return LoadTestReport(
-        config=config,
-        summary=summarize(records, window, parse_slos(config.slos)),
-        records=records,
-        schedule_lag=Distribution(**max(lags, key=lambda d: d["p99"])) if lags else None,  # the worst process
-        generator_cpu_percent=sum(float(rep["generator_cpu_percent"]) for rep in reports),
-        invalid_reasons=[reason for rep in reports for reason in rep["invalid_reasons"]],
-        started=started,
-        ended=ended,
-    )
+    command = [sys.executable, "-m", "deploykit.loadtests", config.model_dump_json(), str(out)]
+    code = subprocess.run([*command, str(csv)] if csv else command).returncode
+    if code or not out.exists():
+        raise LoadTestError(f"The load generator failed (exit {code}).", "Its output is above.")
+    report: dict[str, object] = json.loads(out.read_text())
+    report.pop("records", None)
+    return report
 
 
 def run_level(config: LoadTestConfig, point: float, out: Path, csv: Path | None = None) -> dict[str, object]:

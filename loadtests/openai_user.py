@@ -41,6 +41,13 @@ class RunState:
         self.workload = self.config.workload()
         self.count_tokens = load_token_counter(self.config.tokenizer) if self.config.tokenizer else None
 
+    def reset(self, config: LoadTestConfig) -> None:
+        """Start the run now, with this config (a worker's share of the whole one)."""
+        self.config = config
+        self.random = random.Random(config.seed)
+        self.workload = config.workload()
+        self.started = self.next_arrival = time.monotonic()
+
     def take_arrival(self) -> float:
         """The next scheduled send time: now for a closed loop, the Poisson schedule for an open one."""
         if self.config.rate is None:

@@ -30,6 +30,27 @@ class Progress:
     errors: int
 
 
+def probe_lag(lags: list[float]) -> None:
+    """The generator-health probe, run as a greenlet: how late each 50 ms sleep wakes up."""
+    while True:
+        before = time.monotonic()
+        gevent.sleep(_TICK_S)
+        lags.append(time.monotonic() - before - _TICK_S)
+
+
+def health_problems(config: LoadTestConfig, lag: Distribution | None, cpu_percent: float) -> list[str]:
+    """Why the load generator, not the server, may have been the bottleneck (an empty list: a valid run)."""
+    problems = []
+    if lag is not None and lag.p99 > config.max_schedule_lag_s:
+        problems.append(
+            f"the load generator ran {lag.p99 * 1000:.1f} ms late at p99 (limit "
+            f"{config.max_schedule_lag_s * 1000:.0f} ms): it, not the server, may be the bottleneck"
+        )
+    if cpu_percent > 90:
+        problems.append(f"the load generator used {cpu_percent:.0f}% of a core")
+    return problems
+
+
 def run_load(config: LoadTestConfig, on_progress: Callable[[Progress], None] = lambda _p: None) -> LoadTestReport:
     slos = parse_slos(config.slos)
     state = RunState(config)
@@ -38,16 +59,8 @@ def run_load(config: LoadTestConfig, on_progress: Callable[[Progress], None] = l
     process = psutil.Process()
     process.cpu_percent()
     lags: list[float] = []
-
-    def probe() -> None:
-        while True:
-            before = time.monotonic()
-            gevent.sleep(_TICK_S)
-            lags.append(time.monotonic() - before - _TICK_S)
-
-    prober = gevent.spawn(probe)
-    state.started = time.monotonic()
-    state.next_arrival = state.started
+    prober = gevent.spawn(probe_lag, lags)
+    state.reset(config)
     runner.start(config.users, spawn_rate=100)
     deadline = state.started + config.duration_s
     while time.monotonic() < deadline and not (config.max_requests and len(state.records) >= config.max_requests):
@@ -64,21 +77,13 @@ def run_load(config: LoadTestConfig, on_progress: Callable[[Progress], None] = l
     records = [r for r in state.records if r.end <= ended]
     summary = summarize(records, window, slos)
     lag = Distribution.of(lags)
-    invalid = []
-    if lag is not None and lag.p99 > config.max_schedule_lag_s:
-        invalid.append(
-            f"the load generator ran {lag.p99 * 1000:.1f} ms late at p99 (limit "
-            f"{config.max_schedule_lag_s * 1000:.0f} ms): it, not the server, may be the bottleneck"
-        )
-    if cpu > 90:
-        invalid.append(f"the load generator used {cpu:.0f}% of a core")
     return LoadTestReport(
         config=config,
         summary=summary,
         records=records,
         schedule_lag=lag,
         generator_cpu_percent=cpu,
-        invalid_reasons=invalid,
+        invalid_reasons=health_problems(config, lag, cpu),
         started=state.started,
         ended=ended,
     )

@@ -43,7 +43,9 @@ def loadtest(
     azure_deployment: str = typer.Option(None, help="Azure OpenAI deployment name (sends the key as api-key)."),
     azure_api_version: str = typer.Option("2024-10-21", help="Azure OpenAI api-version."),
     vllm: bool = typer.Option(True, help="The server is vLLM: ask for ignore_eos and per-chunk usage."),
-    processes: int = typer.Option(1, help="Load-generator processes, for more load than one can drive."),
+    processes: int = typer.Option(
+        1, help="Locust worker processes (under a master), for more load than one process can drive."
+    ),
     tokenizer: str = typer.Option(
         None, help="A tokenizer.json (or its folder) to count tokens when the server reports no usage."
     ),

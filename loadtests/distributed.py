@@ -1,0 +1,147 @@
+"""More load than one process gives: locust's own master and worker processes, records merged exactly.
+
+The master (the load-test process) spawns `processes` workers (`python -m deploykit.loadtests --worker`),
+lets locust spread the users over them, and stops them when the run ends. Each worker runs its share of
+the load (config.split(), chosen by the index locust gives it) and, asked at the end, sends every record
+to the master as a custom message. All processes stamp with the same monotonic clock (one machine), so
+the merged records are the run's exact per-request data.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import psutil
+from locust import events
+from locust.env import Environment
+from locust.runners import WorkerRunner
+
+from deploykit.errors import DeploykitError
+from deploykit.loadtests.config import LoadTestConfig
+from deploykit.loadtests.metrics import Distribution, parse_slos, summarize
+from deploykit.loadtests.openai_user import RunState, user_for
+from deploykit.loadtests.report import LoadTestReport, records_from_json
+from deploykit.loadtests.runner import Progress, health_problems, probe_lag
+
+_RECORDS = "deploykit_records"
+_FLUSH = "deploykit_flush"
+
+
+class WorkerError(DeploykitError):
+    exit_code = 6
+
+
+def run_distributed(
+    config: LoadTestConfig, on_progress: Callable[[Progress], None] = lambda _p: None, *, connect_timeout_s: float = 60
+) -> LoadTestReport:
+    port = _free_port()
+    env = Environment(user_classes=[user_for(RunState(config))])
+    master = env.create_master_runner("127.0.0.1", port)
+    finals: dict[str, dict[str, Any]] = {}
+    counts: dict[str, tuple[int, int]] = {}
+    master.register_message(_RECORDS, lambda environment, msg, **_kw: finals.__setitem__(msg.node_id, msg.data))
+    events.worker_report.add_listener(  # type: ignore[no-untyped-call]
+        lambda client_id, data, **_kw: counts.__setitem__(client_id, data.get("deploykit_progress", (0, 0)))
+    )
+    worker_cmd = [sys.executable, "-m", "deploykit.loadtests", "--worker", config.model_dump_json(), str(port)]
+    workers = [subprocess.Popen(worker_cmd) for _ in range(config.processes)]
+    try:
+        _await(lambda: len(master.clients.ready) >= config.processes, workers, connect_timeout_s, "connect")
+        started = time.monotonic()
+        master.start(config.users, spawn_rate=100 * config.processes)  # all users within a second
+        deadline = started + config.duration_s
+        while time.monotonic() < deadline:
+            gevent.sleep(0.25)
+            done, errors = (sum(c[i] for c in counts.values()) for i in (0, 1))
+            on_progress(Progress(time.monotonic() - started, config.duration_s, done, errors))
+            if config.max_requests and done >= config.max_requests:
+                break
+        ended = time.monotonic()
+        master.stop()  # the workers stop their users: requests in flight are cut off, outside the window
+        _await(lambda: not master.clients.running and not master.clients.spawning, workers, 30, "stop")
+        master.send_message(_FLUSH)
+        _await(lambda: len(finals) >= config.processes, workers, 30, "send its records")
+        master.quit()
+    finally:
+        for worker in workers:
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    return _merge(config, list(finals.values()), started, ended)
+
+
+def _merge(config: LoadTestConfig, parts: list[dict[str, Any]], started: float, ended: float) -> LoadTestReport:
+    records = sorted(
+        (r for part in parts for r in records_from_json(part["records"]) if r.end <= ended), key=lambda r: r.scheduled
+    )
+    lags = [Distribution(**part["lag"]) for part in parts if part["lag"]]
+    lag = max(lags, key=lambda d: d.p99) if lags else None  # the worst worker
+    cpu = max(float(part["cpu"]) for part in parts)  # each worker has its own core's worth; the busiest counts
+    return LoadTestReport(
+        config=config,
+        summary=summarize(records, (started + config.warmup_s, ended - config.cooldown_s), parse_slos(config.slos)),
+        records=records,
+        schedule_lag=lag,
+        generator_cpu_percent=cpu,
+        invalid_reasons=health_problems(config, lag, cpu),
+        started=started,
+        ended=ended,
+    )
+
+
+def serve_worker(config: LoadTestConfig, master_port: int) -> None:
+    """A worker process: runs the users locust gives it, with its share of the schedule, until told to quit."""
+    state = RunState(config)
+    env = Environment(user_classes=[user_for(state)])
+    runner: WorkerRunner = env.create_worker_runner("127.0.0.1", master_port)
+    process = psutil.Process()
+    lags: list[float] = []
+    prober = gevent.spawn(probe_lag, lags)
+
+    def start(**_kw: object) -> None:
+        share = config.split()[runner.worker_index % config.processes]
+        state.reset(share)
+        process.cpu_percent()
+
+    def report(client_id: str, data: dict[str, Any], **_kw: object) -> None:
+        data["deploykit_progress"] = (len(state.records), sum(1 for r in state.records if r.error))
+
+    events.test_start.add_listener(start)  # type: ignore[no-untyped-call]
+    events.report_to_master.add_listener(report)  # type: ignore[no-untyped-call]
+
+    def flush(environment: Environment, msg: object, **_kw: object) -> None:
+        lag = Distribution.of(lags)
+        payload = {
+            "records": [r.to_json() for r in state.records],
+            "lag": None if lag is None else lag.__dict__,
+            "cpu": process.cpu_percent(),
+        }
+        runner.send_message(_RECORDS, payload)
+
+    runner.register_message(_FLUSH, flush)
+    runner.greenlet.join()
+    prober.kill()
+
+
+def _await(condition: Callable[[], bool], workers: list[subprocess.Popen[bytes]], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        dead = [w.returncode for w in workers if w.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            why = f"exited with status {dead[0]}" if dead else f"did not {what} within {timeout:.0f} s"
+            raise WorkerError(f"A load-generator worker {why}.", "Its output is above.")
+        gevent.sleep(0.05)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
