@@ -138,9 +138,9 @@ def _wait_http(url: str, timeout: float = 30) -> None:
 
 def start_stack(ttft: float, gap: float) -> tuple[list[subprocess.Popen[bytes]], str, str, str]:
     """Start the fast upstream and a gateway in front of it: (processes, upstream url, gateway url, API key)."""
+    from deploykit.ports import free_port
     from deploykit.serve.gateway.auth import create_key
     from deploykit.serve.gateway.database import opened
-    from deploykit.serve.runner import free_port
 
     home = Path(tempfile.mkdtemp(prefix="deploykit-bench-"))
     db_url = f"sqlite:///{home / 'deploykit.db'}"

@@ -9,7 +9,6 @@ the merged records are the run's exact per-request data.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from deploykit.loadtests.metrics import Distribution, parse_slos, summarize
 from deploykit.loadtests.openai_user import RunState, user_for
 from deploykit.loadtests.report import LoadTestReport, records_from_json
 from deploykit.loadtests.runner import Progress, health_problems, probe_lag
+from deploykit.ports import free_port
 
 _RECORDS = "deploykit_records"
 _FLUSH = "deploykit_flush"
@@ -40,7 +40,7 @@ class WorkerError(DeploykitError):
 def run_distributed(
     config: LoadTestConfig, on_progress: Callable[[Progress], None] = lambda _p: None, *, connect_timeout_s: float = 60
 ) -> LoadTestReport:
-    port = _free_port()
+    port = free_port()
     env = Environment(user_classes=[user_for(RunState(config))])
     master = env.create_master_runner("127.0.0.1", port)
     finals: dict[str, dict[str, Any]] = {}
@@ -138,10 +138,3 @@ def _await(condition: Callable[[], bool], workers: list[subprocess.Popen[bytes]]
             why = f"exited with status {dead[0]}" if dead else f"did not {what} within {timeout:.0f} s"
             raise WorkerError(f"A load-generator worker {why}.", "Its output is above.")
         gevent.sleep(0.05)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port

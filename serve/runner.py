@@ -34,6 +34,7 @@ from deploykit.errors import (
 from deploykit.models.catalog import load_catalog
 from deploykit.models.config import read_model_config
 from deploykit.models.store import ModelStore
+from deploykit.ports import free_port
 from deploykit.serve.engine import EngineProgress
 from deploykit.serve.gateway.app import GatewayOptions, create_app
 from deploykit.serve.gateway.auth import KeyVerifier
@@ -291,13 +292,6 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class _StopSignals:

@@ -158,11 +158,13 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
             gateway.ledger, gateway.metrics, gateway.limiter, path, model.name, key, admission, route=model
         )
         if body.get("stream") is True:
-            raw, exchange.strip_usage = _with_usage(body, raw)
+            body, exchange.strip_usage = _with_usage(body)
+            if exchange.strip_usage:
+                raw = json.dumps(body).encode()
         spill, spill_backend = gateway.spills.get(model.name, (None, None))
         if spill is not None and spill_backend is not None and spill.takes(model):
             exchange.spill = spill
-            return await forward_spill(spill, spill_backend, path, spill.body(json.loads(raw)), request, exchange)
+            return await forward_spill(spill, spill_backend, path, spill.body(body), request, exchange)
         return await forward(model, path, raw, request, exchange)
     except GatewayError as e:
         if exchange is None:
@@ -222,10 +224,11 @@ def _max_tokens(body: dict[str, object], limit: int | None) -> int:
     return value
 
 
-def _with_usage(body: dict[str, object], raw: bytes) -> tuple[bytes, bool]:
-    """Ask the engine for the usage chunk so the ledger counts tokens; strip it later if the client did not ask."""
+def _with_usage(body: dict[str, object]) -> tuple[dict[str, object], bool]:
+    """Ask the engine for the usage chunk so the ledger counts tokens; True: the client did not ask, so the
+    chunk is stripped on the way back."""
     options = body.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
-        return raw, False
+        return body, False
     options = dict(options) if isinstance(options, dict) else {}
-    return json.dumps({**body, "stream_options": {**options, "include_usage": True}}).encode(), True
+    return {**body, "stream_options": {**options, "include_usage": True}}, True

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import uvicorn
 from starlette.types import ASGIApp
 
-from deploykit.serve.runner import free_port
+from deploykit.ports import free_port
 
 
 @contextmanager

@@ -16,13 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from deploykit.ports import free_port
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
 from deploykit.serve.gateway.auth import create_key, list_keys, revoke_key
 from deploykit.serve.gateway.database import MIGRATIONS, connect, migrate
 from deploykit.serve.gateway.ledger import DeploymentLog, deployment_hours, usage_by
 from deploykit.serve.gateway.proxy import engine_session
-from deploykit.serve.runner import free_port
 from tests.fakes.engine import PROMPT_TOKENS
 
 

@@ -7,8 +7,8 @@ import json
 import httpx
 import pytest
 
+from deploykit.ports import free_port
 from deploykit.serve.gateway import Backend
-from deploykit.serve.runner import free_port
 from tests.fakes.engine import ANSWER, create_fake_engine
 from tests.fakes.threaded import serve_in_thread
 from tests.unit.gateway_support import assert_openai_error, chat

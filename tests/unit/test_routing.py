@@ -9,12 +9,12 @@ import pytest
 from fastapi import FastAPI
 
 from deploykit.errors import UsageError
+from deploykit.ports import free_port
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.database import Database
 from deploykit.serve.gateway.proxy import engine_session
 from deploykit.serve.gateway.routing import Model
 from deploykit.serve.hardware import Gpu, Hardware
-from deploykit.serve.runner import free_port
 from tests.unit.gateway_support import chat, client_of
 
 pytestmark = pytest.mark.anyio
