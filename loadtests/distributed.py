@@ -25,8 +25,8 @@ from deploykit.errors import DeploykitError
 from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.metrics import Distribution, parse_slos, summarize
 from deploykit.loadtests.openai_user import RunState, user_for
-from deploykit.loadtests.report import LoadTestReport, records_from_json
-from deploykit.loadtests.runner import Progress, health_problems, probe_lag
+from deploykit.loadtests.report import LoadTestReport, health_problems, records_from_json
+from deploykit.loadtests.runner import Progress, probe_lag
 from deploykit.ports import free_port
 
 _RECORDS = "deploykit_records"

@@ -12,6 +12,19 @@ from deploykit.loadtests.metrics import Distribution, Summary
 from deploykit.loadtests.records import RequestRecord
 
 
+def health_problems(config: LoadTestConfig, lag: Distribution | None, cpu_percent: float) -> list[str]:
+    """Why the load generator, not the server, may have been the bottleneck (an empty list: a valid run)."""
+    problems = []
+    if lag is not None and lag.p99 > config.max_schedule_lag_s:
+        problems.append(
+            f"the load generator ran {lag.p99 * 1000:.1f} ms late at p99 (limit "
+            f"{config.max_schedule_lag_s * 1000:.0f} ms): it, not the server, may be the bottleneck"
+        )
+    if cpu_percent > 90:
+        problems.append(f"the load generator used {cpu_percent:.0f}% of a core")
+    return problems
+
+
 @dataclass
 class LoadTestReport:
     config: LoadTestConfig

@@ -8,8 +8,9 @@ import pytest
 
 from deploykit.errors import UsageError
 from deploykit.loadtests.config import LoadTestConfig
-from deploykit.loadtests.metrics import Slo, parse_slos, percentile, summarize
+from deploykit.loadtests.metrics import Distribution, Slo, parse_slos, percentile, summarize
 from deploykit.loadtests.records import RequestRecord
+from deploykit.loadtests.report import health_problems
 from deploykit.loadtests.workload import Lengths, Prompt, Workload, load_prompts
 
 
@@ -125,3 +126,15 @@ def test_split_over_processes_keeps_the_total_load() -> None:
     assert [c.rate for c in opened] == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="at least 4"):
         LoadTestConfig(url="http://h", model="m", concurrency=2, processes=4)
+
+
+def test_a_late_or_busy_generator_makes_the_run_invalid() -> None:
+    config = LoadTestConfig(url="http://x", model="m", concurrency=1)
+    on_time = Distribution(n=400, mean=0.001, p50=0.001, p90=0.002, p95=0.003, p99=0.009)
+    late = Distribution(n=400, mean=0.004, p50=0.002, p90=0.008, p95=0.011, p99=0.0218)
+    assert health_problems(config, on_time, cpu_percent=50) == []
+    assert health_problems(config, None, cpu_percent=50) == []  # no samples: nothing to judge
+    assert health_problems(config, late, cpu_percent=50) == [
+        "the load generator ran 21.8 ms late at p99 (limit 10 ms): it, not the server, may be the bottleneck"
+    ]
+    assert health_problems(config, on_time, cpu_percent=95) == ["the load generator used 95% of a core"]
