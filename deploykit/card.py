@@ -12,18 +12,19 @@ from dataclasses import dataclass
 from deploykit.errors import UnknownModelError
 from deploykit.models.catalog import Catalog, CatalogEntry
 from deploykit.models.config import ModelConfig, parse_config, read_model_config
-from deploykit.models.fit import Fit, fit_on, kv_bytes_per_token, weight_bytes
+from deploykit.models.fit import (
+    CPU_RUNTIME_OVERHEAD,
+    Fit,
+    cpu_dtype,
+    fit_on,
+    kv_bytes_per_token,
+    tensor_parallel_sizes,
+    weight_bytes,
+)
 from deploykit.models.hub import HubCard
 from deploykit.models.store import LocalModel, ModelStore
 from deploykit.serve.hardware import Hardware
-from deploykit.serve.plan import (
-    CPU_RUNTIME_OVERHEAD,
-    MIN_CONTEXT,
-    cpu_dtype,
-    gpu_budget,
-    gpu_dtype,
-    tensor_parallel_sizes,
-)
+from deploykit.serve.plan import MIN_CONTEXT, gpu_budget, gpu_dtype
 
 DTYPES = ("float32", "bfloat16", "float16")
 

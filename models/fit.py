@@ -3,6 +3,7 @@ whether a model fits a set of devices (GPUs in tensor parallel, or the CPU's RAM
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from deploykit.models.config import ModelConfig
@@ -12,6 +13,14 @@ DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 GIB = 1024**3
 # vLLM allocates KV cache in blocks of this many tokens; capacities round down to it.
 KV_BLOCK_TOKENS = 16
+# vLLM's default share of each GPU's memory (--gpu-memory-utilization).
+GPU_MEMORY_UTILIZATION = 0.90
+# Per GPU, beyond weights and KV cache: CUDA context, activations, CUDA graphs (an estimate).
+GPU_RUNTIME_OVERHEAD = int(1.5 * GIB)
+# On CPU, beyond weights and KV cache: the Python processes, torch and compiled kernels.
+CPU_RUNTIME_OVERHEAD = 2 * GIB
+# On CPU, KV cache sized to hold this many full-context sequences, where RAM allows.
+CPU_KV_SEQUENCES = 4
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -66,3 +75,27 @@ def fit_on(config: ModelConfig, dtype: str, devices: int, budget_bytes: int, min
         max_context=min(config.max_context, tokens),
         min_context=min(config.max_context, min_context),
     )
+
+
+def gpu_budget_bytes(memory_bytes: int) -> int:
+    """Bytes of a GPU with `memory_bytes` that the engine gives to weights and KV cache."""
+    return int(memory_bytes * GPU_MEMORY_UTILIZATION) - GPU_RUNTIME_OVERHEAD
+
+
+def tensor_parallel_sizes(config: ModelConfig, gpu_count: int) -> list[int]:
+    """The tensor-parallel sizes vLLM accepts here: powers of two that divide the attention heads."""
+    return [tp for tp in (1, 2, 4, 8) if tp <= gpu_count and config.attention_heads % tp == 0]
+
+
+def cpu_dtype(config: ModelConfig) -> str:
+    """float32 for small models (cheap, and bfloat16 on CPUs can answer garbage), else bfloat16."""
+    return "float32" if config.is_small else "bfloat16"
+
+
+def cpu_kv_gib(config: ModelConfig, dtype: str, ram_available_bytes: int) -> tuple[int, int, int]:
+    """The CPU engine's KV cache in GiB (VLLM_CPU_KVCACHE_SPACE): CPU_KV_SEQUENCES full-context sequences,
+    at most half the RAM left after weights and runtime, at least 1. Returns (chosen, wanted, cap)."""
+    room = ram_available_bytes - weight_bytes(config, dtype) - CPU_RUNTIME_OVERHEAD
+    wanted = math.ceil(CPU_KV_SEQUENCES * config.max_context * kv_bytes_per_token(config, dtype) / GIB)
+    cap = int(room // 2 // GIB)
+    return max(1, min(wanted, cap)), wanted, cap

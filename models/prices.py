@@ -1,75 +1,228 @@
-"""Managed pay-as-you-go prices: the dated, sourced data file shipped with deploykit, plus the user's own."""
+"""The dated, sourced market data shipped with deploykit, plus the user's own: managed pay-as-you-go and
+provisioned prices (prices.toml), GPU specs, GPU rental and purchase prices, vLLM's efficiency on them and
+published measurements (gpus.toml), and the cost of power.
+
+A user file ($DEPLOYKIT_HOME/prices.toml) adds entries or replaces them: services, provisioned offers and
+GPUs by name, GPU prices by (gpu, provider), [power] and [efficiency] field by field. Its entries need no
+source or date: they are the user's own, dated by the file.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import tomllib
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deploykit.errors import DeploykitError, NotFoundError
 
 STALE_AFTER_DAYS = 90
+_USER_HINT = (
+    "Add your own to $DEPLOYKIT_HOME/prices.toml ([[service]], [[provisioned]], [[gpu]] or [[gpu_price]] entries, "
+    "as in the shipped models/prices.toml and gpus.toml)."
+)
 
 
-class ServicePrice(BaseModel):
+class Sourced(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
-    provider: str
-    input_per_mtok: float  # USD per million prompt tokens
-    output_per_mtok: float  # USD per million completion tokens
     as_of: dt.date
     source: str
-    confidence: Literal["official", "third_party", "derived"]
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+    confidence: Literal["official", "third_party", "derived", "user"]
 
     def age_days(self, today: dt.date) -> int:
         return (today - self.as_of).days
 
 
-class _PriceFile(BaseModel):
+class ServicePrice(Sourced):
+    name: str
+    provider: str
+    input_per_mtok: float = Field(ge=0)  # USD per million prompt tokens
+    output_per_mtok: float = Field(ge=0)  # USD per million completion tokens
+
+    def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
+class Provisioned(Sourced):
+    """Capacity rented by the hour in units (Azure OpenAI PTUs), whatever the traffic."""
+
+    name: str
+    provider: str
+    usd_per_unit_hour: float = Field(gt=0)
+    min_units: int = Field(ge=1)
+    input_tpm_per_unit: float = Field(gt=0)  # prompt tokens a minute one unit carries
+    output_weight: float = Field(gt=0)  # an output token costs this many prompt tokens of capacity
+    note: str = ""
+
+
+class Power(Sourced):
+    usd_per_kwh: float = Field(ge=0)
+    pue: float = Field(ge=1)  # facility power / IT power
+    amortize_months: int = Field(ge=1)
+    host_overhead: float = Field(ge=0)  # the server around the GPUs, as a share of their purchase price
+    note: str = ""
+
+
+class GpuSpec(Sourced):
+    name: str
+    label: str
+    memory_gib: float = Field(gt=0)  # as the driver reports it
+    bandwidth_gbps: float = Field(gt=0)  # GB/s, 1e9 bytes
+    tflops: float = Field(gt=0)  # dense 16-bit tensor throughput
+    bf16: bool
+    power_w: float = Field(gt=0)
+
+
+class GpuPrice(Sourced):
+    gpu: str
+    provider: str
+    kind: Literal["rent", "buy"]
+    usd: float = Field(gt=0)  # rent: per GPU-hour; buy: per card
+    note: str = ""
+
+
+class Efficiency(Sourced):
+    bandwidth: float = Field(gt=0, le=1)  # share of peak memory bandwidth decode achieves
+    compute: float = Field(gt=0, le=1)  # share of peak tensor throughput prefill achieves
+
+
+class Measurement(Sourced):
+    gpu: str
+    model: str
+    concurrency: int = Field(ge=1)
+    input_tokens: int = Field(ge=0)  # 0: not stated
+    output_tokens: int = Field(ge=0)
+    metric: Literal["tpot_ms", "output_tps"]
+    value: float = Field(gt=0)
+    note: str = ""
+
+
+class _DataFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    version: int = 1
+    updated: dt.date | None = None
     service: list[ServicePrice] = []
+    provisioned: list[Provisioned] = []
+    power: Power | None = None
+    gpu: list[GpuSpec] = []
+    gpu_price: list[GpuPrice] = []
+    efficiency: Efficiency | None = None
+    measurement: list[Measurement] = []
 
 
+@dataclass
 class Prices:
-    def __init__(self, services: list[ServicePrice]) -> None:
-        self.by_name = {s.name: s for s in services}
+    services: dict[str, ServicePrice] = field(default_factory=dict)
+    provisioned: dict[str, Provisioned] = field(default_factory=dict)
+    gpus: dict[str, GpuSpec] = field(default_factory=dict)
+    gpu_prices: dict[tuple[str, str], GpuPrice] = field(default_factory=dict)
+    measurements: list[Measurement] = field(default_factory=list)
+    power: Power | None = None
+    efficiency: Efficiency | None = None
 
     def find(self, name: str) -> ServicePrice:
-        price = self.by_name.get(name)
+        price = self.services.get(name)
         if price is None:
-            known = ", ".join(sorted(self.by_name))
-            raise NotFoundError(
-                f"No price for '{name}'.",
-                f"Known: {known}. Add your own to $DEPLOYKIT_HOME/prices.toml ([[service]] entries, as in the "
-                "shipped models/prices.toml).",
-            )
+            raise NotFoundError(f"No price for '{name}'.", f"Known: {', '.join(sorted(self.services))}. {_USER_HINT}")
         return price
 
+    def offer(self, name: str) -> ServicePrice | Provisioned:
+        """A pay-as-you-go service or a provisioned offer, by name."""
+        if name in self.provisioned:
+            return self.provisioned[name]
+        if name in self.services:
+            return self.services[name]
+        known = ", ".join(sorted([*self.services, *self.provisioned]))
+        raise NotFoundError(f"No managed offer named '{name}'.", f"Known: {known}. {_USER_HINT}")
+
+    def gpu(self, name: str) -> GpuSpec:
+        spec = self.gpus.get(name.lower())
+        if spec is None:
+            raise NotFoundError(f"No GPU named '{name}'.", f"Known: {', '.join(self.gpus)}. {_USER_HINT}")
+        return spec
+
+    def prices_for(self, gpu: str, kind: Literal["rent", "buy"]) -> list[GpuPrice]:
+        """This GPU's prices of one kind, cheapest first."""
+        return sorted((p for p in self.gpu_prices.values() if p.gpu == gpu and p.kind == kind), key=lambda p: p.usd)
+
     def stale(self, names: list[str], today: dt.date) -> list[ServicePrice]:
-        """The named entries older than STALE_AFTER_DAYS."""
+        """The named services older than STALE_AFTER_DAYS."""
         return [p for n in names if (p := self.find(n)).age_days(today) > STALE_AFTER_DAYS]
 
 
+def stale_warnings(entries: list[Sourced], today: dt.date) -> list[str]:
+    """One line per entry older than STALE_AFTER_DAYS, naming it and where to check it. Pass prices: they
+    change; a datasheet's specs do not."""
+    lines = []
+    for e in dict.fromkeys(entries):  # each once, in order
+        if e.age_days(today) > STALE_AFTER_DAYS:
+            what = getattr(e, "name", None) or getattr(e, "gpu", None) or type(e).__name__.lower()
+            provider = getattr(e, "provider", None)
+            label = f"{what} ({provider})" if provider and provider != what else str(what)
+            lines.append(
+                f"The figure for {label} dates from {e.as_of} ({e.age_days(today)} days old, {e.confidence}); "
+                f"check {e.source} or put a current one in $DEPLOYKIT_HOME/prices.toml."
+            )
+    return lines
+
+
 def load_prices(user_file: Path | None = None) -> Prices:
-    """The shipped prices, with the user's file (if it exists) adding entries or replacing them by name."""
-    shipped = resources.files("deploykit.models").joinpath("prices.toml").read_text()
-    services = _parse(shipped, "the shipped price data")
+    """The shipped data, with the user's file (if it exists) adding entries or replacing them."""
+    prices = Prices()
+    package = resources.files("deploykit.models")
+    for name in ("prices.toml", "gpus.toml"):
+        _merge(prices, _parse(_loads(package.joinpath(name).read_text(), name), f"the shipped {name}"))
     if user_file is not None and user_file.exists():
-        services += _parse(user_file.read_text(), str(user_file))
-    return Prices(services)
+        raw = _loads(user_file.read_text(), str(user_file))
+        _merge(prices, _parse(_with_user_defaults(raw, prices, user_file), str(user_file)))
+    return prices
 
 
-def _parse(text: str, where: str) -> list[ServicePrice]:
+def _loads(text: str, where: str) -> dict[str, Any]:
     try:
-        return _PriceFile.model_validate(tomllib.loads(text)).service
-    except (tomllib.TOMLDecodeError, ValidationError) as e:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise DeploykitError(f"The prices in {where} are invalid: {e}", "Fix the file, or move it away.") from e
+
+
+def _parse(raw: dict[str, Any], where: str) -> _DataFile:
+    try:
+        return _DataFile.model_validate(raw)
+    except ValidationError as e:
+        raise DeploykitError(f"The prices in {where} are invalid: {e}", "Fix the file, or move it away.") from e
+
+
+def _with_user_defaults(raw: dict[str, Any], shipped: Prices, path: Path) -> dict[str, Any]:
+    """The user's entries are dated by their file and sourced to it; [power] and [efficiency] may give only
+    the fields they change."""
+    mine = {
+        "as_of": dt.date.fromtimestamp(path.stat().st_mtime),
+        "source": f"your file {path}",
+        "confidence": "user",
+    }
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, list):
+            out[key] = [{**mine, **entry} if isinstance(entry, dict) else entry for entry in value]
+        elif key in ("power", "efficiency") and isinstance(value, dict):
+            base = getattr(shipped, key)
+            out[key] = {**(base.model_dump() if base else {}), **mine, **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _merge(prices: Prices, data: _DataFile) -> None:
+    prices.services.update({s.name: s for s in data.service})
+    prices.provisioned.update({p.name: p for p in data.provisioned})
+    prices.gpus.update({g.name: g for g in data.gpu})
+    prices.gpu_prices.update({(p.gpu, p.provider): p for p in data.gpu_price})
+    prices.measurements += data.measurement
+    prices.power = data.power or prices.power
+    prices.efficiency = data.efficiency or prices.efficiency

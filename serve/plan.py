@@ -7,7 +7,6 @@ Flags the user passes through win over the plan's own.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -15,17 +14,24 @@ from pathlib import Path
 
 from deploykit.errors import NotEnoughMemoryError, UsageError
 from deploykit.models.config import ModelConfig
-from deploykit.models.fit import GIB, dtype_bytes, fit_on, kv_bytes_per_token, kv_cache_tokens, weight_bytes
+from deploykit.models.fit import (
+    CPU_KV_SEQUENCES,
+    CPU_RUNTIME_OVERHEAD,
+    GIB,
+    GPU_MEMORY_UTILIZATION,
+    GPU_RUNTIME_OVERHEAD,
+    cpu_dtype,
+    cpu_kv_gib,
+    dtype_bytes,
+    fit_on,
+    gpu_budget_bytes,
+    kv_bytes_per_token,
+    kv_cache_tokens,
+    tensor_parallel_sizes,
+    weight_bytes,
+)
 from deploykit.serve.hardware import Gpu, Hardware
 
-# Share of each GPU's memory vLLM may take (its own default).
-GPU_MEMORY_UTILIZATION = 0.90
-# Per GPU, beyond weights and KV cache: CUDA context, activations, CUDA graphs (an estimate).
-GPU_RUNTIME_OVERHEAD = int(1.5 * GIB)
-# On CPU, beyond weights and KV cache: the Python processes, torch and compiled kernels.
-CPU_RUNTIME_OVERHEAD = 2 * GIB
-# KV cache sized to hold this many full-context sequences, where RAM allows.
-CPU_KV_SEQUENCES = 4
 # The shortest context a plan will settle for before asking for more GPUs.
 MIN_CONTEXT = 2048
 # The gateway owns where the engine listens.
@@ -119,9 +125,7 @@ def _plan_cpu(
         kv_gib = int(environ["VLLM_CPU_KVCACHE_SPACE"])
         choices.append(Choice("VLLM_CPU_KVCACHE_SPACE", str(kv_gib), "set in your environment"))
     else:
-        wanted = math.ceil(CPU_KV_SEQUENCES * config.max_context * per_token / GIB)
-        cap = int(room // 2 // GIB)
-        kv_gib = max(1, min(wanted, cap))
+        kv_gib, wanted, cap = cpu_kv_gib(config, dtype, hardware.ram_available_bytes)
         why = (
             f"{CPU_KV_SEQUENCES} sequences of {config.max_context} tokens at {per_token:,} B/token need "
             f"{wanted} GiB; half the RAM left after weights allows {cap} GiB"
@@ -236,24 +240,14 @@ def _plan_gpu(
     )
 
 
-def cpu_dtype(config: ModelConfig) -> str:
-    """float32 for small models (cheap, and bfloat16 on CPUs can answer garbage), else bfloat16."""
-    return "float32" if config.is_small else "bfloat16"
-
-
 def gpu_dtype(gpus: Sequence[Gpu]) -> str:
     """bfloat16 where every GPU computes it fast (compute capability >= 8.0), else float16."""
     return "bfloat16" if all(g.supports_bfloat16 for g in gpus) else "float16"
 
 
-def tensor_parallel_sizes(config: ModelConfig, gpu_count: int) -> list[int]:
-    """The tensor-parallel sizes vLLM accepts here: powers of two that divide the attention heads."""
-    return [tp for tp in (1, 2, 4, 8) if tp <= gpu_count and config.attention_heads % tp == 0]
-
-
 def gpu_budget(gpu: Gpu) -> int:
     """Bytes of one GPU the engine gives to weights and KV cache."""
-    return int(gpu.memory_bytes * GPU_MEMORY_UTILIZATION) - GPU_RUNTIME_OVERHEAD
+    return gpu_budget_bytes(gpu.memory_bytes)
 
 
 @dataclass(frozen=True)
