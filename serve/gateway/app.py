@@ -151,6 +151,7 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
         if key is not None:
             require_model_access(key, model.name)
         max_tokens = _max_tokens(body, gateway.options.max_tokens)
+        _check_stream(body)
         admission = None
         if key is not None:
             admission = gateway.limiter.admit(key, estimate_prompt_tokens(len(raw)) + max_tokens)
@@ -222,6 +223,15 @@ def _max_tokens(body: dict[str, object], limit: int | None) -> int:
             "max_tokens",
         )
     return value
+
+
+def _check_stream(body: dict[str, object]) -> None:
+    """The gateway reads these two fields to relay the answer; a wrong type is the client's error, not a
+    question for the engine."""
+    for field, kind, name in (("stream", bool, "a boolean"), ("stream_options", dict, "an object")):
+        value = body.get(field)
+        if value is not None and not isinstance(value, kind):
+            raise GatewayError(400, f"{field} must be {name}.", "invalid_request_error", "invalid_type", field)
 
 
 def _with_usage(body: dict[str, object]) -> tuple[dict[str, object], bool]:

@@ -184,6 +184,12 @@ async def test_max_tokens_is_checked(make_app: Callable[..., FastAPI], value: ob
     assert assert_openai_error(response, 400, code)["param"] == "max_tokens"
 
 
+@pytest.mark.parametrize(("field", "value"), [("stream", [1]), ("stream", "yes"), ("stream_options", 6.5e16)])
+async def test_stream_fields_of_the_wrong_type_are_400(gateway: httpx.AsyncClient, field: str, value: object) -> None:
+    response = await gateway.post("/v1/chat/completions", json={**chat(), field: value})
+    assert assert_openai_error(response, 400, "invalid_type")["param"] == field
+
+
 # ledger
 
 
