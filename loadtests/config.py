@@ -37,6 +37,7 @@ class LoadTestConfig(BaseModel):
     max_schedule_lag_s: float = 0.010  # a generator later than this at p99 makes the run invalid
     processes: int = Field(1, ge=1)  # load-generator processes; their records are merged into one report
     seed: int = 0
+    hardware: str | None = None  # what the server runs on ("cpu", "l4", "h100-sxm:2"), for sizing calibration
 
     @field_validator("input_tokens", "output_tokens", mode="before")
     @classmethod

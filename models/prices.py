@@ -159,17 +159,33 @@ class Prices:
 def stale_warnings(entries: list[Sourced], today: dt.date) -> list[str]:
     """One line per entry older than STALE_AFTER_DAYS, naming it and where to check it. Pass prices: they
     change; a datasheet's specs do not."""
-    lines = []
-    for e in dict.fromkeys(entries):  # each once, in order
-        if e.age_days(today) > STALE_AFTER_DAYS:
-            what = getattr(e, "name", None) or getattr(e, "gpu", None) or type(e).__name__.lower()
-            provider = getattr(e, "provider", None)
-            label = f"{what} ({provider})" if provider and provider != what else str(what)
-            lines.append(
-                f"The figure for {label} dates from {e.as_of} ({e.age_days(today)} days old, {e.confidence}); "
-                f"check {e.source} or put a current one in $DEPLOYKIT_HOME/prices.toml."
-            )
-    return lines
+    return [
+        f"The figure for {_label(e)} dates from {e.as_of} ({e.age_days(today)} days old, {e.confidence}); "
+        f"check {e.source} or put a current one in $DEPLOYKIT_HOME/prices.toml."
+        for e in _stale(entries, today)
+    ]
+
+
+def stale_summary(entries: list[Sourced], today: dt.date) -> list[str]:
+    """At most one line for all the old entries among `entries` (their sources are in the --json output)."""
+    old = _stale(entries, today)
+    if not old:
+        return []
+    names = ", ".join(f"{_label(e)} of {e.as_of}" for e in old)
+    return [
+        f"Prices older than {STALE_AFTER_DAYS} days: {names}. Check their sources (--json lists them) or put "
+        "current ones in $DEPLOYKIT_HOME/prices.toml."
+    ]
+
+
+def _stale(entries: list[Sourced], today: dt.date) -> list[Sourced]:
+    return [e for e in dict.fromkeys(entries) if e.age_days(today) > STALE_AFTER_DAYS]
+
+
+def _label(e: Sourced) -> str:
+    what = getattr(e, "name", None) or getattr(e, "gpu", None) or type(e).__name__.lower()
+    provider = getattr(e, "provider", None)
+    return f"{what} ({provider})" if provider and provider != what else str(what)
 
 
 def load_prices(user_file: Path | None = None) -> Prices:

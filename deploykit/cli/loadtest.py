@@ -49,6 +49,9 @@ def loadtest(
     tokenizer: str = typer.Option(
         None, help="A tokenizer.json (or its folder) to count tokens when the server reports no usage."
     ),
+    hardware: str = typer.Option(
+        None, help="What the server runs on, recorded for `deploykit size --from-loadtest`: cpu, l4, h100-sxm:2."
+    ),
     json_: JsonOpt = False,
 ) -> None:
     """Load-test an endpoint and report TTFT, inter-token latency, throughput and goodput.
@@ -103,6 +106,7 @@ def loadtest(
             warmup_s=warmup,
             cooldown_s=cooldown,
             slos=slo,
+            hardware=hardware,
         )
     except ValidationError as e:
         raise UsageError(f"Bad load-test options: {e.errors()[0]['msg']}.") from e

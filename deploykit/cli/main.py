@@ -8,7 +8,7 @@ import sys
 import typer
 
 from deploykit import __version__
-from deploykit.cli import chat, doctor, keys, loadtest, models, serve, usage
+from deploykit.cli import chat, doctor, keys, loadtest, models, serve, size, usage
 from deploykit.console import print_error
 from deploykit.errors import DeploykitError
 
@@ -25,6 +25,8 @@ app.command("chat")(chat.chat)
 app.command("loadtest", context_settings={"allow_extra_args": True})(loadtest.loadtest)
 app.command("pull")(models.pull_command)
 app.command("usage")(usage.usage)
+app.command("size")(size.size)
+app.command("cost")(size.cost)
 app.add_typer(models.app, name="models")
 app.add_typer(keys.app, name="keys")
 

@@ -1,0 +1,47 @@
+"""The sizing model against the published measurements in models/gpus.toml: predicted, published, error.
+
+    .venv/bin/python -m benchmarks.sizing_published
+
+A row counts as reproduced when the prediction is within the analytic model's stated band (25%). Where a
+source does not state the prompt and answer lengths, 128 and 128 are assumed and a batch-1 tokens/s is
+read as the decode rate. The output is the table in docs/SIZING.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deploykit.loadtests.sizing import ANALYTIC_BAND, Accelerator, predict_measurement
+from deploykit.models.catalog import load_catalog
+from deploykit.models.prices import load_prices
+
+
+def rows() -> list[tuple[str, str, int, str, float, float, float, str]]:
+    prices = load_prices()
+    catalog = load_catalog()
+    assert prices.efficiency is not None
+    out = []
+    for m in prices.measurements:
+        dev = Accelerator.from_spec(prices.gpu(m.gpu), prices.efficiency)
+        predicted = predict_measurement(catalog.get(m.model).config(), dev, m)
+        lengths = f"{m.input_tokens}/{m.output_tokens}" if m.input_tokens else "not stated"
+        out.append((m.gpu, m.model, m.concurrency, lengths, m.value, predicted, predicted / m.value - 1, m.metric))
+    return out
+
+
+def main() -> None:
+    table = rows()
+    print("| GPU | model | streams | in/out tokens | metric | published | predicted | error | reproduced |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for gpu, model, c, lengths, value, predicted, error, metric in table:
+        ok = "yes" if abs(error) <= ANALYTIC_BAND else "no"
+        print(f"| {gpu} | {model} | {c} | {lengths} | {metric} | {value:g} | {predicted:.3g} | {error:+.0%} | {ok} |")
+    hits = sum(abs(r[6]) <= ANALYTIC_BAND for r in table)
+    print(f"\n{hits} of {len(table)} published measurements reproduced within ±{ANALYTIC_BAND:.0%}.")
+
+
+if __name__ == "__main__":
+    main()

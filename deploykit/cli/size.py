@@ -1,0 +1,236 @@
+"""`deploykit size` and `deploykit cost`: which hardware serves a model at a load, and whether that beats
+paying a managed API per token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from deploykit.cli.options import JsonOpt
+from deploykit.console import err, out, print_json
+from deploykit.loadtests.cost import CostReport, plot_png, report_html
+from deploykit.loadtests.sizing import Sizing
+from deploykit.models.catalog import load_catalog
+from deploykit.models.prices import load_prices
+from deploykit.models.store import ModelStore
+from deploykit.settings import Settings
+from deploykit.sizing import Load, cost_model, model_config, size_model
+
+ModelArg = typer.Argument(..., help="Model alias (catalog or local), e.g. llama-3.1-8b-instruct.")
+RpsOpt = typer.Option(None, "--rps", help="Target load: requests per second (mean).")
+TokensOpt = typer.Option(None, "--tokens-per-day", help="Target load: tokens (prompt + completion) per day.")
+InputOpt = typer.Option(512, "--input-tokens", help="Prompt tokens per request.")
+OutputOpt = typer.Option(256, "--output-tokens", help="Completion tokens per request.")
+SloOpt = typer.Option("", "--slo", help="Latency objectives, e.g. ttft_p95=1s,tpot_p95=50ms.")
+GpusOpt = typer.Option(
+    "", "--gpus", help="Hardware to consider, comma-separated (default: every GPU in the data); `cpu` is this machine."
+)
+LoadtestOpt = typer.Option(None, "--from-loadtest", help="A `deploykit loadtest` JSON report to calibrate with.")
+MeasuredOpt = typer.Option(
+    None, "--measured-on", help="Hardware the load test ran on, if its report does not say: cpu, l4, h100-sxm:2."
+)
+ProviderOpt = typer.Option(None, "--provider", help="Price GPUs at this provider's rate (default: the cheapest).")
+UtilOpt = typer.Option(0.8, "--max-utilization", help="Load each replica to at most this share of its SLO capacity.")
+
+
+def _sizing(
+    model: str,
+    rps: float | None,
+    tokens_per_day: float | None,
+    input_tokens: int,
+    output_tokens: int,
+    slo: str,
+    gpus: str,
+    from_loadtest: Path | None,
+    measured_on: str | None,
+    provider: str | None,
+    max_utilization: float,
+) -> tuple[Sizing, Settings]:
+    settings = Settings()
+    prices = load_prices(settings.home / "prices.toml")
+    config = model_config(model, ModelStore(settings.models_dir), load_catalog())
+    sizing = size_model(
+        model,
+        config,
+        Load(rps, tokens_per_day, input_tokens, output_tokens, slo),
+        prices,
+        hardware=_names(gpus),
+        from_loadtest=from_loadtest,
+        measured_on=measured_on,
+        provider=provider,
+        max_utilization=max_utilization,
+    )
+    return sizing, settings
+
+
+def size(
+    model: str = ModelArg,
+    rps: float = RpsOpt,
+    tokens_per_day: float = TokensOpt,
+    input_tokens: int = InputOpt,
+    output_tokens: int = OutputOpt,
+    slo: str = SloOpt,
+    gpus: str = GpusOpt,
+    from_loadtest: Path = LoadtestOpt,
+    measured_on: str = MeasuredOpt,
+    provider: str = ProviderOpt,
+    max_utilization: float = UtilOpt,
+    json_: JsonOpt = False,
+) -> None:
+    """Rank the hardware that serves MODEL at a target load within the SLOs: GPU x count x tensor parallel x
+    replicas, with predicted latency, throughput, cost and headroom.
+
+    Predictions come from the GPUs' specs (a dated, sourced data file) and an analytic model (decode bound
+    by memory bandwidth, prefill by compute, the KV cache by the fit check); a load test calibrates the
+    hardware it ran on. Every number says whether it is estimated or calibrated, with its uncertainty.
+
+    Examples:
+
+      deploykit size llama-3.1-8b-instruct --rps 5 --input-tokens 512 --output-tokens 256
+
+      deploykit size llama-3.1-70b-instruct --tokens-per-day 2e9 --slo ttft_p95=2s,tpot_p95=60ms
+
+      deploykit size smollm2-135m --rps 1 --gpus cpu --from-loadtest run.json
+    """
+    sizing, _ = _sizing(
+        model, rps, tokens_per_day, input_tokens, output_tokens, slo, gpus, from_loadtest, measured_on, provider,
+        max_utilization,
+    )  # fmt: skip
+    _warn(sizing.warnings)
+    if json_:
+        print_json(sizing.to_json())
+        return
+    w = sizing.workload
+    slos = ", ".join(f"{s.metric}_p{s.pct} <= {s.limit * 1000:g} ms" for s in w.slos) or "no SLO"
+    table = Table(title=f"{model} at {w.rps:.3g} req/s ({w.input_tokens} in / {w.output_tokens} out; {slos})")
+    for column in ("option", "KV tok", "TTFT", "TPOT", "out tok/s", "headroom", "$/h", "$/month", "$/Mtok", "basis"):
+        table.add_column(column, justify="left" if column in ("option", "basis") else "right")
+    for o in sizing.options:
+        j = o.to_json(w)
+        table.add_row(
+            f"{o.replicas} x {o.hardware.name}" + (f" tp{o.tp}" if o.tp > 1 else ""),
+            f"{o.kv_cache_tokens / 1000:,.0f}k",
+            _ms(o.at_load.ttft_s),
+            _ms(o.at_load.tpot_s),
+            f"{j['output_tokens_per_s']:,.0f}",
+            f"{o.headroom(w.rps):+.0%}",
+            _usd(o.usd_per_hour, 2),
+            _usd(j["usd_per_month"], 0),  # type: ignore[arg-type]
+            _usd(j["usd_per_mtok"], 3),  # type: ignore[arg-type]
+            f"{'cal' if o.calibrated else 'est'} ±{o.band:.0%}",
+        )
+    out.print(table)
+    if sizing.calibration:
+        c = sizing.calibration
+        out.print(
+            f"Calibrated on {c.hardware} from {c.source}: measured TPOT {_ms(c.measured_tpot_s)} against "
+            f"{_ms(c.predicted_tpot_s)} predicted at {c.concurrency} streams "
+            f"({c.step_overhead_s * 1000:+.1f} ms a step), "
+            f"prefill at {c.compute_eff:.0%} of peak compute.",
+            highlight=False,
+        )
+    if sizing.infeasible:
+        out.print(
+            "Not feasible: " + "; ".join(f"{i.hardware} x tp{i.tp}: {i.reason}" for i in sizing.infeasible[:8]),
+            highlight=False,
+        )
+
+
+def cost(
+    model: str = ModelArg,
+    rps: float = RpsOpt,
+    tokens_per_day: float = TokensOpt,
+    input_tokens: int = InputOpt,
+    output_tokens: int = OutputOpt,
+    compare: str = typer.Option(
+        "", "--compare", help="Managed offers to price the same traffic on, e.g. gpt-4o-mini,llama-3.1-8b@together."
+    ),
+    utilization: float = typer.Option(
+        0.5, "--utilization", help="How busy the self-hosted GPUs are on average (the rest is headroom for peaks)."
+    ),
+    slo: str = SloOpt,
+    gpus: str = GpusOpt,
+    from_loadtest: Path = LoadtestOpt,
+    measured_on: str = MeasuredOpt,
+    provider: str = ProviderOpt,
+    plot: Path = typer.Option(None, "--plot", help="Write cost against monthly token volume as a PNG."),
+    html_path: Path = typer.Option(None, "--html", help="Write an HTML report with the plot and the tables."),
+    json_: JsonOpt = False,
+) -> None:
+    """Monthly cost of self-hosting MODEL (rented GPUs, or owned ones written off with power) against each
+    managed offer at the same traffic, the break-even volume and the utilization it needs.
+
+    Examples:
+
+      deploykit cost llama-3.1-8b-instruct --tokens-per-day 50e6 --compare llama-3.1-8b@together,gpt-4o-mini
+
+      deploykit cost llama-3.1-70b-instruct --rps 2 --compare gpt-4o@azure-ptu,gpt-4o --plot cost.png --html cost.html
+    """
+    settings = Settings()
+    prices = load_prices(settings.home / "prices.toml")
+    report, offers = cost_model(
+        model,
+        model_config(model, ModelStore(settings.models_dir), load_catalog()),
+        Load(rps, tokens_per_day, input_tokens, output_tokens, slo),
+        prices,
+        [c.strip() for c in compare.split(",") if c.strip()],
+        utilization,
+        hardware=_names(gpus),
+        from_loadtest=from_loadtest,
+        measured_on=measured_on,
+        provider=provider,
+    )
+    _warn(report.warnings)
+    if plot or html_path:
+        png = plot_png(report, offers)
+        if plot:
+            plot.write_bytes(png)
+        if html_path:
+            html_path.write_text(report_html(report, png))
+    if json_:
+        print_json(report.to_json())
+        return
+    _print_cost(report)
+
+
+def _names(gpus: str) -> list[str] | None:
+    return [g.strip() for g in gpus.split(",") if g.strip()] or None
+
+
+def _print_cost(report: CostReport) -> None:
+    hosted = Table(title=f"Self-hosting {report.model}, per month at {report.utilization:.0%} utilization")
+    for column in ("option", "rent", "own (write-off + power)", "source"):
+        hosted.add_column(column, justify="left" if column in ("option", "source") else "right")
+    for s in report.self_hosted[:8]:
+        hosted.add_row(
+            s.label, _usd(s.rent_usd, 0), _usd(s.own_usd, 0), "calibrated" if s.option.calibrated else "estimated"
+        )
+    out.print(hosted)
+    if report.managed:
+        managed = Table(title="Managed, per month at the same traffic")
+        for column in ("offer", "cost", "self-hosting pays above", "keeping a replica busy"):
+            managed.add_column(column, justify="left" if column == "offer" else "right")
+        for m in report.managed:
+            managed.add_row(
+                m.name,
+                _usd(m.monthly_usd, 0),
+                f"{m.break_even_tokens:,.3g} tokens/month" if m.break_even_tokens else "never",
+                f"{m.utilization_needed:.0%}" if m.utilization_needed is not None else "-",
+            )
+        out.print(managed)
+    out.print(report.verdict, highlight=False)
+
+
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        err.print(f"[yellow]Warning:[/yellow] {line}", highlight=False)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.1f}ms" if seconds < 10 else f"{seconds:,.1f}s"
+
+
+def _usd(value: float | None, digits: int) -> str:
+    return f"${value:,.{digits}f}" if value is not None else "-"

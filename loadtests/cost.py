@@ -1,0 +1,281 @@
+"""Self-hosting against managed offers at the same traffic: monthly cost, break-even volume, and the
+utilization self-hosting needs to pay.
+
+Self-hosting is sized by loadtests.sizing for the traffic divided by the utilization (a deployment busy
+`utilization` of the time on average must hold the rest as headroom). It costs either the rental of its GPUs
+around the clock, or owning them: purchase (plus the host, as a share) written off over `amortize_months`,
+and power at the facility's PUE. A managed pay-as-you-go offer costs its per-token prices; a provisioned one
+(Azure PTUs) the units the peak needs, by the hour.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass, field
+
+from deploykit.errors import UsageError
+from deploykit.loadtests.sizing import HOURS_PER_MONTH, Option, Sizing, Workload
+from deploykit.models.prices import Power, Prices, Provisioned, ServicePrice
+
+
+@dataclass(frozen=True)
+class SelfHosted:
+    """One sized option, priced by rental and by ownership, per month at the given traffic."""
+
+    option: Option
+    rent_usd: float | None
+    own_usd: float | None
+    replica_rent_usd: float | None  # one replica a month: the step the cost climbs by
+    replica_own_usd: float | None
+
+    @property
+    def label(self) -> str:
+        o = self.option
+        return f"{o.replicas * o.tp} x {o.hardware.name}" + (f" (tp {o.tp})" if o.tp > 1 else "")
+
+    @property
+    def best_usd(self) -> float | None:
+        costs = [c for c in (self.rent_usd, self.own_usd) if c is not None]
+        return min(costs) if costs else None
+
+
+@dataclass(frozen=True)
+class Managed:
+    name: str
+    provider: str
+    monthly_usd: float
+    break_even_tokens: float | None  # monthly tokens whose bill here pays for one replica; None: never
+    utilization_needed: float | None  # how busy that volume keeps the replica; None: more than fully busy
+
+
+@dataclass
+class CostReport:
+    model: str
+    workload: Workload
+    utilization: float
+    tokens_per_month: float
+    self_hosted: list[SelfHosted]
+    managed: list[Managed]
+    verdict: str
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "model": self.model,
+            "rps": self.workload.rps,
+            "input_tokens": self.workload.input_tokens,
+            "output_tokens": self.workload.output_tokens,
+            "utilization": self.utilization,
+            "tokens_per_month": self.tokens_per_month,
+            "self_hosted": [
+                {
+                    "option": s.label,
+                    "hardware": s.option.hardware.name,
+                    "devices": s.option.devices,
+                    "rent_usd_per_month": s.rent_usd,
+                    "own_usd_per_month": s.own_usd,
+                    "source": "calibrated" if s.option.calibrated else "estimated",
+                }
+                for s in self.self_hosted
+            ],
+            "managed": [m.__dict__ for m in self.managed],
+            "verdict": self.verdict,
+            "warnings": self.warnings,
+        }
+
+
+def own_monthly_usd(prices: Prices, gpu: str, devices: int, power_w: float, power: Power) -> float | None:
+    """Owning `devices` GPUs a month: purchase plus host written off, plus power at the facility's PUE."""
+    buy = prices.prices_for(gpu, "buy")
+    if not buy or power_w <= 0:
+        return None
+    capital = buy[0].usd * (1 + power.host_overhead) / power.amortize_months
+    energy = power_w / 1000 * power.pue * HOURS_PER_MONTH * power.usd_per_kwh
+    return devices * (capital + energy)
+
+
+def managed_monthly_usd(offer: ServicePrice | Provisioned, w: Workload, utilization: float) -> float:
+    prompt, completion = w.tokens_per_month
+    if isinstance(offer, ServicePrice):
+        return offer.cost(prompt, completion)
+    per_minute_peak = w.rps / utilization * 60 * (w.input_tokens + w.output_tokens * offer.output_weight)
+    units = max(offer.min_units, math.ceil(per_minute_peak / offer.input_tpm_per_unit))
+    return units * offer.usd_per_unit_hour * HOURS_PER_MONTH
+
+
+def self_hosted(sizing: Sizing, prices: Prices) -> list[SelfHosted]:
+    power = prices.power
+    if power is None:
+        raise UsageError("The price data has no [power] table.", "Restore the shipped prices.toml.")
+    out = []
+    for o in sizing.options:
+        own = own_monthly_usd(prices, o.hardware.name, o.devices, o.hardware.power_w, power)
+        own_one = own_monthly_usd(prices, o.hardware.name, o.tp, o.hardware.power_w, power)
+        rent = o.usd_per_hour * HOURS_PER_MONTH if o.usd_per_hour is not None else None
+        rent_one = rent / o.replicas if rent is not None else None
+        if rent is not None or own is not None:
+            out.append(SelfHosted(o, rent, own, rent_one, own_one))
+    out.sort(key=lambda s: s.best_usd or math.inf)
+    return out
+
+
+def monthly_tokens_capacity(s: SelfHosted, w: Workload) -> float:
+    """Tokens (prompt + completion) one replica serves a month at its SLO capacity."""
+    return s.option.capacity_rps * (w.input_tokens + w.output_tokens) * 3600 * HOURS_PER_MONTH
+
+
+def self_host_cost_at(s: SelfHosted, w: Workload, tokens: float, utilization: float) -> float:
+    """The monthly cost of this option at `tokens` a month: whole replicas, each loaded to `utilization`."""
+    per_replica = min(c for c in (s.replica_rent_usd, s.replica_own_usd) if c is not None)
+    replicas = max(1, math.ceil(tokens / (monthly_tokens_capacity(s, w) * utilization)))
+    return replicas * per_replica
+
+
+def blended_price_per_token(offer: ServicePrice, w: Workload) -> float:
+    total = w.input_tokens + w.output_tokens
+    return (w.input_tokens * offer.input_per_mtok + w.output_tokens * offer.output_per_mtok) / total / 1e6
+
+
+def compare(
+    sizing: Sizing, prices: Prices, offers: list[ServicePrice | Provisioned], utilization: float, w: Workload
+) -> CostReport:
+    """`sizing` was made for the peak (the mean load `w` over `utilization`); the offers see the mean."""
+    if not 0 < utilization <= 1:
+        raise UsageError(f"--utilization {utilization} is not in (0, 1].", "For example --utilization 0.5.")
+    hosted = self_hosted(sizing, prices)
+    tokens = sum(w.tokens_per_month)
+    best = hosted[0] if hosted else None
+    managed = []
+    for offer in offers:
+        monthly = managed_monthly_usd(offer, w, utilization)
+        break_even = needed = None
+        if best is not None and isinstance(offer, ServicePrice):
+            price = blended_price_per_token(offer, w)
+            per_replica = min(c for c in (best.replica_rent_usd, best.replica_own_usd) if c is not None)
+            capacity = monthly_tokens_capacity(best, w)
+            if per_replica / capacity < price:  # a fully busy replica beats the offer: it pays at some volume
+                break_even = per_replica / price  # the volume whose managed bill pays for one replica
+                needed = break_even / capacity  # the share of that replica's capacity this volume keeps busy
+        managed.append(Managed(offer.name, offer.provider, monthly, break_even, needed))
+    return CostReport(sizing.model, w, utilization, tokens, hosted, managed, _verdict(hosted, managed, tokens))
+
+
+def _verdict(hosted: list[SelfHosted], managed: list[Managed], tokens: float) -> str:
+    if not hosted:
+        return "No priced hardware can serve this load; self-hosting cannot be compared."
+    best = hosted[0]
+    cost = best.best_usd or 0
+    if not managed:
+        return f"Self-hosting on {best.label} costs ${cost:,.0f}/month."
+    cheapest = min(managed, key=lambda m: m.monthly_usd)
+    volume = _tokens(tokens)
+    if cost <= cheapest.monthly_usd:
+        return (
+            f"Self-hosting pays: {best.label} at ${cost:,.0f}/month against ${cheapest.monthly_usd:,.0f} for "
+            f"{cheapest.name} at {volume} tokens a month."
+        )
+    where = (
+        f"it would pay above {_tokens(cheapest.break_even_tokens)} tokens a month, with the GPUs busy at least "
+        f"{cheapest.utilization_needed:.0%} of the time"
+        if cheapest.break_even_tokens is not None and cheapest.utilization_needed is not None
+        else "it does not pay at any volume on this hardware: a fully busy GPU costs more per token"
+    )
+    return (
+        f"Self-hosting does not pay at {volume} tokens a month: {best.label} costs ${cost:,.0f}/month against "
+        f"${cheapest.monthly_usd:,.0f} for {cheapest.name}; {where}."
+    )
+
+
+def _tokens(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f}"
+
+
+# --- the plot ---------------------------------------------------------------------------------------------
+
+
+def volumes(around: float) -> list[float]:
+    """Monthly token volumes from 1/1000 to 1000 x the given one, 8 a decade."""
+    low = math.floor(math.log10(max(around, 1)) - 3)
+    return [10 ** (low + i / 8) for i in range(6 * 8 + 1)]
+
+
+def plot_png(report: CostReport, offers: list[ServicePrice | Provisioned]) -> bytes:
+    """Monthly cost against monthly token volume: the cheapest self-hosting options and each managed offer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w, u = report.workload, report.utilization
+    xs = volumes(report.tokens_per_month)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for s in report.self_hosted[:3]:
+        hosted = [self_host_cost_at(s, w, x, u) for x in xs]
+        ax.step(xs, hosted, where="post", label=f"self-hosted {s.label.split(' x ')[1]} (whole replicas)")
+    for offer in offers:
+        scale = [x / report.tokens_per_month for x in xs]
+        if isinstance(offer, ServicePrice):
+            bills = [managed_monthly_usd(offer, w, u) * k for k in scale]
+        else:
+            bills = [managed_monthly_usd(offer, _scaled(w, k), u) for k in scale]
+        ax.plot(xs, bills, linestyle="--", label=offer.name)
+    ax.axvline(report.tokens_per_month, color="grey", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens per month (prompt + completion)")
+    ax.set_ylabel("USD per month")
+    ax.set_title(f"{report.model}: {w.input_tokens} in / {w.output_tokens} out per request, utilization {u:.0%}")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _scaled(w: Workload, k: float) -> Workload:
+    return Workload(w.rps * k, w.input_tokens, w.output_tokens, w.slos)
+
+
+def report_html(report: CostReport, png: bytes) -> str:
+    def row(cells: list[str]) -> str:
+        return "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+
+    hosted = "".join(
+        row([s.label, _usd(s.rent_usd), _usd(s.own_usd), "calibrated" if s.option.calibrated else "estimated"])
+        for s in report.self_hosted
+    )
+    managed = "".join(
+        row(
+            [
+                m.name,
+                _usd(m.monthly_usd),
+                _tokens(m.break_even_tokens) if m.break_even_tokens else "never",
+                f"{m.utilization_needed:.0%}" if m.utilization_needed is not None else "-",
+            ]
+        )
+        for m in report.managed
+    )
+    image = base64.b64encode(png).decode()
+    return f"""<!doctype html><meta charset="utf-8"><title>deploykit cost: {html.escape(report.model)}</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:.2em .8em;text-align:left}}</style>
+<h1>{html.escape(report.model)}: self-hosting against managed offers</h1>
+<p>{html.escape(report.verdict)}</p>
+<p><img alt="monthly cost against monthly token volume" src="data:image/png;base64,{image}"></p>
+<h2>Self-hosting, per month</h2>
+<table><tr><th>option</th><th>rent</th><th>own</th><th>throughput</th></tr>{hosted}</table>
+<h2>Managed, per month at the same traffic</h2>
+<table><tr><th>offer</th><th>cost</th><th>self-hosting pays above</th><th>utilization needed</th></tr>{managed}</table>
+<p>{"<br>".join(html.escape(x) for x in report.warnings)}</p>
+"""
+
+
+def _usd(value: float | None) -> str:
+    return f"${value:,.0f}" if value is not None else "-"
