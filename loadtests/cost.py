@@ -41,14 +41,29 @@ class SelfHosted:
         costs = [c for c in (self.rent_usd, self.own_usd) if c is not None]
         return min(costs) if costs else None
 
+    def monthly(self, way: str) -> float | None:
+        return self.rent_usd if way == "rent" else self.own_usd
+
+    def replica_monthly(self, way: str) -> float | None:
+        return self.replica_rent_usd if way == "rent" else self.replica_own_usd
+
+
+@dataclass(frozen=True)
+class BreakEven:
+    """Against one managed offer, the cheapest self-hosting one way (renting or owning)."""
+
+    way: str  # "rent" or "own"
+    option: str
+    tokens: float | None  # monthly tokens whose bill at the offer pays for one replica; None: never
+    utilization: float | None  # how busy that volume keeps the replica; None: more than fully busy
+
 
 @dataclass(frozen=True)
 class Managed:
     name: str
     provider: str
     monthly_usd: float
-    break_even_tokens: float | None  # monthly tokens whose bill here pays for one replica; None: never
-    utilization_needed: float | None  # how busy that volume keeps the replica; None: more than fully busy
+    break_even: tuple[BreakEven, ...]  # renting, owning (where the data prices them); pay-as-you-go offers only
 
 
 @dataclass
@@ -81,7 +96,7 @@ class CostReport:
                 }
                 for s in self.self_hosted
             ],
-            "managed": [m.__dict__ for m in self.managed],
+            "managed": [{**m.__dict__, "break_even": [b.__dict__ for b in m.break_even]} for m in self.managed],
             "verdict": self.verdict,
             "warnings": self.warnings,
         }
@@ -127,11 +142,19 @@ def monthly_tokens_capacity(s: SelfHosted, w: Workload) -> float:
     return s.option.capacity_rps * (w.input_tokens + w.output_tokens) * 3600 * HOURS_PER_MONTH
 
 
-def self_host_cost_at(s: SelfHosted, w: Workload, tokens: float, utilization: float) -> float:
-    """The monthly cost of this option at `tokens` a month: whole replicas, each loaded to `utilization`."""
-    per_replica = min(c for c in (s.replica_rent_usd, s.replica_own_usd) if c is not None)
+def self_host_cost_at(s: SelfHosted, way: str, w: Workload, tokens: float, utilization: float) -> float:
+    """This option's monthly cost, renting or owning, at `tokens` a month: whole replicas, each loaded to
+    `utilization`."""
+    per_replica = s.replica_monthly(way)
+    assert per_replica is not None
     replicas = max(1, math.ceil(tokens / (monthly_tokens_capacity(s, w) * utilization)))
     return replicas * per_replica
+
+
+def cheapest(hosted: list[SelfHosted], way: str) -> SelfHosted | None:
+    """The option that costs least this way (renting or owning), if the data prices any."""
+    priced = [s for s in hosted if s.monthly(way) is not None]
+    return min(priced, key=lambda s: s.monthly(way) or 0) if priced else None
 
 
 def blended_price_per_token(offer: ServicePrice, w: Workload) -> float:
@@ -147,49 +170,55 @@ def compare(
         raise UsageError(f"--utilization {utilization} is not in (0, 1].", "For example --utilization 0.5.")
     hosted = self_hosted(sizing, prices)
     tokens = sum(w.tokens_per_month)
-    best = hosted[0] if hosted else None
     managed = []
     for offer in offers:
-        monthly = managed_monthly_usd(offer, w, utilization)
-        break_even = needed = None
-        if best is not None and isinstance(offer, ServicePrice):
-            price = blended_price_per_token(offer, w)
-            per_replica = min(c for c in (best.replica_rent_usd, best.replica_own_usd) if c is not None)
-            capacity = monthly_tokens_capacity(best, w)
-            if per_replica / capacity < price:  # a fully busy replica beats the offer: it pays at some volume
-                break_even = per_replica / price  # the volume whose managed bill pays for one replica
-                needed = break_even / capacity  # the share of that replica's capacity this volume keeps busy
-        managed.append(Managed(offer.name, offer.provider, monthly, break_even, needed))
+        breaks: list[BreakEven] = []
+        for way in ("rent", "own"):
+            best = cheapest(hosted, way)
+            if best is not None and isinstance(offer, ServicePrice):
+                breaks.append(_break_even(best, way, offer, w))
+        managed.append(Managed(offer.name, offer.provider, managed_monthly_usd(offer, w, utilization), tuple(breaks)))
     return CostReport(sizing.model, w, utilization, tokens, hosted, managed, _verdict(hosted, managed, tokens))
+
+
+def _break_even(best: SelfHosted, way: str, offer: ServicePrice, w: Workload) -> BreakEven:
+    price = blended_price_per_token(offer, w)
+    per_replica = best.replica_monthly(way) or 0
+    capacity = monthly_tokens_capacity(best, w)
+    if per_replica / capacity >= price:  # even a fully busy replica costs more per token than the offer
+        return BreakEven(way, best.label, None, None)
+    volume = per_replica / price  # the volume whose bill at the offer pays for one replica
+    return BreakEven(way, best.label, volume, volume / capacity)
 
 
 def _verdict(hosted: list[SelfHosted], managed: list[Managed], tokens: float) -> str:
     if not hosted:
         return "No priced hardware can serve this load; self-hosting cannot be compared."
-    best = hosted[0]
-    cost = best.best_usd or 0
-    if not managed:
-        return f"Self-hosting on {best.label} costs ${cost:,.0f}/month."
-    cheapest = min(managed, key=lambda m: m.monthly_usd)
-    volume = _tokens(tokens)
-    if cost <= cheapest.monthly_usd:
-        return (
-            f"Self-hosting pays: {best.label} at ${cost:,.0f}/month against ${cheapest.monthly_usd:,.0f} for "
-            f"{cheapest.name} at {volume} tokens a month."
+    lines = []
+    for way, verb in (("rent", "Renting"), ("own", "Owning")):
+        best = cheapest(hosted, way)
+        if best is None:
+            continue
+        cost = best.monthly(way) or 0
+        if not managed:
+            lines.append(f"{verb} {best.label} costs ${cost:,.0f}/month.")
+            continue
+        rival = min(managed, key=lambda m: m.monthly_usd)
+        head = f"{verb} {best.label} costs ${cost:,.0f}/month against ${rival.monthly_usd:,.0f} for {rival.name}"
+        if cost <= rival.monthly_usd:
+            lines.append(f"{head}: self-hosting pays at {tokens_text(tokens)} tokens a month.")
+            continue
+        b = next((b for b in rival.break_even if b.way == way), None)
+        lines.append(
+            f"{head}: self-hosting does not pay at {tokens_text(tokens)} tokens a month; it would above "
+            f"{tokens_text(b.tokens)}, with a replica busy {b.utilization:.0%} of the time."
+            if b is not None and b.tokens is not None and b.utilization is not None
+            else f"{head}: self-hosting does not pay at any volume; a fully busy replica costs more per token."
         )
-    where = (
-        f"it would pay above {_tokens(cheapest.break_even_tokens)} tokens a month, with the GPUs busy at least "
-        f"{cheapest.utilization_needed:.0%} of the time"
-        if cheapest.break_even_tokens is not None and cheapest.utilization_needed is not None
-        else "it does not pay at any volume on this hardware: a fully busy GPU costs more per token"
-    )
-    return (
-        f"Self-hosting does not pay at {volume} tokens a month: {best.label} costs ${cost:,.0f}/month against "
-        f"${cheapest.monthly_usd:,.0f} for {cheapest.name}; {where}."
-    )
+    return " ".join(lines)
 
 
-def _tokens(n: float) -> str:
+def tokens_text(n: float) -> str:
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
             return f"{n / size:.3g} {unit}"
@@ -215,9 +244,11 @@ def plot_png(report: CostReport, offers: list[ServicePrice | Provisioned]) -> by
     w, u = report.workload, report.utilization
     xs = volumes(report.tokens_per_month)
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for s in report.self_hosted[:3]:
-        hosted = [self_host_cost_at(s, w, x, u) for x in xs]
-        ax.step(xs, hosted, where="post", label=f"self-hosted {s.label.split(' x ')[1]} (whole replicas)")
+    for way in ("rent", "own"):
+        best = cheapest(report.self_hosted, way)
+        if best is not None:
+            hosted = [self_host_cost_at(best, way, w, x, u) for x in xs]
+            ax.step(xs, hosted, where="post", label=f"{way} {best.label} (whole replicas)")
     for offer in offers:
         scale = [x / report.tokens_per_month for x in xs]
         if isinstance(offer, ServicePrice):
@@ -252,17 +283,7 @@ def report_html(report: CostReport, png: bytes) -> str:
         row([s.label, _usd(s.rent_usd), _usd(s.own_usd), "calibrated" if s.option.calibrated else "estimated"])
         for s in report.self_hosted
     )
-    managed = "".join(
-        row(
-            [
-                m.name,
-                _usd(m.monthly_usd),
-                _tokens(m.break_even_tokens) if m.break_even_tokens else "never",
-                f"{m.utilization_needed:.0%}" if m.utilization_needed is not None else "-",
-            ]
-        )
-        for m in report.managed
-    )
+    managed = "".join(row([m.name, _usd(m.monthly_usd), *break_even_cells(m)]) for m in report.managed)
     image = base64.b64encode(png).decode()
     return f"""<!doctype html><meta charset="utf-8"><title>deploykit cost: {html.escape(report.model)}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:.2em .8em;text-align:left}}</style>
@@ -270,11 +291,25 @@ def report_html(report: CostReport, png: bytes) -> str:
 <p>{html.escape(report.verdict)}</p>
 <p><img alt="monthly cost against monthly token volume" src="data:image/png;base64,{image}"></p>
 <h2>Self-hosting, per month</h2>
-<table><tr><th>option</th><th>rent</th><th>own</th><th>throughput</th></tr>{hosted}</table>
+<table><tr><th>option</th><th>rent</th><th>own</th><th>basis</th></tr>{hosted}</table>
 <h2>Managed, per month at the same traffic</h2>
-<table><tr><th>offer</th><th>cost</th><th>self-hosting pays above</th><th>utilization needed</th></tr>{managed}</table>
+<table><tr><th>offer</th><th>cost</th><th>renting pays above</th><th>owning pays above</th></tr>{managed}</table>
 <p>{"<br>".join(html.escape(x) for x in report.warnings)}</p>
 """
+
+
+def break_even_cells(m: Managed) -> list[str]:
+    """'tokens a month (replica busy %)' for renting and for owning, as table cells."""
+    cells = []
+    for way in ("rent", "own"):
+        b = next((b for b in m.break_even if b.way == way), None)
+        if b is None:
+            cells.append("-")
+        elif b.tokens is None or b.utilization is None:
+            cells.append("never")
+        else:
+            cells.append(f"{tokens_text(b.tokens)} ({b.utilization:.0%} busy)")
+    return cells
 
 
 def _usd(value: float | None) -> str:

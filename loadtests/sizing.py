@@ -398,7 +398,16 @@ def size(
             (options if isinstance(result, Option) else infeasible).append(result)  # type: ignore[arg-type]
     options = _cheapest_tp_per_hardware(options)
     options.sort(key=lambda o: (o.usd_per_hour is None, o.usd_per_hour or 0, o.at_load.tpot_s))
-    return Sizing(name, w, options, infeasible, calibration)
+    sizing = Sizing(name, w, options, infeasible, calibration)
+    for o in options:
+        if calibration is not None and o.calibrated and not 0.25 <= o.max_concurrency / calibration.concurrency <= 4:
+            sizing.warnings.append(
+                f"{o.hardware.name} runs up to {o.max_concurrency} streams per replica here, far from the "
+                f"{calibration.concurrency} of the load test it is calibrated on; the ±{CALIBRATED_BAND:.0%} band "
+                f"holds within 4x of it (docs/SIZING.md). Calibrate near {o.max_concurrency} streams, or cap "
+                "them with --slo."
+            )
+    return sizing
 
 
 def _cheapest_tp_per_hardware(options: list[Option]) -> list[Option]:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from deploykit.cli.options import JsonOpt
 from deploykit.console import err, out, print_json
-from deploykit.loadtests.cost import CostReport, plot_png, report_html
+from deploykit.loadtests.cost import CostReport, break_even_cells, plot_png, report_html
 from deploykit.loadtests.sizing import Sizing
 from deploykit.models.catalog import load_catalog
 from deploykit.models.prices import load_prices
@@ -210,15 +210,10 @@ def _print_cost(report: CostReport) -> None:
     out.print(hosted)
     if report.managed:
         managed = Table(title="Managed, per month at the same traffic")
-        for column in ("offer", "cost", "self-hosting pays above", "keeping a replica busy"):
+        for column in ("offer", "cost", "renting pays above (tokens/month)", "owning pays above"):
             managed.add_column(column, justify="left" if column == "offer" else "right")
         for m in report.managed:
-            managed.add_row(
-                m.name,
-                _usd(m.monthly_usd, 0),
-                f"{m.break_even_tokens:,.3g} tokens/month" if m.break_even_tokens else "never",
-                f"{m.utilization_needed:.0%}" if m.utilization_needed is not None else "-",
-            )
+            managed.add_row(m.name, _usd(m.monthly_usd, 0), *break_even_cells(m))
         out.print(managed)
     out.print(report.verdict, highlight=False)
 

@@ -208,16 +208,20 @@ def test_break_even_and_the_utilization_it_needs() -> None:
     report = compare(sizing, PRICES, [together], 1.0, w)
     [hosted] = report.self_hosted
     [managed] = report.managed
-    # one A100 80GB at $1.30/h owned for... rent $949/month; owning: $11,500 x 1.25 / 36 + 0.4 kW x 1.5 x 730 x
-    # 0.13 = $399.31 + $56.94 = $456.25, the cheaper; at $0.18 per M tokens it pays above 456.25 / 0.18e-6
-    assert hosted.rent_usd == pytest.approx(1.30 * 730)
-    assert hosted.own_usd == pytest.approx(456.25, abs=0.01)
-    assert managed.break_even_tokens == pytest.approx(456.25 / 0.18e-6, rel=1e-4)
+    rent, own = managed.break_even
+    # one A100 80GB: renting at $1.30/h = $949/month; owning $11,500 x 1.25 / 36 + 0.4 kW x 1.5 x 730 h x
+    # $0.13 = $399.31 + $56.94 = $456.25. At $0.18 per M tokens, one replica pays above $949 / 0.18e-6 tokens
+    # a month rented, $456.25 / 0.18e-6 owned.
+    assert hosted.rent_usd == pytest.approx(949.0) and hosted.own_usd == pytest.approx(456.25, abs=0.01)
+    assert (rent.way, own.way) == ("rent", "own")
+    assert rent.tokens == pytest.approx(949.0 / 0.18e-6) and own.tokens == pytest.approx(456.25 / 0.18e-6, rel=1e-4)
     capacity = hosted.option.capacity_rps * 768 * 3600 * 730
-    assert managed.utilization_needed == pytest.approx(managed.break_even_tokens / capacity)
+    assert own.utilization == pytest.approx(own.tokens / capacity)  # type: ignore[operator]
     # at the break-even volume the two cost the same (one replica)
-    assert self_host_cost_at(hosted, w, managed.break_even_tokens, 1.0) == pytest.approx(456.25, abs=0.01)
-    assert "does not pay" in report.verdict or "pays" in report.verdict
+    assert self_host_cost_at(hosted, "own", w, own.tokens, 1.0) == pytest.approx(456.25, abs=0.01)  # type: ignore[arg-type]
+    # 0.5 req/s x 768 tokens = 1.0 B tokens a month at $0.18/M = $181.53: neither way pays yet
+    assert managed.monthly_usd == pytest.approx(0.5 * 3600 * 730 * 768 * 0.18e-6)
+    assert report.verdict.count("does not pay at 1.01 B tokens a month") == 2
 
 
 def test_cost_model_sizes_for_the_peak_and_prices_the_mean() -> None:
