@@ -254,6 +254,8 @@ class Option:
         return {
             "hardware": self.hardware.name,
             "label": self.hardware.label,
+            "bandwidth_gbps": self.hardware.bandwidth / 1e9,
+            "tflops": self.hardware.flops / 1e12,
             "tensor_parallel": self.tp,
             "replicas": self.replicas,
             "devices": self.devices,
@@ -399,6 +401,14 @@ def size(
     options = _cheapest_tp_per_hardware(options)
     options.sort(key=lambda o: (o.usd_per_hour is None, o.usd_per_hour or 0, o.at_load.tpot_s))
     sizing = Sizing(name, w, options, infeasible, calibration)
+    if calibration is not None and not all(
+        0.5 <= mine / theirs <= 2
+        for mine, theirs in ((w.input_tokens, calibration.input_tokens), (w.output_tokens, calibration.output_tokens))
+    ):
+        sizing.warnings.append(
+            f"The load test ran {calibration.input_tokens}/{calibration.output_tokens} tokens in/out, this load "
+            f"{w.input_tokens}/{w.output_tokens}; its calibration is applied, but a run at these lengths is surer."
+        )
     for o in options:
         if calibration is not None and o.calibrated and not 0.25 <= o.max_concurrency / calibration.concurrency <= 4:
             sizing.warnings.append(

@@ -162,6 +162,15 @@ def test_calibration_reproduces_its_own_point_and_only_on_its_hardware() -> None
     assert point(SMOL, gpu("l4"), 1, 4, 64, 32, cal) == point(SMOL, gpu("l4"), 1, 4, 64, 32)
 
 
+def test_a_calibration_marks_its_hardware_and_warns_at_other_lengths() -> None:
+    cal = calibration_at(SMOL, CPU, 1, 4, 64, 32, 0.070, 1.3, "run.json")
+    sizing = size("smollm2-135m", SMOL, Workload(0.2, 512, 32), [CPU, gpu("l4")], PRICES, calibration=cal)
+    assert {o.hardware.name: o.calibrated for o in sizing.options} == {"cpu": True, "l4": False}
+    assert any("64/32 tokens in/out, this load 512/32" in line for line in sizing.warnings)
+    same = size("smollm2-135m", SMOL, Workload(0.2, 64, 32), [CPU], PRICES, calibration=cal)
+    assert not any("tokens in/out" in line for line in same.warnings)
+
+
 def test_calibrate_reads_a_loadtest_report_and_refuses_a_mismatch(tmp_path: Path) -> None:
     report = {
         "config": {"model": "smollm2-135m", "concurrency": 2, "input_tokens": "64", "output_tokens": "32:32"},
