@@ -2,6 +2,7 @@
 
     python -m benchmarks.gateway_overhead [--concurrency 1,64,256] [--round-s 8] [--rounds 4]
     python -m benchmarks.gateway_overhead --soak 600 --concurrency 64
+    python -m benchmarks.gateway_overhead --pin    # the gateway on a core of its own
 
 By default it starts its own fast upstream (benchmarks/fast_upstream.py: a known token schedule at
 almost no CPU cost) and a gateway in front of it with everything on: API key auth, quotas on that key,
@@ -262,6 +263,11 @@ def main() -> None:
     parser.add_argument("--upstream", help="the engine behind --gateway")
     parser.add_argument("--model", default="fast")
     parser.add_argument("--key", default=os.environ.get("DEPLOYKIT_API_KEY", ""), help="API key for --gateway")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="give the gateway the last core to itself; the client and the upstream share the others",
+    )
     args = parser.parse_args()
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -270,6 +276,14 @@ def main() -> None:
         else:
             procs, upstream, gateway, token = start_stack(args.ttft, args.gap)
             pid = procs[1].pid
+            if args.pin:
+                cores = sorted(os.sched_getaffinity(0))
+                if len(cores) < 2:
+                    raise SystemExit("--pin needs at least 2 cores")
+                psutil.Process(pid).cpu_affinity(cores[-1:])
+                for other in (procs[0].pid, os.getpid()):
+                    psutil.Process(other).cpu_affinity(cores[:-1])
+                print(f"gateway pinned to core {cores[-1]}; client and upstream on {cores[:-1]}", flush=True)
             print(
                 f"fast upstream: TTFT {args.ttft * 1e3:.0f} ms, a token every {args.gap * 1e3:.0f} ms, "
                 f"{args.max_tokens} tokens; gateway with auth, quotas, ledger and metrics on",

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from deploykit.cli.options import JsonOpt
 from deploykit.console import err, out, print_json
-from deploykit.errors import UsageError
+from deploykit.errors import DeploykitError, UsageError
 
 
 def loadtest(
@@ -152,6 +152,12 @@ def loadtest(
         err.print(f"Report: {out_path}" + (f", {csv_path}" if csv_path else ""))
     for reason in report["invalid_reasons"]:  # type: ignore[attr-defined]
         err.print(f"[yellow]Invalid run:[/yellow] {reason}", highlight=False)
+    summary: dict[str, object] = report["summary"]  # type: ignore[assignment]
+    if summary["requests"] and not summary["ok"]:  # a script must not mistake this run for a measurement
+        raise DeploykitError(
+            f"No request succeeded ({summary['errors']}); the report is in {out_path}.",
+            f"Is the server up at {config.url}, and does it serve {config.model}?",
+        )
 
 
 def _print(data: dict[str, object]) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from deploykit.loadtests.metrics import percentile
 from deploykit.loadtests.workload import load_prompts
+from deploykit.ports import free_port
 from tests.fakes.sse_server import GAP_S, QUEUE_SLOTS, TTFT_S, chunk_plan
 
 OUTPUT_TOKENS = 20
@@ -187,6 +188,18 @@ def test_a_bad_prompt_file_is_a_usage_error(tmp_path: Path, url: str) -> None:
         timeout=60,
     )
     assert result.returncode == 2 and "Line 1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_run_where_nothing_succeeds_fails_loudly_and_keeps_its_report(tmp_path: Path) -> None:
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    out = tmp_path / "run.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "deploykit", "loadtest", down, "--model", "m", "-c", "1", "--duration", "2",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1 and "No request succeeded" in result.stderr and "Traceback" not in result.stderr
+    assert "connect" in json.loads(out.read_text())["summary"]["errors"]
 
 
 def test_several_processes_merge_into_one_report(tmp_path: Path, url: str) -> None:
