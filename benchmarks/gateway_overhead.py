@@ -12,7 +12,9 @@ the SQLite ledger and metrics. Against a running deployment instead:
         --model smollm2-135m --key dk-...
 
 Closed loop: C workers, each with one keep-alive connection, send streaming completions back to back
-for a round of ROUND_S seconds. Rounds alternate direct and gateway (drift on a noisy machine hits both
+for a round of ROUND_S seconds, their first requests spread evenly over one request's duration so that
+C streams are in flight with starts spread in time (--burst: all start together, and, every request being
+the same length, keep arriving in bursts of C). Rounds alternate direct and gateway (drift on a noisy machine hits both
 alike). Prints per concurrency: TTFT and end-to-end p50/p99 of each path, the latency the gateway adds
 (gateway pXX - direct pXX), the throughput ratio (gateway tokens/s / direct tokens/s) and the gateway
 process's CPU use. --soak runs the gateway path alone for SOAK seconds and prints the gateway's RSS.
@@ -81,8 +83,9 @@ def _tokens(data: bytes) -> int:
     return data.count(_TEXT) - data.count(_EMPTY)
 
 
-async def _worker(target: Target, until: float, sample: Sample) -> None:
-    """Send streaming requests back to back on one connection until `until`; time each one."""
+async def _worker(target: Target, until: float, sample: Sample, delay: float = 0.0) -> None:
+    """After `delay`, send streaming requests back to back on one connection until `until`; time each one."""
+    await asyncio.sleep(delay)
     reader, writer = await asyncio.open_connection(target.host, target.port)
     try:
         while time.perf_counter() < until:
@@ -107,9 +110,14 @@ async def _worker(target: Target, until: float, sample: Sample) -> None:
         writer.close()
 
 
-async def run_round(target: Target, concurrency: int, seconds: float, sample: Sample) -> None:
+async def run_round(target: Target, concurrency: int, seconds: float, sample: Sample, spread: float = 0.0) -> None:
+    """`concurrency` workers for `seconds`. With `spread` (one request's duration), their first requests are
+    spaced evenly over it, so that starts stay spread as in real traffic; without, they start, end and
+    start again together: every request of a round arrives in the same instant (the worst case)."""
     start = time.perf_counter()
-    await asyncio.gather(*(_worker(target, start + seconds, sample) for _ in range(concurrency)))
+    await asyncio.gather(
+        *(_worker(target, start + seconds, sample, spread * i / concurrency) for i in range(concurrency))
+    )
     sample.wall += time.perf_counter() - start
 
 
@@ -179,12 +187,14 @@ def serve_gateway(port: int, upstream_port: int, db_url: str) -> None:
     from deploykit.serve.gateway.app import GatewayOptions
     from deploykit.serve.gateway.database import connect
     from deploykit.serve.gateway.proxy import engine_session
+    from deploykit.serve.runner import quiet_gc
 
     async def main() -> None:
         async with engine_session() as session:
             backend = Backend("fast", f"http://127.0.0.1:{upstream_port}", session, status="ready")
             app = create_app([backend], connect(db_url), GatewayOptions(auth=True))
             config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+            quiet_gc()  # as deploykit serve does
             await uvicorn.Server(config).serve()
             app.state.gateway.close()
 
@@ -202,6 +212,7 @@ async def compare(args: argparse.Namespace, upstream: str, gateway: str, token: 
     }
     direct_t = Target.of(upstream, body, {})
     gateway_t = Target.of(gateway, body, {"authorization": f"Bearer {token}"} if token else {})
+    spread = 0.0 if args.burst else args.ttft + args.max_tokens * args.gap
     await run_round(direct_t, 4, 1.0, Sample())  # warm both paths
     await run_round(gateway_t, 4, 1.0, Sample())
     print(f"{'streams':>7} {'path':>8} {'ttft p50':>9} {'ttft p99':>9} {'e2e p50':>9} {'e2e p99':>9} {'tok/s':>9}")
@@ -211,7 +222,7 @@ async def compare(args: argparse.Namespace, upstream: str, gateway: str, token: 
             pair = ((direct_t, direct), (gateway_t, through))
             for target, sample in pair[:: 1 if r % 2 == 0 else -1]:
                 cpu = _cpu_s(gateway_pid)
-                await run_round(target, concurrency, args.round_s, sample)
+                await run_round(target, concurrency, args.round_s, sample, spread)
                 sample.gateway_cpu_s += _cpu_s(gateway_pid) - cpu
         for name, s in (("direct", direct), ("gateway", through)):
             print(
@@ -263,6 +274,11 @@ def main() -> None:
     parser.add_argument("--upstream", help="the engine behind --gateway")
     parser.add_argument("--model", default="fast")
     parser.add_argument("--key", default=os.environ.get("DEPLOYKIT_API_KEY", ""), help="API key for --gateway")
+    parser.add_argument(
+        "--burst",
+        action="store_true",
+        help="start every stream at once (they then end and restart together): the worst case",
+    )
     parser.add_argument(
         "--pin",
         action="store_true",

@@ -38,6 +38,7 @@ class LoadTestConfig(BaseModel):
     processes: int = Field(1, ge=1)  # load-generator processes; their records are merged into one report
     seed: int = 0
     hardware: str | None = None  # what the server runs on ("cpu", "l4", "h100-sxm:2"), for sizing calibration
+    engine_version: str | None = None  # the server's engine version, as its /version said before the run
 
     @field_validator("input_tokens", "output_tokens", mode="before")
     @classmethod

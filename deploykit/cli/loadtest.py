@@ -80,7 +80,7 @@ def loadtest(
     from deploykit.loadtests.config import LoadTestConfig
     from deploykit.loadtests.launch import find_max as search_max
     from deploykit.loadtests.launch import run_in_own_process, run_sweep
-    from deploykit.loadtests.request import discover_model
+    from deploykit.loadtests.request import discover_model, engine_version
 
     kind: Literal["chat", "completions"] = "chat" if api == "chat" else "completions"
     try:
@@ -107,6 +107,7 @@ def loadtest(
             cooldown_s=cooldown,
             slos=slo,
             hardware=hardware,
+            engine_version=engine_version(url) if not azure_deployment else None,
         )
     except ValidationError as e:
         raise UsageError(f"Bad load-test options: {e.errors()[0]['msg']}.") from e

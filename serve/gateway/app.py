@@ -96,6 +96,13 @@ def create_app(backends: Sequence[Backend], db: Database, options: GatewayOption
         body = error_body("Not every model can serve yet.", "service_unavailable", "not_ready")
         return JSONResponse({**body, "models": status, "replicas": replicas}, status_code=503)
 
+    @app.get("/version")
+    async def version(gateway: GatewayDep) -> dict[str, object]:
+        """deploykit's version and the engine's, as vLLM's own /version gives it (what a load test records)."""
+        backend = next((b for b in gateway.router.replicas if b.status == "ready"), None)
+        engine = await get_json(backend, "/version") if backend is not None else {}
+        return {"version": engine.get("version"), "deploykit": __version__}
+
     @app.get("/metrics")
     async def metrics(gateway: GatewayDep) -> Response:
         """Prometheus metrics: the gateway's, then each engine's queue and KV-cache figures."""

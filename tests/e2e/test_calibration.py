@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.sizing_cpu import compare_levels, measure
 from deploykit.loadtests.cpu import measure_cpu
-from deploykit.loadtests.sizing import kv_tokens_on
+from deploykit.loadtests.sizing import installed_engine_version, kv_tokens_on
 from deploykit.models.catalog import load_catalog
 from tests.e2e.conftest import MODEL, Served
 
@@ -26,6 +26,7 @@ def test_kv_capacity_and_calibrated_throughput(served: Served, tmp_path: Path) -
     cpu = measure_cpu()
     logged = re.search(r"KV cache size: ([\d,]+) tokens", (served.home / "logs" / f"engine-{MODEL}.log").read_text())
     assert logged and kv_tokens_on(load_catalog().get(MODEL).config(), cpu, 1) == int(logged[1].replace(",", ""))
+    assert json.loads(reports[4].read_text())["config"]["engine_version"] == installed_engine_version() is not None
     rows = compare_levels(reports, MODEL, 4, cpu)
     errors = {r.concurrency: round(r.calibrated_error, 3) for r in rows}
     assert all(abs(e) <= 0.25 for e in errors.values()), errors
@@ -41,3 +42,4 @@ def test_kv_capacity_and_calibrated_throughput(served: Served, tmp_path: Path) -
     cpu_option = next(o for o in data["options"] if o["hardware"] == "cpu")
     assert cpu_option["source"] == "calibrated" and data["calibration"]["concurrency"] == 4
     assert next(o for o in data["options"] if o["hardware"] == "l4")["source"] == "estimated"
+    assert not any("engine" in w for w in data["warnings"])  # the run recorded the vLLM installed here

@@ -35,6 +35,10 @@ def create_fake_engine(model: str = "fake-model", token_delay: float = 0.0, api_
     async def health() -> dict[str, str]:
         return {}
 
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": "0.0.0-fake"}
+
     @app.get("/stats")
     async def stats() -> dict[str, int]:
         return {"finished": app.state.finished, "aborted": app.state.aborted, "in_flight": app.state.in_flight}

@@ -7,6 +7,7 @@ import json
 import httpx
 import pytest
 
+from deploykit import __version__
 from deploykit.ports import free_port
 from deploykit.serve.gateway import Backend
 from tests.fakes.engine import ANSWER, create_fake_engine
@@ -19,6 +20,12 @@ pytestmark = pytest.mark.anyio
 async def test_health_answers_whatever_the_engine_does(gateway: httpx.AsyncClient, backend: Backend) -> None:
     backend.status = "stopped"
     assert (await gateway.get("/health")).json() == {"status": "ok"}
+
+
+async def test_version_names_the_engine_and_deploykit(gateway: httpx.AsyncClient, backend: Backend) -> None:
+    assert (await gateway.get("/version")).json() == {"version": "0.0.0-fake", "deploykit": __version__}
+    backend.status = "starting"
+    assert (await gateway.get("/version")).json() == {"version": None, "deploykit": __version__}
 
 
 async def test_ready_follows_the_engine(gateway: httpx.AsyncClient, backend: Backend) -> None:

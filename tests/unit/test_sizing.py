@@ -17,6 +17,7 @@ from deploykit.loadtests.sizing import (
     ANALYTIC_BAND,
     Accelerator,
     Workload,
+    _engine_warning,
     calibrate,
     calibration_at,
     closed_loop_point,
@@ -181,7 +182,14 @@ def test_calibrate_reads_a_loadtest_report_and_refuses_a_mismatch(tmp_path: Path
     with pytest.raises(UsageError, match="does not say what hardware"):
         calibrate(path, "smollm2-135m", SMOL, {"cpu": CPU})
     cal = calibrate(path, "smollm2-135m", SMOL, {"cpu": CPU}, measured_on="cpu")
-    assert (cal.concurrency, cal.input_tokens, cal.output_tokens) == (2, 64, 32)
+    assert (cal.concurrency, cal.input_tokens, cal.output_tokens) == (2, 64, 32) and cal.engine_version is None
+    path.write_text(json.dumps({**report, "config": {**report["config"], "hardware": "cpu", "engine_version": "9.9"}}))
+    cal = calibrate(path, "smollm2-135m", SMOL, {"cpu": CPU})
+    assert cal.engine_version == "9.9"
+    [warning] = _engine_warning(cal.engine_version, "0.32.0")
+    assert "measured vLLM 9.9; this machine has 0.32.0" in warning
+    assert _engine_warning("0.32.0", "0.32.0") == [] and _engine_warning("0.32.0", None) == []
+    assert "does not say which engine" in _engine_warning(None, "0.32.0")[0]
     with pytest.raises(UsageError, match="ran model 'smollm2-135m', not 'llama"):
         calibrate(path, "llama-3.1-8b-instruct", LLAMA8, {"cpu": CPU}, measured_on="cpu")
     with pytest.raises(NotFoundError, match="No load-test report"):
