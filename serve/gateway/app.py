@@ -14,11 +14,18 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from deploykit import __version__
 from deploykit.serve.gateway.auth import ApiKey, KeyVerifier, require_model_access
 from deploykit.serve.gateway.database import Database
-from deploykit.serve.gateway.errors import GatewayError, error_body, install_error_handlers
+from deploykit.serve.gateway.errors import (
+    GatewayError,
+    error_body,
+    error_response,
+    install_error_handlers,
+    unexpected_error_response,
+)
 from deploykit.serve.gateway.exchange import Exchange
 from deploykit.serve.gateway.ledger import Ledger
 from deploykit.serve.gateway.metrics import GatewayMetrics
@@ -74,9 +81,30 @@ async def _gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(_gateway)]
 
 
+_PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+class GatewayApp(FastAPI):
+    """FastAPI, except that the three proxied routes skip its router and middleware: each layer wraps
+    every `send`, and a stream sends once per event. Same handler (_proxy), same error bodies."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in _PROXIED:
+            request = Request(scope, receive)
+            try:
+                response = await _proxy(request, self.state.gateway, scope["path"])
+            except GatewayError as e:
+                response = error_response(e)
+            except Exception as e:  # as the app's handler for unexpected errors answers
+                response = unexpected_error_response(e)
+            await response(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(backends: Sequence[Backend], db: Database, options: GatewayOptions | None = None) -> FastAPI:
     """The gateway app; `app.state.gateway.close()` flushes its ledger when the server has stopped."""
-    app = FastAPI(title="deploykit gateway", version=__version__)
+    app = GatewayApp(title="deploykit gateway", version=__version__)
     app.state.gateway = Gateway(backends, db, options or GatewayOptions())
     install_error_handlers(app)
 

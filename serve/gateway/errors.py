@@ -37,11 +37,19 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def error_response(e: GatewayError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.type, e.code, e.param), status_code=e.status, headers=e.headers)
+
+
+def unexpected_error_response(e: Exception) -> JSONResponse:
+    log.exception("unexpected error in the gateway")
+    return JSONResponse(error_body(f"Internal gateway error: {type(e).__name__}", "server_error"), 500)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway(_: Request, e: GatewayError) -> JSONResponse:
-        body = error_body(e.message, e.type, e.code, e.param)
-        return JSONResponse(body, status_code=e.status, headers=e.headers)
+        return error_response(e)
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, e: HTTPException) -> JSONResponse:
@@ -54,5 +62,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
-        log.exception("unexpected error in the gateway")
-        return JSONResponse(error_body(f"Internal gateway error: {type(e).__name__}", "server_error"), 500)
+        return unexpected_error_response(e)
