@@ -248,8 +248,8 @@ async def _watch(supervisor: Supervisor, server: uvicorn.Server, stop_signals: _
 def quiet_gc() -> None:
     """Fewer, shorter garbage-collector pauses in the gateway: what is alive after start-up is frozen out of
     every collection, and the youngest generation is collected after 100,000 allocations instead of 700.
-    Memory is freed by reference counting as before; only cycles wait longer. At 256 streams this took
-    the gateway's added TTFT p99 from about 45 ms to 12-22 ms (docs/PERFORMANCE.md)."""
+    Memory is freed by reference counting as before; only cycles wait longer. It roughly halves the
+    gateway's added TTFT p99 at 256 streams (docs/PERFORMANCE.md)."""
     gc.freeze()
     gc.set_threshold(100_000, 10, 10)
 
