@@ -5,7 +5,6 @@ on old prices; the arithmetic is in loadtests.sizing and loadtests.cost."""
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 from deploykit.errors import DeploykitError, UnknownModelError, UsageError
 from deploykit.loadtests.cost import CostReport, compare
 from deploykit.loadtests.metrics import parse_slos
-from deploykit.loadtests.sizing import Sizing, Workload, accelerators, calibrate, nearest_feasible_hint, size
+from deploykit.loadtests.sizing import HardwareByName, Sizing, Workload, calibrate, nearest_feasible_hint, size
 from deploykit.models.catalog import Catalog
 from deploykit.models.config import ModelConfig, read_model_config
 from deploykit.models.prices import Prices, Provisioned, ServicePrice, Sourced, stale_summary
@@ -61,7 +60,6 @@ def size_model(
     prices: Prices,
     *,
     hardware: list[str] | None = None,
-    measure_cpu: bool = False,
     from_loadtest: Path | None = None,
     measured_on: str | None = None,
     provider: str | None = None,
@@ -70,18 +68,11 @@ def size_model(
 ) -> Sizing:
     """Rank the hardware options for `load`; raises with the nearest feasible option when none fits."""
     w = load.workload()
-    cpu = None
-    on = measured_on or (_report_hardware(from_loadtest) if from_loadtest else None) or ""
-    wants_cpu = "cpu" in (hardware or []) or on.startswith("cpu") or measure_cpu
-    if wants_cpu:
-        from deploykit.loadtests.cpu import measure_cpu as measure
-
-        cpu = measure()
-    devices = accelerators(prices, hardware, cpu)
-    known = {d.name: d for d in accelerators(prices, None)} | ({"cpu": cpu} if cpu else {})
-    cal = calibrate(from_loadtest, name, config, known, measured_on) if from_loadtest else None
+    by_name = HardwareByName(prices)
+    devices = [by_name[n] for n in hardware or list(prices.gpus)]
+    cal = calibrate(from_loadtest, name, config, by_name, measured_on) if from_loadtest else None
     if cal is not None and cal.hardware not in {d.name for d in devices}:
-        devices.append(known[cal.hardware])  # the calibrated hardware is always among the options
+        devices.append(by_name[cal.hardware])  # the calibrated hardware is always among the options
     sizing = size(name, config, w, devices, prices, max_utilization=max_utilization, calibration=cal, provider=provider)
     if not sizing.options:
         raise DeploykitError(
@@ -118,11 +109,3 @@ def cost_model(
         used += [p for p in (s.option.price, *prices.prices_for(s.option.hardware.name, "buy")[:1]) if p]
     report.warnings = stale_summary(used, today or dt.date.today())
     return report, offers
-
-
-def _report_hardware(path: Path) -> str | None:
-    """The hardware a load-test report says it ran on (calibrate() reports a bad file properly)."""
-    try:
-        return str(json.loads(path.read_text())["config"].get("hardware") or "") or None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from deploykit.errors import UsageError
-from deploykit.models.prices import STALE_AFTER_DAYS, Prices
+from deploykit.models.prices import Prices, stale_warnings
 from deploykit.serve.gateway.database import Database
 from deploykit.serve.gateway.ledger import UsageRow, deployment_hours, usage_by
 
@@ -68,11 +68,7 @@ def usage_report(
         sum(r.completion_tokens for r in rows),
     )
     hours = deployment_hours(db, since)
-    warnings = [
-        f"The price of {p.name} is from {p.as_of} ({p.age_days(today or dt.date.today())} days old, more than "
-        f"{STALE_AFTER_DAYS}); check {p.source} or put a current one in $DEPLOYKIT_HOME/prices.toml."
-        for p in prices.stale(compare, today or dt.date.today())
-    ]
+    warnings = stale_warnings(services, today or dt.date.today())
     return UsageReport(
         since=since,
         by=by,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -455,7 +456,7 @@ def calibrate(
     report_path: Path,
     model: str,
     config: ModelConfig,
-    hardware: dict[str, Accelerator],
+    hardware: Mapping[str, Accelerator],
     measured_on: str | None = None,
 ) -> Calibration:
     """Measured over predicted TPOT and TTFT at a load test's point, for the hardware it ran on."""
@@ -532,20 +533,33 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.3g} ms" if seconds < 10 else f"{seconds:.0f} s"
 
 
-def accelerators(prices: Prices, names: list[str] | None, cpu: Accelerator | None = None) -> list[Accelerator]:
-    """The named hardware ("cpu" is this machine, measured), or every GPU in the data."""
-    eff = prices.efficiency
-    if eff is None:
-        raise NotFoundError("The price data has no [efficiency] table.", "Restore the shipped gpus.toml.")
-    out = []
-    for n in names or list(prices.gpus):
-        if n == "cpu":
-            if cpu is None:
-                raise UsageError("'cpu' needs this machine measured.", "Run deploykit size on the machine itself.")
-            out.append(cpu)
-        else:
-            out.append(Accelerator.from_spec(prices.gpu(n), eff))
-    return out
+class HardwareByName(Mapping[str, Accelerator]):
+    """Every GPU in the data, and "cpu": this machine, measured the first time it is asked for (a second
+    or two of copying and multiplying, so only when needed)."""
+
+    def __init__(self, prices: Prices) -> None:
+        if prices.efficiency is None:
+            raise NotFoundError("The price data has no [efficiency] table.", "Restore the shipped gpus.toml.")
+        self.prices, self.efficiency = prices, prices.efficiency
+        self._cpu: Accelerator | None = None
+
+    def __getitem__(self, name: str) -> Accelerator:
+        if name != "cpu":
+            return Accelerator.from_spec(self.prices.gpu(name), self.efficiency)  # NotFoundError names the known
+        if self._cpu is None:
+            from deploykit.loadtests.cpu import measure_cpu  # it imports this module
+
+            self._cpu = measure_cpu()
+        return self._cpu
+
+    def __contains__(self, name: object) -> bool:
+        return name == "cpu" or name in self.prices.gpus
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self.prices.gpus, "cpu"])
+
+    def __len__(self) -> int:
+        return len(self.prices.gpus) + 1
 
 
 # --- checking the model against published measurements ----------------------------------------------------

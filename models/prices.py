@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -151,12 +152,8 @@ class Prices:
         """This GPU's prices of one kind, cheapest first."""
         return sorted((p for p in self.gpu_prices.values() if p.gpu == gpu and p.kind == kind), key=lambda p: p.usd)
 
-    def stale(self, names: list[str], today: dt.date) -> list[ServicePrice]:
-        """The named services older than STALE_AFTER_DAYS."""
-        return [p for n in names if (p := self.find(n)).age_days(today) > STALE_AFTER_DAYS]
 
-
-def stale_warnings(entries: list[Sourced], today: dt.date) -> list[str]:
+def stale_warnings(entries: Sequence[Sourced], today: dt.date) -> list[str]:
     """One line per entry older than STALE_AFTER_DAYS, naming it and where to check it. Pass prices: they
     change; a datasheet's specs do not."""
     return [
@@ -166,7 +163,7 @@ def stale_warnings(entries: list[Sourced], today: dt.date) -> list[str]:
     ]
 
 
-def stale_summary(entries: list[Sourced], today: dt.date) -> list[str]:
+def stale_summary(entries: Sequence[Sourced], today: dt.date) -> list[str]:
     """At most one line for all the old entries among `entries` (their sources are in the --json output)."""
     old = _stale(entries, today)
     if not old:
@@ -178,7 +175,7 @@ def stale_summary(entries: list[Sourced], today: dt.date) -> list[str]:
     ]
 
 
-def _stale(entries: list[Sourced], today: dt.date) -> list[Sourced]:
+def _stale(entries: Sequence[Sourced], today: dt.date) -> list[Sourced]:
     return [e for e in dict.fromkeys(entries) if e.age_days(today) > STALE_AFTER_DAYS]
 
 

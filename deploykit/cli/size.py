@@ -11,9 +11,9 @@ from rich.table import Table
 from deploykit.cli.options import JsonOpt
 from deploykit.console import err, out, print_json
 from deploykit.loadtests.cost import CostReport, break_even_cells, plot_png, report_html
-from deploykit.loadtests.sizing import Sizing
 from deploykit.models.catalog import load_catalog
-from deploykit.models.prices import load_prices
+from deploykit.models.config import ModelConfig
+from deploykit.models.prices import Prices, load_prices
 from deploykit.models.store import ModelStore
 from deploykit.settings import Settings
 from deploykit.sizing import Load, cost_model, model_config, size_model
@@ -35,34 +35,12 @@ ProviderOpt = typer.Option(None, "--provider", help="Price GPUs at this provider
 UtilOpt = typer.Option(0.8, "--max-utilization", help="Load each replica to at most this share of its SLO capacity.")
 
 
-def _sizing(
-    model: str,
-    rps: float | None,
-    tokens_per_day: float | None,
-    input_tokens: int,
-    output_tokens: int,
-    slo: str,
-    gpus: str,
-    from_loadtest: Path | None,
-    measured_on: str | None,
-    provider: str | None,
-    max_utilization: float,
-) -> tuple[Sizing, Settings]:
+def _inputs(model: str) -> tuple[ModelConfig, Prices]:
+    """The model's architecture numbers and the market data (the user's file over the shipped one)."""
     settings = Settings()
-    prices = load_prices(settings.home / "prices.toml")
-    config = model_config(model, ModelStore(settings.models_dir), load_catalog())
-    sizing = size_model(
-        model,
-        config,
-        Load(rps, tokens_per_day, input_tokens, output_tokens, slo),
-        prices,
-        hardware=_names(gpus),
-        from_loadtest=from_loadtest,
-        measured_on=measured_on,
-        provider=provider,
-        max_utilization=max_utilization,
+    return model_config(model, ModelStore(settings.models_dir), load_catalog()), load_prices(
+        settings.home / "prices.toml"
     )
-    return sizing, settings
 
 
 def size(
@@ -94,10 +72,18 @@ def size(
 
       deploykit size smollm2-135m --rps 1 --gpus cpu --from-loadtest run.json
     """
-    sizing, _ = _sizing(
-        model, rps, tokens_per_day, input_tokens, output_tokens, slo, gpus, from_loadtest, measured_on, provider,
-        max_utilization,
-    )  # fmt: skip
+    config, prices = _inputs(model)
+    sizing = size_model(
+        model,
+        config,
+        Load(rps, tokens_per_day, input_tokens, output_tokens, slo),
+        prices,
+        hardware=_names(gpus),
+        from_loadtest=from_loadtest,
+        measured_on=measured_on,
+        provider=provider,
+        max_utilization=max_utilization,
+    )
     _warn(sizing.warnings)
     if json_:
         print_json(sizing.to_json())
@@ -168,11 +154,10 @@ def cost(
 
       deploykit cost llama-3.1-70b-instruct --rps 2 --compare gpt-4o@azure-ptu,gpt-4o --plot cost.png --html cost.html
     """
-    settings = Settings()
-    prices = load_prices(settings.home / "prices.toml")
+    config, prices = _inputs(model)
     report, offers = cost_model(
         model,
-        model_config(model, ModelStore(settings.models_dir), load_catalog()),
+        config,
         Load(rps, tokens_per_day, input_tokens, output_tokens, slo),
         prices,
         [c.strip() for c in compare.split(",") if c.strip()],
