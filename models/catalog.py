@@ -40,6 +40,9 @@ class CatalogEntry(BaseModel):
     vocab: int = 0
     experts: int = 1
     tied_embeddings: bool = False
+    # what the model card recommends (temperature, top_p) where the repo's generation_config.json does not
+    # say it: the engine uses it for requests that set none
+    sampling: dict[str, float] = {}
 
     @property
     def servable(self) -> bool:

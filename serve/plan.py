@@ -36,6 +36,7 @@ from deploykit.serve.hardware import Gpu, Hardware
 MIN_CONTEXT = 2048
 # The gateway owns where the engine listens.
 _RESERVED_FLAGS = {"--host", "--port", "--model"}
+_SAMPLING_FLAG = "--override-generation-config"
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,10 @@ def plan_launch(
     extra_args: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
     python: str = sys.executable,
+    sampling: Mapping[str, float] | None = None,
 ) -> LaunchPlan:
-    """Decide how to start the engine for this model on this hardware."""
+    """Decide how to start the engine for this model on this hardware; `sampling` (the model card's
+    recommended temperature, top_p...) becomes the engine's default for requests that set none."""
     environ = {} if environ is None else environ
     user_flags = _flag_names(extra_args)
     reserved = user_flags & _RESERVED_FLAGS
@@ -85,9 +88,14 @@ def plan_launch(
             f"{', '.join(sorted(reserved))} cannot be passed to the engine: the gateway sets them.",
             "Use deploykit's own --host/--port for the public address; the engine listens on loopback.",
         )
+    sampling_flag = {_SAMPLING_FLAG: json.dumps(dict(sampling), separators=(",", ":"))} if sampling else {}
     if hardware.has_gpu:
-        return _plan_gpu(model_dir, served_name, config, hardware.gpus, port, extra_args, user_flags, python)
-    return _plan_cpu(model_dir, served_name, config, hardware, port, extra_args, user_flags, environ, python)
+        return _plan_gpu(
+            model_dir, served_name, config, hardware.gpus, port, extra_args, user_flags, python, sampling_flag
+        )
+    return _plan_cpu(
+        model_dir, served_name, config, hardware, port, extra_args, user_flags, environ, python, sampling_flag
+    )
 
 
 def _plan_cpu(
@@ -100,6 +108,7 @@ def _plan_cpu(
     user_flags: set[str],
     environ: Mapping[str, str],
     python: str,
+    sampling_flag: Mapping[str, str],
 ) -> LaunchPlan:
     choices: list[Choice] = []
     dtype = cpu_dtype(config)
@@ -149,7 +158,8 @@ def _plan_cpu(
 
     env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_CPU_OMP_THREADS_BIND": bind}
     env = {k: v for k, v in env.items() if k not in environ}
-    flags = {"--dtype": dtype, "--max-model-len": str(max_len)}
+    choices += _sampling_choices(sampling_flag)
+    flags = {"--dtype": dtype, "--max-model-len": str(max_len), **sampling_flag}
     argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
     argv += _common_flags(served_name, port) + _merge(flags, user_flags) + list(extra_args)
     return LaunchPlan(
@@ -173,6 +183,7 @@ def _plan_gpu(
     extra_args: Sequence[str],
     user_flags: set[str],
     python: str,
+    sampling_flag: Mapping[str, str],
 ) -> LaunchPlan:
     choices: list[Choice] = []
     smallest = min(gpus, key=lambda g: g.memory_bytes)
@@ -224,7 +235,9 @@ def _plan_gpu(
         "--tensor-parallel-size": str(tp),
         "--gpu-memory-utilization": f"{GPU_MEMORY_UTILIZATION:.2f}",
         "--max-model-len": str(max_len),
+        **sampling_flag,
     }
+    choices += _sampling_choices(sampling_flag)
     vllm = str(Path(python).parent / "vllm")
     argv = [vllm, "serve", str(model_dir), *_common_flags(served_name, port), *_merge(flags, user_flags)]
     return LaunchPlan(
@@ -295,6 +308,11 @@ def with_adapters(plan: LaunchPlan, adapters: Sequence[Adapter]) -> LaunchPlan:
     )
     argv = (*plan.argv, "--enable-lora", "--max-lora-rank", str(rank), "--lora-modules", *modules)
     return replace(plan, argv=argv, choices=choices, adapters=tuple(a.name for a in adapters))
+
+
+def _sampling_choices(sampling_flag: Mapping[str, str]) -> list[Choice]:
+    why = "the model card's recommended sampling, for requests that set none (a request's own values win)"
+    return [Choice(name, value, why) for name, value in sampling_flag.items()]
 
 
 def _common_flags(served_name: str, port: int) -> list[str]:

@@ -121,6 +121,7 @@ def prepare(
                 port=engine_port or free_port(),
                 extra_args=engine_args,
                 environ=os.environ if environ is None else environ,
+                sampling=entry.sampling if entry is not None else None,
             )
             plans.append(with_adapters(plan, adapters if i == 0 else ()))
     return plans

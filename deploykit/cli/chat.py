@@ -15,7 +15,7 @@ def chat(
     prompt: str = typer.Option(None, "--prompt", "-p", help="Ask one question, print the answer, exit."),
     system: str = typer.Option(None, help="A system message to start the conversation with."),
     max_tokens: int = typer.Option(512, help="Most tokens per answer."),
-    temperature: float = typer.Option(0.7, help="Sampling temperature (0: greedy)."),
+    temperature: float = typer.Option(None, help="Sampling temperature (0: greedy; default: the model's own)."),
     api_key: str = typer.Option(None, envvar="OPENAI_API_KEY", help="API key, if the endpoint needs one."),
 ) -> None:
     """Chat with a model, streaming its answers as they are generated. /exit or Ctrl-D ends the chat.
@@ -33,7 +33,9 @@ def chat(
     client = connect(url, api_key)
     name = pick_model(client, model)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    params = {"max_tokens": max_tokens, "temperature": temperature}
+    params: dict[str, object] = {"max_tokens": max_tokens}
+    if temperature is not None:
+        params["temperature"] = temperature
 
     def ask(text: str) -> None:
         messages.append({"role": "user", "content": text})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -159,9 +160,9 @@ def _show_plan(plan: LaunchPlan) -> None:
         table.add_row(c.setting, c.value, c.why)
     out.print(table)
     out.print(f"Predicted KV cache: {plan.kv_cache_tokens:,} tokens")
-    env = " ".join(f"{k}={v}" for k, v in plan.env.items())
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in plan.env.items())
     out.print("Command:", highlight=False)
-    out.print(f"  {env} {' '.join(plan.argv)}".strip(), highlight=False, soft_wrap=True)
+    out.print(f"  {env} {shlex.join(plan.argv)}".strip(), highlight=False, markup=False, soft_wrap=True)
 
 
 class ConsoleReporter(ServeReporter):

@@ -53,6 +53,18 @@ def test_completions_non_streaming_and_streaming(client: openai.OpenAI) -> None:
     assert "Paris" in "".join(c.choices[0].text for c in stream if c.choices)
 
 
+def test_a_request_that_sets_no_sampling_gets_the_model_cards(client: openai.OpenAI) -> None:
+    # At vLLM's own default (temperature 1) this model mostly invents French; the catalog carries its card's
+    # temperature 0.2 / top_p 0.9, which the engine now uses. With one seed, equal settings give equal answers.
+    def ask(**sampling: float) -> str:
+        reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, seed=7, **sampling)
+        return reply.choices[0].message.content or ""
+
+    default = ask()
+    assert default == ask(temperature=0.2, top_p=0.9)
+    assert default != ask(temperature=1.0, top_p=1.0)
+
+
 def test_models_and_probes(served: Served, client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list()] == [MODEL, ADAPTER, EMBEDDING_MODEL]
     assert httpx.get(served.url + "/health").json() == {"status": "ok"}

@@ -75,6 +75,8 @@ def test_dry_run_json_and_passthrough_flags(home: Path) -> None:
     result = deploykit(home, "serve", "smollm2-135m", "--dry-run", "--json", "--", "--dtype", "bfloat16")
     plan = json.loads(result.stdout)
     assert plan["argv"].count("--dtype") == 1 and plan["argv"][-2:] == ["--dtype", "bfloat16"]
+    # the catalog's entry for this model carries its card's recommended sampling
+    assert plan["argv"][plan["argv"].index("--override-generation-config") + 1] == '{"temperature":0.2,"top_p":0.9}'
     assert {"setting": "--dtype", "value": "(yours)"}.items() <= next(
         c for c in plan["choices"] if c["setting"] == "--dtype"
     ).items()

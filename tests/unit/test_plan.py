@@ -139,6 +139,19 @@ def test_user_flags_win_and_pass_through() -> None:
     assert yours == {"--dtype", "--max-model-len"}
 
 
+@pytest.mark.parametrize("hw", [LAPTOP, gpus(1, "NVIDIA A100-SXM4-80GB", 80, 8.0)])
+def test_the_model_cards_sampling_becomes_the_engines_default_unless_you_pass_your_own(hw: Hardware) -> None:
+    def with_card(*extra: str) -> LaunchPlan:
+        sampling = {"temperature": 0.2, "top_p": 0.9}
+        return plan_launch(Path("/m"), "m", SMOLLM2, hw, port=9999, extra_args=extra, sampling=sampling)
+
+    assert flag(with_card(), "--override-generation-config") == '{"temperature":0.2,"top_p":0.9}'
+    assert "--override-generation-config" not in plan(SMOLLM2, hw).argv
+    yours = with_card("--override-generation-config", '{"temperature":0}')
+    assert flag(yours, "--override-generation-config") == '{"temperature":0}'
+    assert {c.setting: c.value for c in yours.choices}["--override-generation-config"] == "(yours)"
+
+
 @pytest.mark.parametrize("flag_name", ["--port", "--host", "--model"])
 def test_the_gateway_owns_the_engines_address(flag_name: str) -> None:
     with pytest.raises(UsageError):
