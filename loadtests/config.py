@@ -22,6 +22,9 @@ class LoadTestConfig(BaseModel):
     vllm: bool = True  # the server is vLLM (deploykit, vLLM): ask for ignore_eos and per-chunk usage
     input_tokens: str = "128"  # fixed, or "64:256" for a uniform draw per request
     output_tokens: str = "64"
+    # sent with every request: 0 is greedy, as vLLM's own benchmarks run; None leaves the server's default
+    # (which a deployment may set, e.g. from the model card) and so makes the run depend on it
+    temperature: float | None = Field(0.0, ge=0)
     shared_prefix_tokens: int = Field(0, ge=0)  # a prefix every synthetic prompt shares
     prompts: str | None = None  # a JSONL prompt file, or "bundled"; replaces the synthetic prompts
     tokenizer: str | None = None  # tokenizer.json (or its folder) to count tokens a server does not report

@@ -31,6 +31,8 @@ def request_body(cfg: LoadTestConfig, prompt: Prompt) -> dict[str, Any]:
             body["stream_options"]["continuous_usage_stats"] = True
     if cfg.vllm:
         body["ignore_eos"] = True
+    if cfg.temperature is not None:
+        body["temperature"] = cfg.temperature
     return body
 
 

@@ -29,6 +29,11 @@ def loadtest(
     cooldown: float = typer.Option(0, help="Seconds at the end left out of the results."),
     input_tokens: str = typer.Option("128", help="Prompt length in tokens (about): 128, or 64:256 drawn uniformly."),
     output_tokens: str = typer.Option("64", help="Answer length in tokens (held with ignore_eos on vLLM); or 32:128."),
+    temperature: str = typer.Option(
+        "0",
+        help="Sampling temperature sent with every request: 0 (greedy, as vLLM's own benchmarks), another "
+        "number, or `server` to send none (the server's default; some reasoning models accept only that).",
+    ),
     shared_prefix: int = typer.Option(0, help="Tokens of a prefix every synthetic prompt shares."),
     prompts: str = typer.Option(None, help="Prompts from a JSONL file ({prompt, max_tokens} a line), or `bundled`."),
     slo: str = typer.Option("", help="SLOs for goodput, e.g. ttft_p95=1s,tpot_p95=50ms."),
@@ -95,6 +100,7 @@ def loadtest(
             vllm=vllm,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
+            temperature=None if temperature == "server" else temperature,
             shared_prefix_tokens=shared_prefix,
             processes=processes,
             tokenizer=tokenizer,
@@ -110,7 +116,9 @@ def loadtest(
             engine_version=engine_version(url) if not azure_deployment else None,
         )
     except ValidationError as e:
-        raise UsageError(f"Bad load-test options: {e.errors()[0]['msg']}.") from e
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise UsageError(f"Bad load-test options: {where + ': ' if where else ''}{first['msg']}.") from e
     config.workload()  # a bad prompt file fails here, with its line number, not in the load generator
     if tokenizer:
         from deploykit.loadtests.request import load_token_counter

@@ -82,6 +82,12 @@ def test_dry_run_json_and_passthrough_flags(home: Path) -> None:
     ).items()
 
 
+@pytest.mark.parametrize(("value", "says"), [("warm", "valid number"), ("-1", "greater than or equal to 0")])
+def test_a_bad_loadtest_temperature_names_the_option(home: Path, value: str, says: str) -> None:
+    result = deploykit(home, "loadtest", "http://127.0.0.1:9", "--model", "m", "-c", "1", "--temperature", value)
+    assert_clean_failure(result, 2, "temperature", says)
+
+
 def test_engine_address_flags_are_refused(home: Path) -> None:
     assert_clean_failure(deploykit(home, "serve", "smollm2-135m", "--", "--port", "1"), 2, "--port")
 

@@ -91,6 +91,17 @@ def test_config_paths_for_openai_vllm_and_azure() -> None:
         LoadTestConfig(url="http://h", model="m")
 
 
+def test_requests_are_greedy_unless_told_otherwise() -> None:
+    from deploykit.loadtests.request import request_body
+
+    prompt = Prompt("Hi", 8)
+    body = request_body(LoadTestConfig(url="http://h", model="m", concurrency=1), prompt)
+    assert body["temperature"] == 0.0  # the server's default (a model card's, say) would change what is measured
+    assert body["ignore_eos"] is True and body["stream_options"]["include_usage"] is True
+    server = LoadTestConfig(url="http://h", model="m", concurrency=1, temperature=None, vllm=False)
+    assert "temperature" not in request_body(server, prompt) and "ignore_eos" not in request_body(server, prompt)
+
+
 def test_lengths_fixed_and_uniform() -> None:
     import random
 
