@@ -12,6 +12,8 @@ from typing import Any
 
 from deploykit.errors import ModelImportError
 
+# The safetensors format caps its JSON header at 100 MB.
+_SAFETENSORS_MAX_HEADER = 100_000_000
 # Weights are stored in this dtype when config.json does not say.
 _DEFAULT_DTYPE = "float32"
 
@@ -77,8 +79,10 @@ def read_model_config(model_dir: Path) -> ModelConfig:
         raw = json.loads(path.read_text())
     except FileNotFoundError as e:
         raise ModelImportError(f"No config.json in {model_dir}.", "A model directory needs one.") from e
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         raise ModelImportError(f"{path} is not valid JSON: {e}.") from e
+    if not isinstance(raw, dict):
+        raise ModelImportError(f"{path} is not a JSON object.", "A model directory's config.json describes it.")
     weights = sorted(model_dir.glob("*.safetensors"))
     params = sum(count_safetensors_params(w) for w in weights) if weights else None
     config = parse_config(raw, params)
@@ -90,11 +94,19 @@ def read_model_config(model_dir: Path) -> ModelConfig:
 
 
 def count_safetensors_params(path: Path) -> int:
-    """Count the parameters in a safetensors file from its header alone (no tensor data is read)."""
-    with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    """Count the parameters in a safetensors file from its header alone (no tensor data is read). The header's
+    declared length is checked against the file and the format's 100 MB cap before anything is read."""
+    try:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > min(_SAFETENSORS_MAX_HEADER, path.stat().st_size - 8):
+                raise ValueError(f"its header claims {length:,} bytes")
+            header = json.loads(f.read(length))
+        return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    except (struct.error, ValueError, RecursionError, TypeError, KeyError, AttributeError) as e:
+        raise ModelImportError(
+            f"{path.name} is not a valid safetensors file ({e}).", "Copy the file again from its source."
+        ) from e
 
 
 def _estimate_params(text: dict[str, Any], layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int) -> int:

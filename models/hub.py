@@ -24,7 +24,7 @@ from huggingface_hub.utils._headers import build_hf_headers
 
 from deploykit.errors import DeploykitError, NotFoundError, ResourceError, UsageError
 from deploykit.models.catalog import Catalog
-from deploykit.models.store import LocalModel, ModelStore
+from deploykit.models.store import LocalModel, ModelStore, check_alias
 
 # Small files an engine reads besides the weights (config, tokenizer, chat template, pooling config).
 _SERVING_FILES = ("*.json", "*.jinja", "tokenizer.model", "*.tiktoken", "vocab.txt", "merges.txt", "README.md")
@@ -77,10 +77,25 @@ def resolve_name(name: str, catalog: Catalog) -> tuple[str, str, str]:
         return entry.alias, entry.repo, revision or entry.revision
     if "/" not in base:
         catalog.get(base)  # UnknownModelError with close matches
-    return base.split("/")[-1].lower(), base, revision or "main"
+    check_repo_id(base)
+    alias = base.split("/")[-1].lower()
+    check_alias(alias)  # before any download: the store would refuse it afterwards
+    return alias, base, revision or "main"
+
+
+def check_repo_id(repo: str) -> str:
+    """`repo`, or a UsageError when it is not an ORG/NAME the hub could hold (a path, say)."""
+    try:
+        hf.utils.validate_repo_id(repo)
+    except hf_errors.HFValidationError as e:
+        raise UsageError(
+            f"'{repo[:100]}' is not a hub repo id.", "Write it as ORG/NAME, e.g. Qwen/Qwen2.5-7B-Instruct."
+        ) from e
+    return repo
 
 
 def remote_model(repo: str, revision: str, *, token: str | None, endpoint: str | None) -> RemoteModel:
+    check_repo_id(repo)
     with hub_errors(repo):
         info = hf.HfApi(endpoint=endpoint, token=token).model_info(repo, revision=revision, files_metadata=True)
     files = tuple(RemoteFile(s.rfilename, s.size or 0, s.lfs.sha256 if s.lfs else None) for s in info.siblings or [])

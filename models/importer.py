@@ -32,8 +32,14 @@ def import_model(
     Importing the same source under the same alias again is a no-op, so set-up scripts can repeat it.
     """
     check_alias(alias)
-    source = source.expanduser().resolve()
-    if not source.exists():
+    try:
+        source = source.expanduser().resolve()
+        exists = source.exists()
+    except (OSError, RuntimeError) as e:  # a name too long, a symlink loop
+        raise ModelImportError(
+            f"Cannot read {str(source)[:200]}: {e}.", "Pass a .gguf file or a model directory."
+        ) from e
+    if not exists:
         raise ModelImportError(f"{source} does not exist.", "Pass a .gguf file or a model directory.")
     if source.is_dir():
         kind, build = "hf-dir", _copy_dir(source)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from deploykit.errors import ModelImportError, UnknownModelError, UsageError
 
-_ALIAS = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_ALIAS = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # used with fullmatch
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,9 @@ class LocalModel:
 
 
 def check_alias(alias: str) -> str:
-    if not _ALIAS.match(alias):
+    """`alias`, or a UsageError: an alias is one plain folder name, never a path (fullmatch: `$` alone would
+    let a trailing newline through)."""
+    if not _ALIAS.fullmatch(alias):
         raise UsageError(
             f"'{alias}' is not a valid model alias.",
             "Use lower-case letters, digits, '.', '_' and '-' (at most 64), starting with a letter or digit.",
@@ -59,8 +61,9 @@ class ModelStore:
         return [m.alias for m in self.models()]
 
     def find(self, alias: str) -> LocalModel | None:
-        entry = self.root / alias
-        return self._read(entry) if (entry / "manifest.json").is_file() else None
+        """The model stored under `alias`; None for any name that is not a valid alias (a path, say)."""
+        entry = self._entry(alias)
+        return self._read(entry) if entry is not None and (entry / "manifest.json").is_file() else None
 
     def get(self, alias: str) -> LocalModel:
         model = self.find(alias)
@@ -89,7 +92,7 @@ class ModelStore:
                 f"A model named '{alias}' is already in the store.",
                 "Choose another --alias, or pass --force to replace it.",
             )
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._make_root()
         staging = self.root / f".staging-{alias}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         try:
@@ -111,18 +114,31 @@ class ModelStore:
     def link(self, alias: str, path: Path, *, source: str, format: str, fingerprint: str) -> LocalModel:
         """Record a model whose files live elsewhere (a snapshot in the HF cache)."""
         check_alias(alias)
+        self._make_root()
         entry = self.root / alias
-        entry.mkdir(parents=True, exist_ok=True)
+        entry.mkdir(exist_ok=True)
         tmp = entry / "manifest.json.tmp"
         tmp.write_text(_manifest(alias, source, format, fingerprint, path, external=True))
         tmp.replace(entry / "manifest.json")  # atomic: a reader sees the old manifest or the new one
         return self.get(alias)
 
     def remove(self, alias: str) -> int:
-        """Delete a model's entry and the files under it; returns the bytes freed there."""
+        """Delete a model's entry and the files under it; returns the bytes freed there. Only ever a folder
+        directly under the store's root: `get` refuses any name that is not a valid alias."""
         model = self.get(alias)
-        shutil.rmtree(self.root / alias)
+        entry = self._entry(alias)
+        assert entry is not None and entry.parent == self.root
+        shutil.rmtree(entry)
         return model.size_bytes
+
+    def _make_root(self) -> None:
+        """The store and the home above it are this user's only (the home holds the key database too)."""
+        self.root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, exist_ok=True)
+
+    def _entry(self, alias: str) -> Path | None:
+        """The store folder for `alias`, or None when `alias` is not one (so no path ever leaves the root)."""
+        return self.root / alias if _ALIAS.fullmatch(alias) else None
 
     def _read(self, entry: Path) -> LocalModel | None:
         try:

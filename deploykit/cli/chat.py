@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
 
 from deploykit.console import err
 
@@ -50,7 +51,7 @@ def chat(
     if prompt is not None:
         ask(prompt)
         return
-    err.print(f"Chatting with [bold]{name}[/bold] at {url}. /exit or Ctrl-D ends.")
+    err.print(f"Chatting with [bold]{escape(name)}[/bold] at {escape(url)}. /exit or Ctrl-D ends.")
     while True:
         try:
             text = input("> ")

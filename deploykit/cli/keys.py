@@ -6,6 +6,7 @@ import datetime as dt
 import time
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from deploykit.cli.options import JsonOpt
@@ -24,7 +25,7 @@ app = typer.Typer(
 @app.command("create")
 def create(
     name: str = typer.Option(..., "--name", help="A unique name: who or what uses the key."),
-    models: str = typer.Option("", help="Comma-separated models the key may use (default: all)."),
+    models: str | None = typer.Option(None, help="Comma-separated models the key may use (default: all)."),
     rpm: int | None = typer.Option(None, help="Requests per minute."),
     tpm: int | None = typer.Option(None, help="Tokens per minute (prompt + max_tokens reserved, then settled)."),
     max_concurrent: int | None = typer.Option(None, help="Requests in flight at once."),
@@ -43,7 +44,7 @@ def create(
         key, token = create_key(
             db,
             name,
-            models=[m.strip() for m in models.split(",") if m.strip()] or None,
+            models=None if models is None else [m.strip() for m in models.split(",") if m.strip()],
             rpm=rpm,
             tpm=tpm,
             max_concurrent=max_concurrent,
@@ -53,7 +54,7 @@ def create(
         print_json({**key.public(time.time()), "key": token})
         return
     out.print(token, highlight=False)
-    err.print(f"Created key [bold]{name}[/bold]. Copy it now: it is not stored and cannot be shown again.")
+    err.print(f"Created key [bold]{escape(name)}[/bold]. Copy it now: it is not stored and cannot be shown again.")
 
 
 @app.command("list")
@@ -75,7 +76,7 @@ def list_(json_: JsonOpt = False) -> None:
         table.add_row(
             k.name,
             k.id,
-            ", ".join(k.models) if k.models else "all",
+            escape(", ".join(k.models)) if k.models is not None else "all",
             *(str(v) if v else "-" for v in (k.rpm, k.tpm, k.max_concurrent)),
             _date(k.created_at),
             _date(k.expires_at) if k.expires_at else "never",
@@ -92,7 +93,7 @@ def revoke(name: str = typer.Argument(..., help="The key's name or id."), json_:
     if json_:
         print_json(key.public(time.time()))
     else:
-        err.print(f"Revoked [bold]{key.name}[/bold] ({key.id}).")
+        err.print(f"Revoked [bold]{escape(key.name)}[/bold] ({key.id}).")
 
 
 def _parse_expiry(value: str) -> float:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from deploykit.cli.options import JsonOpt
@@ -150,7 +151,7 @@ def loadtest(
             print_json(curve)
         else:
             _print_curve(curve)
-            err.print(f"Curve: {out_path}; each run's report beside it.")
+            err.print(f"Curve: {out_path}; each run's report beside it.", markup=False)
         return
     report = run_in_own_process(config, out_path, csv_path)
     _html(html_path, out_path)
@@ -158,9 +159,9 @@ def loadtest(
         print_json(report)
     else:
         _print(report)
-        err.print(f"Report: {out_path}" + (f", {csv_path}" if csv_path else ""))
+        err.print(f"Report: {out_path}" + (f", {csv_path}" if csv_path else ""), markup=False)
     for reason in report["invalid_reasons"]:  # type: ignore[attr-defined]
-        err.print(f"[yellow]Invalid run:[/yellow] {reason}", highlight=False)
+        err.print(f"[yellow]Invalid run:[/yellow] {escape(str(reason))}", highlight=False)
     summary: dict[str, object] = report["summary"]  # type: ignore[assignment]
     if summary["requests"] and not summary["ok"]:  # a script must not mistake this run for a measurement
         raise DeploykitError(
@@ -177,7 +178,7 @@ def _print(data: dict[str, object]) -> None:
         f"({s['slo_attainment']:.0%} within SLOs)"
     )
     if s["errors"]:
-        out.print(f"errors: {s['errors']}")
+        out.print(f"errors: {s['errors']}", markup=False)
     table = Table()
     for column in ("metric", "p50", "p90", "p95", "p99", "mean"):
         table.add_column(column)
@@ -236,4 +237,4 @@ def _html(html_path: Path | None, source: Path) -> None:
         from deploykit.loadtests.html import write_html
 
         write_html(html_path, source)
-        err.print(f"HTML report: {html_path}")
+        err.print(f"HTML report: {html_path}", markup=False)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.markdown import Markdown
+from rich.markup import escape
 from rich.table import Table
 
 from deploykit.card import ModelCard, fits_here, show_model
@@ -50,7 +51,7 @@ def import_(
     if json_:
         print_json({**model.to_json(), "written": written})
     elif written:
-        err.print(f"Imported [bold]{alias}[/bold] ({human_bytes(model.size_bytes)}) into {model.path}")
+        err.print(f"Imported [bold]{alias}[/bold] ({human_bytes(model.size_bytes)}) into {escape(str(model.path))}")
     else:
         err.print(f"[bold]{alias}[/bold] is already imported from this source; nothing to do.")
 
@@ -72,7 +73,7 @@ def list_(json_: JsonOpt = False) -> None:
         # pulled models are recorded only after their sizes and sha256 matched the hub's
         verified = "sha256" if m.format == "hub" else f"local {m.format}"
         revision = m.fingerprint[:12] if m.format == "hub" else "-"
-        table.add_row(m.alias, human_bytes(m.size_bytes), m.source, revision, verified, m.added_at[:19])
+        table.add_row(m.alias, human_bytes(m.size_bytes), escape(m.source), revision, verified, m.added_at[:19])
     out.print(table)
 
 
@@ -83,7 +84,7 @@ def rm(alias: str = typer.Argument(..., help="The model to delete."), json_: Jso
     if json_:
         print_json({"alias": alias, "freed_bytes": freed})
     else:
-        err.print(f"Removed {alias}; freed {human_bytes(freed)}.")
+        err.print(f"Removed {alias}; freed {human_bytes(freed)}.", markup=False)
 
 
 @app.command("search")
@@ -158,19 +159,25 @@ def show(
 
 def _print_card(card: ModelCard) -> None:
     e = card.entry
-    out.print(f"[bold]{card.name}[/bold]")
+    out.print(f"[bold]{escape(card.name)}[/bold]")
     if e is not None:
         where = e.repo if e.servable else f"service by {e.provider}, not servable here"
-        out.print(f"  {e.task}, {e.architecture}; licence {e.license}{' (gated)' if e.gated else ''}; {where}")
+        out.print(
+            f"  {e.task}, {e.architecture}; licence {e.license}{' (gated)' if e.gated else ''}; {where}", markup=False
+        )
     if card.local is not None:
-        out.print(f"  local: {card.local.path} ({human_bytes(card.local.size_bytes)}, from {card.local.source})")
+        out.print(
+            f"  local: {card.local.path} ({human_bytes(card.local.size_bytes)}, from {card.local.source})", markup=False
+        )
     hub = card.hub
     if hub is not None:
         age = " (cached: the hub was not asked or not reachable)" if hub.from_cache else ""
         total = sum(f.size for f in hub.files)
-        out.print(f"  hub: {hub.repo}@{hub.revision[:12]}, {len(hub.files)} files, {human_bytes(total)}{age}")
+        out.print(
+            f"  hub: {hub.repo}@{hub.revision[:12]}, {len(hub.files)} files, {human_bytes(total)}{age}", markup=False
+        )
         for file in sorted(hub.files, key=lambda file: -file.size)[:8]:
-            out.print(f"    {human_bytes(file.size):>10}  {file.path}", highlight=False)
+            out.print(f"    {human_bytes(file.size):>10}  {file.path}", highlight=False, markup=False)
         if hub.readme:
             out.print(Markdown(_strip_front_matter(hub.readme)[:3000]))
     elif e is not None and e.servable:
@@ -250,7 +257,9 @@ def pull_command(
     if json_:
         print_json(local.to_json())
     else:
-        err.print(f"[bold]{local.alias}[/bold] is ready to serve ({human_bytes(local.size_bytes)}, {local.source}).")
+        err.print(
+            f"[bold]{local.alias}[/bold] is ready to serve ({human_bytes(local.size_bytes)}, {escape(local.source)})."
+        )
 
 
 def _strip_front_matter(readme: str) -> str:

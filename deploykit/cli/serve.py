@@ -139,7 +139,12 @@ def _pull_first(store: ModelStore, model: str, yes: bool) -> str:
                 f"{model} is not downloaded yet.", f"Pass --yes to pull it first, or `deploykit pull {model}`."
             )
         typer.confirm(f"{model} is not here yet. Download {repo}@{revision} from the hub?", abort=True)
-    local = pull(model, store=store, catalog=catalog, progress=lambda m: err.print(f"{model}: {m}", highlight=False))
+    local = pull(
+        model,
+        store=store,
+        catalog=catalog,
+        progress=lambda m: err.print(f"{model}: {m}", highlight=False, markup=False),
+    )
     return local.alias
 
 
@@ -178,13 +183,13 @@ class ConsoleReporter(ServeReporter):
         self._url, self._waiting = url, len(engines)
         err.print(f"Gateway on [bold]{url}[/bold] (/health now, /ready once the engines are up)")
         for plan, log_path in engines:
-            err.print(f"Engine log for {plan.served_name}: {log_path}", highlight=False)
+            err.print(f"Engine log for {plan.served_name}: {log_path}", highlight=False, markup=False)
         if err.is_terminal:
             self._status = err.status("Starting the engine")
             self._status.start()
 
     def warn(self, message: str) -> None:
-        err.print(f"[yellow]Warning:[/yellow] {message}", highlight=False)
+        err.print(f"[yellow]Warning:[/yellow] {escape(message)}", highlight=False)
 
     def progress(self, name: str, progress: EngineProgress) -> None:
         if self._status is not None:
@@ -193,7 +198,7 @@ class ConsoleReporter(ServeReporter):
                 f"Starting {name}: {progress.phase} ({progress.elapsed_s:.0f} s)\n  [dim]{last}[/dim]",
             )
         elif self._phases.get(name) != progress.phase:
-            err.print(f"Starting {name}: {progress.phase} ({progress.elapsed_s:.0f} s)", highlight=False)
+            err.print(f"Starting {name}: {progress.phase} ({progress.elapsed_s:.0f} s)", highlight=False, markup=False)
         self._phases[name] = progress.phase
 
     def ready(self, ready: Ready) -> None:
@@ -203,7 +208,7 @@ class ConsoleReporter(ServeReporter):
         err.print(f"[green]Ready[/green] in {ready.startup_s:.0f} s: {ready.model}{replica}{kv}.", highlight=False)
         self._waiting -= 1
         if self._waiting == 0:
-            err.print(f"Serving on {self._url}/v1. Ctrl-C stops.", highlight=False)
+            err.print(f"Serving on {self._url}/v1. Ctrl-C stops.", highlight=False, markup=False)
 
     def stopping(self, reason: str) -> None:
         self._stop_status()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from deploykit.cli.options import JsonOpt
@@ -205,7 +206,7 @@ def _print_cost(report: CostReport) -> None:
 
 def _warn(lines: list[str]) -> None:
     for line in lines:
-        err.print(f"[yellow]Warning:[/yellow] {line}", highlight=False)
+        err.print(f"[yellow]Warning:[/yellow] {escape(line)}", highlight=False)
 
 
 def _ms(seconds: float) -> str:

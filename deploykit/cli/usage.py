@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from deploykit.cli.options import JsonOpt
@@ -47,7 +48,7 @@ def usage(
             hourly_cost=hourly_cost,
         )
     for warning in report.warnings:
-        err.print(f"[yellow]Warning:[/yellow] {warning}", highlight=False)
+        err.print(f"[yellow]Warning:[/yellow] {escape(warning)}", highlight=False)
     if json_:
         print_json(dataclasses.asdict(report))
         return
@@ -57,7 +58,7 @@ def usage(
         table.add_column(column, justify="left" if column == by else "right")
     for i, row in enumerate(report.rows):
         costs = [f"${c[i]:,.4f}" for c in report.managed.values()]
-        table.add_row(row.group, *_counts(row), *costs)
+        table.add_row(escape(row.group), *_counts(row), *costs)
     total = report.total
     table.add_row("[bold]total[/bold]", *_counts(total), *(f"${c:,.4f}" for c in report.managed_total.values()))
     out.print(table)

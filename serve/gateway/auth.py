@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,8 @@ from deploykit.serve.gateway.database import Database, Row
 from deploykit.serve.gateway.errors import GatewayError
 
 _PREFIX = "dk-"
+# Key names appear in metrics labels, logs and tables: plain, short, printable.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,63}")
 _COLUMNS = "id, name, secret_sha256, models, rpm, tpm, max_concurrent, created_at, expires_at, revoked_at"
 
 
@@ -75,6 +78,13 @@ def create_key(
 ) -> tuple[ApiKey, str]:
     """Store a new key; returns it with its full secret token, which is never stored and cannot be shown again."""
     now = time.time() if now is None else now
+    if not _NAME.fullmatch(name):
+        raise UsageError(
+            f"'{name[:80]}' is not a valid key name.",
+            "Use 1 to 64 letters, digits and . _ @ : - (starting with a letter or digit), e.g. team-a.",
+        )
+    if models is not None and not models:
+        raise UsageError("--models names no model.", "Name at least one, or leave --models out for every model.")
     for label, value in (("--rpm", rpm), ("--tpm", tpm), ("--max-concurrent", max_concurrent)):
         if value is not None and value < 1:
             raise UsageError(f"{label} must be at least 1 (got {value}).", "Leave it out for no limit.")
@@ -87,7 +97,7 @@ def create_key(
         id=key_id,
         name=name,
         secret_sha256=_sha256(secret),
-        models=tuple(models) if models else None,
+        models=tuple(models) if models is not None else None,
         rpm=rpm,
         tpm=tpm,
         max_concurrent=max_concurrent,
@@ -100,7 +110,7 @@ def create_key(
             key.id,
             key.name,
             key.secret_sha256,
-            json.dumps(list(key.models)) if key.models else None,
+            json.dumps(list(key.models)) if key.models is not None else None,
             rpm,
             tpm,
             max_concurrent,

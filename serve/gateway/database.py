@@ -8,7 +8,10 @@ what the ledger promises; surviving a power cut would need synchronous=FULL.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -145,7 +148,8 @@ class SQLiteDatabase:
     """One connection shared by the threads that use it, behind a lock (SQLite serialises writes anyway)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_private(path)
         self.url = f"sqlite:///{path}"
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -177,6 +181,16 @@ class SQLiteDatabase:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def _make_private(path: Path) -> None:
+    """Key hashes and the ledger are for this user only: the database file is created 0600 (SQLite gives its
+    -wal and -shm files the same mode), and one made readable to others by an older version is tightened."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            if stat.S_IMODE(file.stat().st_mode) & 0o077:
+                file.chmod(0o600)
 
 
 class PostgresDatabase:
