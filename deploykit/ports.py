@@ -1,7 +1,8 @@
-"""Loopback ports for the processes deploykit starts (engines, load-generator workers)."""
+"""Loopback ports for the processes deploykit starts (engines, load-generator workers), and what counts as loopback."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 
@@ -11,3 +12,13 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: an address only this machine reaches."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     debug: bool = False
     # API keys and the usage ledger; default sqlite:///<home>/deploykit.db, or postgresql://... to share
     database_url: str | None = None
+    # With API keys on, the Bearer token that Prometheus (or an operator) sends for /metrics, /docs and
+    # /ready's details; unset, those answer only on loopback.
+    metrics_token: str | None = Field(default=None, repr=False)
 
     @property
     def database(self) -> str:

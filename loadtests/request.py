@@ -189,11 +189,12 @@ def _status_class(status: int) -> str:
     return "5xx" if status >= 500 else "4xx"
 
 
-def engine_version(url: str) -> str | None:
+def engine_version(url: str, api_key: str | None = None) -> str | None:
     """The serving engine's version from GET /version (vLLM and the deploykit gateway answer it), if any."""
     root = url.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = requests.get(root + "/version", timeout=3)
+        response = requests.get(root + "/version", headers=headers, timeout=3)
         version = response.json().get("version") if response.status_code == 200 else None
     except (requests.RequestException, ValueError, AttributeError):
         return None

@@ -19,6 +19,7 @@ import httpx2
 import huggingface_hub as hf
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
+from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # public, lazily exported
 from huggingface_hub.file_download import hf_hub_url, http_get, repo_folder_name
 from huggingface_hub.utils._headers import build_hf_headers
 
@@ -86,7 +87,7 @@ def resolve_name(name: str, catalog: Catalog) -> tuple[str, str, str]:
 def check_repo_id(repo: str) -> str:
     """`repo`, or a UsageError when it is not an ORG/NAME the hub could hold (a path, say)."""
     try:
-        hf.utils.validate_repo_id(repo)
+        validate_repo_id(repo)
     except hf_errors.HFValidationError as e:
         raise UsageError(
             f"'{repo[:100]}' is not a hub repo id.", "Write it as ORG/NAME, e.g. Qwen/Qwen2.5-7B-Instruct."

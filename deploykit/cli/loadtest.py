@@ -114,7 +114,7 @@ def loadtest(
             cooldown_s=cooldown,
             slos=slo,
             hardware=hardware,
-            engine_version=engine_version(url) if not azure_deployment else None,
+            engine_version=engine_version(url, api_key) if not azure_deployment else None,
         )
     except ValidationError as e:
         first = e.errors()[0]

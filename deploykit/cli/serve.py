@@ -114,6 +114,7 @@ def serve(
         max_body_bytes=max_body,
         max_tokens=max_tokens,
         spills=spills,
+        metrics_token=settings.metrics_token,
     )
     run(settings, plans, options, ConsoleReporter())
 

@@ -7,16 +7,19 @@ max_tokens, quotas; then the engine answers and the Exchange records what the re
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from deploykit import __version__
+from deploykit.ports import is_loopback
 from deploykit.serve.gateway.auth import ApiKey, KeyVerifier, require_model_access
 from deploykit.serve.gateway.database import Database
 from deploykit.serve.gateway.errors import (
@@ -37,10 +40,11 @@ from deploykit.serve.gateway.proxy import (
     get_text,
     parse_body,
 )
-from deploykit.serve.gateway.ratelimit import RateLimiter, estimate_prompt_tokens
+from deploykit.serve.gateway.ratelimit import RateLimiter
 from deploykit.serve.gateway.routing import Backend, Router
 from deploykit.serve.gateway.schema import install_openapi
 from deploykit.serve.gateway.spill import SpillTarget
+from deploykit.serve.gateway.tokens import TokenBudget, budget_tokens
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,9 @@ class GatewayOptions:
     max_body_bytes: int = 4 * 1024 * 1024
     max_tokens: int | None = None  # the most a request may ask for (None: the engine's own limit)
     spills: tuple[SpillTarget, ...] = ()  # managed endpoints that take over a model's overflow
+    # With auth on, /metrics, /docs, /openapi.json and /ready's details are for the operator: a client
+    # that sends this token as a Bearer, or (when no token is set) one on loopback.
+    metrics_token: str | None = field(default=None, repr=False)
 
 
 class Gateway:
@@ -69,6 +76,27 @@ class Gateway:
             return None
         return self.verifier.verify(request.headers.get("authorization"), request.headers.get("api-key"))
 
+    def is_operator(self, request: Request) -> bool:
+        """May this client see the gateway's insides (engine URLs, per-key counts, the served models' schema)?"""
+        if not self.options.auth:
+            return True
+        token = self.options.metrics_token
+        if token:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+        return request.client is not None and is_loopback(request.client.host)
+
+    def require_operator(self, request: Request) -> None:
+        if not self.is_operator(request):
+            hint = "its metrics token as a Bearer" if self.options.metrics_token else "a request from this host"
+            raise GatewayError(
+                401,
+                f"{request.url.path} is for the operator when API keys are on: it needs {hint}.",
+                "invalid_request_error",
+                "operator_only",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
     def close(self) -> None:
         self.ledger.close()
 
@@ -82,6 +110,8 @@ GatewayDep = Annotated[Gateway, Depends(_gateway)]
 
 
 _PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# The schema names the served models; the docs pages load it.
+_OPERATOR_PAGES = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
 
 class GatewayApp(FastAPI):
@@ -99,12 +129,20 @@ class GatewayApp(FastAPI):
                 response = unexpected_error_response(e)
             await response(scope, receive, send)
             return
+        if scope["type"] == "http" and scope["path"] in _OPERATOR_PAGES:
+            gateway: Gateway = self.state.gateway
+            try:
+                gateway.require_operator(Request(scope, receive))
+            except GatewayError as e:
+                await error_response(e)(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
 
 def create_app(backends: Sequence[Backend], db: Database, options: GatewayOptions | None = None) -> FastAPI:
     """The gateway app; `app.state.gateway.close()` flushes its ledger when the server has stopped."""
-    app = GatewayApp(title="deploykit gateway", version=__version__)
+    # redirect_slashes=False: a redirect for "/v1/models/" would be built from the client's Host header
+    app = GatewayApp(title="deploykit gateway", version=__version__, redirect_slashes=False)
     app.state.gateway = Gateway(backends, db, options or GatewayOptions())
     install_error_handlers(app)
 
@@ -114,26 +152,31 @@ def create_app(backends: Sequence[Backend], db: Database, options: GatewayOption
         return {"status": "ok"}
 
     @app.get("/ready")
-    async def ready(gateway: GatewayDep) -> Response:
-        """200 when every model has an engine that can serve, else 503 with each model's status."""
+    async def ready(request: Request, gateway: GatewayDep) -> Response:
+        """200 when every model has an engine that can serve, else 503; each model's and replica's status
+        for the operator (with API keys on, others get the verdict only)."""
         models = gateway.router.models.values()
         status = {m.name: m.status for m in models}
-        replicas = {m.name: {r.replica: r.status for r in m.replicas} for m in models}
+        detail: dict[str, object] = {}
+        if gateway.is_operator(request):
+            detail = {"models": status, "replicas": {m.name: {r.replica: r.status for r in m.replicas} for m in models}}
         if all(s == "ready" for s in status.values()):
-            return JSONResponse({"status": "ready", "models": status, "replicas": replicas})
+            return JSONResponse({"status": "ready", **detail})
         body = error_body("Not every model can serve yet.", "service_unavailable", "not_ready")
-        return JSONResponse({**body, "models": status, "replicas": replicas}, status_code=503)
+        return JSONResponse({**body, "status": "not_ready", **detail}, status_code=503)
 
     @app.get("/version")
-    async def version(gateway: GatewayDep) -> dict[str, object]:
+    async def version(request: Request, gateway: GatewayDep) -> dict[str, object]:
         """deploykit's version and the engine's, as vLLM's own /version gives it (what a load test records)."""
+        gateway.authenticate(request)
         backend = next((b for b in gateway.router.replicas if b.status == "ready"), None)
         engine = await get_json(backend, "/version") if backend is not None else {}
         return {"version": engine.get("version"), "deploykit": __version__}
 
     @app.get("/metrics")
-    async def metrics(gateway: GatewayDep) -> Response:
+    async def metrics(request: Request, gateway: GatewayDep) -> Response:
         """Prometheus metrics: the gateway's, then each engine's queue and KV-cache figures."""
+        gateway.require_operator(request)
         backends = gateway.router.replicas
         for b in backends:
             gateway.metrics.replica_up.labels(b.model, b.replica).set(1 if b.status == "ready" else 0)
@@ -185,18 +228,22 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
         model = gateway.router.route(body)
         if key is not None:
             require_model_access(key, model.name)
-        max_tokens = _max_tokens(body, gateway.options.max_tokens)
+        budget = budget_tokens(body, path, len(raw), limit=gateway.options.max_tokens, context=model.context)
         _check_stream(body)
         admission = None
         if key is not None:
-            admission = gateway.limiter.admit(key, estimate_prompt_tokens(len(raw)) + max_tokens)
+            admission = gateway.limiter.admit(key, _reservation(budget, key))
         exchange = Exchange(
             gateway.ledger, gateway.metrics, gateway.limiter, path, model.name, key, admission, route=model
         )
+        rewritten = budget.inject is not None
+        if rewritten:
+            body = {**body, "max_tokens": budget.inject}
         if body.get("stream") is True:
             body, exchange.strip_usage = _with_usage(body)
-            if exchange.strip_usage:
-                raw = json.dumps(body).encode()
+            rewritten = rewritten or exchange.strip_usage
+        if rewritten:
+            raw = json.dumps(body).encode()
         spill, spill_backend = gateway.spills.get(model.name, (None, None))
         if spill is not None and spill_backend is not None and spill.takes(model):
             exchange.spill = spill
@@ -204,14 +251,38 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
         return await forward(model, path, raw, request, exchange)
     except GatewayError as e:
         if exchange is None:
-            exchange = Exchange(gateway.ledger, gateway.metrics, gateway.limiter, path, name, key)
+            exchange = _rejected(gateway, path, name, key)
         await exchange.finish(e.status, e.code or e.type)
         raise
+    except ClientDisconnect:  # the client left while sending its body: nobody hears an answer
+        if exchange is None:
+            exchange = _rejected(gateway, path, name, key)
+        exchange.finish_nowait(CLIENT_CLOSED_REQUEST, "client disconnected")
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     except BaseException as e:  # the client went away, or a bug: the request is still settled and recorded
         if exchange is not None:
             gone = isinstance(e, asyncio.CancelledError)
             exchange.finish_nowait(CLIENT_CLOSED_REQUEST if gone else 500, type(e).__name__)
         raise
+
+
+def _rejected(gateway: Gateway, path: str, name: str, key: ApiKey | None) -> Exchange:
+    """The accounting of a request refused before it was routed: its metrics say "unknown" unless it named
+    a served model (labels never carry what a client made up), its ledger row what it asked for."""
+    label = name if name in gateway.router.models else "unknown"
+    return Exchange(gateway.ledger, gateway.metrics, gateway.limiter, path, name[:64], key, label=label)
+
+
+def _reservation(budget: TokenBudget, key: ApiKey) -> int:
+    if budget.reserve is None and key.tpm is not None:
+        raise GatewayError(
+            400,
+            f"The API key '{key.name}' has a tokens-per-minute limit, and this request sets no max_tokens.",
+            "invalid_request_error",
+            "max_tokens_required",
+            "max_tokens",
+        )
+    return budget.reserve or 0
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -236,37 +307,13 @@ def _too_large(limit: int) -> GatewayError:
     )
 
 
-def _max_tokens(body: dict[str, object], limit: int | None) -> int:
-    """The request's max_tokens (0 when it sets none), checked against the gateway's limit."""
-    value = body.get("max_completion_tokens", body.get("max_tokens"))
-    if value is None:
-        return 0
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise GatewayError(
-            400,
-            f"max_tokens must be a positive integer (got {value!r}).",
-            "invalid_request_error",
-            "invalid_value",
-            "max_tokens",
-        )
-    if limit is not None and value > limit:
-        raise GatewayError(
-            400,
-            f"max_tokens is {value}; this gateway allows at most {limit}.",
-            "invalid_request_error",
-            "max_tokens_too_large",
-            "max_tokens",
-        )
-    return value
-
-
 def _check_stream(body: dict[str, object]) -> None:
     """The gateway reads these two fields to relay the answer; a wrong type is the client's error, not a
     question for the engine."""
-    for field, kind, name in (("stream", bool, "a boolean"), ("stream_options", dict, "an object")):
-        value = body.get(field)
+    for attr, kind, name in (("stream", bool, "a boolean"), ("stream_options", dict, "an object")):
+        value = body.get(attr)
         if value is not None and not isinstance(value, kind):
-            raise GatewayError(400, f"{field} must be {name}.", "invalid_request_error", "invalid_type", field)
+            raise GatewayError(400, f"{attr} must be {name}.", "invalid_request_error", "invalid_type", attr)
 
 
 def _with_usage(body: dict[str, object]) -> tuple[dict[str, object], bool]:

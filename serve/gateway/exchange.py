@@ -31,7 +31,7 @@ class Exchange:
     metrics: GatewayMetrics
     limiter: RateLimiter
     endpoint: str
-    model: str
+    model: str  # as the ledger records it: the model served, or what a rejected request asked for
     key: ApiKey | None = None
     admission: Admission | None = None
     replica: str | None = None
@@ -46,10 +46,12 @@ class Exchange:
     first_content: float | None = None
     last_content: float | None = None
     finished: bool = False
+    label: str = ""  # the metrics' model label: a served name or "unknown", never what a client made up
 
     def __post_init__(self) -> None:
-        self._in_flight = self.metrics.in_flight.labels(self.model)
-        self._itl = self.metrics.itl.labels(self.model)  # looked up once: observe_event runs per event
+        self.label = self.label or self.model
+        self._in_flight = self.metrics.in_flight.labels(self.label)
+        self._itl = self.metrics.itl.labels(self.label)  # looked up once: observe_event runs per event
         self._in_flight.inc()
 
     @property
@@ -80,7 +82,7 @@ class Exchange:
         """Account for a whole JSON answer."""
         try:
             body = json.loads(content)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if isinstance(body, dict):
             self.observe_usage(body.get("usage"))
@@ -115,13 +117,13 @@ class Exchange:
             self.limiter.finish(self.admission, used)
         m, key = self.metrics, self.key_label
         self._in_flight.dec()
-        m.requests.labels(self.model, key, str(status)).inc()
-        m.tokens.labels(self.model, key, "prompt").inc(prompt)
-        m.tokens.labels(self.model, key, "completion").inc(completion)
-        m.duration.labels(self.model).observe(duration)
+        m.requests.labels(self.label, key, str(status)).inc()
+        m.tokens.labels(self.label, key, "prompt").inc(prompt)
+        m.tokens.labels(self.label, key, "completion").inc(completion)
+        m.duration.labels(self.label).observe(duration)
         ttft = None if self.first_content is None else self.first_content - self.started
         if ttft is not None:
-            m.ttft.labels(self.model).observe(ttft)
+            m.ttft.labels(self.label).observe(ttft)
             if self.route is not None and self.spill is None:
                 self.route.observe_ttft(ttft)
         return UsageRecord(

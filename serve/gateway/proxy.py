@@ -31,6 +31,9 @@ from deploykit.serve.gateway.spill import SpillTarget
 # Request headers worth passing to the engine, and response headers worth passing back.
 _REQUEST_HEADERS = ("content-type", "accept", "x-request-id")
 _RESPONSE_HEADERS = ("x-request-id",)
+# Answers come back uncompressed: the gateway reads their usage, and relays bytes whose encoding the client
+# was told (a server that compresses anyway is decoded by the client session).
+_IDENTITY = {"accept-encoding": "identity"}
 # nginx's status for a request whose client went away before the answer; nobody receives it.
 CLIENT_CLOSED_REQUEST = 499
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
@@ -42,7 +45,7 @@ def engine_session(read_timeout_s: float = 600.0) -> aiohttp.ClientSession:
     """The HTTP client for talking to engines (create it inside the running event loop)."""
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
     timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=read_timeout_s)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout)
 
 
 def parse_body(raw: bytes) -> dict[str, object]:
@@ -51,6 +54,8 @@ def parse_body(raw: bytes) -> dict[str, object]:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GatewayError(400, f"The request body is not valid JSON: {e}.", "invalid_request_error") from e
+    except RecursionError as e:
+        raise GatewayError(400, "The request body's JSON is nested too deeply.", "invalid_request_error") from e
     if not isinstance(body, dict):
         raise GatewayError(400, "The request body must be a JSON object.", "invalid_request_error")
     return body
@@ -89,7 +94,7 @@ async def _forward_to(
     extra_headers: Mapping[str, str] | None = None,
 ) -> Response:
     exchange.replica = backend.replica
-    headers = {k: v for k in _REQUEST_HEADERS if (v := request.headers.get(k))} | dict(extra_headers or {})
+    headers = {k: v for k in _REQUEST_HEADERS if (v := request.headers.get(k))} | _IDENTITY | dict(extra_headers or {})
     backend.outstanding += 1
     streaming = False
     try:

@@ -76,7 +76,7 @@ class RateLimiter:
             raise GatewayError(
                 429,
                 f"This request needs about {tokens} tokens, more than the API key '{key.name}' may use in a "
-                f"minute ({state.tokens.per_minute}); lower max_tokens or shorten the prompt.",
+                f"minute ({state.tokens.per_minute}); set a lower max_tokens or shorten the prompt.",
                 "tokens",
                 "rate_limit_exceeded",
                 headers=_headers(state),
@@ -123,11 +123,6 @@ class RateLimiter:
             if bucket is not None:
                 bucket.refill(now)
         return state
-
-
-def estimate_prompt_tokens(body_bytes: int) -> int:
-    """A deliberately high guess from the body's size (about 4 bytes a token, JSON included), settled later."""
-    return math.ceil(body_bytes / 4)
 
 
 def _limited(message: str, what: str, retry_after_s: float, headers: dict[str, str]) -> GatewayError:

@@ -21,6 +21,7 @@ class Backend:
     status: str = "starting"  # starting | ready | stopped
     outstanding: int = 0  # requests sent to it and not yet answered in full
     adapters: tuple[str, ...] = ()  # LoRA adapters it also serves, each a model name of its own
+    context: int | None = None  # the engine's --max-model-len (prompt and answer together)
 
     @property
     def replica(self) -> str:
@@ -39,6 +40,10 @@ class Model:
     def observe_ttft(self, ttft_s: float, weight: float = 0.1) -> None:
         previous = self.recent_ttft_s
         self.recent_ttft_s = ttft_s if previous is None else previous + weight * (ttft_s - previous)
+
+    @property
+    def context(self) -> int | None:
+        return self.replicas[0].context
 
     @property
     def status(self) -> str:

@@ -19,13 +19,20 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 ANSWER = "The capital of France is Paris."
 PROMPT_TOKENS = 5  # what the fake reports for every prompt
+CONTEXT = 64  # a chat request that sets no max_tokens generates this many (vLLM: to the end of the context)
 
 
-def create_fake_engine(model: str = "fake-model", token_delay: float = 0.0, api_key: str | None = None) -> FastAPI:
-    """With `api_key`, it stands for a managed API: requests need that key (Bearer or Azure's api-key)."""
+def create_fake_engine(
+    model: str = "fake-model", token_delay: float = 0.0, api_key: str | None = None, gzip: str | None = None
+) -> ASGIApp:
+    """With `api_key`, it stands for a managed API: requests need that key (Bearer or Azure's api-key).
+    `gzip`: "on_request" compresses answers for clients that accept gzip, "always" for every client (as
+    some proxies in front of managed APIs do)."""
     app = FastAPI()
     app.state.finished = 0
     app.state.aborted = 0
@@ -67,7 +74,7 @@ def create_fake_engine(model: str = "fake-model", token_delay: float = 0.0, api_
             return JSONResponse(
                 {"error": {"message": "no such model", "type": "NotFoundError", "param": None, "code": 404}}, 404
             )
-        max_tokens = int(body.get("max_tokens") or 16)
+        max_tokens = _max_tokens(body, chat)
         words = (ANSWER.split(" ") * (max_tokens // 6 + 1))[:max_tokens]
         pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
         if body.get("stream"):
@@ -123,7 +130,30 @@ def create_fake_engine(model: str = "fake-model", token_delay: float = 0.0, api_
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return {"object": "list", "model": model, "data": data, "usage": usage}
 
-    return app
+    if gzip is None:
+        return app
+    compressed = GZipMiddleware(app, minimum_size=0)
+    if gzip == "on_request":
+        return compressed
+
+    async def always(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
+            scope = {**scope, "headers": [*headers, (b"accept-encoding", b"gzip")]}
+        await compressed(scope, receive, send)
+
+    return always
+
+
+def _max_tokens(body: dict[str, object], chat: bool) -> int:
+    """As vLLM reads it: chat takes max_completion_tokens unless it is null, then max_tokens, then generates
+    to the end of the context; completions read max_tokens only (null or absent: 16)."""
+    if chat:
+        value = body.get("max_completion_tokens")
+        value = body.get("max_tokens") if value is None else value
+        return CONTEXT if value is None else int(value)  # type: ignore[call-overload]
+    value = body.get("max_tokens")
+    return 16 if value is None else int(value)  # type: ignore[call-overload]
 
 
 def _usage(completion_tokens: int) -> dict[str, int]:

@@ -239,7 +239,7 @@ async def test_metrics_count_requests_tokens_and_latency(gateway: httpx.AsyncCli
     await gateway.post("/v1/chat/completions", json=chat(model="nope"))
     text = (await gateway.get("/metrics")).text
     assert 'deploykit_requests_total{key="",model="m1",status="200"} 1.0' in text
-    assert 'deploykit_requests_total{key="",model="nope",status="404"} 1.0' in text
+    assert 'deploykit_requests_total{key="",model="unknown",status="404"} 1.0' in text  # not the made-up name
     assert 'deploykit_tokens_total{key="",kind="completion",model="m1"} 4.0' in text
     assert 'deploykit_ttft_seconds_count{model="m1"} 1.0' in text
     assert 'deploykit_inter_token_seconds_count{model="m1"} 3.0' in text

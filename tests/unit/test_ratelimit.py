@@ -6,7 +6,8 @@ import pytest
 
 from deploykit.serve.gateway.auth import ApiKey
 from deploykit.serve.gateway.errors import GatewayError
-from deploykit.serve.gateway.ratelimit import Bucket, RateLimiter, estimate_prompt_tokens
+from deploykit.serve.gateway.ratelimit import Bucket, RateLimiter
+from deploykit.serve.gateway.tokens import estimate_prompt_tokens
 
 
 class Clock:
