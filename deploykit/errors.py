@@ -63,11 +63,10 @@ class ResourceError(DeploykitError):
 
 
 class PortInUseError(ResourceError):
-    def __init__(self, host: str, port: int) -> None:
-        super().__init__(
-            f"Port {port} on {host} is already in use.",
-            "Stop the process that holds it, or choose another port with --port.",
-        )
+    def __init__(
+        self, host: str, port: int, hint: str = "Stop the process that holds it, or choose another port with --port."
+    ) -> None:
+        super().__init__(f"Port {port} on {host} is already in use.", hint)
 
 
 class NotEnoughMemoryError(ResourceError):

@@ -19,8 +19,8 @@ import httpx2
 import huggingface_hub as hf
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
-from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # public, lazily exported
 from huggingface_hub.file_download import hf_hub_url, http_get, repo_folder_name
+from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # public, lazily exported
 from huggingface_hub.utils._headers import build_hf_headers
 
 from deploykit.errors import DeploykitError, NotFoundError, ResourceError, UsageError

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from deploykit.serve.plan import LaunchPlan
 
 # Start-up phases, recognised from vLLM's log lines, in the order they happen.
@@ -87,6 +89,23 @@ class EngineProcess:
     def returncode(self) -> int | None:
         """None while the engine runs; its exit status once it has exited."""
         return None if self._proc is None else self._proc.poll()
+
+    def listens(self) -> bool:
+        """Whether this engine (its process or one it started) is what listens on its port: a /health answer
+        from that port proves nothing when another server took it."""
+        if self._proc is None or self._proc.poll() is not None:
+            return False
+        try:
+            root = psutil.Process(self._proc.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return False
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                for conn in process.net_connections(kind="tcp"):
+                    if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == self.plan.port:
+                        return True
+        return False
 
     def last_lines(self, n: int = 20) -> list[str]:
         return list(self._lines)[-n:]

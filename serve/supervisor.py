@@ -127,8 +127,8 @@ class Supervisor:
                     if not r.ever_ready:
                         return Failure("failed", r.engine)
                     self._died(r, now, f"exited with status {code} while restarting")
-                elif await _healthy(probe, r.engine.url):
-                    self._ready(r, now)
+                elif await _healthy(probe, r.engine.url) and r.engine.listens():
+                    self._ready(r, now)  # healthy, and the port is its own (not a server that took it)
                 elif now - r.started_at > self.start_timeout_s:
                     if not r.ever_ready:
                         return Failure("timeout", r.engine)

@@ -22,6 +22,7 @@ from deploykit.models.hub import pull, resolve_name
 from deploykit.models.prices import load_prices
 from deploykit.models.store import ModelStore
 from deploykit.serve.engine import EngineProgress
+from deploykit.serve.gateway.server import ConnectionLimits
 from deploykit.serve.gateway.spill import parse_spill
 from deploykit.serve.plan import LaunchPlan, read_adapter
 from deploykit.serve.runner import ServeOptions, ServeReporter, prepare, run
@@ -48,8 +49,38 @@ def serve(
     auth: bool | None = typer.Option(
         None, "--auth/--no-auth", help="Require API keys (default: only when listening beyond loopback)."
     ),
-    max_body: int = typer.Option(4 * 1024 * 1024, help="Largest request body in bytes (413 above)."),
-    max_tokens: int | None = typer.Option(None, help="Largest max_tokens a request may ask for (400 above)."),
+    max_body: int = typer.Option(
+        4 * 1024 * 1024, help="Largest request body in bytes (413 above).", rich_help_panel="Limits"
+    ),
+    max_tokens: int | None = typer.Option(
+        None,
+        help="Largest max_tokens a request may ask for (400 above); written into requests that set none.",
+        rich_help_panel="Limits",
+    ),
+    max_concurrent_streams: int | None = typer.Option(
+        None,
+        help="Requests in flight to the engines at once, streamed or not; more wait, and a freed slot goes to "
+        "the waiting key with the fewest in flight (default: no cap).",
+        rich_help_panel="Limits",
+    ),
+    queue_timeout: float = typer.Option(
+        30, help="Seconds a request may wait under --max-concurrent-streams (503 after).", rich_help_panel="Limits"
+    ),
+    max_connections: int = typer.Option(
+        ConnectionLimits.max_connections, help="Open client connections (503 above).", rich_help_panel="Limits"
+    ),
+    max_header_bytes: int = typer.Option(
+        ConnectionLimits.max_header_bytes, help="Request line and headers (431 above).", rich_help_panel="Limits"
+    ),
+    header_timeout: float = typer.Option(
+        ConnectionLimits.header_timeout_s, help="Seconds to send the headers (408 after).", rich_help_panel="Limits"
+    ),
+    body_timeout: float = typer.Option(
+        ConnectionLimits.body_timeout_s, help="Seconds to send the body (408 after).", rich_help_panel="Limits"
+    ),
+    idle_timeout: float = typer.Option(
+        ConnectionLimits.idle_timeout_s, help="Seconds a kept-alive connection may idle.", rich_help_panel="Limits"
+    ),
     spill: list[str] = typer.Option(
         [],
         help="MODEL=REMOTE_MODEL@URL: a managed OpenAI-compatible or Azure OpenAI endpoint that takes MODEL's "
@@ -115,6 +146,9 @@ def serve(
         max_tokens=max_tokens,
         spills=spills,
         metrics_token=settings.metrics_token,
+        limits=ConnectionLimits(max_header_bytes, header_timeout, idle_timeout, max_connections, body_timeout),
+        max_concurrent=max_concurrent_streams,
+        queue_timeout_s=queue_timeout,
     )
     run(settings, plans, options, ConsoleReporter())
 

@@ -7,6 +7,7 @@ max_tokens, quotas; then the engine answers and the Exchange records what the re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from deploykit.serve.gateway.errors import (
     unexpected_error_response,
 )
 from deploykit.serve.gateway.exchange import Exchange
+from deploykit.serve.gateway.fairness import FairQueue
 from deploykit.serve.gateway.ledger import Ledger
 from deploykit.serve.gateway.metrics import GatewayMetrics
 from deploykit.serve.gateway.proxy import (
@@ -56,6 +58,9 @@ class GatewayOptions:
     # With auth on, /metrics, /docs, /openapi.json and /ready's details are for the operator: a client
     # that sends this token as a Bearer, or (when no token is set) one on loopback.
     metrics_token: str | None = field(default=None, repr=False)
+    body_timeout_s: float = 60.0  # the whole request body must arrive within this (408 after)
+    max_concurrent: int | None = None  # requests in flight to the engines at once, fair between keys
+    queue_timeout_s: float = 30.0  # how long a request may wait for one of those slots (503 after)
 
 
 class Gateway:
@@ -70,6 +75,33 @@ class Gateway:
         self.limiter = RateLimiter()
         self.ledger = Ledger(db)
         self.metrics = GatewayMetrics()
+        self.queue = (
+            FairQueue(options.max_concurrent, max_wait_s=options.queue_timeout_s) if options.max_concurrent else None
+        )
+        if self.queue is not None:
+            queue = self.queue
+            self.metrics.queued.set_function(lambda: queue.queued)
+        self.stopping = asyncio.Event()  # set at the drain deadline: requests still running are cut short
+        self.active = 0  # model requests being answered (streams included)
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def started(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def ended(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Cut every request still running (each gets its error, its ledger row and an engine abort), wait for
+        them to end, then commit the ledger off the event loop."""
+        self.stopping.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        await asyncio.to_thread(self.close)
 
     def authenticate(self, request: Request) -> ApiKey | None:
         if not self.options.auth:
@@ -98,6 +130,7 @@ class Gateway:
             )
 
     def close(self) -> None:
+        """Commit every ledger row queued so far and stop the ledger's writer."""
         self.ledger.close()
 
 
@@ -121,18 +154,22 @@ class GatewayApp(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in _PROXIED:
             request = Request(scope, receive)
+            gateway = self.state.gateway
+            gateway.started()
             try:
-                response = await _proxy(request, self.state.gateway, scope["path"])
-            except GatewayError as e:
-                response = error_response(e)
-            except Exception as e:  # as the app's handler for unexpected errors answers
-                response = unexpected_error_response(e)
-            await response(scope, receive, send)
+                try:
+                    response = await _proxy(request, gateway, scope["path"])
+                except GatewayError as e:
+                    response = error_response(e)
+                except Exception as e:  # as the app's handler for unexpected errors answers
+                    response = unexpected_error_response(e)
+                await response(scope, receive, send)
+            finally:
+                gateway.ended()
             return
         if scope["type"] == "http" and scope["path"] in _OPERATOR_PAGES:
-            gateway: Gateway = self.state.gateway
             try:
-                gateway.require_operator(Request(scope, receive))
+                self.state.gateway.require_operator(Request(scope, receive))
             except GatewayError as e:
                 await error_response(e)(scope, receive, send)
                 return
@@ -221,7 +258,7 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
     key: ApiKey | None = None
     name = ""
     try:
-        raw = await _read_body(request, gateway.options.max_body_bytes)
+        raw = await _read_body(request, gateway.options.max_body_bytes, gateway.options.body_timeout_s)
         key = gateway.authenticate(request)
         body = parse_body(raw)
         name = body["model"] if isinstance(body.get("model"), str) else ""  # type: ignore[assignment]
@@ -247,8 +284,12 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
         spill, spill_backend = gateway.spills.get(model.name, (None, None))
         if spill is not None and spill_backend is not None and spill.takes(model):
             exchange.spill = spill
-            return await forward_spill(spill, spill_backend, path, spill.body(body), request, exchange)
-        return await forward(model, path, raw, request, exchange)
+            return await forward_spill(
+                spill, spill_backend, path, spill.body(body), request, exchange, gateway.stopping
+            )
+        if gateway.queue is not None:
+            exchange.slot = await gateway.queue.acquire(key.id if key is not None else "")
+        return await forward(model, path, raw, request, exchange, gateway.stopping)
     except GatewayError as e:
         if exchange is None:
             exchange = _rejected(gateway, path, name, key)
@@ -285,16 +326,22 @@ def _reservation(budget: TokenBudget, key: ApiKey) -> int:
     return budget.reserve or 0
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+    except TimeoutError as e:
+        raise GatewayError(
+            408, f"The request body did not arrive within {timeout_s:g} s.", "invalid_request_error", "request_timeout"
+        ) from e
     return b"".join(chunks)
 
 

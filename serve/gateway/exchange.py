@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from deploykit.serve.gateway.auth import ApiKey
+from deploykit.serve.gateway.fairness import Slot
 from deploykit.serve.gateway.ledger import Ledger, UsageRecord
 from deploykit.serve.gateway.metrics import GatewayMetrics
 from deploykit.serve.gateway.ratelimit import Admission, RateLimiter
@@ -47,6 +48,7 @@ class Exchange:
     last_content: float | None = None
     finished: bool = False
     label: str = ""  # the metrics' model label: a served name or "unknown", never what a client made up
+    slot: Slot | None = None  # its place under the gateway's concurrency cap, if there is one
 
     def __post_init__(self) -> None:
         self.label = self.label or self.model
@@ -115,6 +117,8 @@ class Exchange:
         used = prompt + completion if self.prompt_tokens is not None else None
         if self.admission is not None:
             self.limiter.finish(self.admission, used)
+        if self.slot is not None:
+            self.slot.release()
         m, key = self.metrics, self.key_label
         self._in_flight.dec()
         m.requests.labels(self.label, key, str(status)).inc()

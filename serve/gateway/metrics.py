@@ -59,6 +59,11 @@ class GatewayMetrics:
             registry=r,
         )
         self.in_flight = Gauge("deploykit_in_flight_requests", "Requests in flight, by model.", ["model"], registry=r)
+        self.queued = Gauge(
+            "deploykit_queued_requests",
+            "Requests waiting for a slot under --max-concurrent-streams (0 without that cap).",
+            registry=r,
+        )
         self.replica_up = Gauge(
             "deploykit_replica_up",
             "1 when the replica's engine is ready to serve, else 0.",

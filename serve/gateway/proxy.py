@@ -16,7 +16,7 @@ import contextlib
 import json
 import re
 from collections.abc import Awaitable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from fastapi import Request
@@ -61,14 +61,17 @@ def parse_body(raw: bytes) -> dict[str, object]:
     return body
 
 
-async def forward(model: Model, path: str, raw: bytes, request: Request, exchange: Exchange) -> Response:
+async def forward(
+    model: Model, path: str, raw: bytes, request: Request, exchange: Exchange, stopping: asyncio.Event
+) -> Response:
     """Send the request to the model's least busy replica and relay its answer, accounting for it in
-    `exchange`. A replica that fails before answering anything is left for the next one."""
+    `exchange`. A replica that fails before answering anything is left for the next one. When `stopping`
+    is set (the gateway's drain deadline), whatever is still running is cut short and aborted."""
     tried: list[Backend] = []
     while (backend := model.pick(tried)) is not None:
         tried.append(backend)
         try:
-            return await _forward_to(backend, backend.url + path, raw, request, exchange)
+            return await _forward_to(backend, backend.url + path, raw, request, exchange, stopping)
         except aiohttp.ClientError as e:  # nothing reached the client yet: another replica may answer
             if model.pick(tried) is None:
                 raise _unreachable(backend, e) from e
@@ -76,11 +79,17 @@ async def forward(model: Model, path: str, raw: bytes, request: Request, exchang
 
 
 async def forward_spill(
-    target: SpillTarget, backend: Backend, path: str, raw: bytes, request: Request, exchange: Exchange
+    target: SpillTarget,
+    backend: Backend,
+    path: str,
+    raw: bytes,
+    request: Request,
+    exchange: Exchange,
+    stopping: asyncio.Event,
 ) -> Response:
     """Send the request to the managed endpoint that stands in for the local model."""
     try:
-        return await _forward_to(backend, target.endpoint(path), raw, request, exchange, target.headers())
+        return await _forward_to(backend, target.endpoint(path), raw, request, exchange, stopping, target.headers())
     except aiohttp.ClientError as e:
         raise _unreachable(backend, e) from e
 
@@ -91,6 +100,7 @@ async def _forward_to(
     raw: bytes,
     request: Request,
     exchange: Exchange,
+    stopping: asyncio.Event,
     extra_headers: Mapping[str, str] | None = None,
 ) -> Response:
     exchange.replica = backend.replica
@@ -100,8 +110,9 @@ async def _forward_to(
     try:
         # A non-streaming engine answer sends its headers only when generation ends, so the client may
         # leave while we still wait for them: cancelling the exchange then aborts it at the engine.
-        upstream = await _unless_client_leaves(request, backend.session.post(url, data=raw, headers=headers))
-        if upstream is None:
+        try:
+            upstream = await _interruptible(request, backend.session.post(url, data=raw, headers=headers), stopping)
+        except _ClientGone:
             exchange.finish_nowait(CLIENT_CLOSED_REQUEST, "client disconnected")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         relayed = {k: v for k in _RESPONSE_HEADERS if (v := upstream.headers.get(k))}
@@ -110,19 +121,19 @@ async def _forward_to(
         media_type = upstream.headers.get("content-type", "application/json")
         if media_type.startswith("text/event-stream"):
             streaming = True  # the stream releases the replica when it ends
-            return RelayedStream(upstream, backend, exchange, media_type, relayed)
+            return RelayedStream(upstream, backend, exchange, media_type, relayed, stopping)
         try:
-            content = await _unless_client_leaves(request, upstream.read())
+            content = await _interruptible(request, upstream.read(), stopping)
+        except _ClientGone:
+            upstream.close()  # closing the connection aborts the request at the engine
+            exchange.finish_nowait(CLIENT_CLOSED_REQUEST, "client disconnected")
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         except BaseException:
             upstream.close()
             raise
     finally:
         if not streaming:
             backend.outstanding -= 1
-    if content is None:
-        upstream.close()  # closing the connection aborts the request at the engine
-        exchange.finish_nowait(CLIENT_CLOSED_REQUEST, "client disconnected")
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
     upstream.release()  # the connection goes back to the pool
     exchange.observe_body(content)
     await exchange.finish(upstream.status, None if upstream.status < 400 else "engine error")
@@ -133,7 +144,8 @@ class RelayedStream(Response):
     """An engine's SSE answer relayed event by event; the ledger row is committed before [DONE] is sent.
 
     A stream the engine cuts short ends with an error event. A client that leaves cancels the relay,
-    which closes the engine connection: the engine aborts the request.
+    which closes the engine connection: the engine aborts the request. At the drain deadline (`stopping`)
+    the relay is cancelled the same way and the client gets an error event saying the gateway stopped.
     """
 
     def __init__(
@@ -143,6 +155,7 @@ class RelayedStream(Response):
         exchange: Exchange,
         media_type: str,
         headers: Mapping[str, str],
+        stopping: asyncio.Event,
     ) -> None:
         # no Response.__init__: it would declare a content-length for the empty body
         self.status_code = upstream.status
@@ -152,18 +165,29 @@ class RelayedStream(Response):
         self.upstream = upstream
         self.backend = backend
         self.exchange = exchange
+        self.stopping = stopping
+        self.cut = False  # set when the drain deadline, not the client, ended the relay
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         relay = asyncio.ensure_future(self._relay(send))
         gone = asyncio.ensure_future(_wait_for_disconnect(receive))
+        stop = asyncio.ensure_future(self.stopping.wait())
+        done: set[asyncio.Future[Any]] = set()
         try:
-            await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([relay, gone, stop], return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            if not relay.done():  # the client left
+            stop.cancel()
+            if not relay.done():  # the client left, or the gateway is stopping
+                self.cut = stop in done and gone not in done
                 relay.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await relay
+        if self.cut:
+            event = _error_event("The gateway is shutting down; this answer was cut short.", "shutting_down")
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         if relay.done() and not relay.cancelled() and relay.exception() is not None:
             raise relay.exception()  # type: ignore[misc]
 
@@ -186,19 +210,10 @@ class RelayedStream(Response):
             complete = True
         except aiohttp.ClientError as e:
             status, error = 502, f"engine stopped mid-stream ({type(e).__name__})"
-            body = {
-                "error": {
-                    "message": f"The engine stopped mid-stream ({type(e).__name__}).",
-                    "type": "server_error",
-                    "param": None,
-                    "code": "engine_unavailable",
-                }
-            }
-            await send(
-                {"type": "http.response.body", "body": f"data: {json.dumps(body)}\n\n".encode(), "more_body": True}
-            )
-        except BaseException:  # the client went away (the relay is cancelled)
-            status, error = CLIENT_CLOSED_REQUEST, "client disconnected"
+            event = _error_event(f"The engine stopped mid-stream ({type(e).__name__}).", "engine_unavailable")
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        except BaseException:  # the client went away, or the drain deadline passed (the relay is cancelled)
+            status, error = (503, "gateway shut down mid-stream") if self.cut else (499, "client disconnected")
             raise
         finally:
             self.backend.outstanding -= 1
@@ -228,20 +243,39 @@ async def get_text(backend: Backend, path: str) -> str | None:
         return None
 
 
-async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T | None:
-    """Await `work`, but cancel it and return None if the client disconnects first."""
+class _ClientGone(Exception):
+    """The client disconnected while the gateway waited for the engine."""
+
+
+async def _interruptible(request: Request, work: Awaitable[T], stopping: asyncio.Event) -> T:
+    """Await `work`; cancel it (which aborts it at the engine) and raise _ClientGone if the client disconnects
+    first, or the 503 for a gateway that is shutting down if the drain deadline passes first."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    stop = asyncio.ensure_future(stopping.wait())
+    done: set[asyncio.Future[Any]] = set()
     try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([task, gone, stop], return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-    if task.done():
+        stop.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task in done:
         return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return None
+    if gone in done:
+        raise _ClientGone
+    raise GatewayError(
+        503, "The gateway is shutting down; the request was cut short.", "service_unavailable", "shutting_down"
+    )
+
+
+def _error_event(message: str, code: str) -> bytes:
+    """An SSE event in OpenAI's error shape: how a stream that cannot finish tells the client why."""
+    body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+    return f"data: {json.dumps(body)}\n\n".encode()
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

@@ -4,7 +4,7 @@ Run in-process (`create_fake_engine()` behind httpx.ASGITransport) or as a real 
     python -m tests.fakes.engine --port 8123 [--model NAME] [--token-delay 0.01]
 It answers every prompt with the words of ANSWER, one token per SSE chunk (and a usage chunk when
 stream_options asks), embeds any input as a fixed 3-number vector, and records the requests it saw
-finish and the ones whose client went away.
+finish and the ones whose client went away (and logs each abort).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def create_fake_engine(
     app.state.finished = 0
     app.state.aborted = 0
     app.state.in_flight = 0
+    app.state.last_headers = {}
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -49,6 +50,11 @@ def create_fake_engine(
     @app.get("/stats")
     async def stats() -> dict[str, int]:
         return {"finished": app.state.finished, "aborted": app.state.aborted, "in_flight": app.state.in_flight}
+
+    @app.get("/last_headers")
+    async def last_headers() -> dict[str, str]:
+        """The headers of the last POST this engine received: what the gateway passed on."""
+        return dict(app.state.last_headers)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -64,6 +70,7 @@ def create_fake_engine(
         return {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "fake"}]}
 
     async def complete(request: Request, chat: bool) -> object:
+        app.state.last_headers = dict(request.headers)
         if api_key is not None and api_key not in (
             request.headers.get("api-key"),
             request.headers.get("authorization", "").removeprefix("Bearer "),
@@ -167,6 +174,7 @@ def _usage(completion_tokens: int) -> dict[str, int]:
 async def _stream(app: FastAPI, pieces: list[str], chat: bool, delay: float, usage: bool) -> AsyncIterator[bytes]:
     app.state.in_flight += 1
     done = False
+    sent = 0
     try:
         if chat:
             yield _event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
@@ -179,6 +187,7 @@ async def _stream(app: FastAPI, pieces: list[str], chat: bool, delay: float, usa
                     "choices": [{"index": 0, **delta, "finish_reason": None}],
                 }
             )
+            sent += 1
         if usage:
             yield _event({"choices": [], "usage": _usage(len(pieces))})
         yield b"data: [DONE]\n\n"
@@ -189,6 +198,7 @@ async def _stream(app: FastAPI, pieces: list[str], chat: bool, delay: float, usa
             app.state.finished += 1
         else:
             app.state.aborted += 1
+            print(f"fake engine: aborted a stream after {sent} tokens", flush=True)  # what it really did
 
 
 def _event(data: dict[str, object]) -> bytes:

@@ -1,13 +1,15 @@
 """`deploykit serve`'s runner with fake engine processes as the engines, for lifecycle tests.
 
     python -m tests.fakes.serve_fake PORT ENGINE_PORT[,ENGINE_PORT...] [fake engine args...]
-One replica of "fake-model" per engine port. Restarts back off 0.2 s, 0.4 s, ... and a replica is given
-up after 2 failed restarts (so tests see it quickly). Exits as the CLI does: 0 after a signal, the
+One replica of "fake-model" per engine port; FAKE_DRAIN_S sets the drain timeout (default 10 s).
+Restarts back off 0.2 s, 0.4 s, ... and a replica is given up after 2 failed restarts (so tests see it
+quickly). Exits as the CLI does: 0 after a signal, the
 error's exit code after a failure.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from deploykit.cli.serve import ConsoleReporter
@@ -34,7 +36,7 @@ def main() -> None:
         )
         for p in engine_ports
     ]
-    options = ServeOptions(port=port, drain_timeout_s=10, start_timeout_s=60)
+    options = ServeOptions(port=port, drain_timeout_s=float(os.environ.get("FAKE_DRAIN_S", "10")), start_timeout_s=60)
     policy = RestartPolicy(backoff_s=0.2, max_failures=2, stable_s=30)
     try:
         run(Settings(), plans, options, ConsoleReporter(), policy)

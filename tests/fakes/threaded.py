@@ -12,6 +12,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from deploykit.ports import free_port
+from deploykit.serve.gateway.server import ConnectionLimits, server_config
 
 
 @contextmanager
@@ -20,10 +21,12 @@ def serve_in_thread(
     *,
     build: Callable[[], Awaitable[ASGIApp]] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    limits: ConnectionLimits | None = None,
 ) -> Iterator[str]:
     """Serve `app` (or the app `build` makes inside the server's event loop, so that the clients it holds
     belong to that loop) on a free loopback port; yield its URL, and stop it afterwards (then await
-    `on_stop` in that loop, to close those clients)."""
+    `on_stop` in that loop, to close those clients). With `limits`, it is served as `deploykit serve` serves
+    the gateway (its connection limits, no websockets)."""
     port = free_port()
 
     async def make_app() -> ASGIApp:
@@ -36,7 +39,11 @@ def serve_in_thread(
     holder: dict[str, uvicorn.Server] = {}
 
     async def run() -> None:
-        config = uvicorn.Config(await make_app(), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+        app = await make_app()
+        if limits is not None:
+            config = server_config(app, limits, drain_timeout_s=5, host="127.0.0.1", port=port)
+        else:
+            config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
         holder["server"] = server = uvicorn.Server(config)
         task = asyncio.ensure_future(server.serve())
         while not server.started and not task.done():

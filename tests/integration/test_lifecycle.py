@@ -57,13 +57,20 @@ class Gateway:
         return self.proc.returncode, out
 
 
-def start(tmp_path: Path, *engine_args: str, port: int | None = None, replicas: int = 1) -> Gateway:
-    port, engine_ports = port or free_port(), [free_port() for _ in range(replicas)]
+def start(
+    tmp_path: Path,
+    *engine_args: str,
+    port: int | None = None,
+    replicas: int = 1,
+    drain_s: float = 10,
+    engine_port: int | None = None,
+) -> Gateway:
+    port, engine_ports = port or free_port(), [engine_port or free_port() for _ in range(replicas)]
     engine_port = engine_ports[0]
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.fakes.serve_fake", str(port), ",".join(map(str, engine_ports)), *engine_args],
         cwd=REPO,
-        env={**os.environ, "DEPLOYKIT_HOME": str(tmp_path)},
+        env={**os.environ, "DEPLOYKIT_HOME": str(tmp_path), "FAKE_DRAIN_S": str(drain_s)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -247,3 +254,83 @@ def test_every_answer_a_client_received_is_in_the_ledger_after_kill_9(tmp_path: 
     gw.proc.kill()  # no drain, no flush: only what was committed before each answer's last byte survives
     gw.finish()
     assert sorted(tokens for _, _, tokens in gw.ledger()) == [5 + i for i in range(16)]
+
+
+def test_at_the_drain_deadline_streams_end_with_an_error_a_ledger_row_and_an_engine_abort(tmp_path: Path) -> None:
+    gw = start(tmp_path, "--token-delay", "0.05", drain_s=2)  # 200 tokens: 10 s each, the drain allows 2
+    wait_ready(gw)
+    bodies: list[str] = [""] * 3
+    ended: list[float] = [0.0] * 3
+
+    def stream(i: int) -> None:
+        body = {"model": "fake-model", "prompt": "x", "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", gw.url + "/v1/completions", json=body, timeout=30) as response:
+            for text in response.iter_text():
+                bodies[i] += text
+        ended[i] = time.monotonic()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    signalled = time.monotonic()
+    gw.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(30)
+    code, out = gw.finish()
+    assert code == 0, out
+    for body, end in zip(bodies, ended, strict=True):
+        assert '"code": "shutting_down"' in body and "[DONE]" not in body, body[-300:]
+        assert end - signalled < 2 + 1.5, "the stream was not cut at the deadline"
+    rows = gw.ledger()
+    assert [(endpoint, status) for endpoint, status, _ in rows] == [("/v1/completions", 503)] * 3
+    for (_, _, tokens), body in zip(sorted(rows), sorted(bodies, key=lambda b: b.count('"text"')), strict=True):
+        assert tokens == body.count('"text"') and 20 <= tokens < 200  # what was relayed, counted
+    engine_log = (tmp_path / "logs" / "engine-fake-model.log").read_text()
+    assert engine_log.count("fake engine: aborted a stream") == 3  # aborted at the engine, not left running
+
+
+def test_an_engine_port_another_server_holds_fails_fast_instead_of_looking_ready(tmp_path: Path) -> None:
+    """The other server answers /health: readiness must come from the engine that was started."""
+    from tests.fakes.engine import create_fake_engine
+    from tests.fakes.threaded import serve_in_thread
+
+    with serve_in_thread(create_fake_engine("fake-model")) as squatter:
+        port = int(squatter.rsplit(":", 1)[1])
+        code, out = start(tmp_path, engine_port=port).finish()
+    assert code == 4, out
+    assert f"Port {port} on 127.0.0.1 is already in use" in out and "engine port for fake-model" in out
+    assert "Ready" not in out
+
+
+def test_readiness_comes_only_from_the_engine_process_that_was_started(tmp_path: Path) -> None:
+    from deploykit.serve.engine import EngineProcess
+    from deploykit.serve.plan import LaunchPlan
+    from tests.fakes.engine import create_fake_engine
+    from tests.fakes.threaded import serve_in_thread
+
+    def plan(argv: tuple[str, ...], port: int) -> LaunchPlan:
+        return LaunchPlan("cpu", argv, {}, (), "fake-model", port, 2048, 0)
+
+    with serve_in_thread(create_fake_engine("fake-model")) as squatter:
+        taken = int(squatter.rsplit(":", 1)[1])
+        impostor = EngineProcess(plan((sys.executable, "-c", "import time; time.sleep(30)"), taken), tmp_path / "a.log")
+        impostor.start()
+        try:
+            assert httpx.get(squatter + "/health").status_code == 200  # the port answers...
+            assert not impostor.listens()  # ...but not from the process we started
+        finally:
+            impostor.stop()
+    port = free_port()
+    engine = EngineProcess(
+        plan((sys.executable, "-m", "tests.fakes.engine", "--port", str(port)), port), tmp_path / "b.log"
+    )
+    engine.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not engine.listens():
+            assert time.monotonic() < deadline, engine.last_lines()
+            time.sleep(0.1)
+    finally:
+        engine.stop()
+    assert not engine.listens()

@@ -291,3 +291,72 @@ async def test_version_needs_a_key_when_keys_are_on(make_app: object, db: Databa
         assert_openai_error(await anonymous.get("/version"), 401, "missing_api_key")
     async with client_from(secured, "203.0.113.7", authorization=f"Bearer {token}") as client:
         assert (await client.get("/version")).json()["version"] == "0.0.0-fake"
+
+
+# what held in the attack, kept so
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/tokenize",
+        "/detokenize",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+        "/sleep",
+        "/wake_up",
+        "/collective_rpc",
+        "/start_profile",
+        "/stop_profile",
+        "/pooling",
+        "/reset_prefix_cache",
+        "/invocations",
+        "/score",
+        "/rerank",
+        "/v1/responses",
+        "/v1/chat/completions/../../tokenize",
+    ],
+)
+async def test_no_engine_admin_route_is_reachable(gateway: httpx.AsyncClient, path: str) -> None:
+    for method in ("GET", "POST"):
+        response = await gateway.request(method, path, json={"model": "m1", "prompt": "x"})
+        assert response.status_code in (404, 405), (method, path, response.status_code)
+
+
+@pytest.mark.parametrize(
+    ("headers", "query"),
+    [
+        ({}, "?api_key=TOKEN"),
+        ({"authorization": "Bearer " + "dk-" + "a" * 65_536}, ""),
+        ({"authorization": "Bearer dk-ünïcode-sécret".encode().decode("latin-1")}, ""),
+        ({"authorization": "Bearer  TOKEN x"}, ""),
+        ({"x-api-key": "TOKEN"}, ""),
+    ],
+)
+async def test_keys_anywhere_but_the_two_headers_or_malformed_are_refused(
+    make_app: object, db: Database, headers: dict[str, str], query: str
+) -> None:
+    _, token = create_key(db, "team-a")
+    secured = make_app(auth=True)  # type: ignore[operator]
+    sent = {k: v.replace("TOKEN", token).encode("latin-1") for k, v in headers.items()}  # raw bytes on the wire
+    async with client_of(secured) as client:
+        path = "/v1/chat/completions" + query.replace("TOKEN", token)
+        response = await client.post(path, json=chat(), headers=sent)  # type: ignore[arg-type]
+    assert_openai_error(response, 401)
+
+
+async def test_no_credential_reaches_the_engine_or_the_log(
+    make_app: object, db: Database, engine_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    _, token = create_key(db, "team-a")
+    secured = make_app(auth=True)  # type: ignore[operator]
+    headers = {"authorization": f"Bearer {token}", "cookie": "session=s3cret", "x-request-id": "r-1"}
+    async with client_of(secured, **headers) as client:
+        assert (await client.post("/v1/chat/completions", json=chat(max_tokens=2))).status_code == 200
+        bad = await client.post("/v1/chat/completions", json=chat(max_tokens=2), headers={"api-key": token + "x"})
+    assert bad.status_code == 401
+    seen = httpx.get(engine_url + "/last_headers").json()
+    assert seen.get("x-request-id") == "r-1"
+    assert not {"authorization", "api-key", "cookie"} & set(seen), seen
+    assert token not in json.dumps(seen) and token.split("-")[-1] not in caplog.text
