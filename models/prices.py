@@ -101,6 +101,7 @@ class Measurement(Sourced):
     metric: Literal["tpot_ms", "output_tps"]
     value: float = Field(gt=0)
     note: str = ""
+    fitted: bool = False  # an efficiency factor was fitted on this point: a check of the fit, not of the model
 
 
 class _DataFile(BaseModel):

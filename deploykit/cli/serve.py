@@ -133,9 +133,6 @@ def serve(
     )
     prices = load_prices(settings.home / "prices.toml")
     spills = tuple(parse_spill(s, prices, os.environ, max_queue=spill_queue, max_ttft_s=spill_ttft) for s in spill)
-    if dry_run:
-        _show_plans(plans, json_)
-        return
     options = ServeOptions(
         host=host,
         port=port,
@@ -150,6 +147,11 @@ def serve(
         max_concurrent=max_concurrent_streams,
         queue_timeout_s=queue_timeout,
     )
+    if dry_run:
+        _show_plans(plans, json_)
+        if not json_:
+            _show_gateway(options)
+        return
     run(settings, plans, options, ConsoleReporter())
 
 
@@ -203,6 +205,33 @@ def _show_plan(plan: LaunchPlan) -> None:
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in plan.env.items())
     out.print("Command:", highlight=False)
     out.print(f"  {env} {shlex.join(plan.argv)}".strip(), highlight=False, markup=False, soft_wrap=True)
+
+
+def _show_gateway(o: ServeOptions) -> None:
+    """What the gateway in front will enforce, as the flags and defaults make it."""
+    limits = o.limits
+    lines = [
+        f"Gateway on http://{o.host}:{o.port}: API keys {'required' if o.auth_required else 'not required'}",
+        f"  request body at most {o.max_body_bytes:,} B in {limits.body_timeout_s:g} s; "
+        f"headers at most {limits.max_header_bytes:,} B in {limits.header_timeout_s:g} s",
+        f"  max_tokens at most {o.max_tokens if o.max_tokens is not None else 'the engine allows'}; "
+        f"requests in flight "
+        + (
+            f"at most {o.max_concurrent} (fair between keys, {o.queue_timeout_s:g} s queue)"
+            if o.max_concurrent
+            else "uncapped"
+        ),
+        f"  connections at most {limits.max_connections:,}, idle {limits.idle_timeout_s:g} s; "
+        f"drain {o.drain_timeout_s:g} s on shutdown",
+        *(
+            f"  spill {t.model} -> {t.remote_model} at {t.url}"
+            + (f" past {t.max_queue} queued" if t.max_queue else "")
+            + (f" or TTFT over {t.max_ttft_s:g} s" if t.max_ttft_s else "")
+            for t in o.spills
+        ),
+    ]
+    for line in lines:
+        out.print(line, markup=False, highlight=False)
 
 
 class ConsoleReporter(ServeReporter):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -233,3 +234,59 @@ def test_serve_pulls_a_missing_model_first_with_yes(hub: FakeHub, tmp_path: Path
         )
     assert pulled.returncode == 4 and "already in use" in pulled.stderr, pulled.stderr
     assert ModelStore(tmp_path / "home" / "models").get("all-minilm-l6-v2").format == "hub"
+
+
+def test_only_one_weight_format_and_no_other_runtime_is_downloaded(
+    hub: FakeHub, store: ModelStore, tmp_path: Path
+) -> None:
+    """A repo that carries its weights four ways (as many on the hub do): serving needs one."""
+    repo = tmp_path / "multi"
+    shutil.copytree(minilm_snapshot(), repo)
+    extra = {
+        "pytorch_model.bin": 20_000,
+        "model.pt": 20_000,
+        "onnx/model.onnx": 20_000,
+        "openvino/openvino_model.bin": 20_000,
+        "tf_model.h5": 20_000,
+        "flax_model.msgpack": 20_000,
+        "rust_model.ot": 20_000,
+    }
+    for name, size in extra.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes(os.urandom(size))
+    hub.add_repo("acme/multi-format", repo)
+    model = do_pull(hub, store, tmp_path, "acme/multi-format")
+    fetched = {path for (name, path), sent in hub.served.items() if name == "acme/multi-format" and sent}
+    assert "model.safetensors" in fetched and "config.json" in fetched
+    assert not fetched & set(extra), fetched & set(extra)
+    assert not (model.path / "pytorch_model.bin").exists() and not (model.path / "onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "says"),
+    [
+        ("unknown", 3, "does not exist on the hub"),
+        ("gated", 3, "is gated"),
+        ("revision", 3, "has no such revision"),
+        ("disk", 4, "more in"),
+        ("corrupt", 6, "does not match the hub's sha256"),
+        ("unreachable", 6, "cannot be reached"),
+    ],
+)
+def test_pull_exit_codes_through_the_cli(hub: FakeHub, tmp_path: Path, case: str, code: int, says: str) -> None:
+    env = cli_env(hub, tmp_path)
+    name = {"unknown": "acme/nope", "gated": LLAMA, "revision": f"{MINILM}@v9"}.get(case, MINILM)
+    if case == "disk":
+        hub.repos[MINILM].files["model.safetensors"].size = 10**15  # a petabyte of weights: no disk holds it
+    if case == "corrupt":
+        hub.corrupt.add((MINILM, "model.safetensors"))
+    if case == "unreachable":
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    result = subprocess.run(
+        [sys.executable, "-m", "deploykit", "pull", name], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == code, result.stderr
+    assert says in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "home" / "models" / "all-minilm-l6-v2").exists()

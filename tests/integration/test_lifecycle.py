@@ -4,6 +4,7 @@ engine death, failed start, port in use, client disconnects, Ctrl-C. (tests/e2e 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -64,13 +65,14 @@ def start(
     replicas: int = 1,
     drain_s: float = 10,
     engine_port: int | None = None,
+    **env: str,
 ) -> Gateway:
     port, engine_ports = port or free_port(), [engine_port or free_port() for _ in range(replicas)]
     engine_port = engine_ports[0]
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.fakes.serve_fake", str(port), ",".join(map(str, engine_ports)), *engine_args],
         cwd=REPO,
-        env={**os.environ, "DEPLOYKIT_HOME": str(tmp_path), "FAKE_DRAIN_S": str(drain_s)},
+        env={**os.environ, "DEPLOYKIT_HOME": str(tmp_path), "FAKE_DRAIN_S": str(drain_s), **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -334,3 +336,48 @@ def test_readiness_comes_only_from_the_engine_process_that_was_started(tmp_path:
     finally:
         engine.stop()
     assert not engine.listens()
+
+
+def test_a_streamed_answer_is_in_the_ledger_before_its_done_even_on_a_slow_disk(tmp_path: Path) -> None:
+    """Each ledger commit is held back 0.5 s: [DONE] must wait for it, so a kill -9 the instant the client has
+    [DONE] still finds the row (sent first and committed after, the row would be lost)."""
+    gw = start(tmp_path, "--token-delay", "0.001", FAKE_LEDGER_DELAY="0.5")
+    wait_ready(gw)
+    for tokens in (3, 4):
+        body = {"model": "fake-model", "prompt": "x", "max_tokens": tokens, "stream": True}
+        with httpx.stream("POST", gw.url + "/v1/completions", json=body, timeout=30) as response:
+            text = "".join(response.iter_text())
+        assert text.rstrip().endswith("data: [DONE]")
+    gw.proc.kill()
+    gw.finish()
+    assert gw.ledger() == [("/v1/completions", 200, 3), ("/v1/completions", 200, 4)]
+
+
+def test_beyond_loopback_keys_are_required_by_default(tmp_path: Path) -> None:
+    gw = start(tmp_path, FAKE_HOST="0.0.0.0")
+    try:
+        wait_ready(gw)
+        body = {"model": "fake-model", "prompt": "x", "max_tokens": 2}
+        response = httpx.post(gw.url + "/v1/completions", json=body, timeout=30)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "missing_api_key"
+    finally:
+        gw.proc.send_signal(signal.SIGINT)
+        code, out = gw.finish()
+    assert code == 0 and "API keys are required but none exist" in out
+
+
+def test_an_engine_that_dies_mid_stream_ends_the_stream_with_an_error_and_a_502_row(gateway: Gateway) -> None:
+    body = {"model": "fake-model", "prompt": "x", "max_tokens": 400, "stream": True}
+    with httpx.stream("POST", gateway.url + "/v1/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        received = [next(lines) for _ in range(6)]  # 3 events and their blank lines
+        gateway.engine().kill()
+        received += list(lines)
+    events = [line.removeprefix("data: ") for line in received if line.startswith("data: ")]
+    assert json.loads(events[-1])["error"]["code"] == "engine_unavailable" and "[DONE]" not in events
+    deadline = time.monotonic() + 5
+    while not gateway.ledger():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    [(endpoint, status, tokens)] = gateway.ledger()
+    assert (endpoint, status) == ("/v1/completions", 502) and tokens == len(events) - 1

@@ -224,3 +224,28 @@ def test_a_server_without_usage_is_counted_with_a_tokenizer_and_flagged(tmp_path
     guessed = loadtest(tmp_path, url, "--model", "nousage", "-c", "2", "--duration", "2")
     assert {r["counted_by"] for r in guessed["records"]} == {"events"}  # one per event: flagged, not exact
     assert all(r["output_tokens"] == len(chunk_plan(OUTPUT_TOKENS)) for r in guessed["records"])
+
+
+def test_open_loop_latency_includes_the_wait_for_a_free_user(tmp_path: Path, url: str) -> None:
+    """Coordinated omission: 20 arrivals a second, two users to carry them, a server that queues. Requests
+    leave late; latency counted from the send would hide that wait, latency from the schedule does not."""
+    from deploykit.loadtests.config import LoadTestConfig
+
+    config = LoadTestConfig(
+        url=url,
+        model="queue",
+        rate=20,
+        max_in_flight=2,
+        duration_s=4,
+        output_tokens=OUTPUT_TOKENS,
+        slos="ttft_p95=200ms",
+    )
+    out = tmp_path / "run.json"
+    subprocess.run([sys.executable, "-m", "deploykit.loadtests", config.model_dump_json(), str(out)], check=True)
+    report = json.loads(out.read_text())
+    s = report["summary"]
+    late = sorted(r["sent"] - r["scheduled"] for r in report["records"])
+    assert late[len(late) // 2] > 0.3, "the schedule outran two users: requests must leave late"
+    assert s["ttft"]["p50"] < 0.1  # from the send: the server answers fast once a request reaches it
+    assert s["ttft_from_schedule"]["p50"] > s["ttft"]["p50"] + 0.3  # from the schedule: the wait counts
+    assert s["slos_met"] == {"ttft_p95": False} and s["goodput_rps"] < s["rps"] / 2

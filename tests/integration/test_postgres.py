@@ -1,22 +1,19 @@
-"""Keys and the ledger on a real PostgreSQL server (started here from the machine's PostgreSQL install),
-the shared database several gateways use."""
+"""Keys and the ledger on a real PostgreSQL server (tests/integration/conftest.py starts one, or takes
+DEPLOYKIT_DATABASE_URL), the shared database several gateways use."""
 
 from __future__ import annotations
 
 import asyncio
-import glob
+import json
 import os
-import shutil
+import signal
 import subprocess
-import tempfile
+import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
-from deploykit.ports import free_port
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
 from deploykit.serve.gateway.auth import create_key, list_keys, revoke_key
@@ -24,40 +21,7 @@ from deploykit.serve.gateway.database import MIGRATIONS, connect, migrate
 from deploykit.serve.gateway.ledger import DeploymentLog, deployment_hours, usage_by
 from deploykit.serve.gateway.proxy import engine_session
 from tests.fakes.engine import PROMPT_TOKENS
-
-
-def _pg_bin() -> Path | None:
-    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[-1:]), None)
-    return Path(found).resolve().parent if found else None
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # postgres refuses to run as root
-    data = Path(tempfile.mkdtemp(prefix="deploykit-pg-"))
-    if as_user:
-        shutil.chown(data, "postgres", "postgres")
-    subprocess.run(
-        [*as_user, bindir / "initdb", "-D", data, "-U", "deploykit", "--auth=trust"], check=True, capture_output=True
-    )
-    port = free_port()
-    server = subprocess.Popen(
-        [*as_user, bindir / "postgres", "-D", data, "-p", str(port), "-k", data, "-c", "listen_addresses=127.0.0.1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"postgresql://deploykit@127.0.0.1:{port}/postgres"
-    deadline = time.monotonic() + 30
-    while subprocess.run([bindir / "pg_isready", "-h", "127.0.0.1", "-p", str(port)], capture_output=True).returncode:
-        assert server.poll() is None and time.monotonic() < deadline, "PostgreSQL did not start"
-        time.sleep(0.2)
-    yield url
-    server.terminate()
-    server.wait(30)
-    shutil.rmtree(data, ignore_errors=True)
+from tests.integration.test_lifecycle import start, wait_ready
 
 
 def test_migrations_apply_once_in_order(postgres_url: str) -> None:
@@ -97,3 +61,42 @@ def test_keys_ledger_and_deployments_on_postgres(postgres_url: str, engine_url: 
     assert set(deployment_hours(db)) == {"gpu"}
     assert revoke_key(db, "pg-team").revoked_at is not None
     db.close()
+
+
+def test_two_gateways_share_keys_and_one_ledger(postgres_url: str, tmp_path: Path) -> None:
+    """Two `serve` processes (keys required: they listen beyond loopback), one PostgreSQL: a key made once
+    works on both, both write one ledger, `deploykit usage` sums them, and a revocation reaches both."""
+    env = {**os.environ, "DEPLOYKIT_DATABASE_URL": postgres_url, "DEPLOYKIT_HOME": str(tmp_path / "cli")}
+
+    def cli(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "deploykit", *args], env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    token = json.loads(cli("keys", "create", "--name", "shared", "--json"))["key"]
+    gateways = [start(tmp_path / f"gw{i}", FAKE_HOST="0.0.0.0", DEPLOYKIT_DATABASE_URL=postgres_url) for i in range(2)]
+    try:
+        for gw in gateways:
+            wait_ready(gw)
+        headers = {"authorization": f"Bearer {token}"}
+        body = {"model": "fake-model", "prompt": "x", "max_tokens": 3}
+        for gw in gateways:
+            for _ in range(5):
+                assert httpx.post(gw.url + "/v1/completions", json=body, headers=headers, timeout=30).status_code == 200
+        cli("keys", "revoke", "shared")
+        time.sleep(5.5)  # gateways cache a key for 5 s
+        for gw in gateways:
+            assert httpx.post(gw.url + "/v1/completions", json=body, headers=headers, timeout=30).status_code == 401
+    finally:
+        for gw in gateways:
+            gw.proc.send_signal(signal.SIGINT)
+            gw.finish()
+    rows = {r["group"]: r for r in json.loads(cli("usage", "--by", "key", "--json"))["rows"]}
+    assert (rows["shared"]["requests"], rows["shared"]["errors"], rows["shared"]["completion_tokens"]) == (10, 0, 30)
+    assert (rows["(no key)"]["requests"], rows["(no key)"]["errors"]) == (2, 2)  # the revoked key, refused
+    db = connect(postgres_url)
+    served = "SELECT DISTINCT replica FROM requests WHERE status = 200 AND model = 'fake-model'"
+    replicas = {r for (r,) in db.query(served)}
+    deployments = db.query("SELECT COUNT(*) FROM deployments WHERE stopped_at IS NOT NULL")
+    db.close()
+    assert replicas == {gw.engine_url for gw in gateways} and deployments[0][0] >= 2

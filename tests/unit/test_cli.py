@@ -146,3 +146,115 @@ def test_missing_engine_says_which_extra_to_install(monkeypatch: pytest.MonkeyPa
         require_engine("gpu")
     assert "deploykit[gpu]" in e.value.hint
     assert e.value.exit_code == 5
+
+
+def test_doctor_reports_an_empty_store(tmp_path: Path) -> None:
+    result = deploykit(tmp_path / "empty", "doctor", "--json")
+    report = json.loads(result.stdout)
+    assert report["models"] == [] and not report["ok"] and result.returncode == 1
+    assert any("No models in the store" in p and "models import" in p for p in report["problems"])
+    text = deploykit(tmp_path / "empty", "doctor")
+    assert "Missing: No models in the store" in text.stdout
+
+
+# README claims through the CLI
+
+
+def test_the_gateway_flags_reach_the_gateway_plan(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEPLOYKIT_SPILL_API_KEY", "sk-test")
+    result = deploykit(
+        home,
+        "serve",
+        "smollm2-135m",
+        "--dry-run",
+        "--host",
+        "0.0.0.0",
+        "--max-body",
+        "1000",
+        "--max-tokens",
+        "50",
+        "--max-concurrent-streams",
+        "4",
+        "--spill",
+        "smollm2-135m=gpt-4o-mini@https://api.openai.com/v1",
+        "--spill-queue",
+        "8",
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Gateway on http://0.0.0.0:8000: API keys required" in out
+    assert "request body at most 1,000 B" in out and "max_tokens at most 50" in out
+    assert "requests in flight at most 4 (fair between keys" in out
+    assert "spill smollm2-135m -> gpt-4o-mini at https://api.openai.com/v1 past 8 queued" in out
+    default = deploykit(home, "serve", "smollm2-135m", "--dry-run").stdout
+    assert "API keys not required" in default and "request body at most 4,194,304 B" in default
+
+
+def test_a_spill_to_a_model_not_served_or_without_a_key_is_refused(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DEPLOYKIT_SPILL_API_KEY", raising=False)
+    spill = ["--spill", "smollm2-135m=gpt-4o-mini@https://api.openai.com/v1"]
+    assert_clean_failure(deploykit(home, "serve", "smollm2-135m", "--dry-run", *spill), 2, "DEPLOYKIT_SPILL_API_KEY")
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    quiet = deploykit(home, "serve", "no-such-model", "--dry-run")
+    assert_clean_failure(quiet, 3, "Unknown model")
+    monkeypatch.setenv("DEPLOYKIT_DEBUG", "1")
+    env = {**os.environ, "DEPLOYKIT_HOME": str(home)}
+    loud = subprocess.run([*CLI, "serve", "no-such-model", "--dry-run"], env=env, capture_output=True, text=True)
+    assert loud.returncode != 0 and "Traceback" in loud.stderr and "UnknownModelError" in loud.stderr
+
+
+def test_models_search_show_and_rm(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    found = deploykit(home, "models", "search", "llama", "--task", "text-generation", "--license", "llama2")
+    assert found.returncode == 0 and "llama-2-7b" in found.stdout and "mistral" not in found.stdout
+    rows = json.loads(deploykit(home, "models", "search", "--max-params", "500m", "--json").stdout)
+    assert rows and all(r["params"] <= 500e6 for r in rows) and "smollm2-135m" in {r["alias"] for r in rows}
+    assert_clean_failure(deploykit(home, "models", "search", "zzz-nothing"), 1, "No catalog model matches")
+    card = json.loads(deploykit(home, "models", "show", "llama-2-7b", "--offline", "--json").stdout)
+    assert card["catalog"]["repo"] == "meta-llama/Llama-2-7b-hf"
+    assert card["memory"][1] == {
+        "dtype": "bfloat16",
+        "weight_bytes": card["memory"][1]["weight_bytes"],
+        "kv_bytes_per_token": 524_288,
+    }
+    shown = deploykit(home, "models", "show", "llama-2-7b", "--offline")
+    assert shown.returncode == 0 and "32 layers, 32 attention / 32 KV heads of 128" in shown.stdout
+    # rm: a model of its own in a home of its own
+    mine = tmp_path / "mine"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({**LLAMA2_7B_CONFIG, "hidden_size": 64, "num_attention_heads": 4}))
+    write_safetensors(src / "model.safetensors", {"w": [64, 64]})
+    assert deploykit(mine, "models", "import", str(src), "--alias", "tiny").returncode == 0
+    removed = deploykit(mine, "models", "rm", "tiny", "--json")
+    assert json.loads(removed.stdout) == {"alias": "tiny", "freed_bytes": json.loads(removed.stdout)["freed_bytes"]}
+    assert json.loads(removed.stdout)["freed_bytes"] > 64 * 64 * 4
+    assert json.loads(deploykit(mine, "models", "list", "--json").stdout) == []
+    assert_clean_failure(deploykit(mine, "models", "rm", "tiny"), 3, "Unknown model 'tiny'")
+
+
+def test_size_on_this_cpu(home: Path) -> None:
+    result = deploykit(home, "size", "smollm2-135m", "--rps", "0.5", "--gpus", "cpu", "--json", "--input-tokens", "64")
+    assert result.returncode == 0, result.stderr
+    [option] = json.loads(result.stdout)["options"]
+    assert option["hardware"] == "cpu" and option["kv_cache_tokens_per_replica"] > 0 and option["usd_per_hour"] is None
+    assert "measured" in option["label"]
+
+
+def test_a_home_prices_file_overrides_the_shipped_price(tmp_path: Path) -> None:
+    args = ("cost", "llama-3.1-8b-instruct", "--rps", "1", "--gpus", "l4", "--compare", "gpt-4o-mini", "--json")
+    shipped = json.loads(deploykit(tmp_path / "a", *args).stdout)
+    home = tmp_path / "b"
+    home.mkdir()
+    (home / "prices.toml").write_text(
+        '[[service]]\nname = "gpt-4o-mini"\nprovider = "openai"\ninput_per_mtok = 1.5\noutput_per_mtok = 6.0\n'
+    )
+    mine = json.loads(deploykit(home, *args).stdout)
+
+    def managed(report: dict) -> float:  # type: ignore[type-arg]
+        [offer] = [m for m in report["managed"] if m["name"] == "gpt-4o-mini"]
+        return float(offer["monthly_usd"])
+
+    assert managed(mine) == pytest.approx(10 * managed(shipped), rel=1e-6)  # both prices ten times the shipped

@@ -16,6 +16,7 @@ from deploykit.loadtests.metrics import parse_slos
 from deploykit.loadtests.sizing import (
     ANALYTIC_BAND,
     Accelerator,
+    Option,
     Workload,
     _engine_warning,
     calibrate,
@@ -28,8 +29,10 @@ from deploykit.loadtests.sizing import (
     predict_measurement,
     prefill_s,
     size,
+    size_option,
 )
 from deploykit.models.catalog import load_catalog
+from deploykit.models.config import ModelConfig
 from deploykit.models.prices import load_prices, stale_summary
 from deploykit.sizing import Load, cost_model, size_model
 from tests.unit.test_cli import assert_clean_failure, deploykit
@@ -117,6 +120,32 @@ def test_littles_law_holds_at_the_operating_point() -> None:
     assert c == pytest.approx(3.0 * p.e2e_s(256), rel=1e-6)
 
 
+def test_one_option_by_hand() -> None:
+    """A made-up model and GPU with round numbers, so that every figure of one option can be worked by hand."""
+    model = ModelConfig("Toy", 10, 512, 8, 8, 64, 4096, "bfloat16", 1_000_000_000)
+    toy = Accelerator("toy", "Toy GPU", 16 * 1024**3, 1e12, 1e14, True, 300, 0.5, 0.5)
+    w = Workload(200.0, 100, 100, tuple(parse_slos("tpot_p95=10ms")))
+    option = size_option(model, toy, 1, w, 0.8, None, None)
+    assert isinstance(option, Option)
+    # KV: int(16 GiB x 0.9) - 1.5 GiB = 13,851,269,529 B; minus 2e9 B of bf16 weights = 11,851,269,529 B;
+    # at 2 x 10 x 8 x 64 x 2 = 20,480 B/token: 578,675 tokens, 578,672 in 16-token blocks
+    assert option.kv_cache_tokens == 578_672
+    # decode step at c sequences of 100 + 100/2 = 150 tokens: memory (2e9 + c x 150 x 20,480 B) / 5e11 B/s
+    # = 4 ms + c x 6.144 us, above compute c x 2.003072e9 FLOP / 5e13 FLOP/s until c = 117.
+    # prefill of 100 tokens: 2e9 x 100 + 2 x 10 x 8 x 64 x 100^2 = 2.001024e11 FLOP / 5e13 = 4.002048 ms.
+    # TPOT(c) = step + c x prefill / 100 = 4 ms + c x 46.16448 us; the SLO with its 25% band needs
+    # TPOT x 1.25 <= 10 ms: c <= 86.6, so 86 (87 gives 10.02 ms)
+    assert option.max_concurrency == 86
+    # at 86: step 4.528384 ms, TTFT = 4.002048 + 4.528384 = 8.530432 ms, TPOT 7.97014528 ms,
+    # e2e = 8.530432 + 99 x 7.97014528 = 797.57481472 ms; Little: 86 / 0.79757481472 s = 107.826875 req/s
+    assert option.capacity_rps == pytest.approx(107.82687518811828, rel=1e-9)
+    # 200 req/s at most 80% loaded: 200 / (107.83 x 0.8) = 2.32 -> 3 replicas
+    assert option.replicas == 3 and option.band == ANALYTIC_BAND and not option.calibrated
+    # each replica then carries 66.7 req/s: C = 66.7 x e2e(C)
+    assert option.at_load.concurrency == pytest.approx(200 / 3 * option.at_load.e2e_s(100), rel=1e-6)
+    assert option.at_load.e2e_s(100) == pytest.approx(option.at_load.ttft_s + 99 * option.at_load.tpot_s)
+
+
 def test_workload_from_tokens_per_day() -> None:
     # 86.4 M tokens a day = 1,000 tokens/s; 768 tokens a request: 1.302 requests/s
     assert Workload.from_tokens_per_day(86_400_000, 512, 256).rps == pytest.approx(1000 / 768)
@@ -196,14 +225,18 @@ def test_calibrate_reads_a_loadtest_report_and_refuses_a_mismatch(tmp_path: Path
         calibrate(tmp_path / "nope.json", "smollm2-135m", SMOL, {"cpu": CPU})
 
 
-def test_at_least_five_published_measurements_are_reproduced() -> None:
-    errors = []
+def test_published_measurements_fitted_apart_from_independent() -> None:
+    """The points the efficiency was fitted on only check the fit; the others check the model, misses and
+    all (docs/SIZING.md lists every row). A change to the model that moves any of them shows up here."""
+    fitted, independent = [], []
     for m in PRICES.measurements:
         predicted = predict_measurement(CATALOG.get(m.model).config(), gpu(m.gpu), m)
-        errors.append(predicted / m.value - 1)
-    assert sum(abs(e) <= ANALYTIC_BAND for e in errors) >= 5
-    # the single-stream A100 40GB figure: 75 tokens/s measured, 14.7 ms/token predicted (+11%)
-    assert errors[2] == pytest.approx(0.105, abs=0.01)
+        (fitted if m.fitted else independent).append(predicted / m.value - 1)
+    assert len(fitted) == 2 and all(abs(e) <= 0.15 for e in fitted)
+    # H100 c=4 tpot, A100 40GB c=8 tokens/s, L40S c=1, A100 80GB c=1, H100 c=1 tokens/s (a source that
+    # disagrees with the fitted H100 point by 1.7x)
+    assert independent == pytest.approx([0.006, -0.273, -0.092, 0.192, 0.667], abs=0.005)
+    assert sum(abs(e) <= ANALYTIC_BAND for e in independent) == 3
 
 
 def test_owning_and_managed_costs_by_hand() -> None:
