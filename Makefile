@@ -59,6 +59,7 @@ typecheck: install
 	cp -as "$(CURDIR)/models" .cache/typecheck/deploykit/models
 	cp -as "$(CURDIR)/serve" .cache/typecheck/deploykit/serve
 	cp -as "$(CURDIR)/loadtests" .cache/typecheck/deploykit/loadtests
+	cp -as "$(CURDIR)/sizing" .cache/typecheck/deploykit/sizing
 	cd .cache/typecheck && "$(CURDIR)/$(BIN)/mypy" --config-file "$(CURDIR)/pyproject.toml" --cache-dir "$(CURDIR)/.mypy_cache" -p deploykit
 
 clean:

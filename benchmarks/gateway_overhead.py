@@ -147,9 +147,9 @@ def _wait_http(url: str, timeout: float = 30) -> None:
 
 def start_stack(ttft: float, gap: float) -> tuple[list[subprocess.Popen[bytes]], str, str, str]:
     """Start the fast upstream and a gateway in front of it: (processes, upstream url, gateway url, API key)."""
-    from deploykit.ports import free_port
-    from deploykit.serve.gateway.auth import create_key
-    from deploykit.serve.gateway.database import opened
+    from deploykit.core.ports import free_port
+    from deploykit.serve.accounting.database import opened
+    from deploykit.serve.accounting.keys import create_key
 
     home = Path(tempfile.mkdtemp(prefix="deploykit-bench-"))
     db_url = f"sqlite:///{home / 'deploykit.db'}"
@@ -183,9 +183,9 @@ def serve_gateway(port: int, upstream_port: int, db_url: str) -> None:
     import uvicorn
     import uvloop
 
+    from deploykit.serve.accounting.database import connect
     from deploykit.serve.gateway import Backend, create_app
     from deploykit.serve.gateway.app import GatewayOptions
-    from deploykit.serve.gateway.database import connect
     from deploykit.serve.gateway.proxy import engine_session
     from deploykit.serve.runner import quiet_gc
 

@@ -42,6 +42,7 @@ def main() -> None:
                     "-m",
                     "deploykit",
                     "loadtest",
+                    "run",
                     url,
                     "--model",
                     "synth",

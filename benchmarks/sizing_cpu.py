@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deploykit.loadtests.cpu import measure_cpu
-from deploykit.loadtests.sizing import Accelerator, calibrate, closed_loop_point, kv_tokens_on
 from deploykit.models.catalog import load_catalog
+from deploykit.sizing.calibration import calibrate
+from deploykit.sizing.hardware import Accelerator, kv_tokens_on, measure_cpu
+from deploykit.sizing.performance import closed_loop_point
 
 INPUT, OUTPUT = 64, 32
 
@@ -50,7 +51,7 @@ class Level:
 def run_level(url: str, model: str, c: int, duration: float, out: Path) -> Path:
     path = out / f"c{c}.json"
     subprocess.run(
-        [sys.executable, "-m", "deploykit", "loadtest", url, "--model", model, "-c", str(c), "--duration",
+        [sys.executable, "-m", "deploykit", "loadtest", "run", url, "--model", model, "-c", str(c), "--duration",
          str(duration), "--input-tokens", str(INPUT), "--output-tokens", str(OUTPUT), "--hardware", "cpu",
          "--out", str(path), "--json"],
         check=True, capture_output=True, timeout=duration + 300,

@@ -15,9 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deploykit.loadtests.sizing import ANALYTIC_BAND, Accelerator, predict_measurement
 from deploykit.models.catalog import load_catalog
 from deploykit.models.prices import load_prices
+from deploykit.sizing.hardware import Accelerator
+from deploykit.sizing.performance import predict_measurement
+from deploykit.sizing.ranking import ANALYTIC_BAND
 
 
 def rows() -> list[tuple[str, str, int, str, float, float, float, str, bool]]:

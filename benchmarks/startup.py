@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from deploykit.ports import free_port
+from deploykit.core.ports import free_port
 
 BIN = Path(sys.executable).parent
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from deploykit.errors import UnknownModelError
+from deploykit.core.errors import UnknownModelError
 from deploykit.models.catalog import Catalog, CatalogEntry
 from deploykit.models.config import ModelConfig, parse_config, read_model_config
 from deploykit.models.fit import (
@@ -22,6 +22,7 @@ from deploykit.models.fit import (
     weight_bytes,
 )
 from deploykit.models.hub import HubCard
+from deploykit.models.resolve import resolve
 from deploykit.models.store import LocalModel, ModelStore
 from deploykit.serve.hardware import Hardware
 from deploykit.serve.plan import MIN_CONTEXT, gpu_budget, gpu_dtype
@@ -120,11 +121,9 @@ def show_model(
 ) -> ModelCard:
     """The card for a local model, a catalog entry or any hub repo id. The sizing config comes from the
     local copy's config.json, else the catalog's numbers, else the hub's config.json."""
-    local = store.find(name)
-    entry = catalog.find(name)
-    base, _, revision = name.partition("@")
-    repo = entry.repo if entry is not None else (base if "/" in base else "")
-    hub = read_hub(repo, revision or (entry.revision if entry else "main")) if read_hub and repo else None
+    model = resolve(name, store, catalog)
+    local, entry = model.local, model.entry
+    hub = read_hub(model.repo, model.revision) if read_hub and model.repo else None
     if local is None and entry is None and hub is None:
         raise UnknownModelError(name, [*store.aliases(), *catalog.aliases()])
     config: ModelConfig | None = None

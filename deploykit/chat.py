@@ -6,11 +6,7 @@ from collections.abc import Iterator
 
 import openai
 
-from deploykit.errors import DeploykitError, NotFoundError
-
-
-class EndpointError(DeploykitError):
-    exit_code = 6
+from deploykit.core.errors import DeploykitError, EndpointError, NotFoundError
 
 
 def connect(url: str, api_key: str | None, timeout: float = 600.0) -> openai.OpenAI:

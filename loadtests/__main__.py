@@ -16,8 +16,7 @@ from pathlib import Path  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
-from deploykit.console import print_error  # noqa: E402
-from deploykit.errors import DeploykitError  # noqa: E402
+from deploykit.core.errors import DeploykitError  # noqa: E402
 from deploykit.loadtests.config import LoadTestConfig  # noqa: E402
 from deploykit.loadtests.distributed import run_distributed, serve_worker  # noqa: E402
 from deploykit.loadtests.runner import Progress as RunProgress  # noqa: E402
@@ -49,9 +48,18 @@ def main() -> None:
             report = run_distributed(config, show) if config.processes > 1 else run_load(config, show)
         except DeploykitError as e:
             bar.stop()
-            print_error(e)
+            _print_error(e)
             sys.exit(e.exit_code)
     report.write(out, csv)
+
+
+def _print_error(e: DeploykitError) -> None:
+    """The load generator's own process reports its failure as the CLI would (it does not import the CLI)."""
+    for line in e.details:
+        print(f"  {line}", file=sys.stderr)
+    print(f"Error: {e.message}", file=sys.stderr)
+    if e.hint:
+        print(f"Hint: {e.hint}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploykit.errors import UsageError
+from deploykit.core.errors import UsageError
 
 # (label, path into the summary, unit scale, unit)
 _ROWS = (

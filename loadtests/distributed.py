@@ -21,20 +21,17 @@ from locust import events
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
-from deploykit.errors import DeploykitError
+from deploykit.core.errors import LoadTestError
+from deploykit.core.ports import free_port
+from deploykit.core.slo import parse_slos
 from deploykit.loadtests.config import LoadTestConfig
-from deploykit.loadtests.metrics import Distribution, parse_slos, summarize
+from deploykit.loadtests.metrics import Distribution, summarize
 from deploykit.loadtests.openai_user import RunState, user_for
 from deploykit.loadtests.report import LoadTestReport, health_problems, records_from_json
 from deploykit.loadtests.runner import Progress, probe_lag
-from deploykit.ports import free_port
 
 _RECORDS = "deploykit_records"
 _FLUSH = "deploykit_flush"
-
-
-class WorkerError(DeploykitError):
-    exit_code = 6
 
 
 def run_distributed(
@@ -136,5 +133,5 @@ def _await(condition: Callable[[], bool], workers: list[subprocess.Popen[bytes]]
         dead = [w.returncode for w in workers if w.poll() is not None]
         if dead or time.monotonic() > deadline:
             why = f"exited with status {dead[0]}" if dead else f"did not {what} within {timeout:.0f} s"
-            raise WorkerError(f"A load-generator worker {why}.", "Its output is above.")
+            raise LoadTestError(f"A load-generator worker {why}.", "Its output is above.")
         gevent.sleep(0.05)

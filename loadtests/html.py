@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from deploykit.loadtests.metrics import parse_slos
+from deploykit.core.slo import parse_slos
 
 _W, _H, _PAD = 640, 300, 48
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")

@@ -4,16 +4,14 @@ goodput under SLOs, error counts, and whether the load generator kept its schedu
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from deploykit.errors import UsageError
+from deploykit.core.slo import Slo
 from deploykit.loadtests.records import RequestRecord
 
 PERCENTILES = (50, 90, 95, 99)
-_UNITS = {"ms": 1e-3, "s": 1.0}
 
 
 @dataclass(frozen=True)
@@ -34,21 +32,13 @@ class Distribution:
         return cls(len(ordered), sum(ordered) / len(ordered), p50, p90, p95, p99)
 
 
-@dataclass(frozen=True)
-class Slo:
-    """A latency objective, e.g. ttft_p95=1s: per request, `metric` at most `limit` seconds; for the run,
-    the `pct` percentile of it at most `limit`."""
-
-    metric: str  # ttft | tpot | itl | e2e
-    pct: int
-    limit: float
-
-    def met_by(self, record: RequestRecord) -> bool:
-        value = {"ttft": record.ttft_from_schedule, "tpot": record.tpot, "e2e": record.e2e}.get(self.metric)
-        if self.metric == "itl":
-            gaps = record.itl()
-            value = max(gaps) if gaps else None
-        return value is not None and value <= self.limit
+def meets(slo: Slo, record: RequestRecord) -> bool:
+    """Whether one request met the objective (its TTFT counted from the schedule, so queueing counts)."""
+    value = {"ttft": record.ttft_from_schedule, "tpot": record.tpot, "e2e": record.e2e}.get(slo.metric)
+    if slo.metric == "itl":
+        gaps = record.itl()
+        value = max(gaps) if gaps else None
+    return value is not None and value <= slo.limit
 
 
 @dataclass(frozen=True)
@@ -86,27 +76,13 @@ def percentile(ordered: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def parse_slos(text: str) -> list[Slo]:
-    """'ttft_p95=1s,tpot_p95=50ms' -> SLOs."""
-    slos = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        m = re.fullmatch(r"(ttft|tpot|itl|e2e)_p(50|90|95|99)=([\d.]+)(ms|s)", part)
-        if not m:
-            raise UsageError(
-                f"'{part}' is not an SLO.",
-                "Write them as ttft_p95=1s,tpot_p95=50ms: ttft, tpot, itl or e2e; p50, p90, p95 or p99; s or ms.",
-            )
-        slos.append(Slo(m[1], int(m[2]), float(m[3]) * _UNITS[m[4]]))
-    return slos
-
-
 def summarize(records: Sequence[RequestRecord], window: tuple[float, float], slos: Sequence[Slo] = ()) -> Summary:
     """The steady-state summary: requests scheduled inside `window` (monotonic start, end)."""
     start, end = window
     inside = [r for r in records if start <= r.scheduled < end]
     ok = [r for r in inside if r.ok]
     span = max(end - start, 1e-9)
-    good = [r for r in inside if r.ok and all(s.met_by(r) for s in slos)]
+    good = [r for r in inside if r.ok and all(meets(s, r) for s in slos)]
 
     def dist(values: list[float | None]) -> Distribution | None:
         return Distribution.of([v for v in values if v is not None])

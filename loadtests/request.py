@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from deploykit.errors import UsageError
+from deploykit.core.errors import UsageError
 from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.records import RequestRecord
 from deploykit.loadtests.workload import Prompt

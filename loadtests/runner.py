@@ -14,8 +14,9 @@ import gevent
 import psutil
 from locust.env import Environment
 
+from deploykit.core.slo import parse_slos
 from deploykit.loadtests.config import LoadTestConfig
-from deploykit.loadtests.metrics import Distribution, parse_slos, summarize
+from deploykit.loadtests.metrics import Distribution, summarize
 from deploykit.loadtests.openai_user import RunState, user_for
 from deploykit.loadtests.report import LoadTestReport, health_problems
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from deploykit.errors import UsageError
+from deploykit.core.errors import UsageError
 
 # A word that most tokenizers count as one token, so that a prompt of N words is about N tokens.
 _WORD = " hello"

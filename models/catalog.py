@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from deploykit.errors import DeploykitError, UnknownModelError, UsageError
+from deploykit.core.errors import DeploykitError, UnknownModelError, UsageError
 from deploykit.models.config import ModelConfig
 
 Task = Literal["text-generation", "embeddings", "speech-recognition", "image-generation", "multimodal"]

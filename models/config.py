@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from deploykit.errors import ModelImportError
+from deploykit.core.errors import ModelImportError
 
 # The safetensors format caps its JSON header at 100 MB.
 _SAFETENSORS_MAX_HEADER = 100_000_000

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from deploykit.errors import MissingDependencyError, ModelImportError
+from deploykit.core.errors import MissingDependencyError, ModelImportError
 
 
 def convert_gguf(gguf: Path, out: Path, progress: Callable[[str], None] = lambda _m: None) -> None:

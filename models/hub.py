@@ -15,17 +15,27 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx2
+import httpx2  # huggingface_hub 2's HTTP client: its transport errors reach us unwrapped
 import huggingface_hub as hf
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
-from huggingface_hub.file_download import hf_hub_url, http_get, repo_folder_name
-from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # public, lazily exported
-from huggingface_hub.utils._headers import build_hf_headers
 
-from deploykit.errors import DeploykitError, NotFoundError, ResourceError, UsageError
+# Not in huggingface_hub's documented API: the resumable download below needs its cache layout
+# (repo_folder_name) and its ranged GET (http_get). pyproject.toml pins huggingface-hub to a minor version
+# for that reason; tests/integration/test_hub.py exercises both against a local hub server.
+from huggingface_hub.file_download import hf_hub_url, http_get, repo_folder_name
+from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # a lazy export
+
+from deploykit.core.errors import (
+    CorruptDownloadError,
+    GatedModelError,
+    HubUnreachableError,
+    NotEnoughDiskError,
+    NotFoundError,
+)
 from deploykit.models.catalog import Catalog
-from deploykit.models.store import LocalModel, ModelStore, check_alias
+from deploykit.models.resolve import check_repo_id, resolve
+from deploykit.models.store import LocalModel, ModelStore
 
 # Small files an engine reads besides the weights (config, tokenizer, chat template, pooling config).
 _SERVING_FILES = ("*.json", "*.jinja", "tokenizer.model", "*.tiktoken", "vocab.txt", "merges.txt", "README.md")
@@ -36,22 +46,6 @@ _WEIGHT_SUFFIXES = tuple(p.lstrip("*") for p in _WEIGHT_FORMATS)
 _OTHER_RUNTIMES = ("onnx/", "openvino/", "coreml/", "tf/", "flax/", "gguf/")
 # Free space left over after a download, so the disk is never filled to the last byte.
 DISK_MARGIN = 512 * 1024**2
-
-
-class GatedModelError(DeploykitError):
-    exit_code = 3
-
-
-class CorruptDownloadError(DeploykitError):
-    exit_code = 6
-
-
-class HubUnreachableError(DeploykitError):
-    exit_code = 6
-
-
-class NotEnoughDiskError(ResourceError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -66,33 +60,6 @@ class RemoteModel:
     repo: str
     revision: str  # the commit sha the name resolved to
     files: tuple[RemoteFile, ...]
-
-
-def resolve_name(name: str, catalog: Catalog) -> tuple[str, str, str]:
-    """'alias[@rev]' or 'org/repo[@rev]' -> (alias, repo id, revision)."""
-    base, _, revision = name.partition("@")
-    entry = catalog.find(base)
-    if entry is not None:
-        if not entry.servable:
-            raise UsageError(f"{entry.alias} is a managed service ({entry.provider}); it has no weights to pull.")
-        return entry.alias, entry.repo, revision or entry.revision
-    if "/" not in base:
-        catalog.get(base)  # UnknownModelError with close matches
-    check_repo_id(base)
-    alias = base.split("/")[-1].lower()
-    check_alias(alias)  # before any download: the store would refuse it afterwards
-    return alias, base, revision or "main"
-
-
-def check_repo_id(repo: str) -> str:
-    """`repo`, or a UsageError when it is not an ORG/NAME the hub could hold (a path, say)."""
-    try:
-        validate_repo_id(repo)
-    except hf_errors.HFValidationError as e:
-        raise UsageError(
-            f"'{repo[:100]}' is not a hub repo id.", "Write it as ORG/NAME, e.g. Qwen/Qwen2.5-7B-Instruct."
-        ) from e
-    return repo
 
 
 def remote_model(repo: str, revision: str, *, token: str | None, endpoint: str | None) -> RemoteModel:
@@ -196,7 +163,8 @@ def pull(
     progress: Callable[[str], None] = lambda _m: None,
 ) -> LocalModel:
     """Download a model for serving and record it in the store; an already verified model is reused."""
-    alias, repo, revision = resolve_name(name, catalog)
+    model = resolve(name, store, catalog)
+    alias, repo, revision = model.alias, model.hub_repo(), model.revision
     cache = Path(cache_dir or hf_constants.HF_HUB_CACHE)
     existing = store.find(alias)
     verified = existing is not None and existing.format == "hub" and existing.path.is_dir()

@@ -7,7 +7,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from deploykit.errors import ModelImportError
+from deploykit.core.errors import ModelImportError
 from deploykit.models.config import read_model_config
 from deploykit.models.gguf import convert_gguf
 from deploykit.models.store import LocalModel, ModelStore, check_alias

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from deploykit.errors import DeploykitError, NotFoundError
+from deploykit.core.errors import DeploykitError, NotFoundError
 
 STALE_AFTER_DAYS = 90
 _USER_HINT = (

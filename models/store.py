@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from deploykit.errors import ModelImportError, UnknownModelError, UsageError
+from deploykit.core.errors import ModelImportError, UnknownModelError, UsageError
 
 _ALIAS = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # used with fullmatch
 

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field, replace
 
-from deploykit.errors import UsageError
+from deploykit.core.errors import UsageError
 
 _NVIDIA_SMI_QUERY = "index,name,memory.total,memory.free,compute_cap"
 

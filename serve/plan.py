@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from deploykit.errors import NotEnoughMemoryError, UsageError
+from deploykit.core.errors import NotEnoughMemoryError, UsageError
 from deploykit.models.config import ModelConfig
 from deploykit.models.fit import (
     CPU_KV_SEQUENCES,

@@ -23,23 +23,23 @@ from types import FrameType
 import httpx
 import uvicorn
 
-from deploykit.errors import (
+from deploykit.core.errors import (
     EngineDiedError,
     EngineStartError,
     MissingDependencyError,
     PortInUseError,
-    UnknownModelError,
     UsageError,
 )
+from deploykit.core.ports import free_port, is_loopback
+from deploykit.core.settings import Settings
 from deploykit.models.catalog import load_catalog
-from deploykit.models.config import read_model_config
+from deploykit.models.resolve import resolve
 from deploykit.models.store import ModelStore
-from deploykit.ports import free_port, is_loopback
+from deploykit.serve.accounting.database import Database, connect
+from deploykit.serve.accounting.ledger import DeploymentLog
 from deploykit.serve.engine import EngineProgress
 from deploykit.serve.gateway.app import Gateway, GatewayOptions, create_app
 from deploykit.serve.gateway.auth import KeyVerifier
-from deploykit.serve.gateway.database import Database, connect
-from deploykit.serve.gateway.ledger import DeploymentLog
 from deploykit.serve.gateway.proxy import engine_session
 from deploykit.serve.gateway.routing import Backend
 from deploykit.serve.gateway.server import ConnectionLimits, server_config
@@ -47,7 +47,6 @@ from deploykit.serve.gateway.spill import SpillTarget
 from deploykit.serve.hardware import Hardware, detect_hardware
 from deploykit.serve.plan import Adapter, LaunchPlan, plan_launch, with_adapters
 from deploykit.serve.supervisor import Failure, Ready, Replica, RestartPolicy, Supervisor
-from deploykit.settings import Settings
 
 _POLL_S = 0.5
 
@@ -107,25 +106,21 @@ def prepare(
     store, catalog = ModelStore(settings.models_dir), load_catalog()
     shares = (hardware or detect_hardware()).split(count)
     plans = []
-    for i, model in enumerate(models):
-        local = store.find(model)
-        entry = catalog.find(model)
-        if local is not None:
-            path, name, config = local.path, model, read_model_config(local.path)
-        elif entry is not None:
-            path, name, config = Path(entry.repo), entry.alias, entry.config()
-        else:
-            raise UnknownModelError(model, [*store.aliases(), *catalog.aliases()])
+    for i, name in enumerate(models):
+        model = resolve(name, store, catalog)
+        config = model.config()
+        # a catalog model not pulled yet is planned from the catalog's numbers (its hub id stands in for a path)
+        path = model.local.path if model.local is not None else Path(model.hub_repo())
         for r in range(replicas):
             plan = plan_launch(
                 path,
-                name,
+                model.alias,
                 config,
                 shares[i * replicas + r],
                 port=engine_port or free_port(),
                 extra_args=engine_args,
                 environ=os.environ if environ is None else environ,
-                sampling=entry.sampling if entry is not None else None,
+                sampling=model.sampling,
             )
             plans.append(with_adapters(plan, adapters if i == 0 else ()))
     return plans

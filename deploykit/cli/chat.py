@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from deploykit.console import err
+from deploykit.cli.console import err
 
 
 def chat(

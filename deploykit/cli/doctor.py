@@ -7,10 +7,10 @@ from dataclasses import asdict
 import typer
 from rich.markup import escape
 
+from deploykit.cli.console import human_bytes, out, print_json
 from deploykit.cli.options import JsonOpt
-from deploykit.console import human_bytes, out, print_json
+from deploykit.core.settings import Settings
 from deploykit.doctor import diagnose
-from deploykit.settings import Settings
 
 
 def doctor(json_: JsonOpt = False) -> None:

@@ -9,16 +9,17 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from deploykit.cli.console import err, out, print_json
 from deploykit.cli.options import JsonOpt
-from deploykit.console import err, out, print_json
-from deploykit.errors import UsageError
-from deploykit.serve.gateway.auth import ApiKey, create_key, list_keys, revoke_key
-from deploykit.serve.gateway.database import opened
-from deploykit.settings import Settings
+from deploykit.core.errors import UsageError
+from deploykit.core.settings import Settings
+from deploykit.serve.accounting.database import opened
+from deploykit.serve.accounting.keys import ApiKey, create_key, list_keys, revoke_key
 
 app = typer.Typer(
     help="Create, list and revoke the gateway's API keys (stored hashed in the deploykit database).",
     no_args_is_help=True,
+    add_completion=False,
 )
 
 

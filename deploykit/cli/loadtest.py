@@ -1,23 +1,32 @@
-"""`deploykit loadtest`: measure any OpenAI-compatible endpoint with locust."""
+"""`deploykit loadtest run|compare`: measure any OpenAI-compatible endpoint with locust, and put two runs side
+by side."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+from deploykit.cli.console import err, out, print_json
 from deploykit.cli.options import JsonOpt
-from deploykit.console import err, out, print_json
-from deploykit.errors import DeploykitError, UsageError
+from deploykit.core.errors import DeploykitError, UsageError
+
+if TYPE_CHECKING:
+    from deploykit.loadtests.results import LevelResult, RunResult
 
 
-def loadtest(
-    ctx: typer.Context,
+app = typer.Typer(
+    help="Load-test OpenAI-compatible endpoints and compare the runs.", no_args_is_help=True, add_completion=False
+)
+
+
+@app.command("run")
+def run(
     url: str = typer.Argument(
-        ..., help="The endpoint: a deploykit gateway, vLLM, OpenAI, or an Azure OpenAI resource; or `compare`."
+        ..., help="The endpoint: a deploykit gateway, vLLM, OpenAI, or an Azure OpenAI resource."
     ),
     model: str = typer.Option(None, help="Model name (default: the endpoint's first model)."),
     api: str = typer.Option("chat", help="chat or completions."),
@@ -64,19 +73,16 @@ def loadtest(
 
     Examples:
 
-      deploykit loadtest http://127.0.0.1:8000 -c 8 --duration 60
+      deploykit loadtest run http://127.0.0.1:8000 -c 8 --duration 60
 
-      deploykit loadtest http://127.0.0.1:8000 --rate 2 --slo ttft_p95=1s,tpot_p95=50ms --csv run.csv
+      deploykit loadtest run http://127.0.0.1:8000 --rate 2 --slo ttft_p95=1s,tpot_p95=50ms --csv run.csv
 
-      deploykit loadtest http://127.0.0.1:8000 -c 1 --sweep 1,4,16 --duration 20 --out sweep.json
+      deploykit loadtest run http://127.0.0.1:8000 -c 1 --sweep 1,4,16 --duration 20 --out sweep.json
 
-      deploykit loadtest https://api.openai.com --model gpt-4o-mini -c 4 --no-vllm
+      deploykit loadtest run http://127.0.0.1:8000 -c 1 --find-max --slo ttft_p95=1s --out search.json
+
+      deploykit loadtest run https://api.openai.com --model gpt-4o-mini -c 4 --no-vllm
     """
-    if url == "compare":
-        _compare(ctx.args, json_)
-        return
-    if ctx.args:
-        raise UsageError(f"Unexpected arguments: {' '.join(ctx.args)}.", "See deploykit loadtest --help.")
     if api not in ("chat", "completions"):
         raise UsageError(f"--api must be chat or completions, not {api!r}.")
     if (concurrency is None) == (rate is None):
@@ -126,19 +132,16 @@ def loadtest(
 
         load_token_counter(tokenizer)  # likewise a bad tokenizer
     if find_max:
-        result = search_max(config, out_path, csv_path)
+        search = search_max(config, out_path, csv_path)
         _html(html_path, out_path)
         if json_:
-            print_json(result)
+            print_json(search.model_dump(mode="json"))
+            return
+        _print_curve(search.search, search.runs)
+        if search.best is not None:
+            err.print(f"Highest {search.search} meeting {slo}: {search.best:g}", highlight=False, markup=False)
         else:
-            _print_curve({"sweep": result["search"], "runs": result["runs"]})
-            best = result["best"]
-            err.print(
-                f"Highest {result['search']} meeting {slo}: {best:g}"
-                if best is not None
-                else f"Even the lowest load tried misses {slo}.",
-                highlight=False,
-            )
+            err.print(f"Even the lowest load tried misses {slo}.", highlight=False, markup=False)
         return
     if sweep:
         try:
@@ -148,81 +151,90 @@ def loadtest(
         curve = run_sweep(config, points, out_path, csv_path)
         _html(html_path, out_path)
         if json_:
-            print_json(curve)
-        else:
-            _print_curve(curve)
-            err.print(f"Curve: {out_path}; each run's report beside it.", markup=False)
+            print_json(curve.model_dump(mode="json"))
+            return
+        _print_curve(curve.sweep, curve.runs)
+        err.print(f"Curve: {out_path}; each run's report beside it.", markup=False)
         return
-    report = run_in_own_process(config, out_path, csv_path)
+    result = run_in_own_process(config, out_path, csv_path)
     _html(html_path, out_path)
     if json_:
-        print_json(report)
+        print_json(result.model_dump(mode="json"))
     else:
-        _print(report)
+        _print(result)
         err.print(f"Report: {out_path}" + (f", {csv_path}" if csv_path else ""), markup=False)
-    for reason in report["invalid_reasons"]:  # type: ignore[attr-defined]
-        err.print(f"[yellow]Invalid run:[/yellow] {escape(str(reason))}", highlight=False)
-    summary: dict[str, object] = report["summary"]  # type: ignore[assignment]
-    if summary["requests"] and not summary["ok"]:  # a script must not mistake this run for a measurement
+    for reason in result.invalid_reasons:
+        err.print(f"[yellow]Invalid run:[/yellow] {escape(reason)}", highlight=False)
+    summary = result.summary
+    if summary.requests and not summary.ok:  # a script must not mistake this run for a measurement
         raise DeploykitError(
-            f"No request succeeded ({summary['errors']}); the report is in {out_path}.",
+            f"No request succeeded ({summary.errors}); the report is in {out_path}.",
             f"Is the server up at {config.url}, and does it serve {config.model}?",
         )
 
 
-def _print(data: dict[str, object]) -> None:
-    s: dict[str, object] = data["summary"]  # type: ignore[assignment]
+def _print(result: RunResult) -> None:
+    s = result.summary
     out.print(
-        f"{s['requests']} requests ({s['ok']} ok) in {s['window_s']:.1f} s: {s['rps']:.2f} req/s, "
-        f"{s['output_tokens_per_s']:.1f} output tok/s, goodput {s['goodput_rps']:.2f} req/s "
-        f"({s['slo_attainment']:.0%} within SLOs)"
+        f"{s.requests} requests ({s.ok} ok) in {s.window_s:.1f} s: {s.rps:.2f} req/s, "
+        f"{s.output_tokens_per_s:.1f} output tok/s, goodput {s.goodput_rps:.2f} req/s "
+        f"({s.slo_attainment:.0%} within SLOs)",
+        markup=False,
     )
-    if s["errors"]:
-        out.print(f"errors: {s['errors']}", markup=False)
+    if s.errors:
+        out.print(f"errors: {s.errors}", markup=False)
     table = Table()
     for column in ("metric", "p50", "p90", "p95", "p99", "mean"):
         table.add_column(column)
     for name in ("ttft", "ttft_from_schedule", "itl", "chunk_gap", "tpot", "e2e"):
-        d = s[name]
-        if isinstance(d, dict):
-            table.add_row(name, *(f"{d[k] * 1000:.1f} ms" for k in ("p50", "p90", "p95", "p99", "mean")))
+        d = getattr(s, name)
+        if d is not None:
+            table.add_row(name, *(f"{getattr(d, k) * 1000:.1f} ms" for k in ("p50", "p90", "p95", "p99", "mean")))
     out.print(table)
 
 
-def _print_curve(curve: dict[str, object]) -> None:
-    table = Table(title=f"Sweep over {curve['sweep']}")
+def _print_curve(kind: str, runs: list[LevelResult]) -> None:
+    table = Table(title=f"Sweep over {kind}")
     for column in ("load", "req/s", "output tok/s", "goodput", "TTFT p50", "TTFT p95", "TPOT p50", "errors", "SLOs"):
         table.add_column(column)
-    for run in curve["runs"]:  # type: ignore[attr-defined]
-        s = run["summary"]
-        ttft, tpot = s["ttft"] or {}, s["tpot"] or {}
+    for run in runs:
+        s = run.summary
         table.add_row(
-            f"{run['load']:g}",
-            f"{s['rps']:.2f}",
-            f"{s['output_tokens_per_s']:.1f}",
-            f"{s['goodput_rps']:.2f}",
-            f"{ttft.get('p50', 0) * 1000:.0f} ms",
-            f"{ttft.get('p95', 0) * 1000:.0f} ms",
-            f"{tpot.get('p50', 0) * 1000:.1f} ms",
-            str(sum(s["errors"].values())),
-            "yes" if run["valid"] else "no",
+            f"{run.load:g}",
+            f"{s.rps:.2f}",
+            f"{s.output_tokens_per_s:.1f}",
+            f"{s.goodput_rps:.2f}",
+            f"{s.ttft.p50 * 1000:.0f} ms" if s.ttft else "-",
+            f"{s.ttft.p95 * 1000:.0f} ms" if s.ttft else "-",
+            f"{s.tpot.p50 * 1000:.1f} ms" if s.tpot else "-",
+            str(sum(s.errors.values())),
+            "yes" if run.valid else "no",
         )
     out.print(table)
 
 
-def _compare(paths: list[str], as_json: bool) -> None:
-    from deploykit.loadtests.compare import compare, load_report
+@app.command("compare")
+def compare(
+    a: Path = typer.Argument(..., help="A report written by `deploykit loadtest run --out` (e.g. self-hosted)."),
+    b: Path = typer.Argument(..., help="Another (e.g. a managed API at the same load)."),
+    json_: JsonOpt = False,
+) -> None:
+    """Two load-test reports side by side, with B / A for every figure.
 
-    if len(paths) != 2:
-        raise UsageError("compare takes two reports.", "deploykit loadtest compare A.json B.json")
-    a, b = (load_report(Path(p)) for p in paths)
-    rows = compare(a, b)
-    if as_json:
+    Examples:
+
+      deploykit loadtest compare local.json openai.json
+    """
+    from deploykit.loadtests.compare import compare as compare_reports
+    from deploykit.loadtests.compare import load_report
+
+    rows = compare_reports(load_report(a), load_report(b))
+    if json_:
         print_json([{"metric": r.metric, "a": r.a, "b": r.b, "unit": r.unit, "ratio": r.ratio} for r in rows])
         return
     table = Table()
-    for column in ("metric", paths[0], paths[1], "B / A"):
-        table.add_column(column)
+    for column in ("metric", str(a), str(b), "B / A"):
+        table.add_column(escape(column))
     for r in rows:
 
         def cell(v: float | None, unit: str = r.unit) -> str:

@@ -1,34 +1,82 @@
-"""The `deploykit` entry point: assembles the command groups and turns errors into messages and exit codes."""
+"""The `deploykit` entry point: the command table, and errors turned into messages and exit codes.
+
+Commands are imported only when one runs: `deploykit --help` lists them from the table below without
+importing the engine, the gateway or the hub client (each of which takes a noticeable part of a second).
+"""
 
 from __future__ import annotations
 
-import os
+import importlib
 import sys
+from typing import Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from deploykit import __version__
-from deploykit.cli import chat, doctor, keys, loadtest, models, serve, size, usage
-from deploykit.console import print_error
-from deploykit.errors import DeploykitError
+from deploykit.core.errors import DeploykitError
+
+# name -> (module, attribute: a function or a Typer group, one-line help, click context settings)
+COMMANDS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
+    "serve": (
+        "deploykit.cli.serve",
+        "serve",
+        "Serve models with vLLM behind one OpenAI-compatible gateway.",
+        {"allow_extra_args": True},
+    ),
+    "chat": ("deploykit.cli.chat", "chat", "Chat with any OpenAI-compatible endpoint, streaming.", {}),
+    "pull": ("deploykit.cli.models", "pull_command", "Download a model from the Hugging Face hub, verified.", {}),
+    "models": ("deploykit.cli.models", "app", "Find models in the catalog; list, import and remove local ones.", {}),
+    "keys": ("deploykit.cli.keys", "app", "Create, list and revoke the gateway's API keys.", {}),
+    "usage": ("deploykit.cli.usage", "usage", "What the gateway served, priced against managed APIs.", {}),
+    "loadtest": ("deploykit.cli.loadtest", "app", "Load-test OpenAI-compatible endpoints and compare runs.", {}),
+    "size": ("deploykit.cli.size", "size", "Rank the hardware that serves a model at a load.", {}),
+    "cost": ("deploykit.cli.size", "cost", "Self-hosting against managed offers: monthly cost, break-even.", {}),
+    "doctor": ("deploykit.cli.doctor", "doctor", "What this machine has for serving, and what is missing.", {}),
+}
+
+
+class LazyGroup(TyperGroup):
+    """Imports a command's module when the command runs; the list in --help comes from COMMANDS."""
+
+    _listing = False
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        if name not in COMMANDS:
+            return None
+        module, attribute, short_help, settings = COMMANDS[name]
+        if self._listing:
+            return TyperCommand(name, help=short_help, short_help=short_help)
+        target = getattr(importlib.import_module(module), attribute)
+        if isinstance(target, typer.Typer):
+            command = typer.main.get_command(target)
+        else:
+            single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+            single.command(name, context_settings=settings)(target)
+            single.callback()(lambda: None)  # a group of one, so that the command keeps its own name
+            command = typer.main.get_command(single).commands[name]  # type: ignore[attr-defined]
+        command.name = name
+        return command
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
 
 app = typer.Typer(
     name="deploykit",
+    cls=LazyGroup,
     help="Serve open LLMs on your own hardware behind an OpenAI-compatible gateway, and measure them.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command("serve", context_settings={"allow_extra_args": True})(serve.serve)
-app.command("doctor")(doctor.doctor)
-app.command("chat")(chat.chat)
-app.command("loadtest", context_settings={"allow_extra_args": True})(loadtest.loadtest)
-app.command("pull")(models.pull_command)
-app.command("usage")(usage.usage)
-app.command("size")(size.size)
-app.command("cost")(size.cost)
-app.add_typer(models.app, name="models")
-app.add_typer(keys.app, name="keys")
 
 
 @app.callback(invoke_without_command=True)
@@ -40,6 +88,15 @@ def _root(
         raise typer.Exit()
 
 
+def _debug() -> bool:
+    from deploykit.core.settings import Settings
+
+    try:
+        return Settings().debug
+    except ValueError:  # a malformed DEPLOYKIT_ variable: show the traceback that names it
+        return True
+
+
 def main() -> None:
     """Run the CLI; a DeploykitError becomes one message and its exit code (DEPLOYKIT_DEBUG=1: traceback).
 
@@ -48,7 +105,9 @@ def main() -> None:
     try:
         app(prog_name="deploykit")
     except DeploykitError as e:
-        if os.environ.get("DEPLOYKIT_DEBUG"):
+        if _debug():
             raise
+        from deploykit.cli.console import print_error
+
         print_error(e)
         sys.exit(e.exit_code)

@@ -10,16 +10,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from deploykit.card import ModelCard, fits_here, show_model
+from deploykit.cli.console import err, human_bytes, out, print_json
 from deploykit.cli.options import JsonOpt
-from deploykit.console import err, human_bytes, out, print_json
+from deploykit.core.settings import Settings
 from deploykit.models.catalog import load_catalog, parse_params
 from deploykit.models.hub import HubCard, delete_model, pull, read_card
 from deploykit.models.importer import import_model
 from deploykit.models.store import ModelStore
 from deploykit.serve.hardware import detect_hardware
-from deploykit.settings import Settings
 
-app = typer.Typer(help="Find models in the catalog; list, import and remove local ones.", no_args_is_help=True)
+app = typer.Typer(
+    help="Find models in the catalog; list, import and remove local ones.", no_args_is_help=True, add_completion=False
+)
 
 
 def _store() -> ModelStore:
@@ -118,14 +120,42 @@ def search(
     if not entries:
         err.print("No catalog model matches. Any hub repo id works too: deploykit models show ORG/NAME.")
         raise typer.Exit(1)
-    table = Table()
-    for column in ("alias", "task", "arch", "params", "context", "licence", "where"):
-        table.add_column(column)
+    cells: dict[str, list[str]] = {name: [] for name in _SEARCH_COLUMNS}
     for e in entries:
         params = f"{e.params / 1e9:.1f}B" if e.params >= 1e9 else (f"{e.params / 1e6:.0f}M" if e.params else "-")
         where = e.repo + (" (gated)" if e.gated else "") if e.servable else f"service: {e.provider}"
-        table.add_row(e.alias, e.task, e.architecture, params, f"{e.context:,}", e.license, where)
+        row = (e.alias, e.task, params, e.license, f"{e.context:,}", e.architecture, where)
+        for name, value in zip(_SEARCH_COLUMNS, row, strict=True):
+            cells[name].append(value)
+    shown = fit_columns({name: [name, *values] for name, values in cells.items()}, out.width, wraps="where")
+    table = Table()
+    for name in shown:
+        # the alias is what users type next: never cut (other columns are dropped first)
+        table.add_column(
+            name, no_wrap=name == "alias", min_width=max(map(len, cells[name])) if name == "alias" else None
+        )
+    for i in range(len(entries)):
+        table.add_row(*(cells[name][i] for name in shown))
     out.print(table)
+
+
+# search's columns, most important first: on a narrow terminal the last ones go
+_SEARCH_COLUMNS = ("alias", "task", "params", "licence", "context", "arch", "where")
+
+
+def fit_columns(columns: dict[str, list[str]], width: int, wraps: str | None = None) -> list[str]:
+    """The columns (given most important first, each with its header and cells) that fit `width` side by side
+    in a table, in their given order; the first always. `wraps` may wrap, so it needs only a third of its
+    width, or 20 characters."""
+    chosen, used = [], 4  # the table's outer borders
+    for i, (name, texts) in enumerate(columns.items()):
+        need = max(map(len, texts)) + 3  # padding and a border
+        if name == wraps:
+            need = min(need, max(20, need // 3))
+        if i == 0 or used + need <= width:
+            chosen.append(name)
+            used += need
+    return chosen
 
 
 @app.command("show")

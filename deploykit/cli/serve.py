@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -14,12 +13,14 @@ from rich.markup import escape
 from rich.status import Status
 from rich.table import Table
 
+from deploykit.cli.console import err, out, print_json
 from deploykit.cli.options import DEFAULT_MODEL, HostOpt, JsonOpt, PortOpt
-from deploykit.console import err, out, print_json
-from deploykit.errors import UsageError
+from deploykit.core.errors import UsageError
+from deploykit.core.settings import Settings
 from deploykit.models.catalog import load_catalog
-from deploykit.models.hub import pull, resolve_name
+from deploykit.models.hub import pull
 from deploykit.models.prices import load_prices
+from deploykit.models.resolve import resolve
 from deploykit.models.store import ModelStore
 from deploykit.serve.engine import EngineProgress
 from deploykit.serve.gateway.server import ConnectionLimits
@@ -27,7 +28,6 @@ from deploykit.serve.gateway.spill import parse_spill
 from deploykit.serve.plan import LaunchPlan, read_adapter
 from deploykit.serve.runner import ServeOptions, ServeReporter, prepare, run
 from deploykit.serve.supervisor import Ready
-from deploykit.settings import Settings
 
 
 def serve(
@@ -132,7 +132,9 @@ def serve(
         settings, models, replicas=replicas, adapters=adapters, engine_args=engine_args, engine_port=engine_port or None
     )
     prices = load_prices(settings.home / "prices.toml")
-    spills = tuple(parse_spill(s, prices, os.environ, max_queue=spill_queue, max_ttft_s=spill_ttft) for s in spill)
+    spills = tuple(
+        parse_spill(s, prices, settings.spill_api_key, max_queue=spill_queue, max_ttft_s=spill_ttft) for s in spill
+    )
     options = ServeOptions(
         host=host,
         port=port,
@@ -169,7 +171,8 @@ def _split_engine_args(positional: list[str], extra: list[str]) -> tuple[list[st
 
 def _pull_first(store: ModelStore, model: str, yes: bool) -> str:
     catalog = load_catalog()
-    _, repo, revision = resolve_name(model, catalog)  # an unknown name fails here, with close matches
+    resolved = resolve(model, store, catalog)  # an unknown name fails here, with close matches
+    repo, revision = resolved.hub_repo(), resolved.revision
     if not yes:
         if not sys.stdin.isatty():
             raise UsageError(

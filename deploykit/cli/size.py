@@ -9,15 +9,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from deploykit.cli.console import err, out, print_json
 from deploykit.cli.options import JsonOpt
-from deploykit.console import err, out, print_json
-from deploykit.loadtests.cost import CostReport, break_even_cells, plot_png, report_html
+from deploykit.core.settings import Settings
 from deploykit.models.catalog import load_catalog
 from deploykit.models.config import ModelConfig
 from deploykit.models.prices import Prices, load_prices
+from deploykit.models.resolve import resolve
 from deploykit.models.store import ModelStore
-from deploykit.settings import Settings
-from deploykit.sizing import Load, cost_model, model_config, size_model
+from deploykit.sizing import TargetLoad, cost_model, size_model
+from deploykit.sizing.cost import CostReport, break_even_cells, plot_png, report_html
 
 ModelArg = typer.Argument(..., help="Model alias (catalog or local), e.g. llama-3.1-8b-instruct.")
 RpsOpt = typer.Option(None, "--rps", help="Target load: requests per second (mean).")
@@ -39,9 +40,8 @@ UtilOpt = typer.Option(0.8, "--max-utilization", help="Load each replica to at m
 def _inputs(model: str) -> tuple[ModelConfig, Prices]:
     """The model's architecture numbers and the market data (the user's file over the shipped one)."""
     settings = Settings()
-    return model_config(model, ModelStore(settings.models_dir), load_catalog()), load_prices(
-        settings.home / "prices.toml"
-    )
+    config = resolve(model, ModelStore(settings.models_dir), load_catalog()).config()
+    return config, load_prices(settings.home / "prices.toml")
 
 
 def size(
@@ -77,7 +77,7 @@ def size(
     sizing = size_model(
         model,
         config,
-        Load(rps, tokens_per_day, input_tokens, output_tokens, slo),
+        TargetLoad.parse(rps, tokens_per_day, input_tokens, output_tokens, slo),
         prices,
         hardware=_names(gpus),
         from_loadtest=from_loadtest,
@@ -89,7 +89,7 @@ def size(
     if json_:
         print_json(sizing.to_json())
         return
-    w = sizing.workload
+    w = sizing.load
     slos = ", ".join(f"{s.metric}_p{s.pct} <= {s.limit * 1000:g} ms" for s in w.slos) or "no SLO"
     table = Table(title=f"{model} at {w.rps:.3g} req/s ({w.input_tokens} in / {w.output_tokens} out; {slos})")
     for column in ("option", "KV tok", "TTFT", "TPOT", "out tok/s", "headroom", "$/h", "$/month", "$/Mtok", "basis"):
@@ -159,7 +159,7 @@ def cost(
     report, offers = cost_model(
         model,
         config,
-        Load(rps, tokens_per_day, input_tokens, output_tokens, slo),
+        TargetLoad.parse(rps, tokens_per_day, input_tokens, output_tokens, slo),
         prices,
         [c.strip() for c in compare.split(",") if c.strip()],
         utilization,

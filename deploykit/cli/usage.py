@@ -9,12 +9,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from deploykit.cli.console import err, out, print_json
 from deploykit.cli.options import JsonOpt
-from deploykit.console import err, out, print_json
+from deploykit.core.settings import Settings
 from deploykit.models.prices import load_prices
-from deploykit.serve.gateway.database import opened
-from deploykit.settings import Settings
-from deploykit.usage import parse_since, usage_report
+from deploykit.serve.accounting.database import opened
+from deploykit.serve.accounting.usage import parse_since, usage_report
 
 
 def usage(

@@ -20,9 +20,11 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from deploykit import __version__
-from deploykit.ports import is_loopback
-from deploykit.serve.gateway.auth import ApiKey, KeyVerifier, require_model_access
-from deploykit.serve.gateway.database import Database
+from deploykit.core.ports import is_loopback
+from deploykit.serve.accounting.database import Database
+from deploykit.serve.accounting.keys import ApiKey
+from deploykit.serve.accounting.ledger import Ledger
+from deploykit.serve.gateway.auth import KeyVerifier, require_model_access
 from deploykit.serve.gateway.errors import (
     GatewayError,
     error_body,
@@ -32,7 +34,6 @@ from deploykit.serve.gateway.errors import (
 )
 from deploykit.serve.gateway.exchange import Exchange
 from deploykit.serve.gateway.fairness import FairQueue
-from deploykit.serve.gateway.ledger import Ledger
 from deploykit.serve.gateway.metrics import GatewayMetrics
 from deploykit.serve.gateway.proxy import (
     CLIENT_CLOSED_REQUEST,

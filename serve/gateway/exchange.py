@@ -12,9 +12,9 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from deploykit.serve.gateway.auth import ApiKey
+from deploykit.serve.accounting.keys import ApiKey
+from deploykit.serve.accounting.ledger import Ledger, UsageRecord
 from deploykit.serve.gateway.fairness import Slot
-from deploykit.serve.gateway.ledger import Ledger, UsageRecord
 from deploykit.serve.gateway.metrics import GatewayMetrics
 from deploykit.serve.gateway.ratelimit import Admission, RateLimiter
 from deploykit.serve.gateway.routing import Model

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from deploykit.serve.gateway.auth import ApiKey
+from deploykit.serve.accounting.keys import ApiKey
 from deploykit.serve.gateway.errors import GatewayError
 
 

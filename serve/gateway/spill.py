@@ -9,11 +9,10 @@ too slow. Off unless configured; what spills is recorded in the ledger at the en
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from deploykit.errors import UsageError
+from deploykit.core.errors import UsageError
 from deploykit.models.prices import Prices
 from deploykit.serve.gateway.routing import Model
 
@@ -64,13 +63,13 @@ class SpillTarget:
 def parse_spill(
     spec: str,
     prices: Prices,
-    environ: Mapping[str, str],
+    api_key: str | None,
     *,
     max_queue: int | None = None,
     max_ttft_s: float | None = None,
 ) -> SpillTarget:
-    """MODEL=REMOTE_MODEL@URL -> a target; the API key comes from DEPLOYKIT_SPILL_API_KEY, the price from
-    the price data under REMOTE_MODEL's name."""
+    """MODEL=REMOTE_MODEL@URL -> a target; `api_key` is the managed API's (Settings.spill_api_key, from
+    DEPLOYKIT_SPILL_API_KEY), the price the price data's under REMOTE_MODEL's name."""
     model, sep, rest = spec.partition("=")
     remote, at, url = rest.partition("@")
     if not (sep and at and model and remote and url.startswith(("http://", "https://"))):
@@ -78,7 +77,7 @@ def parse_spill(
             f"--spill '{spec}' is not MODEL=REMOTE_MODEL@URL.",
             "For example: --spill smollm2-135m=gpt-4o-mini@https://api.openai.com/v1",
         )
-    key = environ.get(KEY_ENV, "")
+    key = api_key or ""
     if not key:
         raise UsageError(f"--spill needs the managed API's key in {KEY_ENV}.", f"export {KEY_ENV}=...")
     price = prices.find(remote)

@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from deploykit.ports import free_port
+from deploykit.core.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m"

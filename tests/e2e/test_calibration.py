@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.sizing_cpu import compare_levels, measure
-from deploykit.loadtests.cpu import measure_cpu
-from deploykit.loadtests.sizing import installed_engine_version, kv_tokens_on
 from deploykit.models.catalog import load_catalog
+from deploykit.sizing.calibration import installed_engine_version
+from deploykit.sizing.hardware import kv_tokens_on, measure_cpu
 from tests.e2e.conftest import MODEL, Served
 
 pytestmark = pytest.mark.e2e

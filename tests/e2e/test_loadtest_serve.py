@@ -22,6 +22,7 @@ def test_output_tokens_per_second_rise_with_concurrency(served: Served, tmp_path
             "-m",
             "deploykit",
             "loadtest",
+            "run",
             served.url,
             "--model",
             MODEL,

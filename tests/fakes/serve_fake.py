@@ -16,14 +16,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from deploykit.cli.console import print_error
 from deploykit.cli.serve import ConsoleReporter
-from deploykit.console import print_error
-from deploykit.errors import DeploykitError
-from deploykit.serve.gateway.ledger import Ledger
+from deploykit.core.errors import DeploykitError
+from deploykit.core.settings import Settings
+from deploykit.serve.accounting.ledger import Ledger
 from deploykit.serve.plan import LaunchPlan
 from deploykit.serve.runner import ServeOptions, run
 from deploykit.serve.supervisor import RestartPolicy
-from deploykit.settings import Settings
 
 
 def main() -> None:

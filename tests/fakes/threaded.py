@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import uvicorn
 from starlette.types import ASGIApp
 
-from deploykit.ports import free_port
+from deploykit.core.ports import free_port
 from deploykit.serve.gateway.server import ConnectionLimits, server_config
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from deploykit.ports import free_port
+from deploykit.core.ports import free_port
 
 
 def _pg_bin() -> Path | None:

@@ -18,13 +18,10 @@ from pathlib import Path
 import pytest
 
 from deploykit.card import HubReader, show_model
-from deploykit.errors import NotFoundError
+from deploykit.core.errors import CorruptDownloadError, GatedModelError, NotEnoughDiskError, NotFoundError
 from deploykit.models.catalog import load_catalog
 from deploykit.models.hub import (
-    CorruptDownloadError,
-    GatedModelError,
     HubCard,
-    NotEnoughDiskError,
     delete_model,
     pull,
     read_card,

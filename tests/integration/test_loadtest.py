@@ -14,9 +14,9 @@ from xml.etree import ElementTree
 
 import pytest
 
+from deploykit.core.ports import free_port
 from deploykit.loadtests.metrics import percentile
 from deploykit.loadtests.workload import load_prompts
-from deploykit.ports import free_port
 from tests.fakes.sse_server import GAP_S, QUEUE_SLOTS, TTFT_S, chunk_plan
 
 OUTPUT_TOKENS = 20
@@ -34,7 +34,7 @@ def url() -> Iterator[str]:
 
 
 def cli(*args: str) -> str:
-    """Run `deploykit loadtest ARGS` as a user would; its standard output."""
+    """Run `deploykit loadtest ARGS` (ARGS starting with run or compare) as a user would; its standard output."""
     result = subprocess.run(
         [sys.executable, "-m", "deploykit", "loadtest", *args],
         capture_output=True,
@@ -48,7 +48,7 @@ def cli(*args: str) -> str:
 
 def loadtest(tmp_path: Path, url: str, *args: str) -> dict:  # type: ignore[type-arg]
     out = tmp_path / "run.json"
-    cli(url, "--out", str(out), "--csv", str(tmp_path / "run.csv"), "--output-tokens", str(OUTPUT_TOKENS), *args)
+    cli("run", url, "--out", str(out), "--csv", str(tmp_path / "run.csv"), "--output-tokens", str(OUTPUT_TOKENS), *args)
     return json.loads(out.read_text())  # type: ignore[no-any-return]
 
 
@@ -110,6 +110,7 @@ def test_open_loop_counts_latency_from_the_schedule(tmp_path: Path, url: str) ->
 def test_sweep_writes_a_curve_and_one_report_per_level(tmp_path: Path, url: str) -> None:
     out = tmp_path / "sweep.json"
     cli(
+        "run",
         url,
         "--html",
         str(tmp_path / "sweep.html"),
@@ -147,6 +148,7 @@ def test_find_max_finds_the_servers_capacity(tmp_path: Path, url: str) -> None:
     out = tmp_path / "max.json"
     # 4 slots, 20 tokens take ~0.3 s: past 4 streams requests queue and TTFT p95 passes 150 ms
     stdout = cli(
+        "run",
         url,
         "--model",
         "queue",
@@ -182,7 +184,20 @@ def test_a_bad_prompt_file_is_a_usage_error(tmp_path: Path, url: str) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
     result = subprocess.run(
-        [sys.executable, "-m", "deploykit", "loadtest", url, "-c", "1", "--model", "synth", "--prompts", str(bad)],
+        [
+            sys.executable,
+            "-m",
+            "deploykit",
+            "loadtest",
+            "run",
+            url,
+            "-c",
+            "1",
+            "--model",
+            "synth",
+            "--prompts",
+            str(bad),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -194,7 +209,7 @@ def test_a_run_where_nothing_succeeds_fails_loudly_and_keeps_its_report(tmp_path
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     out = tmp_path / "run.json"
     result = subprocess.run(
-        [sys.executable, "-m", "deploykit", "loadtest", down, "--model", "m", "-c", "1", "--duration", "2",
+        [sys.executable, "-m", "deploykit", "loadtest", "run", down, "--model", "m", "-c", "1", "--duration", "2",
          "--out", str(out)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import httpx
 
+from deploykit.serve.accounting.database import MIGRATIONS, connect, migrate
+from deploykit.serve.accounting.keys import create_key, list_keys, revoke_key
+from deploykit.serve.accounting.ledger import DeploymentLog, deployment_hours, usage_by
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
-from deploykit.serve.gateway.auth import create_key, list_keys, revoke_key
-from deploykit.serve.gateway.database import MIGRATIONS, connect, migrate
-from deploykit.serve.gateway.ledger import DeploymentLog, deployment_hours, usage_by
 from deploykit.serve.gateway.proxy import engine_session
 from tests.fakes.engine import PROMPT_TOKENS
 from tests.integration.test_lifecycle import start, wait_ready

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from deploykit.serve.accounting.database import Database, connect
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import Gateway, GatewayOptions
-from deploykit.serve.gateway.database import Database, connect
 from deploykit.serve.gateway.proxy import engine_session
 from tests.unit.gateway_support import client_of
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from deploykit.card import fit_rows, fits_here, show_model
-from deploykit.errors import DeploykitError, UnknownModelError, UsageError
+from deploykit.core.errors import DeploykitError, UnknownModelError, UsageError
 from deploykit.models.catalog import load_catalog, parse_params
 from deploykit.models.config import _estimate_params, parse_config
 from deploykit.models.fit import fit_on, kv_bytes_per_token

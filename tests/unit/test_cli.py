@@ -84,7 +84,7 @@ def test_dry_run_json_and_passthrough_flags(home: Path) -> None:
 
 @pytest.mark.parametrize(("value", "says"), [("warm", "valid number"), ("-1", "greater than or equal to 0")])
 def test_a_bad_loadtest_temperature_names_the_option(home: Path, value: str, says: str) -> None:
-    result = deploykit(home, "loadtest", "http://127.0.0.1:9", "--model", "m", "-c", "1", "--temperature", value)
+    result = deploykit(home, "loadtest", "run", "http://127.0.0.1:9", "--model", "m", "-c", "1", "--temperature", value)
     assert_clean_failure(result, 2, "temperature", says)
 
 
@@ -134,7 +134,7 @@ def test_chat_without_a_server(home: Path) -> None:
 def test_missing_engine_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    from deploykit.errors import MissingDependencyError
+    from deploykit.core.errors import MissingDependencyError
     from deploykit.serve.runner import require_engine
 
     real = importlib.util.find_spec
@@ -258,3 +258,41 @@ def test_a_home_prices_file_overrides_the_shipped_price(tmp_path: Path) -> None:
         return float(offer["monthly_usd"])
 
     assert managed(mine) == pytest.approx(10 * managed(shipped), rel=1e-6)  # both prices ten times the shipped
+
+
+@pytest.mark.parametrize("width", ["60", "80", "200"])
+def test_search_never_cuts_an_alias_and_drops_columns_to_fit(
+    home: Path, width: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", width)
+    result = deploykit(home, "models", "search", "llama")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= int(width) for line in lines)
+    for alias in ("llama-3.1-70b-instruct", "llama-2-7b-chat"):
+        assert any(f"│ {alias} " in line for line in lines), alias
+    assert ("licence" in result.stdout) == (width != "60") and ("where" in result.stdout) == (width == "200")
+
+
+def test_fit_columns_keeps_the_first_and_the_order() -> None:
+    from deploykit.cli.models import fit_columns
+
+    columns = {"alias": ["alias", "a-very-long-alias"], "task": ["task", "x" * 30], "n": ["n", "1"]}
+    assert fit_columns(columns, 10) == ["alias"]  # the first even when it alone overflows
+    assert fit_columns(columns, 35) == ["alias", "n"]  # a wide column skipped, a narrow later one kept
+    assert fit_columns(columns, 100) == ["alias", "task", "n"]
+    assert fit_columns({"a": ["a"], "w": ["w", "y" * 90]}, 40, wraps="w") == ["a", "w"]  # a wrapping one fits in 30
+
+
+def test_help_lists_every_command_without_importing_them() -> None:
+    import subprocess as sp
+
+    code = (
+        "import sys; from deploykit.cli.main import app, COMMANDS; "
+        "from typer.testing import CliRunner; r = CliRunner().invoke(app, ['--help']); "
+        "assert r.exit_code == 0, r.output; assert all(name in r.output for name in COMMANDS); "
+        "heavy = [m for m in ('fastapi', 'aiohttp', 'huggingface_hub', 'pydantic', 'deploykit.serve.runner') "
+        "if m in sys.modules]; assert not heavy, heavy"
+    )
+    result = sp.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from deploykit.errors import ModelImportError, UnknownModelError, UsageError
+from deploykit.core.errors import ModelImportError, UnknownModelError, UsageError
 from deploykit.models.catalog import load_catalog
 from deploykit.models.config import count_safetensors_params
-from deploykit.models.hub import resolve_name
+from deploykit.models.resolve import resolve
 from deploykit.models.store import ModelStore, check_alias
-from deploykit.serve.gateway.auth import create_key
-from deploykit.serve.gateway.database import connect
+from deploykit.serve.accounting.database import connect
+from deploykit.serve.accounting.keys import create_key
 from tests.unit.test_cli import assert_clean_failure, deploykit
 from tests.unit.test_models import LLAMA2_7B_CONFIG, write_safetensors
 
@@ -93,12 +93,9 @@ def test_hostile_names_are_one_message_and_an_exit_code(
 
 def test_a_hub_name_whose_alias_the_store_would_refuse_fails_before_any_download() -> None:
     with pytest.raises(UsageError, match="not a valid model alias"):
-        resolve_name("org/" + "a" * 90, load_catalog())
-    assert resolve_name("Qwen/Qwen2.5-7B-Instruct@v1", load_catalog()) == (
-        "qwen2.5-7b-instruct",
-        "Qwen/Qwen2.5-7B-Instruct",
-        "v1",
-    )
+        resolve("org/" + "a" * 90, ModelStore(Path("/nonexistent")), load_catalog())
+    model = resolve("Qwen/Qwen2.5-7B-Instruct@v1", ModelStore(Path("/nonexistent")), load_catalog())
+    assert (model.alias, model.repo, model.revision) == ("qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct", "v1")
 
 
 def lying_model(root: Path, header_length: int, header: bytes = b"{}") -> Path:

@@ -11,10 +11,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from deploykit.serve.accounting.database import Database
+from deploykit.serve.accounting.keys import create_key
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
-from deploykit.serve.gateway.auth import create_key
-from deploykit.serve.gateway.database import Database
 from deploykit.serve.gateway.errors import GatewayError
 from deploykit.serve.gateway.fairness import FairQueue
 from deploykit.serve.gateway.proxy import engine_session

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from deploykit import __version__
-from deploykit.ports import free_port
+from deploykit.core.ports import free_port
 from deploykit.serve.gateway import Backend
 from tests.fakes.engine import ANSWER, create_fake_engine
 from tests.fakes.threaded import serve_in_thread

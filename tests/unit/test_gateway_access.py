@@ -11,12 +11,12 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from deploykit.errors import NotFoundError, UsageError
+from deploykit.core.errors import NotFoundError, UsageError
+from deploykit.serve.accounting.database import Database
+from deploykit.serve.accounting.keys import create_key, list_keys, revoke_key
+from deploykit.serve.accounting.ledger import usage_by
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
-from deploykit.serve.gateway.auth import create_key, list_keys, revoke_key
-from deploykit.serve.gateway.database import Database
-from deploykit.serve.gateway.ledger import usage_by
 from deploykit.serve.gateway.metrics import relabel_engine_metrics
 from deploykit.serve.gateway.proxy import engine_session
 from tests.fakes.engine import ANSWER, PROMPT_TOKENS

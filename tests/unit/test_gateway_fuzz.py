@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
+from deploykit.serve.accounting.database import connect
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
-from deploykit.serve.gateway.database import connect
 from deploykit.serve.gateway.proxy import engine_session
 from deploykit.serve.gateway.server import ConnectionLimits
 from tests.fakes.threaded import serve_in_thread

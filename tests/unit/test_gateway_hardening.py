@@ -15,12 +15,12 @@ import pytest
 from fastapi import FastAPI
 
 from deploykit.models.prices import load_prices
+from deploykit.serve.accounting.database import Database
+from deploykit.serve.accounting.keys import create_key
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
-from deploykit.serve.gateway.auth import create_key
-from deploykit.serve.gateway.database import Database
 from deploykit.serve.gateway.proxy import engine_session
-from deploykit.serve.gateway.spill import KEY_ENV, parse_spill
+from deploykit.serve.gateway.spill import parse_spill
 from deploykit.serve.gateway.tokens import budget_tokens
 from tests.fakes.engine import CONTEXT, PROMPT_TOKENS, create_fake_engine
 from tests.fakes.threaded import serve_in_thread
@@ -234,7 +234,7 @@ async def test_a_compressed_upstream_is_decoded_and_counted(
     db: Database, engine_url: str, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with serve_in_thread(create_fake_engine("gpt-4o-mini", api_key="sk", gzip=mode)) as managed:
-        spill = parse_spill(f"m1=gpt-4o-mini@{managed}/v1", load_prices(), {KEY_ENV: "sk"})
+        spill = parse_spill(f"m1=gpt-4o-mini@{managed}/v1", load_prices(), "sk")
         async with engine_session() as session:
             app = create_app(
                 [Backend("m1", engine_url, session, status="stopped")], db, GatewayOptions(spills=(spill,))

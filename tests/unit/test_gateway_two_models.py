@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from fastapi import FastAPI
 
+from deploykit.serve.accounting.database import Database
+from deploykit.serve.accounting.keys import create_key
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
-from deploykit.serve.gateway.auth import create_key
-from deploykit.serve.gateway.database import Database
 from deploykit.serve.gateway.proxy import engine_session
 from deploykit.serve.runner import ServeOptions
 from deploykit.serve.supervisor import RestartPolicy

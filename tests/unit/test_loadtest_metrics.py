@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from deploykit.errors import UsageError
+from deploykit.core.errors import UsageError
+from deploykit.core.slo import Slo, parse_slos
 from deploykit.loadtests.config import LoadTestConfig
-from deploykit.loadtests.metrics import Distribution, Slo, parse_slos, percentile, summarize
+from deploykit.loadtests.metrics import Distribution, percentile, summarize
 from deploykit.loadtests.records import RequestRecord
 from deploykit.loadtests.report import health_problems
 from deploykit.loadtests.workload import Lengths, Prompt, Workload, load_prompts

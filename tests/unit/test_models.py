@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deploykit.errors import ModelImportError, UnknownModelError, UsageError
+from deploykit.core.errors import ModelImportError, UnknownModelError, UsageError
 from deploykit.models import ModelStore, import_model, kv_bytes_per_token, read_model_config, weight_bytes
 from deploykit.models.config import parse_config
 

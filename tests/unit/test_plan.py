@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deploykit.errors import NotEnoughMemoryError, UsageError
+from deploykit.core.errors import NotEnoughMemoryError, UsageError
 from deploykit.models.config import ModelConfig
 from deploykit.models.fit import kv_cache_tokens
 from deploykit.serve.hardware import Gpu, Hardware

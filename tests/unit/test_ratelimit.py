@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deploykit.serve.gateway.auth import ApiKey
+from deploykit.serve.accounting.keys import ApiKey
 from deploykit.serve.gateway.errors import GatewayError
 from deploykit.serve.gateway.ratelimit import Bucket, RateLimiter
 from deploykit.serve.gateway.tokens import estimate_prompt_tokens

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 
-from deploykit.errors import UsageError
-from deploykit.ports import free_port
+from deploykit.core.errors import UsageError
+from deploykit.core.ports import free_port
+from deploykit.serve.accounting.database import Database
 from deploykit.serve.gateway import Backend, create_app
-from deploykit.serve.gateway.database import Database
 from deploykit.serve.gateway.proxy import engine_session
 from deploykit.serve.gateway.routing import Model
 from deploykit.serve.hardware import Gpu, Hardware
@@ -90,8 +90,8 @@ def test_hardware_is_split_between_engines() -> None:
 
 
 def test_prepare_plans_every_replica_on_its_share(tmp_path: Path) -> None:
+    from deploykit.core.settings import Settings
     from deploykit.serve.runner import prepare
-    from deploykit.settings import Settings
 
     eight = Hardware((0, 1), 512 * 2**30, 500 * 2**30, tuple(gpu(i) for i in range(8)))
     settings = Settings(home=tmp_path)

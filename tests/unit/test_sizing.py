@@ -10,31 +10,25 @@ from pathlib import Path
 
 import pytest
 
-from deploykit.errors import DeploykitError, NotFoundError, UsageError
-from deploykit.loadtests.cost import compare, managed_monthly_usd, own_monthly_usd, self_host_cost_at
-from deploykit.loadtests.metrics import parse_slos
-from deploykit.loadtests.sizing import (
-    ANALYTIC_BAND,
-    Accelerator,
-    Option,
-    Workload,
-    _engine_warning,
-    calibrate,
-    calibration_at,
-    closed_loop_point,
-    concurrency_for_rate,
-    decode_step_s,
-    kv_tokens_on,
-    point,
-    predict_measurement,
-    prefill_s,
-    size,
-    size_option,
-)
+from deploykit.core.errors import DeploykitError, NotFoundError, UsageError
+from deploykit.core.slo import parse_slos
 from deploykit.models.catalog import load_catalog
 from deploykit.models.config import ModelConfig
 from deploykit.models.prices import load_prices, stale_summary
-from deploykit.sizing import Load, cost_model, size_model
+from deploykit.sizing import size_model
+from deploykit.sizing.calibration import calibrate, calibration_at, engine_warning
+from deploykit.sizing.cost import compare, cost_model, managed_monthly_usd, own_monthly_usd, self_host_cost_at
+from deploykit.sizing.hardware import Accelerator, kv_tokens_on
+from deploykit.sizing.load import TargetLoad
+from deploykit.sizing.performance import (
+    closed_loop_point,
+    concurrency_for_rate,
+    decode_step_s,
+    point,
+    predict_measurement,
+    prefill_s,
+)
+from deploykit.sizing.ranking import ANALYTIC_BAND, Option, size, size_option
 from tests.unit.test_cli import assert_clean_failure, deploykit
 
 PRICES = load_prices()
@@ -114,7 +108,7 @@ def test_kv_capacity_from_the_fit_check() -> None:
 
 
 def test_littles_law_holds_at_the_operating_point() -> None:
-    w = Workload(3.0, 512, 256)
+    w = TargetLoad(3.0, 512, 256)
     c = concurrency_for_rate(LLAMA8, gpu("l40s"), 1, 3.0, w, None, 200)
     p = point(LLAMA8, gpu("l40s"), 1, c, 512, 256)
     assert c == pytest.approx(3.0 * p.e2e_s(256), rel=1e-6)
@@ -124,7 +118,7 @@ def test_one_option_by_hand() -> None:
     """A made-up model and GPU with round numbers, so that every figure of one option can be worked by hand."""
     model = ModelConfig("Toy", 10, 512, 8, 8, 64, 4096, "bfloat16", 1_000_000_000)
     toy = Accelerator("toy", "Toy GPU", 16 * 1024**3, 1e12, 1e14, True, 300, 0.5, 0.5)
-    w = Workload(200.0, 100, 100, tuple(parse_slos("tpot_p95=10ms")))
+    w = TargetLoad(200.0, 100, 100, tuple(parse_slos("tpot_p95=10ms")))
     option = size_option(model, toy, 1, w, 0.8, None, None)
     assert isinstance(option, Option)
     # KV: int(16 GiB x 0.9) - 1.5 GiB = 13,851,269,529 B; minus 2e9 B of bf16 weights = 11,851,269,529 B;
@@ -148,11 +142,11 @@ def test_one_option_by_hand() -> None:
 
 def test_workload_from_tokens_per_day() -> None:
     # 86.4 M tokens a day = 1,000 tokens/s; 768 tokens a request: 1.302 requests/s
-    assert Workload.from_tokens_per_day(86_400_000, 512, 256).rps == pytest.approx(1000 / 768)
+    assert TargetLoad.from_tokens_per_day(86_400_000, 512, 256).rps == pytest.approx(1000 / 768)
 
 
 def test_options_are_ranked_by_cost_and_meet_the_slo() -> None:
-    w = Workload(5.0, 512, 256, tuple(parse_slos("ttft_p95=1s,tpot_p95=50ms")))
+    w = TargetLoad(5.0, 512, 256, tuple(parse_slos("ttft_p95=1s,tpot_p95=50ms")))
     devices = [gpu(n) for n in ("l4", "h100-sxm", "a100-80gb")]
     sizing = size("llama-3.1-8b-instruct", LLAMA8, w, devices, PRICES)
     costs = [o.usd_per_hour for o in sizing.options]
@@ -169,16 +163,20 @@ def test_options_are_ranked_by_cost_and_meet_the_slo() -> None:
 
 def test_an_impossible_slo_or_a_model_that_fits_nowhere_says_what_comes_closest() -> None:
     with pytest.raises(DeploykitError, match="No hardware option") as e:
-        size_model("llama-3.1-8b-instruct", LLAMA8, Load(1, None, 512, 256, "tpot_p95=0.1ms"), PRICES, today=TODAY)
+        size_model(
+            "llama-3.1-8b-instruct", LLAMA8, TargetLoad.parse(1, None, 512, 256, "tpot_p95=0.1ms"), PRICES, today=TODAY
+        )
     assert (e.value.hint or "").startswith("Closest: mi300x x8") and "tpot" in (e.value.hint or "")
     with pytest.raises(DeploykitError, match="No hardware option") as e:
         big = CATALOG.get("llama-3.1-70b-instruct").config()
-        size_model("llama-3.1-70b-instruct", big, Load(1, None, 512, 256), PRICES, hardware=["t4"], today=TODAY)
+        size_model(
+            "llama-3.1-70b-instruct", big, TargetLoad.parse(1, None, 512, 256), PRICES, hardware=["t4"], today=TODAY
+        )
     assert "KV tokens" in (e.value.hint or "")
     with pytest.raises(NotFoundError, match="No GPU named 'h900'"):
-        size_model("llama-3.1-8b-instruct", LLAMA8, Load(1, None, 512, 256), PRICES, hardware=["h900"])
+        size_model("llama-3.1-8b-instruct", LLAMA8, TargetLoad.parse(1, None, 512, 256), PRICES, hardware=["h900"])
     with pytest.raises(UsageError, match="exactly one"):
-        Load(None, None, 512, 256).workload()
+        TargetLoad.parse(None, None, 512, 256)
 
 
 def test_calibration_reproduces_its_own_point_and_only_on_its_hardware() -> None:
@@ -194,10 +192,10 @@ def test_calibration_reproduces_its_own_point_and_only_on_its_hardware() -> None
 
 def test_a_calibration_marks_its_hardware_and_warns_at_other_lengths() -> None:
     cal = calibration_at(SMOL, CPU, 1, 4, 64, 32, 0.070, 1.3, "run.json")
-    sizing = size("smollm2-135m", SMOL, Workload(0.2, 512, 32), [CPU, gpu("l4")], PRICES, calibration=cal)
+    sizing = size("smollm2-135m", SMOL, TargetLoad(0.2, 512, 32), [CPU, gpu("l4")], PRICES, calibration=cal)
     assert {o.hardware.name: o.calibrated for o in sizing.options} == {"cpu": True, "l4": False}
     assert any("64/32 tokens in/out, this load 512/32" in line for line in sizing.warnings)
-    same = size("smollm2-135m", SMOL, Workload(0.2, 64, 32), [CPU], PRICES, calibration=cal)
+    same = size("smollm2-135m", SMOL, TargetLoad(0.2, 64, 32), [CPU], PRICES, calibration=cal)
     assert not any("tokens in/out" in line for line in same.warnings)
 
 
@@ -215,10 +213,10 @@ def test_calibrate_reads_a_loadtest_report_and_refuses_a_mismatch(tmp_path: Path
     path.write_text(json.dumps({**report, "config": {**report["config"], "hardware": "cpu", "engine_version": "9.9"}}))
     cal = calibrate(path, "smollm2-135m", SMOL, {"cpu": CPU})
     assert cal.engine_version == "9.9"
-    [warning] = _engine_warning(cal.engine_version, "0.32.0")
+    [warning] = engine_warning(cal.engine_version, "0.32.0")
     assert "measured vLLM 9.9; this machine has 0.32.0" in warning
-    assert _engine_warning("0.32.0", "0.32.0") == [] and _engine_warning("0.32.0", None) == []
-    assert "does not say which engine" in _engine_warning(None, "0.32.0")[0]
+    assert engine_warning("0.32.0", "0.32.0") == [] and engine_warning("0.32.0", None) == []
+    assert "does not say which engine" in engine_warning(None, "0.32.0")[0]
     with pytest.raises(UsageError, match="ran model 'smollm2-135m', not 'llama"):
         calibrate(path, "llama-3.1-8b-instruct", LLAMA8, {"cpu": CPU}, measured_on="cpu")
     with pytest.raises(NotFoundError, match="No load-test report"):
@@ -244,7 +242,7 @@ def test_owning_and_managed_costs_by_hand() -> None:
     assert power is not None
     # H100 SXM: $27,500 x 1.25 / 36 = $954.86 a month, plus 0.7 kW x 1.5 x 730 h x $0.13 = $99.65
     assert own_monthly_usd(PRICES, "h100-sxm", 1, 700, power) == pytest.approx(1054.51, abs=0.01)
-    w = Workload(1.0, 1000, 200)
+    w = TargetLoad(1.0, 1000, 200)
     # 2,628,000 requests a month: 2.628e9 prompt tokens x $0.15/M + 525.6e6 completion x $0.60/M = $709.56
     assert managed_monthly_usd(PRICES.find("gpt-4o-mini"), w, 0.5) == pytest.approx(709.56)
     # PTUs for the peak, 2 req/s: 2 x 60 x (1,000 + 4 x 200) = 216,000 TPM / 2,500 = 87 units x $2 x 730 h
@@ -252,7 +250,7 @@ def test_owning_and_managed_costs_by_hand() -> None:
 
 
 def test_break_even_and_the_utilization_it_needs() -> None:
-    w = Workload(0.5, 512, 256)
+    w = TargetLoad(0.5, 512, 256)
     sizing = size("llama-3.1-8b-instruct", LLAMA8, w, [gpu("a100-80gb")], PRICES, max_utilization=1.0)
     together = PRICES.find("llama-3.1-8b@together")
     report = compare(sizing, PRICES, [together], 1.0, w)
@@ -275,14 +273,14 @@ def test_break_even_and_the_utilization_it_needs() -> None:
 
 
 def test_cost_model_sizes_for_the_peak_and_prices_the_mean() -> None:
-    load = Load(1.0, None, 512, 256)
+    load = TargetLoad.parse(1.0, None, 512, 256)
     report, offers = cost_model(
         "llama-3.1-8b-instruct", LLAMA8, load, PRICES, ["gpt-4o-mini"], 0.25, hardware=["l40s"], today=TODAY
     )
-    assert report.workload.rps == 1.0 and report.tokens_per_month == pytest.approx(768 * 3600 * 730)
+    assert report.load.rps == 1.0 and report.tokens_per_month == pytest.approx(768 * 3600 * 730)
     option = report.self_hosted[0].option
     assert option.replicas * option.capacity_rps >= 4.0  # sized for 1 / 0.25 = 4 requests/s
-    assert report.managed[0].monthly_usd == pytest.approx(managed_monthly_usd(offers[0], load.workload(), 0.25))
+    assert report.managed[0].monthly_usd == pytest.approx(managed_monthly_usd(offers[0], load, 0.25))
     assert any("older than 90 days" in line for line in report.warnings)
     with pytest.raises(NotFoundError, match="No managed offer named 'gpt-9'"):
         cost_model("llama-3.1-8b-instruct", LLAMA8, load, PRICES, ["gpt-9"], 0.5)

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from deploykit.errors import NotFoundError, UsageError
+from deploykit.core.errors import NotFoundError, UsageError
 from deploykit.models.prices import load_prices
+from deploykit.serve.accounting.database import Database
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
-from deploykit.serve.gateway.database import Database
 from deploykit.serve.gateway.proxy import engine_session
 from deploykit.serve.gateway.spill import KEY_ENV, SpillTarget, parse_spill
 from tests.fakes.engine import ANSWER, PROMPT_TOKENS, create_fake_engine
@@ -29,7 +29,7 @@ def managed_url() -> Iterator[str]:
 
 
 def target(url: str, **limits: object) -> SpillTarget:
-    return parse_spill(f"m1=gpt-4o-mini@{url}", load_prices(), {KEY_ENV: KEY}, **limits)  # type: ignore[arg-type]
+    return parse_spill(f"m1=gpt-4o-mini@{url}", load_prices(), KEY, **limits)  # type: ignore[arg-type]
 
 
 def test_a_spill_spec_names_the_model_the_remote_model_and_the_url() -> None:
@@ -48,14 +48,14 @@ def test_a_spill_spec_names_the_model_the_remote_model_and_the_url() -> None:
 @pytest.mark.parametrize("spec", ["m1", "m1=gpt-4o-mini", "m1=gpt-4o-mini@ftp://x", "=gpt-4o-mini@https://x"])
 def test_malformed_specs_say_the_format(spec: str) -> None:
     with pytest.raises(UsageError, match="MODEL=REMOTE_MODEL@URL"):
-        parse_spill(spec, load_prices(), {KEY_ENV: KEY})
+        parse_spill(spec, load_prices(), KEY)
 
 
 def test_a_spill_needs_a_key_and_a_known_price() -> None:
     with pytest.raises(UsageError, match=KEY_ENV):
-        parse_spill("m1=gpt-4o-mini@https://x", load_prices(), {})
+        parse_spill("m1=gpt-4o-mini@https://x", load_prices(), None)
     with pytest.raises(NotFoundError, match="No price for 'claude-9'"):
-        parse_spill("m1=claude-9@https://x", load_prices(), {KEY_ENV: KEY})
+        parse_spill("m1=claude-9@https://x", load_prices(), KEY)
 
 
 def rows(db: Database) -> list[tuple[object, ...]]:
@@ -107,7 +107,7 @@ async def test_a_deep_local_queue_or_slow_ttft_spills_and_a_calm_one_does_not(
 
 
 async def test_a_wrong_managed_key_is_relayed_not_hidden(db: Database, engine_url: str, managed_url: str) -> None:
-    spill = parse_spill(f"m1=gpt-4o-mini@{managed_url}/v1", load_prices(), {KEY_ENV: "wrong"})
+    spill = parse_spill(f"m1=gpt-4o-mini@{managed_url}/v1", load_prices(), "wrong")
     async with engine_session() as session:
         app = create_app([Backend("m1", engine_url, session, status="stopped")], db, GatewayOptions(spills=(spill,)))
         async with client_of(app) as client:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from deploykit.errors import DeploykitError, NotFoundError, UsageError
+from deploykit.core.errors import DeploykitError, NotFoundError, UsageError
 from deploykit.models.prices import load_prices
-from deploykit.serve.gateway.database import Database, connect
-from deploykit.serve.gateway.ledger import Ledger, UsageRecord
-from deploykit.usage import parse_since, usage_report
+from deploykit.serve.accounting.database import Database, connect
+from deploykit.serve.accounting.ledger import Ledger, UsageRecord
+from deploykit.serve.accounting.usage import parse_since, usage_report
 from tests.unit.test_cli import assert_clean_failure, deploykit
 
 DAY = 86400.0
@@ -142,3 +142,36 @@ def test_keys_and_usage_through_the_cli(tmp_path: Path) -> None:
     assert usage.returncode == 0, usage.stderr
     assert json.loads(usage.stdout)["total"]["requests"] == 0
     assert_clean_failure(deploykit(tmp_path, "usage", "--compare", "nope"), 3, "No price for 'nope'", "[[service]]")
+
+
+def test_rows_are_written_and_read_by_column_name(db: Database) -> None:
+    """Every field lands in the column of its own name (a reordered dataclass cannot shift them)."""
+    import asyncio
+    import dataclasses
+
+    from deploykit.serve.accounting.keys import create_key, list_keys
+
+    record = UsageRecord(
+        at=1_700_000_000.5,
+        key_id="k1",
+        model="m",
+        endpoint="/v1/x",
+        status=201,
+        prompt_tokens=3,
+        completion_tokens=4,
+        ttft_ms=5.5,
+        duration_ms=6.5,
+        replica="r",
+        error="e",
+        cost_usd=7.5,
+    )
+    ledger = Ledger(db)
+    asyncio.run(ledger.record(record))
+    ledger.close()
+    for f in dataclasses.fields(UsageRecord):
+        assert db.query(f"SELECT {f.name} FROM requests") == [(getattr(record, f.name),)], f.name
+    key, _ = create_key(db, "team-a", models=["a", "b"], rpm=1, tpm=2, max_concurrent=3, expires_at=2e9, now=1e9)
+    for f in dataclasses.fields(key):
+        stored = db.query(f"SELECT {f.name} FROM api_keys")[0][0]
+        assert stored == (json.dumps(["a", "b"]) if f.name == "models" else getattr(key, f.name)), f.name
+    assert list_keys(db) == [key]

@@ -16,17 +16,11 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, fields
 
-from deploykit.serve.gateway.database import Database
+from deploykit.serve.accounting.database import Database
 
 log = logging.getLogger("deploykit.gateway")
-
-_COLUMNS = (
-    "at, key_id, model, endpoint, status, prompt_tokens, completion_tokens, ttft_ms, duration_ms, replica, error, "
-    "cost_usd, day"
-)
-_INSERT = f"INSERT INTO requests ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 @dataclass(frozen=True)
@@ -43,6 +37,15 @@ class UsageRecord:
     replica: str | None
     error: str | None = None
     cost_usd: float | None = None  # what a spilled request cost at the managed API's price
+
+
+# The requests table's columns are UsageRecord's fields, by name, and the UTC day (for grouping).
+_FIELDS = tuple(f.name for f in fields(UsageRecord))
+_INSERT = f"INSERT INTO requests ({', '.join(_FIELDS)}, day) VALUES ({', '.join('?' * (len(_FIELDS) + 1))})"
+
+
+def _values(record: UsageRecord) -> tuple[object, ...]:
+    return (*(getattr(record, name) for name in _FIELDS), _day(record.at))
 
 
 _Pending = tuple[UsageRecord, asyncio.AbstractEventLoop | None, "asyncio.Future[None] | None"]
@@ -94,7 +97,7 @@ class Ledger:
     def _commit(self, batch: Sequence[_Pending]) -> None:
         error: Exception | None = None
         try:
-            self.db.executemany(_INSERT, [(*astuple(record), _day(record.at)) for record, _, _ in batch])
+            self.db.executemany(_INSERT, [_values(record) for record, _, _ in batch])
         except Exception as e:  # a full disk must not kill the writer; the requests still get their answer
             log.exception("could not write %d ledger rows", len(batch))
             error = e
@@ -138,7 +141,10 @@ def usage_by(db: Database, by: str, since: float = 0.0) -> list[UsageRow]:
         f"WHERE r.at >= ? GROUP BY {group} ORDER BY {group}",
         (since,),
     )
-    return [UsageRow(str(g), int(n), int(e), int(p), int(c)) for g, n, e, p, c in rows]
+    return [
+        UsageRow(group=str(g), requests=int(n), errors=int(e), prompt_tokens=int(p), completion_tokens=int(c))
+        for g, n, e, p, c in rows
+    ]
 
 
 def deployment_hours(db: Database, since: float = 0.0, now: float | None = None) -> dict[str, float]:

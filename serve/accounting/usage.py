@@ -7,10 +7,10 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from deploykit.errors import UsageError
+from deploykit.core.errors import UsageError
 from deploykit.models.prices import Prices, stale_warnings
-from deploykit.serve.gateway.database import Database
-from deploykit.serve.gateway.ledger import UsageRow, deployment_hours, usage_by
+from deploykit.serve.accounting.database import Database
+from deploykit.serve.accounting.ledger import UsageRow, deployment_hours, usage_by
 
 _SPAN = re.compile(r"^(\d+(?:\.\d+)?)([mhdw])$")
 _SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

@@ -9,19 +9,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    """Where deploykit keeps its files, and the gateway's defaults."""
+    """Where deploykit keeps its files, and the secrets it reads from the environment rather than from flags
+    (flags show in `ps`). The gateway's address has flags with their own DEPLOYKIT_HOST / DEPLOYKIT_PORT."""
 
     model_config = SettingsConfigDict(env_prefix="DEPLOYKIT_", frozen=True)
 
     home: Path = Field(default_factory=lambda: Path.home() / ".deploykit")
-    host: str = "127.0.0.1"
-    port: int = 8000
-    debug: bool = False
+    debug: bool = False  # DEPLOYKIT_DEBUG=1: tracebacks instead of one message
     # API keys and the usage ledger; default sqlite:///<home>/deploykit.db, or postgresql://... to share
     database_url: str | None = None
     # With API keys on, the Bearer token that Prometheus (or an operator) sends for /metrics, /docs and
     # /ready's details; unset, those answer only on loopback.
     metrics_token: str | None = Field(default=None, repr=False)
+    # The managed API's key for `serve --spill`; sent only to that endpoint.
+    spill_api_key: str | None = Field(default=None, repr=False)
 
     @property
     def database(self) -> str:

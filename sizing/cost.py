@@ -1,7 +1,7 @@
 """Self-hosting against managed offers at the same traffic: monthly cost, break-even volume, and the
 utilization self-hosting needs to pay.
 
-Self-hosting is sized by loadtests.sizing for the traffic divided by the utilization (a deployment busy
+Self-hosting is sized by sizing.ranking for the traffic divided by the utilization (a deployment busy
 `utilization` of the time on average must hold the rest as headroom). It costs either the rental of its GPUs
 around the clock, or owning them: purchase (plus the host, as a share) written off over `amortize_months`,
 and power at the facility's PUE. A managed pay-as-you-go offer costs its per-token prices; a provisioned one
@@ -11,14 +11,18 @@ and power at the facility's PUE. A managed pay-as-you-go offer costs its per-tok
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import html
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from deploykit.errors import UsageError
-from deploykit.loadtests.sizing import HOURS_PER_MONTH, Option, Sizing, Workload
-from deploykit.models.prices import Power, Prices, Provisioned, ServicePrice
+from deploykit.core.errors import UsageError
+from deploykit.models.config import ModelConfig
+from deploykit.models.prices import Power, Prices, Provisioned, ServicePrice, Sourced, stale_summary
+from deploykit.sizing.load import HOURS_PER_MONTH, TargetLoad
+from deploykit.sizing.ranking import Option, Sizing, size_model
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class Managed:
 @dataclass
 class CostReport:
     model: str
-    workload: Workload
+    load: TargetLoad
     utilization: float
     tokens_per_month: float
     self_hosted: list[SelfHosted]
@@ -80,9 +84,9 @@ class CostReport:
     def to_json(self) -> dict[str, object]:
         return {
             "model": self.model,
-            "rps": self.workload.rps,
-            "input_tokens": self.workload.input_tokens,
-            "output_tokens": self.workload.output_tokens,
+            "rps": self.load.rps,
+            "input_tokens": self.load.input_tokens,
+            "output_tokens": self.load.output_tokens,
             "utilization": self.utilization,
             "tokens_per_month": self.tokens_per_month,
             "self_hosted": [
@@ -112,7 +116,7 @@ def own_monthly_usd(prices: Prices, gpu: str, devices: int, power_w: float, powe
     return devices * (capital + energy)
 
 
-def managed_monthly_usd(offer: ServicePrice | Provisioned, w: Workload, utilization: float) -> float:
+def managed_monthly_usd(offer: ServicePrice | Provisioned, w: TargetLoad, utilization: float) -> float:
     prompt, completion = w.tokens_per_month
     if isinstance(offer, ServicePrice):
         return offer.cost(prompt, completion)
@@ -137,12 +141,12 @@ def self_hosted(sizing: Sizing, prices: Prices) -> list[SelfHosted]:
     return out
 
 
-def monthly_tokens_capacity(s: SelfHosted, w: Workload) -> float:
+def monthly_tokens_capacity(s: SelfHosted, w: TargetLoad) -> float:
     """Tokens (prompt + completion) one replica serves a month at its SLO capacity."""
     return s.option.capacity_rps * (w.input_tokens + w.output_tokens) * 3600 * HOURS_PER_MONTH
 
 
-def self_host_cost_at(s: SelfHosted, way: str, w: Workload, tokens: float, utilization: float) -> float:
+def self_host_cost_at(s: SelfHosted, way: str, w: TargetLoad, tokens: float, utilization: float) -> float:
     """This option's monthly cost, renting or owning, at `tokens` a month: whole replicas, each loaded to
     `utilization`."""
     per_replica = s.replica_monthly(way)
@@ -157,13 +161,13 @@ def cheapest(hosted: list[SelfHosted], way: str) -> SelfHosted | None:
     return min(priced, key=lambda s: s.monthly(way) or 0) if priced else None
 
 
-def blended_price_per_token(offer: ServicePrice, w: Workload) -> float:
+def blended_price_per_token(offer: ServicePrice, w: TargetLoad) -> float:
     total = w.input_tokens + w.output_tokens
     return (w.input_tokens * offer.input_per_mtok + w.output_tokens * offer.output_per_mtok) / total / 1e6
 
 
 def compare(
-    sizing: Sizing, prices: Prices, offers: list[ServicePrice | Provisioned], utilization: float, w: Workload
+    sizing: Sizing, prices: Prices, offers: list[ServicePrice | Provisioned], utilization: float, w: TargetLoad
 ) -> CostReport:
     """`sizing` was made for the peak (the mean load `w` over `utilization`); the offers see the mean."""
     if not 0 < utilization <= 1:
@@ -181,7 +185,7 @@ def compare(
     return CostReport(sizing.model, w, utilization, tokens, hosted, managed, _verdict(hosted, managed, tokens))
 
 
-def _break_even(best: SelfHosted, way: str, offer: ServicePrice, w: Workload) -> BreakEven:
+def _break_even(best: SelfHosted, way: str, offer: ServicePrice, w: TargetLoad) -> BreakEven:
     price = blended_price_per_token(offer, w)
     per_replica = best.replica_monthly(way) or 0
     capacity = monthly_tokens_capacity(best, w)
@@ -241,7 +245,7 @@ def plot_png(report: CostReport, offers: list[ServicePrice | Provisioned]) -> by
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    w, u = report.workload, report.utilization
+    w, u = report.load, report.utilization
     xs = volumes(report.tokens_per_month)
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for way in ("rent", "own"):
@@ -271,8 +275,8 @@ def plot_png(report: CostReport, offers: list[ServicePrice | Provisioned]) -> by
     return buffer.getvalue()
 
 
-def _scaled(w: Workload, k: float) -> Workload:
-    return Workload(w.rps * k, w.input_tokens, w.output_tokens, w.slos)
+def _scaled(w: TargetLoad, k: float) -> TargetLoad:
+    return TargetLoad(w.rps * k, w.input_tokens, w.output_tokens, w.slos)
 
 
 def report_html(report: CostReport, png: bytes) -> str:
@@ -314,3 +318,30 @@ def break_even_cells(m: Managed) -> list[str]:
 
 def _usd(value: float | None) -> str:
     return f"${value:,.0f}" if value is not None else "-"
+
+
+def cost_model(
+    name: str,
+    config: ModelConfig,
+    load: TargetLoad,
+    prices: Prices,
+    compare_with: list[str],
+    utilization: float,
+    *,
+    today: dt.date | None = None,
+    **size_options: Any,
+) -> tuple[CostReport, list[ServicePrice | Provisioned]]:
+    """Self-hosting sized for the load's peaks (the mean over `utilization`) against each managed offer at
+    the mean load."""
+    offers = [prices.offer(n) for n in compare_with]  # an unknown name fails before any work
+    if not 0 < utilization <= 1:
+        raise UsageError(f"--utilization {utilization} is not in (0, 1].", "For example --utilization 0.5.")
+    mean = load
+    peak = replace(load, rps=mean.rps / utilization)
+    sizing = size_model(name, config, peak, prices, max_utilization=1.0, today=today, **size_options)
+    report = compare(sizing, prices, offers, utilization, mean)
+    used: list[Sourced] = [*offers, *([prices.power] if prices.power else [])]
+    for s in report.self_hosted:
+        used += [p for p in (s.option.price, *prices.prices_for(s.option.hardware.name, "buy")[:1]) if p]
+    report.warnings = stale_summary(used, today or dt.date.today())
+    return report, offers

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from deploykit.errors import MissingDependencyError, UsageError
+from deploykit.core.errors import MissingDependencyError, UsageError
 
 Row = tuple[Any, ...]
 

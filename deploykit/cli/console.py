@@ -8,7 +8,7 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
-from deploykit.errors import DeploykitError
+from deploykit.core.errors import DeploykitError
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

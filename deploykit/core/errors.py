@@ -1,19 +1,26 @@
-"""The errors a user can hit, each with a hint that says what to do and an exit code scripts can trust.
+"""Every error a user can hit, each with a hint that says what to do and an exit code scripts can trust.
 
     DeploykitError                  exit 1
     ├── UsageError                  exit 2   bad flag values or combinations
     ├── NotFoundError               exit 3
-    │   └── UnknownModelError                a model name neither in the store nor in the catalog
+    │   ├── UnknownModelError                a model name neither in the store nor in the catalog
+    │   └── GatedModelError                  a gated hub repo whose licence was not accepted
     ├── ResourceError               exit 4
     │   ├── PortInUseError
-    │   └── NotEnoughMemoryError
+    │   ├── NotEnoughMemoryError
+    │   └── NotEnoughDiskError
     ├── MissingDependencyError      exit 5   an optional part (the engine, GGUF support) not installed
-    ├── EngineError                 exit 6
+    ├── ServiceError                exit 6   something deploykit runs or talks to failed
     │   ├── EngineStartError                 the engine exited or timed out before it was ready
-    │   └── EngineDiedError                  the engine exited while serving
+    │   ├── EngineDiedError                  the engine exited while serving
+    │   ├── EndpointError                    an OpenAI-compatible endpoint could not be reached or erred
+    │   ├── HubUnreachableError              the Hugging Face hub (or HF_ENDPOINT) could not be reached
+    │   ├── CorruptDownloadError             a downloaded file does not match the hub's size or sha256
+    │   └── LoadTestError                    the load generator or one of its workers failed
     └── ModelImportError            exit 7
 
-The library raises these; only the CLI entry point prints them.
+The library raises these; only the CLI entry point prints them. The gateway's errors are for HTTP clients
+instead (serve/gateway/errors.py: an OpenAI-shaped body and a status code).
 """
 
 from __future__ import annotations
@@ -77,15 +84,39 @@ class MissingDependencyError(DeploykitError):
     exit_code = 5
 
 
-class EngineError(DeploykitError):
-    exit_code = 6
-
-
-class EngineStartError(EngineError):
+class NotEnoughDiskError(ResourceError):
     pass
 
 
-class EngineDiedError(EngineError):
+class GatedModelError(NotFoundError):
+    pass
+
+
+class ServiceError(DeploykitError):
+    exit_code = 6
+
+
+class EngineStartError(ServiceError):
+    pass
+
+
+class EngineDiedError(ServiceError):
+    pass
+
+
+class EndpointError(ServiceError):
+    pass
+
+
+class HubUnreachableError(ServiceError):
+    pass
+
+
+class CorruptDownloadError(ServiceError):
+    pass
+
+
+class LoadTestError(ServiceError):
     pass
 
 

@@ -1,0 +1,57 @@
+"""What a load test hands back, as types: one run's result (its report without the per-request records), a
+sweep's curve, a search's levels and answer. Each is written as JSON and read back by the same model, so
+the files and the code cannot drift apart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from deploykit.loadtests.config import LoadTestConfig
+from deploykit.loadtests.metrics import Distribution, Summary
+
+
+class RunResult(BaseModel):
+    """One run: its configuration, summary and validity (`deploykit loadtest run --out` holds the records)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    config: LoadTestConfig
+    summary: Summary
+    valid: bool
+    invalid_reasons: list[str]
+    schedule_lag: Distribution | None
+    generator_cpu_percent: float
+    started: float = 0.0
+    ended: float = 0.0
+
+    @classmethod
+    def read(cls, path: Path) -> RunResult:
+        return cls.model_validate_json(path.read_text())
+
+
+class LevelResult(RunResult):
+    """One level of a sweep or a search: the run, at `load` (streams, or requests a second), written to `report`."""
+
+    load: float
+    report: str
+    passed: bool | None = None  # a search: every SLO met and nothing failed
+
+
+class Curve(BaseModel):
+    """A sweep: one run per load level, in order."""
+
+    sweep: Literal["concurrency", "rate"]
+    runs: list[LevelResult]
+
+
+class Search(BaseModel):
+    """A search for the highest load that meets every SLO: the answer and every level tried."""
+
+    search: Literal["concurrency", "rate"]
+    best: float | None  # None: even the first level failed
+    limit_reached: bool  # every level up to the limit passed
+    slos: str
+    runs: list[LevelResult]  # by load
