@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+import deploykit
 from tests.fakes.engine import create_fake_engine
 from tests.fakes.threaded import serve_in_thread
+
+if "MUTANT_UNDER_TEST" in os.environ:  # under mutmut (tests/mutants.py): processes the tests start run the
+    os.environ["PYTHONPATH"] = str(Path(deploykit.__file__).resolve().parents[1])  # mutated copy too
 
 
 @pytest.fixture

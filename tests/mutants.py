@@ -1,0 +1,156 @@
+"""Mutation testing with mutmut: break the code one small change at a time and count the changes the tests
+catch, per module. `make mutants` runs it; `python -m tests.mutants serve/gateway/ratelimit.py ...` runs a
+few modules. Not part of `make test`: it takes the better part of an hour on two cores.
+
+mutmut imports the mutated copy by its module name, which it derives from the file's path under `src/`.
+The repository installs serve/, models/ and loadtests/ as deploykit.serve, deploykit.models and
+deploykit.loadtests, so the run happens in a staging tree laid out as installed (.cache/mutants/src/
+deploykit/...). Subprocesses that tests start (the CLI, the fake serve runner) get PYTHONPATH pointing at
+the mutated copy (tests/conftest.py) and inherit the mutant under test from the environment, so they run
+it too; but mutmut learns which tests reach a function only in the test process, so code that runs only
+in a subprocess counts as "no test" (tests/integration/test_serve_in_process.py exists for that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGING = REPO / ".cache" / "mutants"
+# The modules whose bugs cost users most (issue #20), as paths in the repository.
+MODULES = (
+    "serve/gateway/*.py",
+    "serve/supervisor.py",
+    "serve/runner.py",
+    "loadtests/metrics.py",
+    "loadtests/request.py",
+    "sizing/performance.py",
+    "sizing/ranking.py",
+    "sizing/calibration.py",
+    "sizing/cost.py",
+    "models/hub.py",
+)
+# Installed name of each top-level source folder.
+_PACKAGES = {
+    "deploykit": "deploykit",
+    "serve": "deploykit/serve",
+    "models": "deploykit/models",
+    "loadtests": "deploykit/loadtests",
+}
+# The tests a mutant is checked against (mutmut picks those that reach the mutated function).
+TESTS = ("tests/unit", "tests/integration")
+TARGET = 0.85
+
+
+def stage(patterns: list[str]) -> None:
+    """A fresh staging tree with the installed layout, the tests, and mutmut's configuration."""
+    shutil.rmtree(STAGING, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder, installed in _PACKAGES.items():
+        shutil.copytree(REPO / folder, STAGING / "src" / installed, ignore=ignore)
+    shutil.copytree(REPO / "tests", STAGING / "tests", ignore=ignore)
+    only = [f"src/{_installed(p)}" for p in patterns]
+    config = (
+        (REPO / "pyproject.toml").read_text()
+        + "\n[tool.mutmut]\n"
+        + "\n".join(
+            [
+                'source_paths = ["src"]',
+                f"only_mutate = {json.dumps(only)}",
+                f"pytest_add_cli_args_test_selection = {json.dumps(list(TESTS))}",
+                'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]',
+            ]
+        )
+    )
+    (STAGING / "pyproject.toml").write_text(config + "\n")
+
+
+def _installed(path: str) -> str:
+    top, _, rest = path.partition("/")
+    return f"{_PACKAGES[top]}/{rest}" if rest else _PACKAGES[top]
+
+
+def run(max_children: int) -> int:
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    log = STAGING / "mutmut.log"
+    mutmut = Path(sys.executable).with_name("mutmut")
+    with log.open("w") as out:
+        code = subprocess.run(
+            [str(mutmut), "run", "--max-children", str(max_children)], cwd=STAGING, env=env, stdout=out, stderr=out
+        ).returncode
+    print(f"mutmut exited {code}; its log: {log}")
+    return code
+
+
+def scores() -> dict[str, Counter[str]]:
+    """Per source file: how many mutants were killed, survived, had no test, timed out..."""
+    from mutmut.stats import status_by_exit_code
+
+    by_file: dict[str, Counter[str]] = {}
+    for meta in sorted((STAGING / "mutants" / "src").rglob("*.py.meta")):
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        name = str(meta.relative_to(STAGING / "mutants" / "src")).removesuffix(".meta")
+        by_file[_repo_path(name)] = Counter(status_by_exit_code[c] for c in codes.values())
+    return by_file
+
+
+def _repo_path(installed: str) -> str:
+    for folder, prefix in sorted(_PACKAGES.items(), key=lambda kv: -len(kv[1])):
+        if installed.startswith(prefix + "/"):
+            return installed.replace(prefix, folder, 1)
+    return installed
+
+
+def report(by_file: dict[str, Counter[str]]) -> str:
+    """A Markdown table: killed / (all but those skipped), per module and in all."""
+    lines = ["| module | mutants | killed | survived | no test | timeout | score |", "|---|---|---|---|---|---|---|"]
+    total: Counter[str] = Counter()
+    for name, c in by_file.items():
+        total += c
+        lines.append(_row(name, c))
+    lines.append(_row("**all**", total))
+    return "\n".join(lines)
+
+
+def _row(name: str, c: Counter[str]) -> str:
+    counted = sum(c.values()) - c["skipped"] - c["not checked"]
+    killed = c["killed"] + c["timeout"] + c["caught by type check"]
+    score = killed / counted if counted else 0.0
+    flag = "" if score >= TARGET else " (below target)"
+    return f"| {name} | {counted} | {killed} | {c['survived']} | {c['no tests']} | {c['timeout']} | {score:.0%}{flag} |"
+
+
+def survivors() -> list[str]:
+    """`mutmut results`: the mutants no test caught, by name (show one with `mutmut show NAME` in the staging dir)."""
+    mutmut = Path(sys.executable).with_name("mutmut")
+    result = subprocess.run([str(mutmut), "results"], cwd=STAGING, capture_output=True, text=True)
+    return [line.strip() for line in result.stdout.splitlines() if line.strip()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="*", help="repository paths or globs (default: the modules of issue #20)")
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--report-only", action="store_true", help="print the scores of the last run")
+    args = parser.parse_args()
+    if not args.report_only:
+        started = time.monotonic()
+        stage(args.modules or list(MODULES))
+        run(args.max_children)
+        print(f"{(time.monotonic() - started) / 60:.0f} minutes")
+    print(report(scores()))
+    left = survivors()
+    print(f"\n{len(left)} mutants left (in {STAGING}: mutmut show NAME):")
+    print("\n".join(left))
+
+
+if __name__ == "__main__":
+    main()
