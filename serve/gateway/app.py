@@ -152,29 +152,35 @@ class GatewayApp(FastAPI):
     """FastAPI, except that the three proxied routes skip its router and middleware: each layer wraps
     every `send`, and a stream sends once per event. Same handler (_proxy), same error bodies."""
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in _PROXIED:
-            request = Request(scope, receive)
-            gateway = self.state.gateway
-            gateway.started()
+    # uvicorn calls an app with no arguments to see whether it is a factory; this method must stay a plain
+    # coroutine function for that (mutation testing would wrap it in one that accepts any arguments).
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # pragma: no mutate block
+        await _dispatch(self, scope, receive, send)
+
+
+async def _dispatch(app: GatewayApp, scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in _PROXIED:
+        request = Request(scope, receive)
+        gateway = app.state.gateway
+        gateway.started()
+        try:
             try:
-                try:
-                    response = await _proxy(request, gateway, scope["path"])
-                except GatewayError as e:
-                    response = error_response(e)
-                except Exception as e:  # as the app's handler for unexpected errors answers
-                    response = unexpected_error_response(e)
-                await response(scope, receive, send)
-            finally:
-                gateway.ended()
-            return
-        if scope["type"] == "http" and scope["path"] in _OPERATOR_PAGES:
-            try:
-                self.state.gateway.require_operator(Request(scope, receive))
+                response = await _proxy(request, gateway, scope["path"])
             except GatewayError as e:
-                await error_response(e)(scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
+                response = error_response(e)
+            except Exception as e:  # as the app's handler for unexpected errors answers
+                response = unexpected_error_response(e)
+            await response(scope, receive, send)
+        finally:
+            gateway.ended()
+        return
+    if scope["type"] == "http" and scope["path"] in _OPERATOR_PAGES:
+        try:
+            app.state.gateway.require_operator(Request(scope, receive))
+        except GatewayError as e:
+            await error_response(e)(scope, receive, send)
+            return
+    await FastAPI.__call__(app, scope, receive, send)
 
 
 def create_app(backends: Sequence[Backend], db: Database, options: GatewayOptions | None = None) -> FastAPI:

@@ -11,19 +11,12 @@ too) to keep it so:
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-# repository folder -> installed package
-FOLDERS = {
-    "deploykit": "deploykit",
-    "serve": "deploykit.serve",
-    "models": "deploykit.models",
-    "loadtests": "deploykit.loadtests",
-    "sizing": "deploykit.sizing",
-}
+PACKAGES = ("deploykit", "deploykit.serve", "deploykit.models", "deploykit.loadtests", "deploykit.sizing")
 COMMAND_MODULES = ("deploykit.card", "deploykit.chat", "deploykit.doctor")
 # layer of a module -> the layers it may import (its own always)
 ALLOWED = {
@@ -50,15 +43,14 @@ def layer(module: str) -> str:
 
 
 def modules() -> dict[str, Path]:
+    """Every module by its installed name, read from wherever the packages are (the repository's folders, or
+    a tree laid out as installed)."""
     found = {}
-    for folder, package in FOLDERS.items():
-        for path in sorted((REPO / folder).rglob("*.py")):
-            relative = path.relative_to(REPO / folder).with_suffix("")
-            parts = [p for p in relative.parts if p != "__init__"]
-            name = ".".join([package, *parts])
-            if folder == "deploykit" and parts and parts[0] in ("serve", "models", "loadtests", "sizing"):
-                continue  # not there, but never count a folder twice
-            found[name] = path
+    for package in PACKAGES:
+        folder = Path(importlib.util.find_spec(package).origin).parent  # type: ignore[union-attr, arg-type]
+        for path in sorted(folder.rglob("*.py")):
+            parts = [p for p in path.relative_to(folder).with_suffix("").parts if p != "__init__"]
+            found.setdefault(".".join([package, *parts]), path)
     return found
 
 

@@ -99,10 +99,27 @@ def test_prepare_plans_every_replica_on_its_share(tmp_path: Path) -> None:
     # each replica plans within its own pair of GPUs (an 8B model needs only the first of them)
     assert [p.gpu_indices for p in plans] == [(0,), (2,), (4,), (6,)]
     assert len({p.port for p in plans}) == 4
-    with pytest.raises(UsageError, match="named twice"):
-        prepare(settings, ["llama-3.1-8b-instruct"] * 2, hardware=eight, environ={})
-    with pytest.raises(UsageError, match="--engine-port"):
-        prepare(settings, ["llama-3.1-8b-instruct"], replicas=2, engine_port=9000, hardware=eight, environ={})
+    # every refusal is one message and a hint that says what to do, both as a user reads them
+    refusals = [
+        (
+            {"models": ["llama-3.1-8b-instruct"] * 2},
+            "A model is named twice.",
+            "Use --replicas for several engines of one model.",
+        ),
+        (
+            {"models": ["llama-3.1-8b-instruct"], "replicas": 2, "engine_port": 9000},
+            "--engine-port fixes one engine's port; several engines pick free ones.",
+            "Leave it out.",
+        ),
+        ({"models": ["llama-3.1-8b-instruct"], "replicas": 0}, "--replicas must be at least 1 (got 0).", ""),
+    ]
+    for kwargs, message, hint in refusals:
+        with pytest.raises(UsageError) as e:
+            prepare(settings, hardware=eight, environ={}, **kwargs)  # type: ignore[arg-type]
+        assert (e.value.message, e.value.hint, e.value.exit_code) == (message, hint, 2)
+    one = prepare(settings, ["llama-3.1-8b-instruct"], engine_port=9000, hardware=eight, environ={})
+    assert [p.port for p in one] == [9000]  # one engine may have its port fixed
+    assert len(prepare(settings, ["llama-3.1-8b-instruct"], hardware=eight, environ={})) == 1  # one replica by default
 
 
 def test_a_lora_adapter_is_a_model_served_by_its_base_models_replicas() -> None:
