@@ -1,0 +1,165 @@
+"""One load-test request, timed, against servers whose schedule is known (the synthetic SSE server, the fake
+engine): every event with its tokens, every error class, the retry of a stale keep-alive connection, and
+the request bodies. In this process (request.py imports no locust), so that each check sees the code."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from deploykit.core.errors import UsageError
+from deploykit.loadtests.config import LoadTestConfig
+from deploykit.loadtests.request import (
+    Endpoint,
+    discover_model,
+    engine_version,
+    request_body,
+    send,
+)
+from deploykit.loadtests.workload import Prompt
+from tests.fakes.engine import PROMPT_TOKENS, create_fake_engine
+from tests.fakes.sse_server import GAP_S, ROLE_S, TTFT_S, chunk_plan, serve_sse
+from tests.fakes.threaded import serve_in_thread
+
+
+@pytest.fixture
+def sse() -> Iterator[str]:
+    """A fresh synthetic server per test: its request counter (which picks the "errors" faults) starts at 0."""
+    server = serve_sse()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[str]:
+    with serve_in_thread(create_fake_engine("m1")) as url:
+        yield url
+
+
+def config(url: str, model: str = "synth", **changes: object) -> LoadTestConfig:
+    return LoadTestConfig(url=url, model=model, concurrency=1, **changes)  # type: ignore[arg-type]
+
+
+def ask(url: str, model: str = "synth", tokens: int = 20, count=None, **changes: object):  # type: ignore[no-untyped-def]
+    cfg = config(url, model, **changes)
+    endpoint = Endpoint(url, cfg.timeout_s)
+    scheduled = time.monotonic()
+    record = send(endpoint, cfg, request_body(cfg, Prompt("hi", tokens)), scheduled, count)
+    return record, endpoint, scheduled
+
+
+def test_a_stream_is_timed_event_by_event_with_exact_tokens(sse: str) -> None:
+    record, _, scheduled = ask(sse)
+    plan = chunk_plan(20)
+    assert (record.status, record.error, record.usage_reported, record.counted_by) == (200, None, True, "server")
+    assert [k for _, k in record.events] == plan  # running usage gives each event's tokens
+    assert (record.output_tokens, record.input_tokens) == (20, 7)
+    assert record.scheduled == scheduled <= record.sent <= record.headers_at <= record.events[0][0] <= record.end
+    assert abs(record.ttft - TTFT_S) < 0.01  # the role-only chunk at 5 ms is not the first token
+    gaps = [b[0] - a[0] for a, b in zip(record.events, record.events[1:], strict=False)]
+    assert all(abs(g - GAP_S) < 0.01 for g in gaps) and record.headers_at - record.sent < ROLE_S + 0.01
+
+
+def test_without_the_servers_usage_tokens_are_counted_and_flagged(sse: str) -> None:
+    by_event, _, _ = ask(sse, "nousage")
+    plan = chunk_plan(20)
+    assert [k for _, k in by_event.events] == [1] * len(plan)  # the last resort: one token an event
+    assert (by_event.usage_reported, by_event.counted_by, by_event.output_tokens) == (False, "events", len(plan))
+    words, _, _ = ask(sse, "nousage", count=lambda text: len(text.split()))
+    assert [k for _, k in words.events] == plan and words.output_tokens == 20  # " x" * k: k words
+    assert (words.counted_by, words.error) == ("tokenizer", None)
+    empty, _, _ = ask(sse, "nousage", count=lambda text: 0)
+    assert [k for _, k in empty.events] == [1] * len(plan)  # an event counts at least one token
+
+
+def test_every_error_has_its_class(sse: str) -> None:
+    records = [ask(sse, "errors", tokens=10)[0] for _ in range(10)]
+    classes = [r.error for r in records]
+    assert classes == [None, None, None, "429", None, "5xx", None, "cut", None, None]
+    assert records[3].retry_after == 2.0 and records[3].status == 429 and records[5].status == 500
+    assert len(records[7].events) == 3 and records[7].headers_at is not None
+    assert all(r.retry_after is None for i, r in enumerate(records) if i != 3)
+
+
+def test_a_connection_refused_is_connect_and_a_slow_server_is_timeout(sse: str) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    refused, endpoint, _ = ask(f"http://127.0.0.1:{port}")
+    assert (refused.error, refused.status, refused.headers_at) == ("connect", None, None)
+    slow, endpoint, _ = ask(sse, timeout_s=0.02)  # the first token comes after 50 ms
+    assert slow.error == "timeout" and endpoint._conn is None  # reopened after any error
+
+
+def test_a_stale_keep_alive_connection_is_reopened_once(sse: str) -> None:
+    cfg = config(sse)
+    endpoint = Endpoint(sse, cfg.timeout_s)
+    first = send(endpoint, cfg, request_body(cfg, Prompt("hi", 5)), time.monotonic())
+    assert first.error is None and not endpoint.reused
+    conn = endpoint._conn
+    assert conn is not None and conn.sock is not None
+    conn.sock.close()  # as a server closes an idle connection
+    second = send(endpoint, cfg, request_body(cfg, Prompt("hi", 5)), time.monotonic())
+    assert second.error is None and second.output_tokens == 5 and not endpoint.reused
+
+
+def test_a_whole_answer_is_one_event_with_the_reported_usage(engine: str) -> None:
+    record, _, _ = ask(engine, "m1", tokens=6, stream=False, vllm=False)
+    assert (record.status, record.error, record.usage_reported) == (200, None, True)
+    assert (record.output_tokens, record.input_tokens) == (6, PROMPT_TOKENS)
+    assert len(record.events) == 1 and record.events[0][1] == 6 and record.events[0][0] <= record.end
+    wrong, _, _ = ask(engine, "nope", stream=False)
+    assert (wrong.status, wrong.error) == (404, "4xx")
+
+
+def test_completions_streams_are_read_from_their_text(engine: str) -> None:
+    record, _, _ = ask(engine, "m1", tokens=6, api="completions", vllm=False)
+    assert (record.error, record.output_tokens, len(record.events)) == (None, 6, 6)
+    assert record.usage_reported and record.input_tokens == PROMPT_TOKENS
+
+
+def test_request_bodies() -> None:
+    prompt = Prompt("Capital of France?", 12)
+    chat = request_body(config("http://x"), prompt)
+    assert chat == {
+        "model": "synth",
+        "max_tokens": 12,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Capital of France?"}],
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "ignore_eos": True,
+        "temperature": 0.0,
+    }
+    plain = request_body(config("http://x", api="completions", vllm=False, stream=False, temperature=None), prompt)
+    assert plain == {"model": "synth", "max_tokens": 12, "stream": False, "prompt": "Capital of France?"}
+    managed = request_body(config("http://x", vllm=False, temperature=0.7), prompt)
+    assert managed["stream_options"] == {"include_usage": True} and "ignore_eos" not in managed
+    assert managed["temperature"] == 0.7
+
+
+def test_paths_and_headers_for_openai_and_azure() -> None:
+    assert config("http://x").path() == "/v1/chat/completions"
+    assert config("http://x/v1/", api="completions").path() == "/completions"
+    azure = config("https://r.openai.azure.com", azure_deployment="mini", api_key="k")
+    assert azure.path() == "/openai/deployments/mini/chat/completions?api-version=2024-10-21"
+    assert azure.headers() == {"api-key": "k"}
+    assert config("http://x", api_key="k").headers() == {"Authorization": "Bearer k"}
+    assert config("http://x").headers() == {}
+    endpoint = Endpoint("https://example.com:8443/base/", 5.0)
+    assert (endpoint.https, endpoint.host, endpoint.port, endpoint.base) == (True, "example.com", 8443, "/base")
+    assert Endpoint("http://example.com", 5.0).port == 80 and Endpoint("https://example.com", 5.0).port == 443
+
+
+def test_engine_version_and_model_discovery(engine: str) -> None:
+    assert engine_version(engine) == "0.0.0-fake" and engine_version(engine + "/v1", "a-key") == "0.0.0-fake"
+    assert discover_model(engine, None) == "m1" and discover_model(engine + "/v1", "k") == "m1"
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    assert engine_version(down) is None
+    with pytest.raises(UsageError, match="Could not list the models") as e:
+        discover_model(down, None)
+    assert e.value.hint == "Pass --model."
