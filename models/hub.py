@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import hashlib
 import json
 import os
 import shutil
@@ -30,10 +29,12 @@ from deploykit.core.errors import (
     CorruptDownloadError,
     GatedModelError,
     HubUnreachableError,
+    LockError,
     NotEnoughDiskError,
     NotFoundError,
 )
 from deploykit.models.catalog import Catalog
+from deploykit.models.lock import Lock, LockedFile, LockEntry, check_model, entry_for, sha256_file
 from deploykit.models.resolve import check_repo_id, resolve
 from deploykit.models.store import LocalModel, ModelStore
 
@@ -161,14 +162,26 @@ def pull(
     cache_dir: Path | None = None,
     disk_free: Callable[[Path], int] = lambda p: shutil.disk_usage(p).free,
     progress: Callable[[str], None] = lambda _m: None,
+    lock: Lock | None = None,
+    locked: bool = False,
 ) -> LocalModel:
-    """Download a model for serving and record it in the store; an already verified model is reused."""
+    """Download a model for serving and record it in the store; an already verified model is reused.
+
+    With a `lock`, the pull records what it resolved there (the commit, each file's size and sha256);
+    `locked` instead refuses anything the lock does not list: another commit, another file, other bytes.
+    """
     model = resolve(name, store, catalog)
     alias, repo, revision = model.alias, model.hub_repo(), model.revision
+    entry = lock.get(alias) if locked and lock is not None else None
     cache = Path(cache_dir or hf_constants.HF_HUB_CACHE)
     existing = store.find(alias)
     verified = existing is not None and existing.format == "hub" and existing.path.is_dir()
     if existing is not None and verified and (offline or revision == existing.fingerprint):
+        if entry is not None:
+            progress("checking the files against the lock")
+            check_model(existing, entry)
+        elif lock is not None and alias not in lock.entries:
+            lock.put(entry_for(existing, repo=repo, revision=revision, commit=existing.fingerprint))
         return existing  # verified when it was pulled; a commit does not change
     if offline:
         raise NotFoundError(
@@ -177,6 +190,8 @@ def pull(
     progress(f"asking the hub about {repo}@{revision}")
     remote = remote_model(repo, revision, token=token, endpoint=endpoint)
     files = serving_files(remote.files)
+    if entry is not None:
+        _check_remote(remote, files, entry)
     if not any(f.path.endswith(_WEIGHT_SUFFIXES) for f in files):
         raise NotFoundError(f"{repo} has no weights deploykit can serve (safetensors, .bin or .pt).")
     missing = sum(f.size for f in files if not _cached(cache, repo, remote.revision, f))
@@ -201,10 +216,40 @@ def pull(
             )
         )
     progress("verifying sizes and sha256")
-    verify(snapshot, files)
-    return store.link(
+    digests = verify(snapshot, files)
+    local = store.link(
         alias, snapshot, source=f"hf://{repo}@{remote.revision}", format="hub", fingerprint=remote.revision
     )
+    if entry is not None:
+        check_model(local, entry)
+    elif lock is not None:
+        lock.put(entry_for(local, repo=repo, revision=revision, commit=remote.revision, known=digests))
+    return local
+
+
+def _check_remote(remote: RemoteModel, files: list[RemoteFile], entry: LockEntry) -> None:
+    """Before any download: the hub's commit and file list are the locked ones."""
+    if remote.revision != entry.commit:
+        raise LockError(
+            f"{remote.repo} is now commit {remote.revision[:12]} on the hub; the lock says "
+            f"{(entry.commit or 'none (a local import)')[:12]}.",
+            f"Get the locked files with `deploykit pull {remote.repo}@{entry.commit} --locked`, or take the new "
+            "commit on purpose with `deploykit pull` without --locked (it rewrites the lock).",
+        )
+    locked = entry.by_path()
+    problems = [f"{f.path}: not in the lock" for f in files if f.path not in locked]
+    problems += [f"{path}: no longer on the hub" for path in sorted(locked.keys() - {f.path for f in files})]
+    problems += [
+        f"{f.path}: the hub's sha256 differs from the lock"
+        for f in files
+        if f.path in locked and f.sha256 is not None and f.sha256 != locked[f.path].sha256
+    ]
+    if problems:
+        raise LockError(
+            f"{remote.repo}@{remote.revision[:12]} does not match the lock.",
+            "Update the lock on purpose with `deploykit pull` (without --locked).",
+            details=problems[:10],
+        )
 
 
 def _download_lfs_resumably(
@@ -228,14 +273,17 @@ def _download_lfs_resumably(
         partial.replace(blobs / f.sha256)
 
 
-def verify(snapshot: Path, files: list[RemoteFile]) -> None:
-    """Each file has the hub's size and, for LFS files, its sha256; a bad copy is deleted."""
+def verify(snapshot: Path, files: list[RemoteFile]) -> dict[str, str]:
+    """Each file has the hub's size and, for LFS files, its sha256; a bad copy is deleted. Returns each
+    file's sha256 (for the lock)."""
+    digests = {}
     for f in files:
         local = snapshot / f.path
         size = local.stat().st_size if local.exists() else -1
         bad = size != f.size
-        if not bad and f.sha256 is not None:
-            bad = _sha256(local) != f.sha256
+        if not bad:
+            digests[f.path] = sha256_file(local)
+            bad = f.sha256 is not None and digests[f.path] != f.sha256
         if bad:
             blob = local.resolve()
             local.unlink(missing_ok=True)
@@ -245,6 +293,7 @@ def verify(snapshot: Path, files: list[RemoteFile]) -> None:
                 f"{f.path} does not match the hub's {what}; the bad copy was deleted.",
                 "Run the pull again; if it fails again, the hub or a proxy is serving a damaged file.",
             )
+    return digests
 
 
 def delete_model(store: ModelStore, alias: str, cache_dir: Path | None = None) -> int:
@@ -291,13 +340,49 @@ def _cached(cache: Path, repo: str, revision: str, f: RemoteFile) -> bool:
     return isinstance(path, str) and os.path.getsize(path) == f.size
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _gib(n: float) -> str:
     return f"{n / 1024**3:.2f} GiB"
+
+
+def lock_model(
+    name: str,
+    *,
+    store: ModelStore,
+    catalog: Catalog,
+    lock: Lock,
+    token: str | None = None,
+    endpoint: str | None = None,
+    cache_dir: Path | None = None,
+) -> LockEntry:
+    """Lock what `serve NAME` would serve: the stored copy if there is one (its files hashed here), else what
+    the hub resolves NAME to now, without downloading the weights (the hub lists their sha256; the small
+    files, config and tokenizer, are fetched into the HF cache to hash them)."""
+    model = resolve(name, store, catalog)
+    if model.local is not None:
+        local = model.local
+        commit = local.fingerprint if local.format == "hub" else None
+        repo = model.repo if commit is not None else None
+        entry = entry_for(local, repo=repo, revision=model.revision if repo else None, commit=commit)
+    else:
+        repo = model.hub_repo()
+        remote = remote_model(repo, model.revision, token=token, endpoint=endpoint)
+        locked = []
+        for f in serving_files(remote.files):
+            digest = f.sha256
+            if digest is None:
+                with hub_errors(repo):
+                    path = hf.hf_hub_download(
+                        repo, f.path, revision=remote.revision, token=token, endpoint=endpoint, cache_dir=cache_dir
+                    )
+                digest = sha256_file(Path(path))
+            locked.append(LockedFile(f.path, f.size, digest))
+        entry = LockEntry(
+            model.alias,
+            f"hf://{repo}@{remote.revision}",
+            tuple(sorted(locked, key=lambda f: f.path)),
+            repo,
+            model.revision,
+            remote.revision,
+        )
+    lock.put(entry)
+    return entry

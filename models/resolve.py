@@ -46,6 +46,12 @@ class ResolvedModel:
             raise UsageError(f"{self.entry.alias} is a managed service ({self.entry.provider}); it has no weights.")
         raise NotFoundError(f"{self.name} is not downloaded yet.", f"Pull it first: deploykit pull {self.name}")
 
+    def stored(self) -> LocalModel:
+        """The copy in the store, or the error that says how to get one."""
+        if self.local is None:
+            raise NotFoundError(f"{self.name} is not in the local store.", f"Pull it first: deploykit pull {self.name}")
+        return self.local
+
     def hub_repo(self) -> str:
         """The repo to pull from, or the error that says why there is none."""
         if self.repo is not None:

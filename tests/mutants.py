@@ -93,7 +93,7 @@ def run(max_children: int) -> int:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     log = STAGING / "mutmut.log"
     mutmut = Path(sys.executable).with_name("mutmut")
-    with log.open("w") as out:
+    with log.open("a") as out:
         code = subprocess.run(
             [str(mutmut), "run", "--max-children", str(max_children)], cwd=STAGING, env=env, stdout=out, stderr=out
         ).returncode
@@ -151,10 +151,12 @@ def main() -> None:
     parser.add_argument("modules", nargs="*", help="repository paths or globs (default: the modules of issue #20)")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--report-only", action="store_true", help="print the scores of the last run")
+    parser.add_argument("--resume", action="store_true", help="go on with an interrupted run (same code, same modules)")
     args = parser.parse_args()
     if not args.report_only:
         started = time.monotonic()
-        stage(args.modules or list(MODULES))
+        if not args.resume:
+            stage(args.modules or list(MODULES))
         run(args.max_children)
         print(f"{(time.monotonic() - started) / 60:.0f} minutes")
     print(report(scores()))

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
 from rich.markdown import Markdown
 from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
 from deploykit.card import ModelCard, fits_here, show_model
 from deploykit.cli.console import err, human_bytes, out, print_json
-from deploykit.cli.options import JsonOpt
+from deploykit.cli.options import JsonOpt, LockedOpt, LockFileOpt
+from deploykit.core.errors import UsageError
 from deploykit.core.settings import Settings
+from deploykit.models.bundle import export_bundle, import_bundle, is_bundle
 from deploykit.models.catalog import load_catalog, parse_params
-from deploykit.models.hub import HubCard, delete_model, pull, read_card
+from deploykit.models.hub import HubCard, delete_model, lock_model, pull, read_card
 from deploykit.models.importer import import_model
+from deploykit.models.lock import Lock
+from deploykit.models.resolve import resolve
 from deploykit.models.store import ModelStore
 from deploykit.serve.hardware import detect_hardware
 
@@ -30,22 +38,43 @@ def _store() -> ModelStore:
 
 @app.command("import")
 def import_(
-    path: Path = typer.Argument(..., help="A .gguf file or a Hugging Face model directory."),
-    alias: str = typer.Option(..., "--alias", help="The name to serve it under."),
-    force: bool = typer.Option(False, "--force", help="Replace a model already stored under ALIAS."),
+    path: Path = typer.Argument(..., help="A bundle (.tar from `models export`), a .gguf file or a model directory."),
+    alias: str = typer.Option(None, "--alias", help="The name to serve it under (a bundle names its models)."),
+    force: bool = typer.Option(False, "--force", help="Replace a model already stored under that name."),
+    lock_file: LockFileOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Import a model into the local store as a Hugging Face directory the engine can load.
+    """Import a bundle, a GGUF file or a model directory into the local store.
 
-    A GGUF file is converted once (dequantized to bfloat16 safetensors, tokenizer and chat template kept).
-    Importing the same file under the same alias again does nothing.
+    The model becomes a Hugging Face directory the engine can load.
+    A bundle is checked file by file against the sha256 its lock entries carry, and imported whole or not
+    at all; its entries go into the lock file, so `serve --locked` serves exactly those bytes. A GGUF file
+    is converted once (dequantized to bfloat16 safetensors, tokenizer and chat template kept). Importing
+    the same file under the same alias again does nothing.
 
     Examples:
+
+      deploykit models import smollm2.tar                  # a bundle, on a machine without the hub
 
       deploykit models import ./SmolLM2-135M-Instruct.Q4_1.gguf --alias smollm2-135m
 
       deploykit models import ~/models/my-finetune --alias my-finetune
     """
+    settings = Settings()
+    if is_bundle(path):
+        if alias is not None:
+            raise UsageError("A bundle names its own models; leave out --alias.")
+        with _bytes_progress(f"Importing {path.name}") as step:
+            models = import_bundle(
+                path, _store(), lock=Lock.read(lock_file or settings.lock_path), force=force, progress=step
+            )
+        if json_:
+            print_json([m.to_json() for m in models])
+        for m in models if not json_ else ():
+            err.print(f"Imported {m.alias} ({human_bytes(m.size_bytes)}), every file as locked.", markup=False)
+        return
+    if alias is None:
+        raise UsageError("Name the model: --alias NAME.", "For example: --alias my-finetune")
     with err.status(f"Importing {path.name}") as status:
         model, written = import_model(
             path, alias, _store(), force=force, progress=lambda m: status.update(f"Importing {path.name}: {m}")
@@ -56,6 +85,79 @@ def import_(
         err.print(f"Imported [bold]{alias}[/bold] ({human_bytes(model.size_bytes)}) into {escape(str(model.path))}")
     else:
         err.print(f"[bold]{alias}[/bold] is already imported from this source; nothing to do.")
+
+
+@app.command("export")
+def export(
+    models: list[str] = typer.Argument(..., help="Stored models to put in the bundle."),
+    output: Path = typer.Option(..., "--output", "-o", help="The bundle to write, e.g. models.tar."),
+    lock_file: LockFileOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Write stored models into one tar file for a machine that cannot reach the hub.
+
+    Each model goes with its lock entry (the lock file's, which its files must match, or one made from its
+    files now). Carry the file over and run `deploykit models import BUNDLE` there.
+
+    Examples:
+
+      deploykit models export smollm2-135m --output smollm2.tar
+    """
+    settings = Settings()
+    store = ModelStore(settings.models_dir)
+    catalog = load_catalog()
+    local = [resolve(name, store, catalog).stored() for name in models]
+    with _bytes_progress(f"Writing {output.name}") as step:
+        done = export_bundle(local, output, lock=Lock.read(lock_file or settings.lock_path), progress=step)
+    if json_:
+        print_json({"path": str(done.path), "size_bytes": done.size_bytes, "models": [e.alias for e in done.models]})
+    else:
+        names = ", ".join(e.alias for e in done.models)
+        err.print(f"Wrote {done.path} ({human_bytes(done.size_bytes)}): {names}.", markup=False)
+
+
+@app.command("lock")
+def lock(
+    models: list[str] = typer.Argument(..., help="Catalog aliases, hub repo ids (@revision) or stored models."),
+    token: str = typer.Option(None, envvar="HF_TOKEN", help="Hub token, for gated models (default: HF_TOKEN)."),
+    lock_file: LockFileOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Record in the lock file each model's commit and the sha256 of its files, without downloading weights.
+
+    For a stored model, its files as they are here (hashed now); for one not here, the commit the hub
+    resolves it to now, with the sha256 the hub lists for the weights (the small files are fetched to hash).
+
+    `pull --locked` and `serve --locked` then refuse anything else: commit the lock with the deployment.
+
+    Examples:
+
+      deploykit models lock smollm2-135m qwen2.5-7b-instruct --lock-file ./deploykit.lock
+    """
+    settings = Settings()
+    store, catalog = ModelStore(settings.models_dir), load_catalog()
+    lock_ = Lock.read(lock_file or settings.lock_path)
+    entries = []
+    with err.status("Locking") as status:
+        for name in models:
+            status.update(f"Locking {name}")
+            entries.append(lock_model(name, store=store, catalog=catalog, lock=lock_, token=token))
+    if json_:
+        print_json([{**asdict(e), "size_bytes": e.size} for e in entries])
+        return
+    for e in entries:
+        what = f"commit {e.commit[:12]}" if e.commit else e.source
+        err.print(f"Locked {e.alias}: {what}, {len(e.files)} files, {human_bytes(e.size)}.", markup=False)
+    err.print(f"Lock file: {lock_.path}", markup=False)
+
+
+@contextlib.contextmanager
+def _bytes_progress(what: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar in bytes, on stderr; yields the callback that moves it."""
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 @app.command("list")
@@ -166,8 +268,9 @@ def show(
     offline: bool = typer.Option(False, "--offline", help="Show only what is cached; never ask the hub."),
     json_: JsonOpt = False,
 ) -> None:
-    """The model card: catalog facts, the hub's README card and files (cached, so shown offline too),
-    memory at each dtype, and the fit on this machine.
+    """The model card: catalog facts, the hub's card and files, memory per dtype, fit on this machine.
+
+    The hub's README card and file listing are cached, so they show offline too.
 
     Examples:
 
@@ -259,13 +362,16 @@ def pull_command(
     model: str = typer.Argument(..., help="Catalog alias or hub repo id, optionally @revision."),
     token: str = typer.Option(None, envvar="HF_TOKEN", help="Hub token, for gated models (default: HF_TOKEN)."),
     offline: bool = typer.Option(False, "--offline", help="Use only the local cache; never ask the hub."),
+    locked: LockedOpt = False,
+    lock_file: LockFileOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Download a model from the Hugging Face hub for serving, into the standard HF cache (HF_HOME).
 
     Only what serving needs is fetched (config, tokenizer, chat template, one weight format, safetensors
     first). Free disk is checked first, an interrupted download resumes, and every file is verified against
-    the hub's sizes and sha256 before the model counts as present.
+    the hub's sizes and sha256 before the model counts as present. The commit and each file's sha256 go
+    into the lock file; with --locked, the pull instead refuses anything the lock does not name.
 
     Examples:
 
@@ -274,7 +380,10 @@ def pull_command(
       deploykit pull meta-llama/Llama-3.1-8B-Instruct --token hf_...
 
       deploykit pull Qwen/Qwen2.5-7B-Instruct@main
+
+      deploykit pull smollm2-135m --locked        # exactly what deploykit.lock names, or an error
     """
+    settings = Settings()
     with err.status(f"Pulling {model}") as status:
         local = pull(
             model,
@@ -283,6 +392,8 @@ def pull_command(
             token=token,
             offline=offline,
             progress=lambda m: status.update(f"Pulling {model}: {m}"),
+            lock=Lock.read(lock_file or settings.lock_path),
+            locked=locked,
         )
     if json_:
         print_json(local.to_json())

@@ -14,11 +14,12 @@ from rich.status import Status
 from rich.table import Table
 
 from deploykit.cli.console import err, out, print_json
-from deploykit.cli.options import DEFAULT_MODEL, HostOpt, JsonOpt, PortOpt
+from deploykit.cli.options import DEFAULT_MODEL, HostOpt, JsonOpt, LockedOpt, LockFileOpt, PortOpt
 from deploykit.core.errors import UsageError
 from deploykit.core.settings import Settings
 from deploykit.models.catalog import load_catalog
 from deploykit.models.hub import pull
+from deploykit.models.lock import Lock, check_models
 from deploykit.models.prices import load_prices
 from deploykit.models.resolve import resolve
 from deploykit.models.store import ModelStore
@@ -89,6 +90,8 @@ def serve(
     ),
     spill_queue: int | None = typer.Option(None, help="Spill when ready replicas average this many requests."),
     spill_ttft: float | None = typer.Option(None, help="Spill when the model's recent TTFT exceeds this (s)."),
+    locked: LockedOpt = False,
+    lock_file: LockFileOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Serve MODELS with vLLM behind one gateway on http://HOST:PORT (Ctrl-C or SIGTERM stops all).
@@ -115,6 +118,8 @@ def serve(
 
       deploykit serve qwen2.5-7b-instruct --yes    # pull from the hub first
 
+      deploykit serve smollm2-135m --locked        # only the exact files deploykit.lock names
+
       deploykit serve --host 0.0.0.0               # API keys required (`deploykit keys create`)
 
       deploykit serve --spill smollm2-135m=gpt-4o-mini@https://api.openai.com/v1 --spill-queue 8
@@ -125,8 +130,12 @@ def serve(
         raise UsageError("Name the models before `--`.", "For example: deploykit serve smollm2-135m -- --enforce-eager")
     settings = Settings()
     store = ModelStore(settings.models_dir)
+    lock = Lock.read(lock_file or settings.lock_path)
     if not dry_run:
-        models = [m if store.find(m) is not None else _pull_first(store, m, yes) for m in models]
+        models = [m if store.find(m) is not None else _pull_first(store, m, yes, lock, locked) for m in models]
+        if locked:
+            with err.status("Checking the models against the lock"):
+                check_models([store.get(m) for m in models], lock)
     adapters = [read_adapter(spec) for spec in lora]
     plans = prepare(
         settings, models, replicas=replicas, adapters=adapters, engine_args=engine_args, engine_port=engine_port or None
@@ -169,7 +178,7 @@ def _split_engine_args(positional: list[str], extra: list[str]) -> tuple[list[st
     return positional, extra
 
 
-def _pull_first(store: ModelStore, model: str, yes: bool) -> str:
+def _pull_first(store: ModelStore, model: str, yes: bool, lock: Lock, locked: bool) -> str:
     catalog = load_catalog()
     resolved = resolve(model, store, catalog)  # an unknown name fails here, with close matches
     repo, revision = resolved.hub_repo(), resolved.revision
@@ -184,6 +193,8 @@ def _pull_first(store: ModelStore, model: str, yes: bool) -> str:
         store=store,
         catalog=catalog,
         progress=lambda m: err.print(f"{model}: {m}", highlight=False, markup=False),
+        lock=lock,
+        locked=locked,
     )
     return local.alias
 

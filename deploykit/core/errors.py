@@ -17,7 +17,8 @@
     │   ├── HubUnreachableError              the Hugging Face hub (or HF_ENDPOINT) could not be reached
     │   ├── CorruptDownloadError             a downloaded file does not match the hub's size or sha256
     │   └── LoadTestError                    the load generator or one of its workers failed
-    └── ModelImportError            exit 7
+    ├── ModelImportError            exit 7
+    └── LockError                   exit 8   a model differs from deploykit.lock (or the lock is unusable)
 
 The library raises these; only the CLI entry point prints them. The gateway's errors are for HTTP clients
 instead (serve/gateway/errors.py: an OpenAI-shaped body and a status code).
@@ -122,3 +123,7 @@ class LoadTestError(ServiceError):
 
 class ModelImportError(DeploykitError):
     exit_code = 7
+
+
+class LockError(DeploykitError):
+    exit_code = 8

@@ -33,5 +33,10 @@ class Settings(BaseSettings):
         return self.home / "models"
 
     @property
+    def lock_path(self) -> Path:
+        """deploykit.lock when no --lock-file names another (DEPLOYKIT_LOCK sets that flag too)."""
+        return self.home / "deploykit.lock"
+
+    @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
