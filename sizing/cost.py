@@ -238,28 +238,51 @@ def volumes(around: float) -> list[float]:
     return [10 ** (low + i / 8) for i in range(6 * 8 + 1)]
 
 
-def plot_png(report: CostReport, offers: list[ServicePrice | Provisioned]) -> bytes:
-    """Monthly cost against monthly token volume: the cheapest self-hosting options and each managed offer."""
-    import matplotlib
+@dataclass(frozen=True)
+class Series:
+    """One line of the cost plot: monthly cost at each monthly token volume."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    label: str
+    tokens: list[float]
+    usd: list[float]
+    managed: bool  # a managed offer (dashed) rather than self-hosting (a step: whole replicas)
 
+
+def plot_series(report: CostReport, offers: list[ServicePrice | Provisioned]) -> list[Series]:
+    """What the cost plot draws: the cheapest self-hosting option each way, and each managed offer, from a
+    thousandth to a thousand times the report's volume."""
     w, u = report.load, report.utilization
     xs = volumes(report.tokens_per_month)
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    lines = []
     for way in ("rent", "own"):
         best = cheapest(report.self_hosted, way)
         if best is not None:
             hosted = [self_host_cost_at(best, way, w, x, u) for x in xs]
-            ax.step(xs, hosted, where="post", label=f"{way} {best.label} (whole replicas)")
+            lines.append(Series(f"{way} {best.label} (whole replicas)", xs, hosted, managed=False))
     for offer in offers:
         scale = [x / report.tokens_per_month for x in xs]
         if isinstance(offer, ServicePrice):
             bills = [managed_monthly_usd(offer, w, u) * k for k in scale]
         else:
             bills = [managed_monthly_usd(offer, _scaled(w, k), u) for k in scale]
-        ax.plot(xs, bills, linestyle="--", label=offer.name)
+        lines.append(Series(offer.name, xs, bills, managed=True))
+    return lines
+
+
+def plot_png(report: CostReport, offers: list[ServicePrice | Provisioned]) -> bytes:
+    """Monthly cost against monthly token volume, log-log: plot_series drawn, the report's volume marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w, u = report.load, report.utilization
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for line in plot_series(report, offers):
+        if line.managed:
+            ax.plot(line.tokens, line.usd, linestyle="--", label=line.label)
+        else:
+            ax.step(line.tokens, line.usd, where="post", label=line.label)
     ax.axvline(report.tokens_per_month, color="grey", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -57,6 +57,51 @@ def test_key_names_are_unique_and_limits_positive(db: Database) -> None:
         create_key(db, "team-c", expires_at=time.time() - 1)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message", "hint"),
+    [
+        (
+            {"name": "-a"},
+            "'-a' is not a valid key name.",
+            "Use 1 to 64 letters, digits and . _ @ : - (starting with a letter or digit), e.g. team-a.",
+        ),
+        ({"models": []}, "--models names no model.", "Name at least one, or leave --models out for every model."),
+        ({"rpm": 0}, "--rpm must be at least 1 (got 0).", "Leave it out for no limit."),
+        ({"tpm": -5}, "--tpm must be at least 1 (got -5).", "Leave it out for no limit."),
+        ({"max_concurrent": 0}, "--max-concurrent must be at least 1 (got 0).", "Leave it out for no limit."),
+        ({"expires_at": 999.0}, "The expiry date is in the past.", "Give a future date, e.g. --expires 2027-01-31."),
+        ({"name": "taken"}, "A key named 'taken' exists already.", "Choose another --name, or revoke that key first."),
+    ],
+)
+def test_each_refused_key_says_what_and_what_to_do(db: Database, kwargs: dict, message: str, hint: str) -> None:  # type: ignore[type-arg]
+    create_key(db, "taken")
+    with pytest.raises(UsageError) as e:
+        create_key(db, **{"name": "team-a", "now": 1000.0, **kwargs})
+    assert (e.value.message, e.value.hint) == (message, hint)
+    assert [k.name for k in list_keys(db)] == ["taken"]
+
+
+def test_keys_list_json_shows_everything_but_the_secret(db: Database) -> None:
+    key, token = create_key(db, "team-a", models=["m1", "m2"], rpm=10, tpm=500, max_concurrent=2, now=1000.0)
+    everything = create_key(db, "team-b", expires_at=2000.0, now=1000.0)[0]
+    assert key.public(1500.0) == {
+        "id": key.id,
+        "name": "team-a",
+        "models": ["m1", "m2"],
+        "rpm": 10,
+        "tpm": 500,
+        "max_concurrent": 2,
+        "created_at": 1000.0,
+        "expires_at": None,
+        "revoked_at": None,
+        "status": "active",
+    }
+    assert token.split("-")[-1] not in json.dumps(key.public(1500.0))
+    public = everything.public(2500.0)
+    assert (public["models"], public["rpm"], public["expires_at"], public["status"]) == (None, None, 2000.0, "expired")
+    assert everything.public(1999.0)["status"] == "active"
+
+
 def test_revoke_by_name_or_id(db: Database) -> None:
     key, _ = create_key(db, "team-a")
     assert revoke_key(db, key.id).status(time.time()) == "revoked"

@@ -14,10 +14,19 @@ from deploykit.core.errors import DeploykitError, NotFoundError, UsageError
 from deploykit.core.slo import parse_slos
 from deploykit.models.catalog import load_catalog
 from deploykit.models.config import ModelConfig
-from deploykit.models.prices import load_prices, stale_summary
+from deploykit.models.prices import GpuPrice, load_prices, stale_summary
 from deploykit.sizing import size_model
 from deploykit.sizing.calibration import calibrate, calibration_at, engine_warning
-from deploykit.sizing.cost import compare, cost_model, managed_monthly_usd, own_monthly_usd, self_host_cost_at
+from deploykit.sizing.cost import (
+    compare,
+    cost_model,
+    managed_monthly_usd,
+    own_monthly_usd,
+    plot_png,
+    plot_series,
+    report_html,
+    self_host_cost_at,
+)
 from deploykit.sizing.hardware import Accelerator, kv_tokens_on
 from deploykit.sizing.load import TargetLoad
 from deploykit.sizing.performance import (
@@ -140,6 +149,53 @@ def test_one_option_by_hand() -> None:
     assert option.at_load.e2e_s(100) == pytest.approx(option.at_load.ttft_s + 99 * option.at_load.tpot_s)
 
 
+def test_the_json_of_one_option_by_hand() -> None:
+    """`size --json` is what scripts read: every key, with the hand-worked option above priced at $2/h."""
+    model = ModelConfig("Toy", 10, 512, 8, 8, 64, 4096, "bfloat16", 1_000_000_000)
+    toy = Accelerator("toy", "Toy GPU", 16 * 1024**3, 1e12, 1e14, True, 300, 0.5, 0.5)
+    w = TargetLoad(200.0, 100, 100, tuple(parse_slos("tpot_p95=10ms")))
+    price = GpuPrice(gpu="toy", provider="acme", kind="rent", usd=2.0, as_of=TODAY, source="test", confidence="user")
+    option = size_option(model, toy, 1, w, 0.8, None, price)
+    assert isinstance(option, Option)
+    at = option.at_load
+    got = option.to_json(w)
+    assert got == {
+        "hardware": "toy",
+        "label": "Toy GPU",
+        "bandwidth_gbps": 1000.0,
+        "tflops": 100.0,
+        "tensor_parallel": 1,
+        "replicas": 3,
+        "devices": 3,
+        "kv_cache_tokens_per_replica": 578_672,
+        "max_concurrency_per_replica": 86,
+        "capacity_rps": pytest.approx(3 * 107.82687518811828, rel=1e-9),
+        "output_tokens_per_s": 20_000.0,  # 200 req/s x 100
+        "concurrency_per_replica": at.concurrency,  # solved in the test above
+        "ttft_s": at.ttft_s,
+        "tpot_s": at.tpot_s,
+        "e2e_s": pytest.approx(at.ttft_s + 99 * at.tpot_s),
+        "band": ANALYTIC_BAND,
+        "source": "estimated",
+        "headroom": pytest.approx(3 * 107.82687518811828 / 200 - 1, rel=1e-9),  # 61.7% spare
+        "usd_per_hour": 6.0,  # 3 GPUs x $2
+        "usd_per_month": 4380.0,  # x 730 h
+        # 200 req/s x 200 tokens x 3,600 s = 144 M tokens an hour: $6 / 144 = $0.041667 per M
+        "usd_per_mtok": pytest.approx(6 / 144),
+        "price": {
+            "as_of": TODAY.isoformat(),
+            "source": "test",
+            "confidence": "user",
+            "gpu": "toy",
+            "provider": "acme",
+            "kind": "rent",
+            "usd": 2.0,
+            "note": "",
+        },
+    }
+    assert 0 < at.concurrency < 86 and at.ttft_s < at.tpot_s * 2
+
+
 def test_workload_from_tokens_per_day() -> None:
     # 86.4 M tokens a day = 1,000 tokens/s; 768 tokens a request: 1.302 requests/s
     assert TargetLoad.from_tokens_per_day(86_400_000, 512, 256).rps == pytest.approx(1000 / 768)
@@ -147,6 +203,7 @@ def test_workload_from_tokens_per_day() -> None:
 
 def test_options_are_ranked_by_cost_and_meet_the_slo() -> None:
     w = TargetLoad(5.0, 512, 256, tuple(parse_slos("ttft_p95=1s,tpot_p95=50ms")))
+    w_slos = ["ttft_p95=1.0s", "tpot_p95=0.05s"]
     devices = [gpu(n) for n in ("l4", "h100-sxm", "a100-80gb")]
     sizing = size("llama-3.1-8b-instruct", LLAMA8, w, devices, PRICES)
     costs = [o.usd_per_hour for o in sizing.options]
@@ -159,6 +216,15 @@ def test_options_are_ranked_by_cost_and_meet_the_slo() -> None:
     # one L4 is too slow per token (16 GB / (300 GB/s x 0.75) = 71 ms), so it needs tensor parallel
     assert all(o.tp > 1 for o in sizing.options if o.hardware.name == "l4")
     assert any(i.hardware == "l4" and i.tp == 1 and "tpot" in i.reason for i in sizing.infeasible)
+    # `size --json`: the load as asked, each option as in test_the_json_of_one_option_by_hand, what failed and why
+    data = sizing.to_json()
+    assert data["model"] == "llama-3.1-8b-instruct" and data["calibration"] is None and data["warnings"] == []
+    assert data["workload"] == {"rps": 5.0, "input_tokens": 512, "output_tokens": 256, "slos": w_slos}
+    assert data["options"] == [o.to_json(w) for o in sizing.options]
+    [l4] = [i for i in data["infeasible"] if i["hardware"] == "l4" and i["tp"] == 1]  # type: ignore[attr-defined, index]
+    # 16 GB of weights / (300 GB/s x 0.75) = 71 ms a token at best, x 1.25 for the band > 50 ms: 1.8 times over
+    assert l4["reason"].startswith("misses the SLO even with one request in flight: tpot 72.")
+    assert l4["reason"].endswith("ms (+25%) > 50 ms") and l4["shortfall"] == pytest.approx(1.8, abs=0.01)
 
 
 def test_an_impossible_slo_or_a_model_that_fits_nowhere_says_what_comes_closest() -> None:
@@ -270,6 +336,78 @@ def test_break_even_and_the_utilization_it_needs() -> None:
     # 0.5 req/s x 768 tokens = 1.0 B tokens a month at $0.18/M = $181.53: neither way pays yet
     assert managed.monthly_usd == pytest.approx(0.5 * 3600 * 730 * 768 * 0.18e-6)
     assert report.verdict.count("does not pay at 1.01 B tokens a month") == 2
+    # `cost --json`, every key: the figures above, and the volume at which each way pays
+    assert report.to_json() == {
+        "model": "llama-3.1-8b-instruct",
+        "rps": 0.5,
+        "input_tokens": 512,
+        "output_tokens": 256,
+        "utilization": 1.0,
+        "tokens_per_month": 0.5 * 768 * 3600 * 730,
+        "self_hosted": [
+            {
+                "option": "1 x a100-80gb",
+                "hardware": "a100-80gb",
+                "devices": 1,
+                "rent_usd_per_month": pytest.approx(949.0),
+                "own_usd_per_month": pytest.approx(456.25, abs=0.01),
+                "source": "estimated",
+            }
+        ],
+        "managed": [
+            {
+                "name": "llama-3.1-8b@together",
+                "provider": "together",
+                "monthly_usd": pytest.approx(0.5 * 3600 * 730 * 768 * 0.18e-6),
+                "break_even": [
+                    {"way": "rent", "option": "1 x a100-80gb", "tokens": rent.tokens, "utilization": rent.utilization},
+                    {"way": "own", "option": "1 x a100-80gb", "tokens": own.tokens, "utilization": own.utilization},
+                ],
+            }
+        ],
+        "verdict": "Renting 1 x a100-80gb costs $949/month against $182 for llama-3.1-8b@together: self-hosting "
+        "does not pay at 1.01 B tokens a month; it would above 5.27 B, with a replica busy 21% of the time. "
+        "Owning 1 x a100-80gb costs $456/month against $182 for llama-3.1-8b@together: self-hosting does not pay "
+        "at 1.01 B tokens a month; it would above 2.53 B, with a replica busy 10% of the time.",
+        "warnings": [],
+    }
+    assert 0 < own.utilization < rent.utilization < 1  # type: ignore[operator]
+
+
+def test_the_cost_plot_and_report_by_hand() -> None:
+    """The lines `cost --plot` draws and the tables of `--html`, on the break-even case above plus Azure PTUs."""
+    w = TargetLoad(0.5, 512, 256)
+    sizing = size("llama-3.1-8b-instruct", LLAMA8, w, [gpu("a100-80gb")], PRICES, max_utilization=1.0)
+    offers = [PRICES.find("llama-3.1-8b@together"), PRICES.provisioned["gpt-4o@azure-ptu"]]
+    report = compare(sizing, PRICES, offers, 1.0, w)
+    rent, own, together, ptu = plot_series(report, offers)
+    # 1.01 B tokens a month: the x axis runs 8 points a decade from 10^6 to 10^12
+    assert rent.tokens == own.tokens == together.tokens == ptu.tokens
+    assert len(rent.tokens) == 49 and rent.tokens[0] == 1e6 and rent.tokens[8] == pytest.approx(1e7)
+    assert rent.tokens[-1] == pytest.approx(1e12)
+    assert (rent.label, rent.managed) == ("rent 1 x a100-80gb (whole replicas)", False)
+    assert (own.label, together.label, ptu.label) == ("own 1 x a100-80gb (whole replicas)", *(o.name for o in offers))
+    assert together.managed and ptu.managed and not own.managed
+    # one replica serves 12.49 req/s x 768 tokens x 2.628 M s = 25.2 B tokens a month: $949 (or $456.25) per
+    # replica up to there; 10^12 tokens need 40 replicas
+    assert rent.usd[0] == rent.usd[24] == pytest.approx(949.0) and rent.usd[-1] == pytest.approx(40 * 949.0)
+    assert own.usd[0] == pytest.approx(456.25, abs=0.01) and own.usd[-1] == pytest.approx(40 * 456.2456, rel=1e-6)
+    # $0.18 per M tokens, in or out
+    assert together.usd[0] == pytest.approx(0.18) and together.usd[-1] == pytest.approx(180_000)
+    # PTUs for 0.5 req/s scaled to the volume: 30 req/min x k x (512 + 4 x 256) TPM / 2,500 per unit, at least
+    # 15 units, $2 a unit-hour x 730 h: 15 units at 10^6 tokens, 19 at 10^9 (k = 0.991), 18,265 at 10^12
+    assert ptu.usd[0] == pytest.approx(15 * 1460) and ptu.usd[24] == pytest.approx(19 * 1460)
+    assert ptu.usd[-1] == pytest.approx(18_265 * 1460)
+    page = report_html(report, b"PNG")
+    assert "<title>deploykit cost: llama-3.1-8b-instruct</title>" in page
+    assert f"<p>{report.verdict}</p>" in page and 'src="data:image/png;base64,UE5H"' in page
+    assert "<tr><td>1 x a100-80gb</td><td>$949</td><td>$456</td><td>estimated</td></tr>" in page
+    assert (
+        "<tr><td>llama-3.1-8b@together</td><td>$182</td><td>5.27 B (21% busy)</td><td>2.53 B (10% busy)</td></tr>"
+        in page
+    )
+    assert "<tr><td>gpt-4o@azure-ptu</td><td>$27,740</td><td>-</td><td>-</td></tr>" in page
+    assert plot_png(report, offers).startswith(b"\x89PNG")
 
 
 def test_cost_model_sizes_for_the_peak_and_prices_the_mean() -> None:
