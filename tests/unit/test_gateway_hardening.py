@@ -19,6 +19,7 @@ from deploykit.serve.accounting.database import Database
 from deploykit.serve.accounting.keys import create_key
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
+from deploykit.serve.gateway.errors import unexpected_error_response
 from deploykit.serve.gateway.proxy import engine_session
 from deploykit.serve.gateway.spill import parse_spill
 from deploykit.serve.gateway.tokens import budget_tokens
@@ -360,3 +361,15 @@ async def test_no_credential_reaches_the_engine_or_the_log(
     assert seen.get("x-request-id") == "r-1"
     assert not {"authorization", "api-key", "cookie"} & set(seen), seen
     assert token not in json.dumps(seen) and token.split("-")[-1] not in caplog.text
+
+
+def test_an_unexpected_error_is_a_500_that_names_only_its_class(caplog: pytest.LogCaptureFixture) -> None:
+    try:
+        raise KeyError("secret-engine-url")
+    except KeyError as e:
+        response = unexpected_error_response(e)
+    assert response.status_code == 500
+    assert json.loads(bytes(response.body)) == {
+        "error": {"message": "Internal gateway error: KeyError", "type": "server_error", "param": None, "code": None}
+    }
+    assert "unexpected error in the gateway" in caplog.text and "secret-engine-url" in caplog.text  # in the log only

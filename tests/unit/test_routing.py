@@ -13,7 +13,7 @@ from deploykit.core.ports import free_port
 from deploykit.serve.accounting.database import Database
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.proxy import engine_session
-from deploykit.serve.gateway.routing import Model
+from deploykit.serve.gateway.routing import Model, unavailable
 from deploykit.serve.hardware import Gpu, Hardware
 from tests.unit.gateway_support import chat, client_of
 
@@ -25,6 +25,26 @@ def replicas(*outstanding: int, status: str = "ready") -> list[Backend]:
         Backend("m", f"http://r{i}", None, status=status, outstanding=n)  # type: ignore[arg-type]
         for i, n in enumerate(outstanding)
     ]
+
+
+@pytest.mark.parametrize(
+    ("statuses", "message"),
+    [
+        (("starting",), "The engine for 'm' is still starting; GET /ready says when it can serve."),
+        (("stopped", "starting"), "The engine for 'm' is still starting; GET /ready says when it can serve."),
+        (("stopped", "stopped"), "No replica of 'm' can serve now; they are being restarted."),
+        (("stopped",), "The engine for 'm' is not running; the gateway is restarting it."),
+    ],
+)
+def test_the_503_says_why_no_replica_serves(statuses: tuple[str, ...], message: str) -> None:
+    model = Model("m", [b for s in statuses for b in replicas(0, status=s)])
+    error = unavailable(model)
+    assert (error.status, error.message, error.type, error.code) == (
+        503,
+        message,
+        "service_unavailable",
+        "engine_unavailable",
+    )
 
 
 def test_the_least_busy_ready_replica_is_picked() -> None:
