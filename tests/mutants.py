@@ -14,8 +14,10 @@ in a subprocess counts as "no test" (tests/integration/test_serve_in_process.py 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -146,11 +148,86 @@ def survivors() -> list[str]:
     return [line.strip() for line in result.stdout.splitlines() if line.strip()]
 
 
+def recheck(names: list[str], timeout_s: float = 300) -> list[str]:
+    """Run each surviving mutant against the whole test files that reach its function; returns those that
+    still survive. mutmut runs a mutant only against the tests it saw reach the function, and it credits a
+    module- or session-scoped fixture's calls to the one test that set the fixture up: a gateway started once
+    for a file (tests/integration/test_connections.py) is checked by one of that file's tests, not by the
+    one that would fail. The verdicts found here are reported beside mutmut's, not written into its data."""
+    stats = json.loads((STAGING / "mutants" / "mutmut-stats.json").read_text())["tests_by_mangled_function_name"]
+    env = {**os.environ, "PYTHONPATH": str(STAGING / "mutants" / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
+    alive = []
+    for name in names:
+        function = name.rsplit("__mutmut_", 1)[0]
+        files = sorted({test.split("::")[0] for test in stats.get(function, ())})
+        if not files:
+            alive.append(name)
+            continue
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+        try:
+            result = subprocess.run(
+                [*command, *(f"mutants/{f}" for f in files)],
+                cwd=STAGING,
+                env={**env, "MUTANT_UNDER_TEST": name},
+                capture_output=True,
+                timeout=timeout_s,
+            )
+            if result.returncode == 0:
+                alive.append(name)
+        except subprocess.TimeoutExpired:
+            pass  # a mutant that hangs the tests is caught (mutmut counts a timeout as killed)
+    return alive
+
+
+_STRING = re.compile(r"""[rbuf]*("[^"\\]*(?:\\.[^"\\]*)*"|'[^'\\]*(?:\\.[^'\\]*)*')""", re.IGNORECASE)
+
+
+def survivor_kinds(names: list[str]) -> dict[str, Counter[str]]:
+    """Per module, the surviving mutants by kind: 'text' when the mutation only changed, emptied or removed
+    a string literal (a message, a hint, a label: what people read), 'logic' otherwise."""
+    sys.path.insert(0, str(STAGING))
+    cwd = os.getcwd()
+    os.chdir(STAGING)
+    try:
+        from mutmut.mutation.diff_apply import find_mutant, get_diff_for_mutant
+
+        kinds: dict[str, Counter[str]] = {}
+        for name in names:
+            diff = get_diff_for_mutant(name, path=find_mutant(name).path)
+            old = [line[1:] for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
+            new = [line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+            module = _repo_path(str(find_mutant(name).path.relative_to("src")))
+            kinds.setdefault(module, Counter())["text" if _only_text(old, new) else "logic"] += 1
+        return kinds
+    finally:
+        os.chdir(cwd)
+
+
+def _module_of(mutant: str) -> str:
+    """serve/gateway/server.py for deploykit.serve.gateway.server.x__limited_protocol__mutmut_70."""
+    dotted = mutant.split(".x")[0].split(".xǁ")[0]
+    return _repo_path(dotted.replace(".", "/") + ".py")
+
+
+def _only_text(old: list[str], new: list[str]) -> bool:
+    def bare(lines: list[str]) -> str:
+        text = _STRING.sub("S", " ".join(lines))
+        return re.sub(r"\bNone\b|S|[\s,()]", "", text)
+
+    return bool(_STRING.search(" ".join(old))) and bare(old) == bare(new)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="*", help="repository paths or globs (default: the modules of issue #20)")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--report-only", action="store_true", help="print the scores of the last run")
+    parser.add_argument(
+        "--recheck",
+        nargs="+",
+        metavar="MODULE",
+        help="after the run, check these modules' survivors against whole test files (see recheck())",
+    )
     parser.add_argument("--resume", action="store_true", help="go on with an interrupted run (same code, same modules)")
     args = parser.parse_args()
     if not args.report_only:
@@ -161,6 +238,18 @@ def main() -> None:
         print(f"{(time.monotonic() - started) / 60:.0f} minutes")
     print(report(scores()))
     left = survivors()
+    survived = [line.split(":")[0] for line in left if line.endswith(": survived")]
+    if args.recheck:
+        chosen = [n for n in survived if any(fnmatch.fnmatch(_module_of(n), p) for p in args.recheck)]
+        alive = set(recheck(chosen))
+        print(f"\nRechecked {len(chosen)} survivors against whole test files: {len(chosen) - len(alive)} killed.")
+        for module in sorted({_module_of(n) for n in chosen}):
+            mine = [n for n in chosen if _module_of(n) == module]
+            print(f"  {module}: {len(mine) - len(alive & set(mine))} of {len(mine)} killed")
+        survived = [n for n in survived if n not in set(chosen) - alive]
+    print("\n| module | survived | text only (messages, hints, labels) | logic |\n|---|---|---|---|")
+    for module, kinds in sorted(survivor_kinds(survived).items()):
+        print(f"| {module} | {kinds.total()} | {kinds['text']} | {kinds['logic']} |")
     print(f"\n{len(left)} mutants left (in {STAGING}: mutmut show NAME):")
     print("\n".join(left))
 

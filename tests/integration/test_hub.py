@@ -21,6 +21,7 @@ from deploykit.card import HubReader, show_model
 from deploykit.core.errors import CorruptDownloadError, GatedModelError, NotEnoughDiskError, NotFoundError
 from deploykit.models.catalog import load_catalog
 from deploykit.models.hub import (
+    DISK_MARGIN,
     HubCard,
     delete_model,
     pull,
@@ -198,6 +199,40 @@ def test_show_reads_the_hub_card_and_shows_it_from_cache_offline(
         cached = show_model(store, CATALOG, "all-minilm-l6-v2", LAPTOP, read_hub=reader)
         assert cached.hub is not None and cached.hub.from_cache
         assert cached.hub.readme == live.hub.readme and cached.hub.files == live.hub.files
+
+
+def test_the_card_in_full_live_then_from_cache_then_for_a_gated_repo(hub: FakeHub, tmp_path: Path) -> None:
+    repo = hub.repos[MINILM]
+    listings = tmp_path / "deep" / "listings"  # created, parents too
+
+    def read(name: str, **kw: object) -> HubCard | None:
+        return read_card(name, "main", listings=listings, endpoint=hub.url, cache_dir=tmp_path / "hf", **kw)  # type: ignore[arg-type]
+
+    live = read(MINILM)
+    expected_files = tuple((f.path, f.size, f.sha256) for f in repo.files.values())
+    assert live is not None
+    assert (live.repo, live.revision, live.from_cache) == (MINILM, repo.sha, False)  # the commit, not "main"
+    assert live.readme == (minilm_snapshot() / "README.md").read_text()
+    assert live.config == json.loads((minilm_snapshot() / "config.json").read_text())
+    assert tuple((f.path, f.size, f.sha256) for f in live.files) == expected_files
+    cached = read(MINILM, offline=True)
+    assert cached is not None
+    assert (cached.repo, cached.revision, cached.from_cache) == (MINILM, repo.sha, True)
+    assert (cached.readme, cached.config, cached.files) == (live.readme, live.config, live.files)
+    assert read("acme/never-seen", offline=True) is None
+    assert read(LLAMA) is None  # gated, no token, nothing cached
+    gated = read(LLAMA, token=hub.token)
+    assert gated is not None and gated.config == LLAMA2_7B_CONFIG and gated.readme is None  # it has no README
+
+
+def test_a_repull_needs_room_only_for_what_is_not_cached(hub: FakeHub, store: ModelStore, tmp_path: Path) -> None:
+    do_pull(hub, store, tmp_path)
+    served = sum(hub.served.values())
+    # "main" is asked of the hub again; every file is cached at that commit, so no byte more is needed
+    assert do_pull(hub, store, tmp_path, disk_free=lambda _p: DISK_MARGIN).alias == "all-minilm-l6-v2"
+    assert sum(hub.served.values()) == served
+    with pytest.raises(NotEnoughDiskError):  # the margin is kept even then
+        do_pull(hub, store, tmp_path, disk_free=lambda _p: DISK_MARGIN - 1)
 
 
 def test_show_without_hub_or_cache_still_shows_the_catalog(store: ModelStore, tmp_path: Path) -> None:
