@@ -9,7 +9,7 @@ import pytest
 from deploykit.core.errors import UsageError
 from deploykit.core.slo import Slo, parse_slos
 from deploykit.loadtests.config import LoadTestConfig
-from deploykit.loadtests.metrics import Distribution, percentile, summarize
+from deploykit.loadtests.metrics import Distribution, meets, percentile, summarize
 from deploykit.loadtests.records import RequestRecord
 from deploykit.loadtests.report import health_problems
 from deploykit.loadtests.workload import Lengths, Prompt, Workload, load_prompts
@@ -150,3 +150,66 @@ def test_a_late_or_busy_generator_makes_the_run_invalid() -> None:
         "the load generator ran 21.8 ms late at p99 (limit 10 ms): it, not the server, may be the bottleneck"
     ]
     assert health_problems(config, on_time, cpu_percent=95) == ["the load generator used 95% of a core"]
+
+
+def test_every_figure_of_a_summary_by_hand() -> None:
+    """Each field of the summary, on records placed on the window's edges and SLOs set at their limits."""
+    a = RequestRecord(0.0, 0.5, 2.0, events=[(1.0, 1), (1.5, 2), (2.0, 1)], output_tokens=4, input_tokens=100)
+    a.usage_reported = True
+    d = RequestRecord(4.0, 4.0, 4.5, events=[(4.25, 1), (4.5, 1)], output_tokens=2, input_tokens=50)  # counted
+    e = RequestRecord(6.0, 6.0, 6.1, status=500, error="5xx")
+    late = RequestRecord(10.0, 10.0, 10.5, events=[(10.0, 3), (10.5, 1)], output_tokens=4)  # scheduled at the end
+    early = RequestRecord(-1.0, -1.0, 0.0, events=[(-0.5, 1), (0.0, 1)], output_tokens=2)  # ends at the start
+    slos = [
+        Slo("ttft", 50, 0.625),
+        Slo("ttft", 90, 0.5),
+        Slo("itl", 99, 0.5),
+        Slo("tpot", 90, 0.33),
+        Slo("e2e", 95, 1.0),
+    ]
+    s = summarize([a, d, e, late, early], (0.0, 10.0), slos)
+    # inside [0, 10): a (scheduled on the start), d, e; ok: a and d
+    assert (s.requests, s.ok, s.errors, s.window_s) == (3, 2, {"5xx": 1}, 10.0)
+    assert (s.offered_rps, s.rps) == pytest.approx((0.3, 0.2))
+    # tokens arriving in [0, 10): a's 4, d's 2, and early's last one (at 0.0); not late's (at 10.0 and after)
+    assert s.output_tokens_per_s == pytest.approx(0.7)
+    assert s.input_tokens_per_s == pytest.approx((100 + 50) / 10)
+
+    def stats(values: list[float]) -> dict[str, float]:
+        """n, mean and the percentiles worked by hand below, for comparison with pytest.approx."""
+        return dict(zip(("n", "mean", "p50", "p90", "p95", "p99"), values, strict=True))
+
+    def of(dist: Distribution | None) -> dict[str, float]:
+        assert dist is not None
+        return {k: getattr(dist, k) for k in ("n", "mean", "p50", "p90", "p95", "p99")}
+
+    # TTFT from the send: a 1.0 - 0.5, d 0.25; p90 of [0.25, 0.5] = 0.25 + 0.25 x 0.9
+    assert of(s.ttft) == pytest.approx(stats([2, 0.375, 0.375, 0.475, 0.4875, 0.4975]))
+    # from the schedule: a waited 0.5 s in the queue
+    assert of(s.ttft_from_schedule) == pytest.approx(stats([2, 0.625, 0.625, 0.925, 0.9625, 0.9925]))
+    # per token: a's 2-token event spreads 0.5 s over two: [0.25, 0.25, 0.5]; d [0.25]
+    assert of(s.itl) == pytest.approx(stats([4, 0.3125, 0.25, 0.425, 0.4625, 0.4925]))
+    assert of(s.chunk_gap) == pytest.approx(stats([3, 1.25 / 3, 0.5, 0.5, 0.5, 0.5]))
+    # a: (2.0 - 1.0) / 3 tokens after the first; d: 0.25 / 1
+    assert of(s.tpot) == pytest.approx(
+        stats([2, (1 / 3 + 0.25) / 2, (1 / 3 + 0.25) / 2, 0.325, 0.329167, 0.3325]), rel=1e-4
+    )
+    assert of(s.e2e) == pytest.approx(stats([2, 1.0, 1.0, 1.4, 1.45, 1.49]))
+    # p50 TTFT from the schedule is exactly 0.625 (met: at the limit counts); its p90 0.925 is not (from the
+    # send it would be 0.475); ITL p99 0.4925 and TPOT p90 0.325 are; e2e p95 1.45 is not
+    assert s.slos_met == {"ttft_p50": True, "ttft_p90": False, "itl_p99": True, "tpot_p90": True, "e2e_p95": False}
+    # per request: a's first token came 1.0 s after its schedule; only d meets every objective
+    assert (s.goodput_rps, s.slo_attainment) == pytest.approx((0.1, 1 / 3))
+    assert s.usage_reported is False  # d's tokens were counted from the stream
+    assert s.to_json()["slos_met"] == s.slos_met and s.to_json()["ttft"] == of(s.ttft)
+
+
+def test_an_objective_met_exactly_and_an_empty_window() -> None:
+    at_limit = RequestRecord(0.0, 0.0, 1.0, events=[(0.25, 1), (0.75, 1)], output_tokens=2)
+    assert meets(Slo("itl", 99, 0.5), at_limit) and not meets(Slo("itl", 99, 0.49), at_limit)
+    assert meets(Slo("ttft", 99, 0.25), at_limit) and meets(Slo("e2e", 99, 1.0), at_limit)
+    assert not meets(Slo("itl", 99, 10.0), RequestRecord(0.0, 0.0, 1.0, events=[(0.2, 1)], output_tokens=1))
+    empty = summarize([], (0.0, 10.0), [Slo("ttft", 99, 1.0)])
+    assert (empty.requests, empty.slo_attainment, empty.ttft, empty.slos_met) == (0, 0.0, None, {"ttft_p99": False})
+    assert Distribution.of([3.0]) == Distribution(1, 3.0, 3.0, 3.0, 3.0, 3.0)
+    assert Distribution.of([]) is None
