@@ -4,11 +4,16 @@ the request bodies. In this process (request.py imports no locust), so that each
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 
 from deploykit.core.errors import UsageError
 from deploykit.loadtests.config import LoadTestConfig
@@ -20,6 +25,11 @@ from deploykit.loadtests.request import (
     send,
 )
 from deploykit.loadtests.workload import Prompt
+from deploykit.serve.accounting.database import connect
+from deploykit.serve.accounting.keys import create_key
+from deploykit.serve.gateway import Backend, create_app
+from deploykit.serve.gateway.app import GatewayOptions
+from deploykit.serve.gateway.proxy import engine_session
 from tests.fakes.engine import PROMPT_TOKENS, create_fake_engine
 from tests.fakes.sse_server import GAP_S, ROLE_S, TTFT_S, chunk_plan, serve_sse
 from tests.fakes.threaded import serve_in_thread
@@ -163,3 +173,101 @@ def test_engine_version_and_model_discovery(engine: str) -> None:
     with pytest.raises(UsageError, match="Could not list the models") as e:
         discover_model(down, None)
     assert e.value.hint == "Pass --model."
+
+
+@contextlib.contextmanager
+def scripted(*writes: bytes, pause_s: float = 0.05) -> Iterator[str]:
+    """A server that answers one request with these writes, `pause_s` apart, then closes: the exact bytes
+    and boundaries the load tester must parse (events split across reads, several in one read, comments)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(65536)
+            head, body = request.split(b"\r\n\r\n", 1)
+            length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))[15:])
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+            for chunk in writes:
+                time.sleep(pause_s)
+                conn.sendall(chunk)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        thread.join(10)
+        listener.close()
+
+
+def event(data: object) -> bytes:
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+def delta(text: str) -> bytes:
+    return event({"choices": [{"delta": {"content": text}}]})
+
+
+def test_events_are_parsed_across_read_boundaries_with_comments_and_no_space() -> None:
+    split = delta(" world")
+    writes = (
+        event({"choices": [{"delta": {"role": "assistant"}}]}),
+        b": keep-alive\n\n" + b'data:{"choices": [{"delta": {"content": "Hel"}}]}\n\n',  # a comment, then no space
+        delta("lo") + delta(","),  # two events in one read
+        split[:20],  # one event in two reads: it arrives with its second half
+        split[20:],
+        event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 4}}),
+        b"data: [DONE]\n\n",
+    )
+    with scripted(*writes) as url:
+        record, _, scheduled = ask(url)
+    assert record.error is None and record.status == 200
+    assert [k for _, k in record.events] == [1, 1, 1, 1]  # Hel, lo, ",", " world"
+    times = [t - scheduled for t, _ in record.events]
+    assert times[1] == times[2]  # read together
+    assert 0.09 <= times[0] < times[1] < times[3] and times[3] - times[1] >= 0.09  # the split one: two pauses later
+    assert (record.output_tokens, record.input_tokens, record.usage_reported) == (4, 7, True)
+
+
+def test_a_reported_zero_is_zero_and_a_stream_without_done_is_cut() -> None:
+    writes = (
+        delta(""),
+        event({"choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0}}),
+        b"data: [DONE]\n\n",
+    )
+    with scripted(*writes, pause_s=0.01) as url:
+        record, _, _ = ask(url)
+    assert (record.error, record.events, record.output_tokens, record.input_tokens) == (None, [], 0, 0)
+    assert record.usage_reported
+    with scripted(delta("a"), delta("b"), pause_s=0.01) as url:
+        record, _, _ = ask(url)
+    assert record.error == "cut" and len(record.events) == 2
+    assert (record.output_tokens, record.usage_reported, record.counted_by) == (2, False, "events")
+
+
+def test_discovery_and_version_send_the_key(engine: str, tmp_path: Path) -> None:
+    """Against the deploykit gateway with keys on: without the key, no model list and no version."""
+    db = connect(f"sqlite:///{tmp_path / 'deploykit.db'}")
+    _, token = create_key(db, "loadtest")
+
+    backends: list[Backend] = []
+
+    async def build() -> FastAPI:
+        backends.append(Backend("m1", engine, engine_session(), status="ready"))
+        return create_app(backends, db, GatewayOptions(auth=True))
+
+    async def stop() -> None:
+        await backends[0].session.close()
+
+    with serve_in_thread(build=build, on_stop=stop) as url:
+        assert discover_model(url, token) == "m1" and discover_model(url + "/v1/", token) == "m1"
+        with pytest.raises(UsageError, match="Could not list the models"):
+            discover_model(url, None)
+        assert engine_version(url, None) is None
+        assert engine_version(url + "/v1/", token) is not None
+    db.close()
