@@ -193,3 +193,25 @@ async def test_usage_and_ledger_agree_with_what_the_client_saw(both: FastAPI, db
         (usage["prompt_tokens"], usage["completion_tokens"])
     ]
     assert json.loads(answer.text)["model"] == "m1"
+
+
+async def test_an_engine_error_is_relayed_as_sent_and_recorded_as_one(
+    two: tuple[Backend, Backend], db: Database
+) -> None:
+    app = create_app(list(two), db)
+    async with client_of(app) as client:
+        bad = await client.post("/v1/embeddings", json={"model": "m1", "input": 5})
+        good = await client.post("/v1/embeddings", json={"model": "m1", "input": ["a b", "c"]})
+        streamed = await client.post("/v1/chat/completions", json=chat(model="m2", max_tokens=2, stream=True))
+        assert [b.outstanding for b in two] == [0, 0]  # each replica released, the streamed one when it ended
+    app.state.gateway.close()
+    assert bad.status_code == 400 and bad.headers["content-type"] == "application/json"
+    assert bad.json()["error"]["message"] == "input must be a string or a list of strings"  # the engine's words
+    assert good.status_code == 200 and good.headers["content-type"] == "application/json"
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    rows = db.query("SELECT endpoint, status, error, replica, prompt_tokens FROM requests ORDER BY id")
+    assert rows == [
+        ("/v1/embeddings", 400, "engine error", two[0].replica, 0),
+        ("/v1/embeddings", 200, None, two[0].replica, 3),
+        ("/v1/chat/completions", 200, None, two[1].replica, PROMPT_TOKENS),
+    ]
