@@ -22,14 +22,45 @@ import psutil
 
 from deploykit.serve.plan import LaunchPlan
 
-# Start-up phases, recognised from vLLM's log lines, in the order they happen.
-_PHASES = (
-    (re.compile(r"non-default args|Resolved architecture"), "reading the model config"),
-    (re.compile(r"Starting to load model|Loading weights|Loading safetensors"), "loading weights"),
-    (re.compile(r"Warming up model|torch\.compile|Compiling|compiled"), "compiling and warming up"),
-    (re.compile(r"KV cache size|Capturing CUDA graph"), "allocating the KV cache"),
-    (re.compile(r"init engine|Starting vLLM API server|Application startup complete"), "opening the API"),
+# Start-up phases, recognised from vLLM's log lines, in the order they happen (CPU and GPU engines): the key
+# (for /ready and scripts), its short name, what the progress display says, and the log line that starts
+# it. The first begins with the process.
+_PHASES: tuple[tuple[str, str, str, re.Pattern[str] | None], ...] = (
+    ("imports", "imports", "importing vLLM", None),
+    ("setup", "set-up", "setting up the engine", re.compile(r"non-default args|Resolved architecture")),
+    (
+        "weights",
+        "weights",
+        "loading weights",
+        re.compile(r"Starting to load model|Loading weights|Loading safetensors"),
+    ),
+    (
+        "compile",
+        "compile",
+        "compiling and warming up",
+        re.compile(r"Warming up model|Starting torch\.compile|Compiling a graph|Directly load"),
+    ),
+    (
+        "kv_cache",
+        "KV cache",
+        "allocating the KV cache",
+        re.compile(r"Memory profiling|Available KV cache memory|KV cache size"),
+    ),
+    ("cuda_graphs", "CUDA graphs", "capturing CUDA graphs", re.compile(r"Capturing CUDA graph")),
+    (
+        "api",
+        "API",
+        "opening the API",
+        re.compile(r"init engine|Starting vLLM (API )?server|Application startup complete"),
+    ),
 )
+_ORDER = [key for key, _, _, _ in _PHASES]
+_SHORT = {key: short for key, short, _, _ in _PHASES}
+_LABELS = {key: label for key, _, label, _ in _PHASES}
+# Whether compiled graphs came from a cache. The GPU engine says so in its log; the CPU engine says nothing,
+# and a start that compiled is one that wrote to inductor's cache.
+_CACHE_HIT = re.compile(r"Directly load")
+_CACHE_MISS = re.compile(r"Compiling a graph|Compiling model again")
 _KV_TOKENS = re.compile(r"KV cache size: ([\d,]+) tokens")
 _PR_SET_PDEATHSIG = 1
 
@@ -41,6 +72,27 @@ class EngineProgress:
     last_line: str
 
 
+@dataclass(frozen=True)
+class Startup:
+    """How one start went: seconds to ready, each phase's share, and whether compiled graphs were reused."""
+
+    seconds: float
+    phases: tuple[tuple[str, float], ...]  # (key, seconds), in order; they add up to `seconds`
+    compile_cache: str | None  # "hit", "miss", or None when the engine gives no sign
+
+    def describe(self) -> str:
+        parts = [f"{_SHORT[key]} {s:.0f} s" for key, s in self.phases]
+        cache = {"hit": "; compiled graphs from the cache", "miss": "; compiled (cached for the next start)"}
+        return ", ".join(parts) + cache.get(self.compile_cache or "", "")
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "ready_s": round(self.seconds, 1),
+            "phases_s": {key: round(s, 1) for key, s in self.phases},
+            "compile_cache": self.compile_cache,
+        }
+
+
 class EngineProcess:
     """One engine process started from a plan; `stop()` ends it and everything it spawned."""
 
@@ -48,8 +100,11 @@ class EngineProcess:
         self.plan = plan
         self.log_path = log_path
         self._lines: collections.deque[str] = collections.deque(maxlen=tail)
-        self._phase = "starting the process"
+        self._phases: list[tuple[str, float]] = []  # (key, seconds after the start when it began)
         self._kv_tokens: int | None = None
+        self._cache_said: str | None = None  # what the engine's log said of its compile cache
+        self._cache_dir: Path | None = None
+        self._cache_files = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         self._started = 0.0
@@ -69,10 +124,14 @@ class EngineProcess:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.plan.env, "PYTHONUNBUFFERED": "1"}
+        self._phases, self._cache_said = [("imports", 0.0)], None
+        self._cache_dir = Path(env["TORCHINDUCTOR_CACHE_DIR"]) if env.get("TORCHINDUCTOR_CACHE_DIR") else None
+        self._cache_files = _count_files(self._cache_dir)
         self._started = time.monotonic()
         self._proc = subprocess.Popen(
             self.plan.argv,
-            env={**os.environ, **self.plan.env, "PYTHONUNBUFFERED": "1"},
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -84,7 +143,19 @@ class EngineProcess:
 
     def progress(self) -> EngineProgress:
         last = self._lines[-1] if self._lines else ""
-        return EngineProgress(self._phase, time.monotonic() - self._started, last)
+        phase = _LABELS[self._phases[-1][0]] if self._phases else "starting the process"
+        return EngineProgress(phase, time.monotonic() - self._started, last)
+
+    def startup(self, seconds: float) -> Startup:
+        """How this start went, for an engine that became ready `seconds` after it was started."""
+        starts = self._phases or [("imports", 0.0)]
+        ends = [t for _, t in starts[1:]] + [seconds]
+        phases = tuple((key, max(0.0, end - t)) for (key, t), end in zip(starts, ends, strict=True))
+        cache = self._cache_said
+        compiled = any(key == "compile" for key, _ in phases)  # an eager engine (LoRA on CPU, say) has no phase
+        if cache is None and compiled and self._cache_dir is not None:
+            cache = "miss" if _count_files(self._cache_dir) > self._cache_files else "hit"
+        return Startup(seconds, phases, cache)
 
     def returncode(self) -> int | None:
         """None while the engine runs; its exit status once it has exited."""
@@ -134,9 +205,26 @@ class EngineProcess:
                 if not line:
                     continue
                 self._lines.append(line)
-                self._phase = next((phase for pattern, phase in _PHASES if pattern.search(line)), self._phase)
+                self._note(line)
                 if match := _KV_TOKENS.search(line):
                     self._kv_tokens = int(match.group(1).replace(",", ""))
+
+    def _note(self, line: str) -> None:
+        """Advance the phase, never back: a later line may use an earlier phase's words."""
+        current = _ORDER.index(self._phases[-1][0])
+        for index, (key, _, _, pattern) in enumerate(_PHASES):
+            if index > current and pattern is not None and pattern.search(line):
+                self._phases.append((key, time.monotonic() - self._started))
+                break
+        if _CACHE_HIT.search(line):
+            self._cache_said = "hit"
+        elif _CACHE_MISS.search(line):
+            self._cache_said = "miss"
+
+
+def _count_files(folder: Path | None) -> int:
+    """Files under `folder` (0 if there is none): a start that compiled adds some to inductor's cache."""
+    return sum(len(files) for _, _, files in os.walk(folder)) if folder is not None else 0
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

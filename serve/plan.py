@@ -156,7 +156,9 @@ def _plan_cpu(
     )
     choices.append(Choice("VLLM_CPU_OMP_THREADS_BIND", bind, why))
 
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_CPU_OMP_THREADS_BIND": bind}
+    cache_env, cache_choices = _cpu_compile_cache(environ)
+    choices += cache_choices
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_CPU_OMP_THREADS_BIND": bind, **cache_env}
     env = {k: v for k, v in env.items() if k not in environ}
     choices += _sampling_choices(sampling_flag)
     flags = {"--dtype": dtype, "--max-model-len": str(max_len), **sampling_flag}
@@ -308,6 +310,40 @@ def with_adapters(plan: LaunchPlan, adapters: Sequence[Adapter]) -> LaunchPlan:
     )
     argv = (*plan.argv, "--enable-lora", "--max-lora-rank", str(rank), "--lora-modules", *modules)
     return replace(plan, argv=argv, choices=choices, adapters=tuple(a.name for a in adapters))
+
+
+def _cpu_compile_cache(environ: Mapping[str, str]) -> tuple[dict[str, str], list[Choice]]:
+    """Where a restart finds the model compiled: the CPU engine runs torch.compile at every start (about a
+    minute here) unless it reuses compiled graphs. vLLM's AOT compile cache cannot be loaded by vllm-cpu
+    0.32 with its torch ('Compiling model again due to a load failure'), so it is turned off; inductor's
+    own cache then serves warm starts, and it is kept beside vLLM's cache (a Docker volume, kept across
+    reboots) instead of in /tmp. Measured in docs/PERFORMANCE.md (`benchmarks/startup.py`)."""
+    vllm_cache = environ.get("VLLM_CACHE_ROOT") or str(
+        Path(environ.get("XDG_CACHE_HOME") or _home(environ) / ".cache") / "vllm"
+    )
+    wanted = {
+        "VLLM_USE_AOT_COMPILE": (
+            "0",
+            "vLLM's AOT compile cache fails to load in this CPU build and every start compiled again; "
+            "inductor's cache is reused instead",
+        ),
+        "TORCHINDUCTOR_CACHE_DIR": (
+            str(Path(vllm_cache) / "torchinductor"),
+            "compiled graphs kept beside vLLM's cache (not /tmp): a restart loads them instead of compiling",
+        ),
+    }
+    env, choices = {}, []
+    for name, (value, why) in wanted.items():
+        if name in environ:
+            choices.append(Choice(name, environ[name], "set in your environment"))
+        else:
+            env[name] = value
+            choices.append(Choice(name, value, why))
+    return env, choices
+
+
+def _home(environ: Mapping[str, str]) -> Path:
+    return Path(environ["HOME"]) if environ.get("HOME") else Path.home()
 
 
 def _sampling_choices(sampling_flag: Mapping[str, str]) -> list[Choice]:

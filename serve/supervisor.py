@@ -18,7 +18,7 @@ from typing import Protocol
 
 import httpx
 
-from deploykit.serve.engine import EngineProcess, EngineProgress
+from deploykit.serve.engine import EngineProcess, EngineProgress, Startup
 from deploykit.serve.gateway.routing import Backend
 from deploykit.serve.plan import LaunchPlan
 
@@ -40,7 +40,7 @@ class Ready:
 
     model: str
     replica: int
-    startup_s: float
+    startup: Startup
     engine_url: str
     predicted_kv_tokens: int
     logged_kv_tokens: int | None
@@ -146,17 +146,19 @@ class Supervisor:
         return None
 
     def _ready(self, r: Replica, now: float) -> None:
+        startup = r.engine.startup(now - r.started_at)
         r.backend.status = "ready"
+        r.backend.startup = startup.as_dict()
         r.ready_since = now
         if r.ever_ready:
-            self.events.warn(f"The engine for {r.label} is back.")
+            self.events.warn(f"The engine for {r.label} is back after {startup.seconds:.0f} s ({startup.describe()}).")
             return
         r.ever_ready = True
         self.events.ready(
             Ready(
                 model=r.plan.served_name,
                 replica=r.index,
-                startup_s=now - r.started_at,
+                startup=startup,
                 engine_url=r.engine.url,
                 predicted_kv_tokens=r.plan.kv_cache_tokens,
                 logged_kv_tokens=r.engine.logged_kv_cache_tokens,

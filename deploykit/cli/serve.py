@@ -283,7 +283,10 @@ class ConsoleReporter(ServeReporter):
         self._stop_status()
         kv = f"; KV cache {ready.logged_kv_tokens:,} tokens" if ready.logged_kv_tokens else ""
         replica = f" (replica {ready.replica + 1})" if ready.replica else ""
-        err.print(f"[green]Ready[/green] in {ready.startup_s:.0f} s: {ready.model}{replica}{kv}.", highlight=False)
+        err.print(
+            f"[green]Ready[/green] in {ready.startup.seconds:.0f} s: {ready.model}{replica}{kv}.", highlight=False
+        )
+        err.print(f"  {ready.startup.describe()}", highlight=False, markup=False)
         self._waiting -= 1
         if self._waiting == 0:
             err.print(f"Serving on {self._url}/v1. Ctrl-C stops.", highlight=False, markup=False)

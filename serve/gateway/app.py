@@ -197,13 +197,17 @@ def create_app(backends: Sequence[Backend], db: Database, options: GatewayOption
 
     @app.get("/ready")
     async def ready(request: Request, gateway: GatewayDep) -> Response:
-        """200 when every model has an engine that can serve, else 503; each model's and replica's status
-        for the operator (with API keys on, others get the verdict only)."""
+        """200 when every model has an engine that can serve, else 503; each model's and replica's status,
+        and how each replica's last start went, for the operator (with API keys on, others get the verdict only)."""
         models = gateway.router.models.values()
         status = {m.name: m.status for m in models}
         detail: dict[str, object] = {}
         if gateway.is_operator(request):
-            detail = {"models": status, "replicas": {m.name: {r.replica: r.status for r in m.replicas} for m in models}}
+            detail = {
+                "models": status,
+                "replicas": {m.name: {r.replica: r.status for r in m.replicas} for m in models},
+                "startup": {m.name: {r.replica: r.startup for r in m.replicas if r.startup} for m in models},
+            }
         if all(s == "ready" for s in status.values()):
             return JSONResponse({"status": "ready", **detail})
         body = error_body("Not every model can serve yet.", "service_unavailable", "not_ready")

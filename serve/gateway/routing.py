@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -22,6 +22,7 @@ class Backend:
     outstanding: int = 0  # requests sent to it and not yet answered in full
     adapters: tuple[str, ...] = ()  # LoRA adapters it also serves, each a model name of its own
     context: int | None = None  # the engine's --max-model-len (prompt and answer together)
+    startup: Mapping[str, object] | None = None  # how its last start went (seconds per phase), for /ready
 
     @property
     def replica(self) -> str:

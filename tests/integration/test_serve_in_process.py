@@ -22,7 +22,7 @@ import pytest
 from deploykit.core.errors import EngineDiedError, EngineStartError, PortInUseError, UsageError
 from deploykit.core.ports import free_port
 from deploykit.core.settings import Settings
-from deploykit.serve.engine import EngineProgress
+from deploykit.serve.engine import EngineProcess, EngineProgress
 from deploykit.serve.gateway.routing import Backend
 from deploykit.serve.plan import LaunchPlan
 from deploykit.serve.runner import ServeOptions, ServeReporter, run
@@ -31,9 +31,9 @@ from deploykit.serve.supervisor import Failure, Ready, Replica, RestartPolicy, S
 FAST = RestartPolicy(backoff_s=0.2, max_backoff_s=0.4, max_failures=2, stable_s=30)
 
 
-def fake_plan(port: int, *args: str, name: str = "fake-model") -> LaunchPlan:
+def fake_plan(port: int, *args: str, name: str = "fake-model", env: dict[str, str] | None = None) -> LaunchPlan:
     argv = (sys.executable, "-m", "tests.fakes.engine", "--port", str(port), "--model", name, *args)
-    return LaunchPlan("cpu", argv, {}, (), name, port, 2048, 0)
+    return LaunchPlan("cpu", argv, env or {}, (), name, port, 2048, 0)
 
 
 class Recorder(ServeReporter):
@@ -88,7 +88,8 @@ async def step_until(supervisor: Supervisor, done: object, timeout_s: float = 30
 
 
 def test_a_replica_becomes_ready_dies_is_restarted_with_backoff_and_is_given_up(tmp_path: Path) -> None:
-    recorder, make = supervise(tmp_path, [fake_plan(free_port(), "--startup-delay", "0.3")])
+    inductor = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    recorder, make = supervise(tmp_path, [fake_plan(free_port(), "--startup-delay", "0.6", env=inductor)])
 
     async def scenario() -> None:
         supervisor, [replica] = await make()
@@ -98,10 +99,18 @@ def test_a_replica_becomes_ready_dies_is_restarted_with_backoff_and_is_given_up(
             assert await step_until(supervisor, lambda: replica.backend.status == "ready") is None
             [ready] = [e for kind, e in recorder.events if kind == "ready"]
             assert isinstance(ready, Ready) and ready.model == "fake-model" and ready.replica == 0
-            assert 0.3 <= ready.startup_s < 20 and ready.engine_url == replica.plan.url
-            assert ("progress", "starting the process") in recorder.events or any(
-                kind == "progress" for kind, _ in recorder.events
-            )
+            assert ready.engine_url == replica.plan.url
+            # each phase the engine logged, timed from its first line to the next phase's; together, the start
+            startup = ready.startup
+            assert [key for key, _ in startup.phases] == ["imports", "setup", "weights", "compile", "kv_cache", "api"]
+            assert 0.6 <= startup.seconds < 20 and sum(s for _, s in startup.phases) == pytest.approx(startup.seconds)
+            assert all(0.1 <= s < 10 for key, s in startup.phases if key in ("setup", "weights", "compile", "kv_cache"))
+            assert startup.compile_cache == "miss"  # it wrote to an empty inductor cache
+            assert replica.backend.startup == startup.as_dict()
+            seen = list(dict.fromkeys(phase for kind, phase in recorder.events if kind == "progress"))
+            order = ["importing vLLM", "setting up the engine", "loading weights", "compiling and warming up"]
+            order += ["allocating the KV cache", "opening the API"]
+            assert len(seen) >= 3 and seen == [p for p in order if p in seen]  # shown as they came, in order
             for death in (1, 2, 3):
                 first_pid = replica.engine.pid
                 replica.engine.stop()  # the engine dies (exit by signal)
@@ -117,7 +126,9 @@ def test_a_replica_becomes_ready_dies_is_restarted_with_backoff_and_is_given_up(
                 await step_until(supervisor, lambda: replica.backend.status == "ready")
                 assert replica.engine.pid != first_pid
                 assert time.monotonic() - died_at >= FAST.delay_s(death)  # waited out the back-off
-                assert "is back" in recorder.warnings()[-1]
+                assert "is back after" in recorder.warnings()[-1]
+                assert "compiled graphs from the cache" in recorder.warnings()[-1]  # a restart reuses them
+                assert replica.backend.startup is not None and replica.backend.startup["compile_cache"] == "hit"
         finally:
             supervisor.stop_all()
             await replica.backend.session.close()
@@ -268,3 +279,35 @@ def test_run_raises_what_the_cli_prints(settings: Settings) -> None:
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             run(settings, [fake_plan(free_port())], ServeOptions(port=taken.getsockname()[1]), Recorder(), FAST)
+
+
+def test_a_gpu_engines_start_is_timed_by_its_own_log_lines(tmp_path: Path) -> None:
+    # vLLM's CUDA build says whether compiled graphs came from its cache; a later line that uses an earlier
+    # phase's words ("Loading weights" in a LoRA line) does not move the phase back
+    lines = [
+        "INFO [model.py:733] Resolved architecture: LlamaForCausalLM",
+        "INFO [gpu_model_runner.py:2000] Starting to load model /m...",
+        "INFO [default_loader.py:501] Loading weights took 1.20 seconds",
+        "INFO [monitor.py:40] Starting torch.compile",
+        "INFO [backends.py:295] Directly load the compiled graph(s) for compile range (1, 8192) from the cache",
+        "INFO [gpu_worker.py:300] Available KV cache memory: 60.00 GiB",
+        "INFO [kv_cache_utils.py:1000] GPU KV cache size: 491,520 tokens",
+        "INFO [gpu_model_runner.py:3000] Capturing CUDA graphs (mixed prefill-decode, PIECEWISE): 100%",
+        "INFO [lora.py:10] Loading weights of adapters: none",
+        "INFO [core.py:402] init engine (profile, create kv cache, warmup model) took 20.00 s",
+    ]
+    script = f"import time\nfor line in {lines!r}:\n    print(line, flush=True)\n    time.sleep(0.05)\n"
+    engine = EngineProcess(
+        LaunchPlan("gpu", (sys.executable, "-c", script), {}, (), "m", 1, 2048, 0), tmp_path / "e.log"
+    )
+    engine.start()
+    while engine.returncode() is None:
+        time.sleep(0.05)
+    engine.stop()
+    startup = engine.startup(5.0)
+    keys = [key for key, _ in startup.phases]
+    assert keys == ["imports", "setup", "weights", "compile", "kv_cache", "cuda_graphs", "api"]
+    assert startup.compile_cache == "hit" and engine.logged_kv_cache_tokens == 491_520
+    assert sum(s for _, s in startup.phases) == pytest.approx(5.0)
+    assert startup.as_dict()["phases_s"] == {key: round(s, 1) for key, s in startup.phases}
+    assert startup.describe().startswith("imports ") and "CUDA graphs" in startup.describe()

@@ -30,7 +30,10 @@ async def test_version_names_the_engine_and_deploykit(gateway: httpx.AsyncClient
 
 async def test_ready_follows_the_engine(gateway: httpx.AsyncClient, backend: Backend) -> None:
     replicas = {"m1": {backend.replica: "ready"}}
-    assert (await gateway.get("/ready")).json() == {"status": "ready", "models": {"m1": "ready"}, "replicas": replicas}
+    whole = {"status": "ready", "models": {"m1": "ready"}, "replicas": replicas, "startup": {"m1": {}}}
+    assert (await gateway.get("/ready")).json() == whole
+    backend.startup = {"ready_s": 35.0, "phases_s": {"imports": 9.0, "compile": 11.0}, "compile_cache": "hit"}
+    assert (await gateway.get("/ready")).json()["startup"] == {"m1": {backend.replica: backend.startup}}
     backend.status = "starting"
     response = await gateway.get("/ready")
     assert_openai_error(response, 503, "not_ready")
