@@ -1,6 +1,9 @@
 # deploykit on an NVIDIA GPU server: vLLM (CUDA) + the gateway.
 #   docker build -t deploykit .
-#   docker run --gpus all -p 8000:8000 -v ~/.deploykit:/root/.deploykit deploykit serve MODEL --host 0.0.0.0
+#   docker run --gpus all -p 8000:8000 -v ~/.deploykit:/root/.deploykit -v deploykit-cache:/root/.cache \
+#       deploykit serve MODEL --host 0.0.0.0
+# /root/.cache holds the HF cache (pulled weights) and vLLM's compile cache: on a volume, a new container
+# neither downloads nor compiles again.
 # For a CPU-only host: docker build --build-arg ENGINE=cpu -t deploykit:cpu .
 ARG BASE=python:3.11-slim
 FROM ${BASE}

@@ -1,85 +1,170 @@
-"""Start to ready: `deploykit serve` against the bare engine command with the same flags, side by side.
+"""Start to ready, cold and warm, for three ways of starting the CPU engine; and `deploykit serve` beside it.
 
-    python benchmarks/startup.py [MODEL] [--rounds 1] [-- ENGINE_ARGS...]
+    python -m benchmarks.startup [MODEL] [--rounds 1] [--configs plan,vllm-default,eager]
 
-The bare command is the one `deploykit serve MODEL --dry-run --json` prints (same flags, same
-environment); it is ready when the engine's /health answers 200. deploykit is ready when the gateway's
-/ready answers 200. Rounds alternate which goes first; torch.compile's cache is warmed by a first,
-untimed start. Prints each time and the ratio deploykit / bare.
+Each configuration gets a compile cache of its own, empty at first (a temporary VLLM_CACHE_ROOT, with
+inductor's cache under it): its first start is cold, the next `--rounds` are warm. Configurations:
+  plan          what `deploykit serve` runs: vLLM's AOT compile cache off, inductor's cache reused
+  vllm-default  the same plan with vLLM's own default (the AOT compile cache on)
+  eager         the plan with --enforce-eager (no torch.compile at all)
+The engine is started from the launch plan (`deploykit.serve.runner.prepare`) and is ready when its /health
+answers 200; each start's phases are read from its log as `serve` reads them. On each warm engine, decode
+speed: one greedy stream of 128 tokens (after one untimed request), the median of 3, in tokens/s. Last,
+`--rounds` warm `deploykit serve` starts (ready when the gateway's /ready answers 200, which also gives
+the engine's own phases) against the plan's warm bare starts: what deploykit adds to a start. Prints
+every time and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 
 from deploykit.core.ports import free_port
+from deploykit.core.settings import Settings
+from deploykit.serve.engine import EngineProcess, Startup
+from deploykit.serve.plan import LaunchPlan
+from deploykit.serve.runner import prepare
 
 BIN = Path(sys.executable).parent
+CONFIGS = ("plan", "vllm-default", "eager")
 
 
-def time_until_ok(argv: list[str], env: dict[str, str], url: str, timeout: float = 900) -> float:
-    start = time.monotonic()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def plan_for(model: str, config: str, cache_root: Path) -> LaunchPlan:
+    environ = {**os.environ, "VLLM_CACHE_ROOT": str(cache_root)}
+    for name in ("VLLM_USE_AOT_COMPILE", "TORCHINDUCTOR_CACHE_DIR"):
+        environ.pop(name, None)  # the plan decides these, as it does for a user who set neither
+    [plan] = prepare(Settings(), [model], engine_port=free_port(), environ=environ)
+    env = {**plan.env, "VLLM_CACHE_ROOT": str(cache_root)}
+    if config == "vllm-default":
+        env.pop("VLLM_USE_AOT_COMPILE")
+    argv = (*plan.argv, "--enforce-eager") if config == "eager" else plan.argv
+    return replace(plan, env=env, argv=argv)
+
+
+def start(plan: LaunchPlan, log: Path, timeout: float = 900) -> tuple[EngineProcess, Startup]:
+    engine = EngineProcess(plan, log)
+    began = time.monotonic()
+    engine.start()
+    with httpx.Client(timeout=1) as probe:  # one client: a new one per probe costs CPU the engine needs
+        while time.monotonic() - began < timeout:
+            if engine.returncode() is not None:
+                engine.stop()
+                raise SystemExit(f"the engine exited with {engine.returncode()}; its log: {log}")
+            try:
+                if probe.get(plan.url + "/health").status_code == 200:
+                    return engine, engine.startup(time.monotonic() - began)
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+    engine.stop()
+    raise SystemExit(f"not ready after {timeout} s; its log: {log}")
+
+
+def decode_tokens_per_s(plan: LaunchPlan, tokens: int = 128) -> float:
+    body = {
+        "model": plan.served_name,
+        "prompt": "Once upon a time",
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    speeds = []
+    with httpx.Client(timeout=300) as client:
+        for i in range(4):
+            began = time.monotonic()
+            reply = client.post(plan.url + "/v1/completions", json=body).raise_for_status().json()
+            if i:  # the first warms the engine's buffers
+                speeds.append(reply["usage"]["completion_tokens"] / (time.monotonic() - began))
+    return statistics.median(speeds)
+
+
+def serve_start(model: str, cache_root: Path, timeout: float = 900) -> tuple[float, dict[str, object]]:
+    """Seconds until `deploykit serve`'s /ready answers 200, and the engine's own start as /ready gives it."""
+    port = free_port()
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(cache_root)}
+    for name in ("VLLM_USE_AOT_COMPILE", "TORCHINDUCTOR_CACHE_DIR"):
+        env.pop(name, None)
+    cmd = [str(BIN / "deploykit"), "serve", model, "--port", str(port)]
+    began = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        with httpx.Client(timeout=1) as probe:  # one client: a new one per probe costs CPU the engine needs
-            while time.monotonic() - start < timeout:
+        with httpx.Client(timeout=1) as probe:
+            while time.monotonic() - began < timeout:
                 if proc.poll() is not None:
-                    raise SystemExit(f"{argv[:4]} exited with {proc.returncode}")
+                    raise SystemExit(f"deploykit serve exited with {proc.returncode}")
                 try:
-                    if probe.get(url).status_code == 200:
-                        return time.monotonic() - start
+                    ready = probe.get(f"http://127.0.0.1:{port}/ready")
+                    if ready.status_code == 200:
+                        seconds = time.monotonic() - began
+                        [startup] = ready.json()["startup"][model].values()
+                        return seconds, startup
                 except httpx.TransportError:
                     pass
                 time.sleep(0.1)
-        raise SystemExit(f"not ready after {timeout} s")
+        raise SystemExit(f"deploykit serve not ready after {timeout} s")
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.terminate()
+        proc.wait(120)
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    engine_args = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default="smollm2-135m")
-    parser.add_argument("--rounds", type=int, default=1)
-    args = parser.parse_args(argv)
+    parser.add_argument("--rounds", type=int, default=1, help="warm starts per configuration")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"a subset of {','.join(CONFIGS)}")
+    args = parser.parse_args()
+    configs = args.configs.split(",")
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="startup-bench-") as tmp:
+        for config in configs:
+            root = Path(tmp) / config
+            times, speed = [], 0.0
+            for i in range(1 + args.rounds):
+                plan = plan_for(args.model, config, root)
+                engine, startup = start(plan, Path(tmp) / f"{config}-{i}.log")
+                try:
+                    kind = "cold" if i == 0 else "warm"
+                    last = i == args.rounds
+                    if last:
+                        speed = decode_tokens_per_s(plan)
+                finally:
+                    engine.stop()
+                times.append(startup.seconds)
+                decode = f", decode {speed:.1f} tok/s" if last else ""
+                print(f"{config:>12} {kind}: ready in {startup.seconds:.1f} s{decode}", flush=True)
+                print(f"{'':>12}   {startup.describe()}", flush=True)
+            results[config] = {"cold": times[0], "warm": statistics.mean(times[1:]), "decode": speed}
+        if "plan" in results:
+            served = []
+            for _ in range(args.rounds):
+                seconds, startup = serve_start(args.model, Path(tmp) / "plan")
+                served.append(seconds)
+                print(f"deploykit serve (plan) warm: ready in {seconds:.1f} s; the engine's own start: {startup}")
+            results["serve"] = {"warm": statistics.mean(served)}
 
-    def bare() -> float:
-        port = free_port()
-        cmd = [str(BIN / "deploykit"), "serve", args.model, "--dry-run", "--json", "--engine-port", str(port)]
-        plan = json.loads(subprocess.run([*cmd, "--", *engine_args], capture_output=True, check=True).stdout)
-        return time_until_ok(plan["argv"], {**os.environ, **plan["env"]}, f"http://127.0.0.1:{port}/health")
-
-    def deploykit() -> float:
-        port = free_port()
-        cmd = [str(BIN / "deploykit"), "serve", args.model, "--port", str(port), "--", *engine_args]
-        return time_until_ok(cmd, dict(os.environ), f"http://127.0.0.1:{port}/ready")
-
-    print("warming the compile cache (untimed) ...", flush=True)
-    bare()
-    times: dict[str, list[float]] = {"bare": [], "deploykit": []}
-    for r in range(args.rounds):
-        order = [("bare", bare), ("deploykit", deploykit)][:: 1 if r % 2 == 0 else -1]
-        for name, start in order:
-            times[name].append(start())
-            print(f"round {r + 1}: {name:>9} ready in {times[name][-1]:.1f} s", flush=True)
-    b, d = sum(times["bare"]) / args.rounds, sum(times["deploykit"]) / args.rounds
-    print(f"mean: bare {b:.1f} s, deploykit {d:.1f} s, ratio deploykit/bare {d / b:.3f}")
+    print("\nconfig        cold s   warm s   decode tok/s (1 stream, warm)")
+    for config in configs:
+        r = results[config]
+        print(f"{config:<12} {r['cold']:>7.1f} {r['warm']:>8.1f} {r['decode']:>10.1f}")
+    if "plan" in results and "vllm-default" in results:
+        p, d = results["plan"], results["vllm-default"]
+        print(f"warm start plan / vllm-default: {p['warm'] / d['warm']:.2f}; decode: {p['decode'] / d['decode']:.2f}")
+    if "plan" in results and "eager" in results:
+        p, e = results["plan"], results["eager"]
+        print(f"warm start plan / eager: {p['warm'] / e['warm']:.2f}; decode: {p['decode'] / e['decode']:.2f}")
+    if "serve" in results:
+        ratio = results["serve"]["warm"] / results["plan"]["warm"]
+        print(f"warm start deploykit serve / bare engine (plan): {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from deploykit.serve.plan import LaunchPlan
+from deploykit.serve.plan import LaunchPlan, vllm_cache_root
 
 # Start-up phases, recognised from vLLM's log lines, in the order they happen (CPU and GPU engines): the key
 # (for /ready and scripts), its short name, what the progress display says, and the log line that starts
@@ -103,7 +103,7 @@ class EngineProcess:
         self._phases: list[tuple[str, float]] = []  # (key, seconds after the start when it began)
         self._kv_tokens: int | None = None
         self._cache_said: str | None = None  # what the engine's log said of its compile cache
-        self._cache_dir: Path | None = None
+        self._cache_dirs: tuple[Path, ...] = ()
         self._cache_files = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
@@ -126,8 +126,10 @@ class EngineProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.plan.env, "PYTHONUNBUFFERED": "1"}
         self._phases, self._cache_said = [("imports", 0.0)], None
-        self._cache_dir = Path(env["TORCHINDUCTOR_CACHE_DIR"]) if env.get("TORCHINDUCTOR_CACHE_DIR") else None
-        self._cache_files = _count_files(self._cache_dir)
+        # where a compile leaves files: inductor's cache, and vLLM's (its AOT cache puts inductor's there too)
+        inductor = (Path(env["TORCHINDUCTOR_CACHE_DIR"]),) if env.get("TORCHINDUCTOR_CACHE_DIR") else ()
+        self._cache_dirs = (*inductor, vllm_cache_root(env))
+        self._cache_files = _count_files(self._cache_dirs)
         self._started = time.monotonic()
         self._proc = subprocess.Popen(
             self.plan.argv,
@@ -153,8 +155,8 @@ class EngineProcess:
         phases = tuple((key, max(0.0, end - t)) for (key, t), end in zip(starts, ends, strict=True))
         cache = self._cache_said
         compiled = any(key == "compile" for key, _ in phases)  # an eager engine (LoRA on CPU, say) has no phase
-        if cache is None and compiled and self._cache_dir is not None:
-            cache = "miss" if _count_files(self._cache_dir) > self._cache_files else "hit"
+        if cache is None and compiled:
+            cache = "miss" if _count_files(self._cache_dirs) > self._cache_files else "hit"
         return Startup(seconds, phases, cache)
 
     def returncode(self) -> int | None:
@@ -222,9 +224,11 @@ class EngineProcess:
             self._cache_said = "miss"
 
 
-def _count_files(folder: Path | None) -> int:
-    """Files under `folder` (0 if there is none): a start that compiled adds some to inductor's cache."""
-    return sum(len(files) for _, _, files in os.walk(folder)) if folder is not None else 0
+def _count_files(folders: tuple[Path, ...]) -> int:
+    """Files under `folders`, one nested in another counted once: a start that compiled adds some to a cache."""
+    tops = {str(f.resolve()) for f in folders}
+    tops = {t for t in tops if not any(t.startswith(o.rstrip("/") + "/") for o in tops)}
+    return sum(len(files) for top in tops for _, _, files in os.walk(top))
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

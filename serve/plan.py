@@ -318,9 +318,7 @@ def _cpu_compile_cache(environ: Mapping[str, str]) -> tuple[dict[str, str], list
     0.32 with its torch ('Compiling model again due to a load failure'), so it is turned off; inductor's
     own cache then serves warm starts, and it is kept beside vLLM's cache (a Docker volume, kept across
     reboots) instead of in /tmp. Measured in docs/PERFORMANCE.md (`benchmarks/startup.py`)."""
-    vllm_cache = environ.get("VLLM_CACHE_ROOT") or str(
-        Path(environ.get("XDG_CACHE_HOME") or _home(environ) / ".cache") / "vllm"
-    )
+    vllm_cache = vllm_cache_root(environ)
     wanted = {
         "VLLM_USE_AOT_COMPILE": (
             "0",
@@ -340,6 +338,13 @@ def _cpu_compile_cache(environ: Mapping[str, str]) -> tuple[dict[str, str], list
             env[name] = value
             choices.append(Choice(name, value, why))
     return env, choices
+
+
+def vllm_cache_root(environ: Mapping[str, str]) -> Path:
+    """Where vLLM keeps its caches, by its own rule: VLLM_CACHE_ROOT, else $XDG_CACHE_HOME/vllm, else ~/.cache/vllm."""
+    if environ.get("VLLM_CACHE_ROOT"):
+        return Path(environ["VLLM_CACHE_ROOT"])
+    return Path(environ.get("XDG_CACHE_HOME") or _home(environ) / ".cache") / "vllm"
 
 
 def _home(environ: Mapping[str, str]) -> Path:

@@ -88,7 +88,11 @@ async def step_until(supervisor: Supervisor, done: object, timeout_s: float = 30
 
 
 def test_a_replica_becomes_ready_dies_is_restarted_with_backoff_and_is_given_up(tmp_path: Path) -> None:
-    inductor = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    # inductor's cache inside vLLM's, as the CPU plan puts it: files there are counted once
+    inductor = {
+        "VLLM_CACHE_ROOT": str(tmp_path / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "vllm" / "inductor"),
+    }
     recorder, make = supervise(tmp_path, [fake_plan(free_port(), "--startup-delay", "0.6", env=inductor)])
 
     async def scenario() -> None:
