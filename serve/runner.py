@@ -9,7 +9,6 @@ each engine's whole process group.
 from __future__ import annotations
 
 import asyncio
-import errno
 import gc
 import importlib.util
 import os
@@ -30,7 +29,7 @@ from deploykit.core.errors import (
     PortInUseError,
     UsageError,
 )
-from deploykit.core.ports import free_port, is_loopback
+from deploykit.core.ports import bind, free_port, is_loopback
 from deploykit.core.settings import Settings
 from deploykit.models.catalog import load_catalog
 from deploykit.models.resolve import resolve
@@ -309,23 +308,6 @@ def require_free_engine_port(plan: LaunchPlan) -> None:
                 plan.port,
                 f"It is the engine port for {plan.served_name}: stop what holds it, or leave --engine-port out.",
             ) from e
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """Bind the public port now, so that a port in use fails before a minute of engine start-up."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise PortInUseError(host, port) from e
-        raise UsageError(f"Cannot listen on {host}:{port}: {e.strerror}.", "Check --host and --port.") from e
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 class _StopSignals:

@@ -26,6 +26,12 @@ COMMANDS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     ),
     "chat": ("deploykit.cli.chat", "chat", "Chat with any OpenAI-compatible endpoint, streaming.", {}),
     "pull": ("deploykit.cli.models", "pull_command", "Download a model from the Hugging Face hub, verified.", {}),
+    "serve-hub": (
+        "deploykit.cli.models",
+        "serve_hub",
+        "Serve this machine's hub models to a fleet: a site mirror for HF_ENDPOINT.",
+        {},
+    ),
     "models": ("deploykit.cli.models", "app", "Find models in the catalog; list, import and remove local ones.", {}),
     "keys": ("deploykit.cli.keys", "app", "Create, list and revoke the gateway's API keys.", {}),
     "usage": ("deploykit.cli.usage", "usage", "What the gateway served, priced against managed APIs.", {}),

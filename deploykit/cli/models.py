@@ -23,6 +23,7 @@ from deploykit.models.catalog import load_catalog, parse_params
 from deploykit.models.hub import HubCard, delete_model, lock_model, pull, read_card
 from deploykit.models.importer import import_model
 from deploykit.models.lock import Lock
+from deploykit.models.mirror import mirror_repos, serve_mirror
 from deploykit.models.resolve import resolve
 from deploykit.models.store import ModelStore
 from deploykit.serve.hardware import detect_hardware
@@ -401,6 +402,42 @@ def pull_command(
         err.print(
             f"[bold]{local.alias}[/bold] is ready to serve ({human_bytes(local.size_bytes)}, {escape(local.source)})."
         )
+
+
+def serve_hub(
+    home: Path = typer.Argument(
+        None, help="The deploykit home whose models to serve (default: $DEPLOYKIT_HOME).", show_default=False
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; 0.0.0.0 for the other machines."),
+    port: int = typer.Option(8090, help="Port to listen on."),
+    lock_file: LockFileOpt = None,
+) -> None:
+    """Serve the models this machine holds to other machines, in the Hugging Face hub's protocol.
+
+    Every stored model that came from the hub (pulled, or imported from a bundle) is served as its repo at
+    the commit stored here, each file with its sha256, so that the fleet pulls from this machine instead of
+    the hub, verified, with `--locked` against the same lock file. Read-only and without accounts: for a
+    site's own network.
+
+    Examples:
+
+      deploykit serve-hub --host 0.0.0.0                                  # on the mirror
+
+      HF_ENDPOINT=http://mirror:8090 deploykit pull smollm2-135m --locked   # on each server
+    """
+    settings = Settings(home=home) if home is not None else Settings()
+    lock_ = Lock.read(lock_file or settings.lock_path)
+    with err.status("Indexing the store") as status:
+        repos = mirror_repos(ModelStore(settings.models_dir), lock_, progress=status.update)
+    for repo in repos.values():
+        size = human_bytes(sum(f.size for f in repo.files.values()))
+        err.print(f"  {escape(repo.repo)}@{repo.commit[:12]}  ({repo.alias}, {len(repo.files)} files, {size})")
+    err.print(
+        f"Hub mirror on [bold]http://{host}:{port}[/bold]: on other machines, "
+        f"HF_ENDPOINT=http://{'THIS-HOST' if host == '0.0.0.0' else host}:{port} deploykit pull MODEL. Ctrl-C stops.",
+        highlight=False,
+    )
+    serve_mirror(repos, host, port)
 
 
 def _strip_front_matter(readme: str) -> str:

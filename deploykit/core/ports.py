@@ -1,9 +1,13 @@
-"""Loopback ports for the processes deploykit starts (engines, load-generator workers), and what counts as loopback."""
+"""Ports: the public one a server binds, loopback ones for the processes deploykit starts (engines,
+load-generator workers), and what counts as loopback."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
+
+from deploykit.core.errors import PortInUseError, UsageError
 
 
 def free_port() -> int:
@@ -22,3 +26,20 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the public port now, so that a port in use fails before a minute of engine start-up."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUseError(host, port) from e
+        raise UsageError(f"Cannot listen on {host}:{port}: {e.strerror}.", "Check --host and --port.") from e
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
