@@ -200,17 +200,7 @@ def _info(repo: MirrorRepo) -> dict[str, object]:
         }
         for f in repo.files.values()
     ]
-    return {
-        "_id": repo.commit[:24],
-        "id": repo.repo,
-        "modelId": repo.repo,
-        "sha": repo.commit,
-        "private": False,
-        "gated": False,
-        "disabled": False,
-        "tags": [],
-        "siblings": siblings,
-    }
+    return {"id": repo.repo, "sha": repo.commit, "private": False, "gated": False, "siblings": siblings}
 
 
 def _error(status: int, code: str, message: str) -> Response:
