@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Callable
 
@@ -100,14 +101,29 @@ def test_keys_list_json_shows_everything_but_the_secret(db: Database) -> None:
     public = everything.public(2500.0)
     assert (public["models"], public["rpm"], public["expires_at"], public["status"]) == (None, None, 2000.0, "expired")
     assert everything.public(1999.0)["status"] == "active"
+    assert everything.public(2000.0)["status"] == "expired"  # from its expiry time on, not after it
 
 
 def test_revoke_by_name_or_id(db: Database) -> None:
+    with pytest.raises(NotFoundError) as none:
+        revoke_key(db, "team-a")
+    assert none.value.hint == "Known keys: none yet (`deploykit keys list`)."
     key, _ = create_key(db, "team-a")
+    create_key(db, "team-c")
+    assert revoke_key(db, key.id, now=100.0).revoked_at == 100.0
     assert revoke_key(db, key.id).status(time.time()) == "revoked"
-    assert revoke_key(db, "team-a").revoked_at is not None  # twice is fine
-    with pytest.raises(NotFoundError, match="team-b"):
+    assert revoke_key(db, "team-a", now=200.0).revoked_at == 100.0  # twice is fine, and keeps the first time
+    with pytest.raises(NotFoundError) as e:
         revoke_key(db, "team-b")
+    assert e.value.message == "No API key named 'team-b'."
+    assert e.value.hint == "Known keys: team-a, team-c (`deploykit keys list`)."
+
+
+def test_a_token_is_the_prefix_a_12_hex_id_and_a_48_hex_secret(db: Database) -> None:
+    key, token = create_key(db, "team-a", now=1000.0)
+    assert re.fullmatch(rf"dk-{key.id}-[0-9a-f]{{48}}", token) and re.fullmatch(r"[0-9a-f]{12}", key.id)
+    with pytest.raises(UsageError, match="in the past"):
+        create_key(db, "team-b", expires_at=1000.0, now=1000.0)  # expiring the moment it is made
 
 
 # authentication

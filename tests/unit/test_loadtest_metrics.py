@@ -213,3 +213,6 @@ def test_an_objective_met_exactly_and_an_empty_window() -> None:
     assert (empty.requests, empty.slo_attainment, empty.ttft, empty.slos_met) == (0, 0.0, None, {"ttft_p99": False})
     assert Distribution.of([3.0]) == Distribution(1, 3.0, 3.0, 3.0, 3.0, 3.0)
     assert Distribution.of([]) is None
+    short = summarize([at_limit], (0.0, 0.5), [])  # a window under a second: rates per its own length
+    assert (short.window_s, short.requests, short.offered_rps, short.output_tokens_per_s) == (0.5, 1, 2.0, 2.0)
+    assert summarize([], (5.0, 5.0), []).window_s > 0  # an empty window divides by a tiny span, never by 0
