@@ -7,6 +7,7 @@ importing the engine, the gateway or the hub client (each of which takes a notic
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from typing import Any
 
@@ -65,6 +66,8 @@ class LazyGroup(TyperGroup):
             single.callback()(lambda: None)  # a group of one, so that the command keeps its own name
             command = typer.main.get_command(single).commands[name]  # type: ignore[attr-defined]
         command.name = name
+        for each in [command, *getattr(command, "commands", {}).values()]:
+            each.help = _reflow(each.help)
         return command
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
@@ -73,6 +76,15 @@ class LazyGroup(TyperGroup):
             super().format_help(ctx, formatter)
         finally:
             self._listing = False
+
+
+def _reflow(text: str | None) -> str | None:
+    """Typer keeps a docstring's line breaks, so its long lines wrap raggedly on a narrow terminal: join the
+    lines of each prose paragraph; an indented paragraph (the examples) stays as written."""
+    if text is None:
+        return None
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(p if p.startswith((" ", "\b")) else " ".join(p.split("\n")) for p in paragraphs)
 
 
 app = typer.Typer(

@@ -421,9 +421,9 @@ def serve_hub(
 
     Examples:
 
-      deploykit serve-hub --host 0.0.0.0                                  # on the mirror
+      deploykit serve-hub --host 0.0.0.0        # on the mirror
 
-      HF_ENDPOINT=http://mirror:8090 deploykit pull smollm2-135m --locked   # on each server
+      HF_ENDPOINT=http://mirror:8090 deploykit pull smollm2-135m --locked
     """
     settings = Settings(home=home) if home is not None else Settings()
     lock_ = Lock.read(lock_file or settings.lock_path)

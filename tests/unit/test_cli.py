@@ -296,3 +296,26 @@ def test_help_lists_every_command_without_importing_them() -> None:
     )
     result = sp.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_help_joins_a_paragraphs_lines_and_keeps_the_examples_as_written() -> None:
+    from deploykit.cli.main import _reflow
+
+    doc = """Pull a model.
+
+    Only what serving needs
+    is fetched.
+
+    Examples:
+
+      deploykit pull a
+      deploykit pull b
+    """
+    assert _reflow(doc) == (
+        "Pull a model.\n\nOnly what serving needs is fetched.\n\nExamples:\n\n  deploykit pull a\n  deploykit pull b"
+    )
+    shown = subprocess.run(
+        [*CLI, "serve-hub", "--help"], env={**os.environ, "COLUMNS": "80"}, capture_output=True, text=True
+    )
+    # the paragraph wraps at the terminal's width, not at the docstring's line ends
+    assert "is served as its repo at the commit stored here, each file with its sha256" in shown.stdout
