@@ -4,12 +4,15 @@
 
 Each configuration gets a compile cache of its own, empty at first (a temporary VLLM_CACHE_ROOT, with
 inductor's cache under it): its first start is cold, the next `--rounds` are warm. Configurations:
-  plan          what `deploykit serve` runs: vLLM's AOT compile cache off, inductor's cache reused
-  vllm-default  the same plan with vLLM's own default (the AOT compile cache on)
+  plan          what `deploykit serve` runs: vLLM's AOT compile cache off, inductor's cache reused, the
+                engine core in the API server's process
+  multiproc     the plan with vLLM's default process layout (engine core in a process of its own)
+  vllm-default  the plan with vLLM's default AOT compile cache on (and its default process layout)
   eager         the plan with --enforce-eager (no torch.compile at all)
 The engine is started from the launch plan (`deploykit.serve.runner.prepare`) and is ready when its /health
 answers 200; each start's phases are read from its log as `serve` reads them. On each warm engine, decode
-speed: one greedy stream of 128 tokens (after one untimed request), the median of 3, in tokens/s. Last,
+speed: one greedy stream of 128 tokens (after one untimed request), the median of 3, in tokens/s; and
+throughput: 48 requests of 64 greedy tokens, 16 at a time, output tokens/s. Last,
 `--rounds` warm `deploykit serve` starts (ready when the gateway's /ready answers 200, which also gives
 the engine's own phases) against the plan's warm bare starts: what deploykit adds to a start. Prints
 every time and the ratios.
@@ -18,6 +21,7 @@ every time and the ratios.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import statistics
 import subprocess
@@ -36,7 +40,7 @@ from deploykit.serve.plan import LaunchPlan
 from deploykit.serve.runner import prepare
 
 BIN = Path(sys.executable).parent
-CONFIGS = ("plan", "vllm-default", "eager")
+CONFIGS = ("plan", "multiproc", "vllm-default", "eager")
 
 
 def plan_for(model: str, config: str, cache_root: Path) -> LaunchPlan:
@@ -45,6 +49,8 @@ def plan_for(model: str, config: str, cache_root: Path) -> LaunchPlan:
         environ.pop(name, None)  # the plan decides these, as it does for a user who set neither
     [plan] = prepare(Settings(), [model], engine_port=free_port(), environ=environ)
     env = {**plan.env, "VLLM_CACHE_ROOT": str(cache_root)}
+    if config in ("multiproc", "vllm-default"):
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
     if config == "vllm-default":
         env.pop("VLLM_USE_AOT_COMPILE")
     argv = (*plan.argv, "--enforce-eager") if config == "eager" else plan.argv
@@ -88,6 +94,21 @@ def decode_tokens_per_s(plan: LaunchPlan, tokens: int = 128) -> float:
     return statistics.median(speeds)
 
 
+def throughput_tokens_per_s(plan: LaunchPlan, streams: int = 16, requests: int = 48, tokens: int = 64) -> float:
+    body = {"model": plan.served_name, "prompt": "Once upon a time", "max_tokens": tokens, "temperature": 0}
+    body["ignore_eos"] = True
+
+    def one(_: int) -> int:
+        with httpx.Client(timeout=300) as client:
+            reply = client.post(plan.url + "/v1/completions", json=body).raise_for_status().json()
+            return int(reply["usage"]["completion_tokens"])
+
+    began = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        total = sum(pool.map(one, range(requests)))
+    return total / (time.monotonic() - began)
+
+
 def serve_start(model: str, cache_root: Path, timeout: float = 900) -> tuple[float, dict[str, object]]:
     """Seconds until `deploykit serve`'s /ready answers 200, and the engine's own start as /ready gives it."""
     port = free_port()
@@ -128,7 +149,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="startup-bench-") as tmp:
         for config in configs:
             root = Path(tmp) / config
-            times, speed = [], 0.0
+            times, speed, tput = [], 0.0, 0.0
             for i in range(1 + args.rounds):
                 plan = plan_for(args.model, config, root)
                 engine, startup = start(plan, Path(tmp) / f"{config}-{i}.log")
@@ -136,14 +157,14 @@ def main() -> None:
                     kind = "cold" if i == 0 else "warm"
                     last = i == args.rounds
                     if last:
-                        speed = decode_tokens_per_s(plan)
+                        speed, tput = decode_tokens_per_s(plan), throughput_tokens_per_s(plan)
                 finally:
                     engine.stop()
                 times.append(startup.seconds)
-                decode = f", decode {speed:.1f} tok/s" if last else ""
+                decode = f", decode {speed:.1f} tok/s, 16 streams {tput:.0f} tok/s" if last else ""
                 print(f"{config:>12} {kind}: ready in {startup.seconds:.1f} s{decode}", flush=True)
                 print(f"{'':>12}   {startup.describe()}", flush=True)
-            results[config] = {"cold": times[0], "warm": statistics.mean(times[1:]), "decode": speed}
+            results[config] = {"cold": times[0], "warm": statistics.mean(times[1:]), "decode": speed, "tput": tput}
         if "plan" in results:
             served = []
             for _ in range(args.rounds):
@@ -152,16 +173,17 @@ def main() -> None:
                 print(f"deploykit serve (plan) warm: ready in {seconds:.1f} s; the engine's own start: {startup}")
             results["serve"] = {"warm": statistics.mean(served)}
 
-    print("\nconfig        cold s   warm s   decode tok/s (1 stream, warm)")
+    print("\nconfig        cold s   warm s   decode tok/s (1 stream)   tok/s (16 streams)")
     for config in configs:
         r = results[config]
-        print(f"{config:<12} {r['cold']:>7.1f} {r['warm']:>8.1f} {r['decode']:>10.1f}")
-    if "plan" in results and "vllm-default" in results:
-        p, d = results["plan"], results["vllm-default"]
-        print(f"warm start plan / vllm-default: {p['warm'] / d['warm']:.2f}; decode: {p['decode'] / d['decode']:.2f}")
-    if "plan" in results and "eager" in results:
-        p, e = results["plan"], results["eager"]
-        print(f"warm start plan / eager: {p['warm'] / e['warm']:.2f}; decode: {p['decode'] / e['decode']:.2f}")
+        print(f"{config:<12} {r['cold']:>7.1f} {r['warm']:>8.1f} {r['decode']:>12.1f} {r['tput']:>20.0f}")
+    for other in ("multiproc", "vllm-default", "eager"):
+        if "plan" in results and other in results:
+            p, o = results["plan"], results[other]
+            print(
+                f"plan / {other}: warm start {p['warm'] / o['warm']:.2f}, decode {p['decode'] / o['decode']:.2f}, "
+                f"16 streams {p['tput'] / o['tput']:.2f}"
+            )
     if "serve" in results:
         ratio = results["serve"]["warm"] / results["plan"]["warm"]
         print(f"warm start deploykit serve / bare engine (plan): {ratio:.2f}")

