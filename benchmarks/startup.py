@@ -1,4 +1,4 @@
-"""Start to ready, cold and warm, for three ways of starting the CPU engine; and `deploykit serve` beside it.
+"""Start to ready, cold and warm, for four ways of starting the CPU engine; and `deploykit serve` beside it.
 
     python -m benchmarks.startup [MODEL] [--rounds 1] [--configs plan,vllm-default,eager]
 
@@ -41,12 +41,13 @@ from deploykit.serve.runner import prepare
 
 BIN = Path(sys.executable).parent
 CONFIGS = ("plan", "multiproc", "vllm-default", "eager")
+# What the CPU plan decides; left out of this process's environment, so that the plan decides them here
+# as it does for a user who set none, and no engine inherits a value from the shell
+PLAN_DECIDES = ("VLLM_USE_AOT_COMPILE", "TORCHINDUCTOR_CACHE_DIR", "VLLM_ENABLE_V1_MULTIPROCESSING")
 
 
 def plan_for(model: str, config: str, cache_root: Path) -> LaunchPlan:
     environ = {**os.environ, "VLLM_CACHE_ROOT": str(cache_root)}
-    for name in ("VLLM_USE_AOT_COMPILE", "TORCHINDUCTOR_CACHE_DIR"):
-        environ.pop(name, None)  # the plan decides these, as it does for a user who set neither
     [plan] = prepare(Settings(), [model], engine_port=free_port(), environ=environ)
     env = {**plan.env, "VLLM_CACHE_ROOT": str(cache_root)}
     if config in ("multiproc", "vllm-default"):
@@ -113,8 +114,6 @@ def serve_start(model: str, cache_root: Path, timeout: float = 900) -> tuple[flo
     """Seconds until `deploykit serve`'s /ready answers 200, and the engine's own start as /ready gives it."""
     port = free_port()
     env = {**os.environ, "VLLM_CACHE_ROOT": str(cache_root)}
-    for name in ("VLLM_USE_AOT_COMPILE", "TORCHINDUCTOR_CACHE_DIR"):
-        env.pop(name, None)
     cmd = [str(BIN / "deploykit"), "serve", model, "--port", str(port)]
     began = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -145,6 +144,8 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"a subset of {','.join(CONFIGS)}")
     args = parser.parse_args()
     configs = args.configs.split(",")
+    for name in PLAN_DECIDES:
+        os.environ.pop(name, None)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="startup-bench-") as tmp:
         for config in configs:

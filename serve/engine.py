@@ -100,7 +100,7 @@ class EngineProcess:
         self.plan = plan
         self.log_path = log_path
         self._lines: collections.deque[str] = collections.deque(maxlen=tail)
-        self._phases: list[tuple[str, float]] = []  # (key, seconds after the start when it began)
+        self._phases: list[tuple[str, float]] = [("imports", 0.0)]  # (key, seconds after the start it began)
         self._kv_tokens: int | None = None
         self._cache_said: str | None = None  # what the engine's log said of its compile cache
         self._cache_dirs: tuple[Path, ...] = ()
@@ -145,14 +145,12 @@ class EngineProcess:
 
     def progress(self) -> EngineProgress:
         last = self._lines[-1] if self._lines else ""
-        phase = _LABELS[self._phases[-1][0]] if self._phases else "starting the process"
-        return EngineProgress(phase, time.monotonic() - self._started, last)
+        return EngineProgress(_LABELS[self._phases[-1][0]], time.monotonic() - self._started, last)
 
     def startup(self, seconds: float) -> Startup:
         """How this start went, for an engine that became ready `seconds` after it was started."""
-        starts = self._phases or [("imports", 0.0)]
-        ends = [t for _, t in starts[1:]] + [seconds]
-        phases = tuple((key, max(0.0, end - t)) for (key, t), end in zip(starts, ends, strict=True))
+        ends = [t for _, t in self._phases[1:]] + [seconds]
+        phases = tuple((key, max(0.0, end - t)) for (key, t), end in zip(self._phases, ends, strict=True))
         cache = self._cache_said
         compiled = any(key == "compile" for key, _ in phases)  # an eager engine (LoRA on CPU, say) has no phase
         if cache is None and compiled:

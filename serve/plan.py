@@ -319,7 +319,6 @@ def _cpu_start_env(environ: Mapping[str, str]) -> tuple[dict[str, str], list[Cho
     (a Docker volume, kept across reboots) instead of in /tmp. The engine core runs in the API server's
     process: on a CPU host a process of its own is one more import of torch and vLLM at every start, and
     one more process on the same cores. Measured in docs/PERFORMANCE.md (`benchmarks/startup.py`)."""
-    vllm_cache = vllm_cache_root(environ)
     wanted = {
         "VLLM_USE_AOT_COMPILE": (
             "0",
@@ -327,7 +326,7 @@ def _cpu_start_env(environ: Mapping[str, str]) -> tuple[dict[str, str], list[Cho
             "inductor's cache is reused instead",
         ),
         "TORCHINDUCTOR_CACHE_DIR": (
-            str(Path(vllm_cache) / "torchinductor"),
+            str(vllm_cache_root(environ) / "torchinductor"),
             "compiled graphs kept beside vLLM's cache (not /tmp): a restart loads them instead of compiling",
         ),
         "VLLM_ENABLE_V1_MULTIPROCESSING": (
