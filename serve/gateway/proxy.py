@@ -37,6 +37,10 @@ _IDENTITY = {"accept-encoding": "identity"}
 # nginx's status for a request whose client went away before the answer; nobody receives it.
 CLIENT_CLOSED_REQUEST = 499
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+# How deeply a request body's JSON may nest. OpenAI bodies nest a few levels (a tool's JSON schema a few
+# dozen); the bound is explicit so that what is accepted does not depend on the stack the parser runs on,
+# and far under Python's recursion limit, so the engine (a Python server too) can parse whatever passes.
+MAX_JSON_DEPTH = 128
 
 T = TypeVar("T")
 
@@ -50,15 +54,32 @@ def engine_session(read_timeout_s: float = 600.0) -> aiohttp.ClientSession:
 
 def parse_body(raw: bytes) -> dict[str, object]:
     """The request's JSON object, or a 400 that says what is wrong with it."""
+    too_deep = f"The request body's JSON is nested more than {MAX_JSON_DEPTH} levels deep."
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GatewayError(400, f"The request body is not valid JSON: {e}.", "invalid_request_error") from e
-    except RecursionError as e:
-        raise GatewayError(400, "The request body's JSON is nested too deeply.", "invalid_request_error") from e
+    except RecursionError as e:  # deeper than the bound, whatever the stack it was parsed on
+        raise GatewayError(400, too_deep, "invalid_request_error") from e
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(body, MAX_JSON_DEPTH):
+        raise GatewayError(400, too_deep, "invalid_request_error")
     if not isinstance(body, dict):
         raise GatewayError(400, "The request body must be a JSON object.", "invalid_request_error")
     return body
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether a parsed JSON value nests arrays and objects more than `limit` deep (without recursing)."""
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 async def forward(

@@ -1,5 +1,5 @@
 """Fuzz the gateway, served as `deploykit serve` serves it (its connection limits), from its own OpenAPI
-document (schemathesis), and with bodies nested deeper than any parser recurses and headers larger than
+document (schemathesis), and with bodies nested up to and past its depth bound and headers larger than
 its limit: malformed or odd requests never get a 5xx and never crash it. The fake engine answers whatever
 gets through."""
 
@@ -19,7 +19,7 @@ from schemathesis.generation import GenerationMode
 from deploykit.serve.accounting.database import connect
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
-from deploykit.serve.gateway.proxy import engine_session
+from deploykit.serve.gateway.proxy import MAX_JSON_DEPTH, engine_session
 from deploykit.serve.gateway.server import ConnectionLimits
 from tests.fakes.threaded import serve_in_thread
 
@@ -82,6 +82,9 @@ def test_deeply_nested_bodies_are_refused_not_crashed_on(
     body = opener * depth + ("0" + closer * depth if closed else "")
     response = httpx.post(gateway_url + path, content=body.encode(), timeout=30)
     assert response.status_code < 500, response.text[:300]
+    levels = depth * (2 if opener.startswith('{"model"') else 1)
+    if levels > MAX_JSON_DEPTH or not closed:
+        assert response.status_code in (400, 413), response.text[:300]  # refused; 413 when also too large
 
 
 @given(

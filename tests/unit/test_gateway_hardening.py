@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -19,8 +20,8 @@ from deploykit.serve.accounting.database import Database
 from deploykit.serve.accounting.keys import create_key
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
-from deploykit.serve.gateway.errors import unexpected_error_response
-from deploykit.serve.gateway.proxy import engine_session
+from deploykit.serve.gateway.errors import GatewayError, unexpected_error_response
+from deploykit.serve.gateway.proxy import MAX_JSON_DEPTH, engine_session, parse_body
 from deploykit.serve.gateway.spill import parse_spill
 from deploykit.serve.gateway.tokens import budget_tokens
 from tests.fakes.engine import CONTEXT, PROMPT_TOKENS, create_fake_engine
@@ -165,6 +166,32 @@ async def test_deeply_nested_json_is_a_400_in_the_ledger(app: FastAPI, db: Datab
     assert_openai_error(response, 400)
     assert_openai_error(deep, 400)
     assert [row[0] for row in ledger(app, db)] == [400, 400]
+
+
+@pytest.mark.parametrize(("depth", "accepted"), [(MAX_JSON_DEPTH, True), (MAX_JSON_DEPTH + 1, False), (5_000, False)])
+def test_the_nesting_bound_is_exact_whatever_the_stack(depth: int, accepted: bool) -> None:
+    # The object itself is level 1; brackets inside strings and wide bodies (many brackets, shallow) do not count.
+    deep = b"[" * (depth - 1) + b"]" * (depth - 1)
+    raw = b'{"a": "[[[[", "deep": ' + deep + b', "wide": [' + b"{}, " * 200 + b"{}]}"
+    if accepted:
+        assert parse_body(raw)["a"] == "[[[["
+        assert parse_body(b'{"s": "' + b"[" * 5_000 + b'"}')["s"] == "[" * 5_000
+    else:
+        with pytest.raises(GatewayError, match=f"nested more than {MAX_JSON_DEPTH} levels") as refused:
+            parse_body(raw)
+        assert refused.value.status == 400
+
+    # the same on a deep stack: the bound, not the interpreter's recursion limit, decides
+    def at_depth(n: int) -> bool:
+        if n:
+            return at_depth(n - 1)
+        try:
+            parse_body(raw)
+        except GatewayError:
+            return False
+        return True
+
+    assert at_depth(sys.getrecursionlimit() - 200) is accepted
 
 
 # labels a client makes up
