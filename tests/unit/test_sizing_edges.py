@@ -1,0 +1,519 @@
+"""The sizing model at its edges, where a one-character bug hides: the boundaries of what fits and what is
+refused, a calibration carried through every step (size_model against the steps done by hand), the
+warnings a calibration raises and where they stop, and the exact message and hint of each calibration
+error (what a user reads to fix the command). The arithmetic itself is worked by hand in test_sizing.py."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from deploykit.core.errors import DeploykitError, NotFoundError, UsageError
+from deploykit.core.slo import parse_slos
+from deploykit.models.config import ModelConfig
+from deploykit.models.fit import GIB, weight_bytes
+from deploykit.models.prices import GpuPrice, Provisioned, ServicePrice, stale_summary
+from deploykit.sizing import ranking
+from deploykit.sizing.calibration import calibrate, calibration_at
+from deploykit.sizing.cost import (
+    BreakEven,
+    CostReport,
+    blended_price_per_token,
+    break_even_cells,
+    cheapest,
+    compare,
+    cost_model,
+    monthly_tokens_capacity,
+    own_monthly_usd,
+    plot_series,
+    report_html,
+    self_host_cost_at,
+    tokens_text,
+)
+from deploykit.sizing.hardware import Accelerator, HardwareByName, kv_tokens_on
+from deploykit.sizing.load import TargetLoad
+from deploykit.sizing.performance import closed_loop_point, point
+from deploykit.sizing.ranking import (
+    CALIBRATED_BAND,
+    Infeasible,
+    Option,
+    nearest_feasible_hint,
+    size,
+    size_model,
+    size_option,
+)
+from tests.unit.test_sizing import CPU, LLAMA8, PRICES, SMOL, TODAY, gpu
+
+TOY = ModelConfig("Toy", 10, 512, 8, 8, 64, 4096, "bfloat16", 1_000_000_000)
+TOY_GPU = Accelerator("toy", "Toy GPU", 16 * 1024**3, 1e12, 1e14, True, 300, 0.5, 0.5)
+TOY_KV = 578_672  # worked by hand in test_sizing.test_one_option_by_hand
+
+
+# what fits
+
+
+def test_a_request_as_long_as_the_kv_cache_fits_and_one_token_more_does_not() -> None:
+    fits = size_option(TOY, TOY_GPU, 1, TargetLoad(0.1, TOY_KV - 100, 100), 0.8, None, None)
+    assert isinstance(fits, Option) and fits.max_concurrency == 1
+    kv2 = kv_tokens_on(TOY, TOY_GPU, 2)
+    assert kv2 > TOY_KV
+    refused = size_option(TOY, TOY_GPU, 2, TargetLoad(0.1, kv2 - 99, 100), 0.8, None, None)
+    # 2e9 B of weights over two devices: 0.93 GiB each
+    assert refused == Infeasible(
+        "toy",
+        2,
+        f"holds {kv2:,} KV tokens, not one {kv2 + 1:,}-token request (0.9 GiB of weights per device of 16 GiB)",
+        (kv2 + 1) / kv2,
+    )
+
+
+def test_a_model_larger_than_the_device_is_infinitely_short() -> None:
+    small = replace(TOY_GPU, memory_bytes=GIB)  # 1 GiB for 2e9 B of weights: no KV cache at all
+    refused = size_option(TOY, small, 1, TargetLoad(0.1, 100, 100), 0.8, None, None)
+    assert isinstance(refused, Infeasible) and refused.shortfall == float("inf")
+    assert f"({weight_bytes(TOY, 'bfloat16') / GIB:.1f} GiB of weights per device of 1 GiB)" in refused.reason
+
+
+@pytest.mark.parametrize("over", [1.0001, 1.3, 2.0, 4.0])
+def test_the_largest_concurrency_is_found_by_a_plain_scan_too(over: float) -> None:
+    """The binary search against a scan of every concurrency, on a calibrated CPU (whose overhead per step
+    makes the SLO bind): `over` sets the TPOT limit just above the one-stream TPOT, so the answer runs
+    from 1 stream upwards."""
+    cal = calibration_at(SMOL, CPU, 1, 4, 64, 32, 0.070, 1.3, "run.json")
+    one = point(SMOL, CPU, 1, 1, 64, 32, cal).tpot_s * (1 + CALIBRATED_BAND)
+    w = TargetLoad(0.5, 64, 32, tuple(parse_slos(f"tpot_p95={one * over * 1000}ms")))
+    option = size_option(SMOL, CPU, 1, w, 0.8, cal, None)
+    assert isinstance(option, Option) and option.calibrated and option.band == CALIBRATED_BAND
+    cap = min(kv_tokens_on(SMOL, CPU, 1) // 96, ranking.MAX_NUM_SEQS)
+    meets = [
+        c for c in range(1, cap + 1) if point(SMOL, CPU, 1, c, 64, 32, cal).tpot_s * (1 + CALIBRATED_BAND) <= one * over
+    ]
+    assert type(option.max_concurrency) is int and option.max_concurrency == max(meets)
+    if over == 1.0001:
+        assert option.max_concurrency == 1
+    best = point(SMOL, CPU, 1, option.max_concurrency, 64, 32, cal)
+    assert option.capacity_rps == best.rps(32)
+    assert option.at_load == point(SMOL, CPU, 1, option.at_load.concurrency, 64, 32, cal)
+
+
+def test_tensor_parallel_rentals_are_priced_per_device() -> None:
+    price = GpuPrice(gpu="l4", provider="acme", kind="rent", usd=0.8, as_of=TODAY, source="test", confidence="user")
+    w = TargetLoad(2.0, 512, 256, tuple(parse_slos("tpot_p95=50ms")))
+    option = size_option(LLAMA8, gpu("l4"), 2, w, 0.8, None, price)
+    assert isinstance(option, Option) and option.tp == 2
+    assert option.usd_per_hour == pytest.approx(0.8 * 2 * option.replicas)
+
+
+def test_an_unpriced_option_and_a_calibrated_one_in_json() -> None:
+    cal = calibration_at(SMOL, CPU, 1, 4, 64, 32, 0.070, 1.3, "run.json")
+    w = TargetLoad(0.2, 64, 32)
+    sizing = size("smollm2-135m", SMOL, w, [CPU, gpu("l4")], PRICES, calibration=cal)
+    assert [o.hardware.name for o in sizing.options] == ["l4", "cpu"]  # priced first, the unpriced last
+    cpu = sizing.options[1].to_json(w)
+    assert cpu["source"] == "calibrated" and cpu["band"] == CALIBRATED_BAND
+    assert cpu["usd_per_hour"] is None and cpu["usd_per_month"] is None and cpu["usd_per_mtok"] is None
+    assert cpu["price"] is None
+    assert sizing.to_json()["calibration"] == cal.__dict__
+
+
+# what is refused
+
+
+@pytest.mark.parametrize(
+    ("load", "utilization", "refused"),
+    [
+        ((1.0, 1, 1), 1.0, None),
+        ((0.0, 512, 256), 0.8, "The load needs a positive rate"),
+        ((1.0, 0, 256), 0.8, "The load needs a positive rate"),
+        ((1.0, 512, 0), 0.8, "The load needs a positive rate"),
+        ((1.0, 512, 256), 0.0, "--max-utilization 0.0 is not in (0, 1]."),
+        ((1.0, 512, 256), 1.5, "--max-utilization 1.5 is not in (0, 1]."),
+    ],
+)
+def test_the_load_and_utilization_bounds(load: tuple[float, int, int], utilization: float, refused: str | None) -> None:
+    def run() -> object:
+        return size("smollm2-135m", SMOL, TargetLoad(*load), [gpu("l4")], PRICES, max_utilization=utilization)
+
+    if refused is None:
+        assert run()
+    else:
+        with pytest.raises(UsageError, match=refused.replace("(", r"\(").replace("]", r"\]")):
+            run()
+
+
+def test_a_cpu_is_sized_as_one_device() -> None:
+    w = TargetLoad(0.1, 64, 32, tuple(parse_slos("tpot_p95=0.01ms")))  # nothing meets it
+    sizing = size("smollm2-135m", SMOL, w, [CPU], PRICES)
+    assert [(i.hardware, i.tp) for i in sizing.infeasible] == [("cpu", 1)] and sizing.options == []
+
+
+def test_a_provider_picks_its_own_rate() -> None:
+    name, offers = next((g, PRICES.prices_for(g, "rent")) for g in PRICES.gpus if len(PRICES.prices_for(g, "rent")) > 1)
+    other = offers[-1]
+    assert other.usd >= offers[0].usd and other.provider != offers[0].provider
+    sizing = size("smollm2-135m", SMOL, TargetLoad(0.2, 64, 32), [gpu(name)], PRICES, provider=other.provider)
+    assert sizing.options[0].price == other
+    cheapest = size("smollm2-135m", SMOL, TargetLoad(0.2, 64, 32), [gpu(name)], PRICES)
+    assert cheapest.options[0].price == offers[0]
+
+
+def test_the_hint_for_a_load_nothing_serves_names_the_three_closest() -> None:
+    w = TargetLoad(1.0, 512, 256, tuple(parse_slos("tpot_p95=0.1ms")))
+    sizing = size("llama-3.1-8b-instruct", LLAMA8, w, [gpu(n) for n in ("l4", "a100-80gb", "h100-sxm")], PRICES)
+    assert len(sizing.infeasible) > 3
+    closest = sorted(sizing.infeasible, key=lambda i: i.shortfall)[:3]
+    reasons = "; ".join(f"{i.hardware} x{i.tp} {i.reason}" for i in closest)
+    assert (
+        nearest_feasible_hint(sizing)
+        == f"Closest: {reasons}. Relax the SLO, shorten the requests, or pick a smaller model."
+    )
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0.0125, "12.5 ms"), (9.99, "9.99e+03 ms"), (10.0, "10 s"), (10.6, "11 s")]
+)
+def test_latencies_in_reasons_switch_to_seconds_at_ten(seconds: float, text: str) -> None:
+    assert ranking._ms(seconds) == text
+
+
+# a calibration's warnings
+
+
+@pytest.fixture
+def engine_here(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(ranking, "installed_engine_version", lambda: "0.32.0")
+    return "0.32.0"
+
+
+def test_the_engine_warning_compares_the_measured_engine_with_this_one(engine_here: str) -> None:
+    cal = calibration_at(SMOL, CPU, 1, 4, 64, 32, 0.070, 1.3, "run.json")
+    w = TargetLoad(0.2, 64, 32, tuple(parse_slos("tpot_p95=200ms")))  # 8 streams, near the 4 measured
+    assert (
+        size("smollm2-135m", SMOL, w, [CPU], PRICES, calibration=replace(cal, engine_version=engine_here)).warnings
+        == []
+    )
+    [other] = size("smollm2-135m", SMOL, w, [CPU], PRICES, calibration=replace(cal, engine_version="9.9")).warnings
+    assert "measured vLLM 9.9; this machine has 0.32.0" in other
+
+
+@pytest.mark.parametrize(
+    ("tokens", "warned"), [((128, 32), False), ((32, 16), False), ((160, 32), True), ((64, 80), True)]
+)
+def test_the_length_warning_holds_within_twice_the_measured_lengths(
+    engine_here: str, tokens: tuple[int, int], warned: bool
+) -> None:
+    cal = replace(calibration_at(SMOL, CPU, 1, 4, 64, 32, 0.070, 1.3, "run.json"), engine_version=engine_here)
+    sizing = size("smollm2-135m", SMOL, TargetLoad(0.05, *tokens), [CPU], PRICES, calibration=cal)
+    assert any("tokens in/out" in line for line in sizing.warnings) is warned
+
+
+@pytest.mark.parametrize(
+    ("slo", "measured", "warned"),
+    [("200ms", 8, False), ("200ms", 2, False), ("200ms", 32, False), ("500ms", 6, True), ("200ms", 40, True)],
+)
+def test_the_concurrency_warning_holds_within_four_times_the_measured_streams(
+    engine_here: str, slo: str, measured: int, warned: bool
+) -> None:
+    """The CPU runs 8 streams under a 200 ms TPOT SLO and 26 under 500 ms; the load test's concurrency is
+    set after the fit, to put their ratio at 1, 4, 1/4 (within the band), 4.3 and 1/5 (outside)."""
+    cal = replace(calibration_at(SMOL, CPU, 1, 4, 64, 32, 0.070, 1.3, "run.json"), engine_version=engine_here)
+    cal = replace(cal, concurrency=measured)
+    w = TargetLoad(0.05, 64, 32, tuple(parse_slos(f"tpot_p95={slo}")))
+    sizing = size("smollm2-135m", SMOL, w, [CPU, gpu("l4")], PRICES, calibration=cal)
+    cpu = next(o for o in sizing.options if o.hardware.name == "cpu")
+    assert cpu.max_concurrency == {"200ms": 8, "500ms": 26}[slo]
+    flagged = [line.split(" ")[0] for line in sizing.warnings if "streams per replica" in line]
+    assert flagged == (["cpu"] if warned else [])  # never the uncalibrated l4
+
+
+# size_model: the steps done by hand
+
+
+def _report(tmp_path: Path, hardware: str, **config: object) -> Path:
+    path = tmp_path / "run.json"
+    report = {
+        "config": {
+            "model": "smollm2-135m",
+            "concurrency": 4,
+            "input_tokens": "64",
+            "output_tokens": "32",
+            "hardware": hardware,
+            **config,
+        },
+        "summary": {"tpot": {"p50": 0.004}, "ttft": {"p50": 0.02}},
+    }
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_size_model_is_calibrate_then_size_then_the_price_warnings(tmp_path: Path, engine_here: str) -> None:
+    path = _report(tmp_path, "l4", engine_version=engine_here)
+    load = TargetLoad(3.0, 256, 32, tuple(parse_slos("tpot_p95=40ms")))  # 4x the measured prompt: a warning
+    provider = PRICES.prices_for("a100-80gb", "rent")[-1].provider  # not the cheapest
+    later = TODAY.replace(year=TODAY.year + 3)  # every price is stale by then
+    got = size_model(
+        "smollm2-135m", SMOL, load, PRICES, hardware=["a100-80gb"], from_loadtest=path, measured_on="l4",
+        provider=provider, max_utilization=0.5, today=later,
+    )  # fmt: skip
+    cal = calibrate(path, "smollm2-135m", SMOL, HardwareByName(PRICES), "l4")
+    assert cal.tp == 1 and cal.source == str(path) and got.calibration == cal
+    assert calibrate(path, "smollm2-135m", SMOL, HardwareByName(PRICES), "l4:2").tp == 2
+    by_hand = size(
+        "smollm2-135m", SMOL, load, [gpu("a100-80gb"), gpu("l4")], PRICES, max_utilization=0.5, calibration=cal,
+        provider=provider,
+    )  # fmt: skip
+    assert got.model == "smollm2-135m" and got.options == by_hand.options and got.infeasible == by_hand.infeasible
+    # the calibrated hardware joins the options, calibrated; the other is priced at the provider's rate
+    assert {o.hardware.name: o.calibrated for o in got.options} == {"a100-80gb": False, "l4": True}
+    assert got.options[0].price == PRICES.prices_for("a100-80gb", "rent")[-1]
+    used = [o.price for o in got.options if o.price is not None]
+    assert used and got.warnings == [*by_hand.warnings, *stale_summary(used, later)]
+    assert len(by_hand.warnings) == 2 and len(stale_summary(used, later)) == 1  # lengths, streams; prices
+
+
+def test_size_model_without_a_load_test_is_uncalibrated(tmp_path: Path) -> None:
+    got = size_model("smollm2-135m", SMOL, TargetLoad(1.0, 64, 32), PRICES, hardware=["l4"], today=TODAY)
+    assert got.calibration is None and [o.hardware.name for o in got.options] == ["l4"]
+
+
+# calibration errors: what a user reads to fix the command
+
+
+def _broken(tmp_path: Path, change: str) -> Path:
+    path = _report(tmp_path, "l4")
+    report = json.loads(path.read_text())
+    match change:
+        case "missing":
+            path.unlink()
+        case "not json":
+            path.write_text("not json")
+        case "other model":
+            report["config"]["model"] = "gemma3-270m"
+        case "no hardware":
+            del report["config"]["hardware"]
+        case "unknown hardware":
+            report["config"]["hardware"] = "x9:2"
+        case "open loop":
+            report["config"]["concurrency"] = None
+        case "no ttft":
+            del report["summary"]["ttft"]
+        case "no tpot":
+            report["summary"]["tpot"] = {"p50": 0}
+    if path.exists() and change != "not json":
+        path.write_text(json.dumps(report))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message", "hint"),
+    [
+        ("missing", NotFoundError, "No load-test report at {path}.", "Write one with deploykit loadtest --out."),
+        ("not json", UsageError, "{path} is not a deploykit loadtest report.", "Use the JSON from --out."),
+        (
+            "other model",
+            UsageError,
+            "The load test in {path} ran model 'gemma3-270m', not 'smollm2-135m'.",
+            "Calibrate with a load test of the same model.",
+        ),
+        (
+            "no hardware",
+            UsageError,
+            "{path} does not say what hardware the server ran on.",
+            "Pass --measured-on (e.g. cpu, l4, h100-sxm:2), or run the load test with --hardware.",
+        ),
+        ("unknown hardware", NotFoundError, "No hardware named 'x9' to calibrate.", "Known: l4, cpu."),
+        ("open loop", UsageError, "{path} is an open-loop run.", "Calibrate with a closed-loop run (--concurrency)."),
+        ("no ttft", UsageError, "{path} has no TPOT or TTFT to calibrate with.", "Use a streaming load test."),
+        ("no tpot", UsageError, "{path} has no TPOT or TTFT to calibrate with.", "Use a streaming load test."),
+    ],
+)
+def test_each_calibration_error_says_what_to_do(
+    tmp_path: Path, change: str, error: type[DeploykitError], message: str, hint: str
+) -> None:
+    path = _broken(tmp_path, change)
+    with pytest.raises(error) as raised:
+        calibrate(path, "smollm2-135m", SMOL, {"l4": gpu("l4"), "cpu": CPU})
+    assert type(raised.value) is error
+    assert (raised.value.message, raised.value.hint) == (message.format(path=path), hint)
+
+
+def test_a_calibration_keeps_what_it_measured_and_clamps_its_efficiency() -> None:
+    cal = calibration_at(SMOL, CPU, 1, 4, 64, 32, 0.070, 1.3, "run.json")
+    analytic = closed_loop_point(SMOL, CPU, 1, 4, 64, 32)
+    assert (cal.hardware, cal.tp, cal.source, cal.concurrency, cal.input_tokens, cal.output_tokens) == (
+        "cpu", 1, "run.json", 4, 64, 32,
+    )  # fmt: skip
+    assert (cal.measured_tpot_s, cal.measured_ttft_s) == (0.070, 1.3)
+    assert (cal.predicted_tpot_s, cal.predicted_ttft_s) == (analytic.tpot_s, analytic.ttft_s)
+    # a prefill measured 1,000 times slower or faster than the analytic one is taken as at most 20 times
+    slow = calibration_at(SMOL, CPU, 1, 4, 64, 32, 0.070, 0.070 + 4 * 347.19, "run.json")
+    fast = calibration_at(SMOL, CPU, 1, 4, 64, 32, 0.070, 0.070 + 4 * 0.000347, "run.json")
+    assert slow.compute_eff == CPU.compute_eff / 20 and fast.compute_eff == CPU.compute_eff * 20
+
+
+# cost: which option each way, the lines of the verdict, the edges of the figures
+
+L40S_AND_T4 = ("l40s", "t4")  # for the 8B at 0.5 req/s: the L40S is cheapest to rent, two T4s to own
+
+
+def _costed(
+    offers: list[str], w: TargetLoad = TargetLoad(0.5, 512, 256), provider: str | None = None, gpus=L40S_AND_T4
+) -> tuple[CostReport, list[ServicePrice | Provisioned]]:
+    sizing = size(
+        "llama-3.1-8b-instruct", LLAMA8, w, [gpu(n) for n in gpus], PRICES, max_utilization=1.0, provider=provider
+    )
+    chosen = [PRICES.offer(n) for n in offers]
+    return compare(sizing, PRICES, chosen, 1.0, w), chosen
+
+
+def test_each_way_has_its_own_cheapest_option() -> None:
+    report, offers = _costed(["llama-3.1-8b@together"])
+    assert [s.label for s in report.self_hosted] == ["2 x t4 (tp 2)", "1 x l40s"]  # by the cheaper of the two ways
+    assert cheapest(report.self_hosted, "rent").label == "1 x l40s"  # type: ignore[union-attr]
+    assert cheapest(report.self_hosted, "own").label == "2 x t4 (tp 2)"  # type: ignore[union-attr]
+    rent, own = report.managed[0].break_even
+    assert (rent.way, rent.option, own.way, own.option) == ("rent", "1 x l40s", "own", "2 x t4 (tp 2)")
+    assert (
+        report.verdict.startswith("Renting 1 x l40s costs $635/month")
+        and "Owning 2 x t4 (tp 2) costs $124" in report.verdict
+    )
+    rent_line, own_line = plot_series(report, offers)[:2]
+    assert (
+        rent_line.label == "rent 1 x l40s (whole replicas)" and own_line.label == "own 2 x t4 (tp 2) (whole replicas)"
+    )
+
+
+def test_a_rival_that_self_hosting_never_beats_and_one_it_beats() -> None:
+    cheap = ServicePrice(
+        name="cheap", provider="acme", input_per_mtok=0.0001, output_per_mtok=0.0001, as_of=TODAY, source="t",
+        confidence="user",
+    )  # fmt: skip
+    sizing = size(
+        "llama-3.1-8b-instruct", LLAMA8, TargetLoad(0.5, 512, 256), [gpu("l40s")], PRICES, max_utilization=1.0
+    )
+    report = compare(sizing, PRICES, [cheap], 1.0, TargetLoad(0.5, 512, 256))
+    assert report.managed[0].break_even == (
+        BreakEven("rent", "1 x l40s", None, None),
+        BreakEven("own", "1 x l40s", None, None),
+    )
+    assert (
+        report.verdict.count("self-hosting does not pay at any volume; a fully busy replica costs more per token") == 2
+    )
+    assert break_even_cells(report.managed[0]) == ["never", "never"]
+    # at 5 req/s gpt-4o costs more than renting or owning: both lines say so
+    pays, _ = _costed(["gpt-4o"], TargetLoad(5.0, 512, 256), gpus=("l40s",))
+    assert pays.verdict.count("self-hosting pays at 10.1 B tokens a month.") == 2
+
+
+def test_a_provisioned_rival_has_no_break_even_volume() -> None:
+    report, _ = _costed(["gpt-4o@azure-ptu"], gpus=("l40s",))
+    assert report.managed[0].break_even == ()
+    assert "$635/month against" in report.verdict and "pays at" in report.verdict
+
+
+def test_without_rentals_the_owning_line_stands_alone() -> None:
+    report, _ = _costed(["llama-3.1-8b@together"], provider="nobody", gpus=("l40s", "a10g"))
+    [hosted] = report.self_hosted  # the A10G can be neither rented from nobody nor bought
+    assert (
+        hosted.rent_usd is None
+        and hosted.replica_rent_usd is None
+        and hosted.own_usd == pytest.approx(344.96, abs=0.01)
+    )
+    assert report.verdict.startswith("Owning 1 x l40s costs $345/month") and "Renting" not in report.verdict
+    assert [b.way for b in report.managed[0].break_even] == ["own"]
+    page = report_html(replace(report, warnings=["Prices <old>"]), b"PNG")
+    assert "<tr><td>1 x l40s</td><td>-</td><td>$345</td><td>estimated</td></tr>" in page
+    assert "<p>Prices &lt;old&gt;</p>" in page
+
+
+def test_with_no_offer_to_compare_each_way_gets_its_cost() -> None:
+    report, _ = _costed([])
+    assert report.verdict == "Renting 1 x l40s costs $635/month. Owning 2 x t4 (tp 2) costs $124/month."
+
+
+def test_several_replicas_are_priced_one_by_one() -> None:
+    report, _ = _costed(["gpt-4o-mini"], TargetLoad(40.0, 512, 256), gpus=("l40s",))
+    [hosted] = report.self_hosted
+    replicas = hosted.option.replicas
+    assert replicas > 1 and hosted.replica_rent_usd == pytest.approx(hosted.rent_usd / replicas)  # type: ignore[operator]
+    # at half the utilization the same volume needs twice the replicas' capacity
+    volume = monthly_tokens_capacity(hosted, report.load) * 3
+    assert self_host_cost_at(hosted, "rent", report.load, volume, 0.5) == 6 * hosted.replica_rent_usd  # type: ignore[operator]
+
+
+def test_a_calibrated_option_says_so_in_the_cost_report() -> None:
+    cal = calibration_at(SMOL, CPU, 1, 4, 64, 32, 0.070, 1.3, "run.json")
+    w = TargetLoad(0.2, 64, 32, tuple(parse_slos("tpot_p95=200ms")))
+    sizing = size(
+        "smollm2-135m",
+        SMOL,
+        w,
+        [gpu("l4"), replace(CPU, name="l40s")],
+        PRICES,
+        calibration=replace(cal, hardware="l40s"),
+    )
+    report = compare(sizing, PRICES, [], 1.0, w)
+    sources = {row["hardware"]: row["source"] for row in report.to_json()["self_hosted"]}  # type: ignore[index, union-attr]
+    assert sources == {"l4": "estimated", "l40s": "calibrated"}
+    assert "<td>calibrated</td>" in report_html(report, b"")
+
+
+@pytest.mark.parametrize("power_w", [0.0, 1.0])
+def test_owning_needs_a_purchase_price_and_a_power_draw(power_w: float) -> None:
+    power = PRICES.power
+    assert power is not None
+    owned = own_monthly_usd(PRICES, "l4", 1, power_w, power)
+    assert (owned is None) is (power_w == 0)
+    assert own_monthly_usd(PRICES, "a10g", 1, 150, power) is None  # nobody sells it in the data
+
+
+@pytest.mark.parametrize(
+    ("n", "text"), [(1e12, "1 T"), (1e9, "1 B"), (1e6, "1 M"), (1e3, "1 k"), (999.0, "999"), (2.5e9, "2.5 B")]
+)
+def test_token_volumes_in_words(n: float, text: str) -> None:
+    assert tokens_text(n) == text
+
+
+def test_a_blended_price_per_token_by_hand() -> None:
+    # gpt-4o-mini: $0.15 in, $0.60 out per M; 512 in and 256 out: (76.8 + 153.6) / 768 = $0.30 per M
+    assert blended_price_per_token(PRICES.find("gpt-4o-mini"), TargetLoad(1.0, 512, 256)) == pytest.approx(
+        0.3e-6, rel=1e-9
+    )
+
+
+@pytest.mark.parametrize(("utilization", "ok"), [(0.0, False), (1.0, True), (1.5, False)])
+def test_the_utilization_bounds_of_cost(utilization: float, ok: bool) -> None:
+    load = TargetLoad(1.0, 512, 256)
+    sizing = size("llama-3.1-8b-instruct", LLAMA8, load, [gpu("l40s")], PRICES)
+    message = rf"--utilization {utilization} is not in \(0, 1\]\."
+    for run in (
+        lambda: cost_model("llama-3.1-8b-instruct", LLAMA8, load, PRICES, [], utilization, hardware=["l40s"]),
+        lambda: compare(sizing, PRICES, [], utilization, load),
+    ):
+        if ok:
+            run()
+        else:
+            with pytest.raises(UsageError, match=message) as refused:
+                run()
+            assert refused.value.hint == "For example --utilization 0.5."
+
+
+def test_cost_model_is_size_model_at_the_peak_then_compare(engine_here: str) -> None:
+    load = TargetLoad(1.0, 512, 256, tuple(parse_slos("tpot_p95=60ms")))
+    later = TODAY.replace(year=TODAY.year + 3)
+    report, offers = cost_model(
+        "llama-3.1-8b-instruct", LLAMA8, load, PRICES, ["gpt-4o-mini"], 0.25, hardware=["l40s", "a100-80gb"],
+        provider="hyperscaler", today=later,
+    )  # fmt: skip
+    peak = size_model(
+        "llama-3.1-8b-instruct", LLAMA8, replace(load, rps=4.0), PRICES, hardware=["l40s", "a100-80gb"],
+        provider="hyperscaler", max_utilization=1.0, today=later,
+    )  # fmt: skip
+    by_hand = compare(peak, PRICES, offers, 0.25, load)
+    assert report.self_hosted == by_hand.self_hosted and report.managed == by_hand.managed
+    assert report.model == "llama-3.1-8b-instruct" and report.verdict == by_hand.verdict
+    [stale] = report.warnings
+    assert "power of" in stale and "gpt-4o-mini" in stale and "a100-80gb (hyperscaler)" in stale
