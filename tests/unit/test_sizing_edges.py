@@ -15,7 +15,7 @@ from deploykit.core.errors import DeploykitError, NotFoundError, UsageError
 from deploykit.core.slo import parse_slos
 from deploykit.models.config import ModelConfig
 from deploykit.models.fit import GIB, weight_bytes
-from deploykit.models.prices import GpuPrice, Provisioned, ServicePrice, stale_summary
+from deploykit.models.prices import GpuPrice, Provisioned, ServicePrice, load_prices, stale_summary
 from deploykit.sizing import ranking
 from deploykit.sizing.calibration import calibrate, calibration_at
 from deploykit.sizing.cost import (
@@ -517,3 +517,39 @@ def test_cost_model_is_size_model_at_the_peak_then_compare(engine_here: str) -> 
     assert report.model == "llama-3.1-8b-instruct" and report.verdict == by_hand.verdict
     [stale] = report.warnings
     assert "power of" in stale and "gpt-4o-mini" in stale and "a100-80gb (hyperscaler)" in stale
+
+
+def test_nothing_priced_and_no_power_table() -> None:
+    w = TargetLoad(0.5, 512, 256)
+    sizing = size("llama-3.1-8b-instruct", LLAMA8, w, [gpu("a10g")], PRICES, provider="nobody")
+    report = compare(sizing, PRICES, [PRICES.offer("gpt-4o-mini")], 1.0, w)
+    assert report.self_hosted == [] and report.managed[0].break_even == ()
+    assert report.verdict == "No priced hardware can serve this load; self-hosting cannot be compared."
+    without = load_prices()
+    without.power = None
+    with pytest.raises(UsageError) as refused:
+        compare(sizing, without, [], 1.0, w)
+    assert (refused.value.message, refused.value.hint) == (
+        "The price data has no [power] table.",
+        "Restore the shipped prices.toml.",
+    )
+
+
+@pytest.mark.parametrize(
+    ("slo", "reason"),
+    [
+        ("ttft_p95=1ms", "misses the SLO even with one request in flight: ttft "),
+        ("e2e_p95=10ms", "misses the SLO even with one request in flight: e2e "),
+        ("tpot_p95=1ms", "misses the SLO even with one request in flight: tpot "),
+    ],
+)
+def test_an_option_missing_each_slo_names_the_metric(slo: str, reason: str) -> None:
+    refused = size_option(LLAMA8, gpu("l4"), 1, TargetLoad(1.0, 512, 256, tuple(parse_slos(slo))), 0.8, None, None)
+    assert isinstance(refused, Infeasible) and refused.reason.startswith(reason)
+    assert refused.reason.endswith(f"(+25%) > {slo.split('=')[1].replace('ms', ' ms')}")
+
+
+def test_the_load_refusal_in_full() -> None:
+    with pytest.raises(UsageError) as refused:
+        size("smollm2-135m", SMOL, TargetLoad(0.0, 1, 1), [gpu("l4")], PRICES)
+    assert refused.value.message == "The load needs a positive rate and at least one input and one output token."
