@@ -16,13 +16,16 @@ import html
 import io
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deploykit.core.errors import UsageError
 from deploykit.models.config import ModelConfig
 from deploykit.models.prices import Power, Prices, Provisioned, ServicePrice, Sourced, stale_summary
 from deploykit.sizing.load import HOURS_PER_MONTH, TargetLoad
 from deploykit.sizing.ranking import Option, Sizing, size_model
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -271,6 +274,18 @@ def plot_series(report: CostReport, offers: list[ServicePrice | Provisioned]) ->
 
 def plot_png(report: CostReport, offers: list[ServicePrice | Provisioned]) -> bytes:
     """Monthly cost against monthly token volume, log-log: plot_series drawn, the report's volume marked."""
+    import matplotlib.pyplot as plt
+
+    fig = cost_figure(report, offers)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def cost_figure(report: CostReport, offers: list[ServicePrice | Provisioned]) -> Figure:
+    """The figure plot_png draws (880 x 550 pixels): managed offers dashed, self-hosting
+    as steps (whole replicas), a grey line at the report's volume."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -291,11 +306,8 @@ def plot_png(report: CostReport, offers: list[ServicePrice | Provisioned]) -> by
     ax.set_title(f"{report.model}: {w.input_tokens} in / {w.output_tokens} out per request, utilization {u:.0%}")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
-    buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return fig
 
 
 def _scaled(w: TargetLoad, k: float) -> TargetLoad:

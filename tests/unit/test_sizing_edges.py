@@ -25,9 +25,11 @@ from deploykit.sizing.cost import (
     break_even_cells,
     cheapest,
     compare,
+    cost_figure,
     cost_model,
     monthly_tokens_capacity,
     own_monthly_usd,
+    plot_png,
     plot_series,
     report_html,
     self_host_cost_at,
@@ -553,3 +555,23 @@ def test_the_load_refusal_in_full() -> None:
     with pytest.raises(UsageError) as refused:
         size("smollm2-135m", SMOL, TargetLoad(0.0, 1, 1), [gpu("l4")], PRICES)
     assert refused.value.message == "The load needs a positive rate and at least one input and one output token."
+
+
+def test_the_cost_chart_is_readable() -> None:
+    """What `cost --plot` draws: a legend naming every line, managed offers dashed and self-hosting as steps,
+    axes with their units, a grid, the report's volume marked, at 880 x 550 pixels."""
+    report, offers = _costed(["llama-3.1-8b@together"])
+    figure = cost_figure(report, offers)
+    [ax] = figure.axes
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels == ["rent 1 x l40s (whole replicas)", "own 2 x t4 (tp 2) (whole replicas)", "llama-3.1-8b@together"]
+    rent, own, together, marker = ax.get_lines()
+    assert (rent.get_drawstyle(), own.get_drawstyle(), together.get_linestyle()) == ("steps-post", "steps-post", "--")
+    assert list(together.get_xdata()) == plot_series(report, offers)[2].tokens
+    assert list(marker.get_xdata()) == [report.tokens_per_month] * 2 and marker.get_color() == "grey"
+    assert ax.get_xlabel() == "tokens per month (prompt + completion)" and ax.get_ylabel() == "USD per month"
+    assert ax.get_title() == "llama-3.1-8b-instruct: 512 in / 256 out per request, utilization 100%"
+    assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log")
+    assert all(line.get_visible() for line in ax.get_xgridlines())
+    png = plot_png(report, offers)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and (int.from_bytes(png[16:20]), int.from_bytes(png[20:24])) == (880, 550)
