@@ -1,0 +1,151 @@
+"""What the gateway makes of its engines beyond answers: their /metrics re-exported with a replica label
+(read back by prometheus_client's own parser), an engine whose /metrics hangs or fails, an engine that is
+gone when /version or /v1/models asks it, and the moving average of TTFT that spill-over decides on."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from deploykit.serve.accounting.database import connect
+from deploykit.serve.gateway import Backend, create_app
+from deploykit.serve.gateway.metrics import GatewayMetrics
+from deploykit.serve.gateway.proxy import engine_session
+from deploykit.serve.gateway.routing import Model
+from tests.fakes.threaded import serve_in_thread
+
+ENGINE_METRICS = """# HELP vllm:num_requests_running Number of requests running.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="m1"} 3.0
+vllm:num_requests_waiting{model_name="m1"} 7.0
+vllm:kv_cache_usage_perc{model_name="m1"} 0.25
+vllm:num_preemptions_total 2.0
+vllm:time_to_first_token_seconds_count{model_name="m1"} 9.0
+"""
+
+
+def _engine_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (s.name, s.labels, s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("vllm:")
+    ]
+
+
+def test_engine_metrics_are_re_exported_per_replica_and_parse_back() -> None:
+    odd = 'm1 "b"\\x\ny'  # a replica label with a quote, a backslash and a newline: escaped, then read back
+    text = GatewayMetrics().render([("m1-0", ENGINE_METRICS), (odd, ENGINE_METRICS)]).decode()
+    assert text.endswith("\n")
+    kept = [
+        ("vllm:num_requests_running", {"model_name": "m1"}, 3.0),
+        ("vllm:num_requests_waiting", {"model_name": "m1"}, 7.0),
+        ("vllm:kv_cache_usage_perc", {"model_name": "m1"}, 0.25),
+        ("vllm:num_preemptions_total", {}, 2.0),
+    ]
+    expected = [
+        (name, {"replica": replica, **labels}, value) for replica in ("m1-0", odd) for name, labels, value in kept
+    ]
+    assert _engine_samples(text) == expected
+    assert any(f.name == "deploykit_requests" for f in text_string_to_metric_families(text))  # ours come first
+
+
+def test_a_model_s_recent_ttft_is_a_moving_average() -> None:
+    model = Model("m1", [])
+    assert model.recent_ttft_s is None
+    model.observe_ttft(1.0)
+    assert model.recent_ttft_s == 1.0  # the first answer sets it
+    model.observe_ttft(2.0)
+    assert model.recent_ttft_s == pytest.approx(1.1)  # then each moves it a tenth of the way
+    model.observe_ttft(0.1, weight=0.5)
+    assert model.recent_ttft_s == pytest.approx(0.6)
+
+
+# engines that do not answer as they should
+
+
+@contextmanager
+def _raw_engine(answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> Iterator[str]:
+    """A bare HTTP server on a thread of its own, answering every request with `answer`."""
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def start() -> asyncio.AbstractServer:
+        return await asyncio.start_server(answer, "127.0.0.1", 0)
+
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result(5)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+
+
+async def _never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read()  # reads the request and waits, answering nothing, until the client closes
+
+
+async def _fails(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while (await reader.readline()) not in (b"\r\n", b""):
+        pass
+    body = ENGINE_METRICS.encode()
+    writer.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    writer.close()
+
+
+@contextmanager
+def _gateway(tmp_path: Path, engine_url: str) -> Iterator[str]:
+    db = connect(f"sqlite:///{tmp_path / 'deploykit.db'}")
+    held: dict[str, object] = {}
+
+    async def build() -> object:
+        held["session"] = session = engine_session()
+        app = create_app([Backend("m1", engine_url, session, status="ready")], db)
+        held["app"] = app
+        return app
+
+    async def close() -> None:
+        await held["session"].close()  # type: ignore[attr-defined]
+        held["app"].state.gateway.close()  # type: ignore[attr-defined]
+
+    with serve_in_thread(build=build, on_stop=close) as url:
+        yield url
+    db.close()
+
+
+@pytest.mark.parametrize("answer", [_never, _fails], ids=["hangs", "fails"])
+def test_an_engine_whose_metrics_hang_or_fail_is_left_out_of_the_scrape(
+    tmp_path: Path, answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+) -> None:
+    with _raw_engine(answer) as engine_url, _gateway(tmp_path, engine_url) as url:
+        started = time.monotonic()
+        response = httpx.get(url + "/metrics", timeout=10)
+        assert response.status_code == 200 and time.monotonic() - started < 5  # a 2 s bound per engine
+        assert _engine_samples(response.text) == []
+        assert "deploykit_requests" in response.text
+
+
+def test_an_engine_that_is_gone_is_a_503_that_names_its_model(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with _gateway(tmp_path, gone) as url:
+        for path in ("/version", "/v1/models"):
+            response = httpx.get(url + path, timeout=10)
+            assert response.status_code == 503
+            assert response.json()["error"] == {
+                "message": "The engine for 'm1' did not answer (ClientConnectorError); it may have stopped.",
+                "type": "service_unavailable",
+                "param": None,
+                "code": "engine_unavailable",
+            }
