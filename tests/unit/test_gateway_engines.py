@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.metrics import GatewayMetrics
 from deploykit.serve.gateway.proxy import engine_session
 from deploykit.serve.gateway.routing import Model
-from tests.fakes.threaded import serve_in_thread
+from tests.fakes.threaded import raw_server, read_request_head, serve_in_thread
 
 ENGINE_METRICS = """# HELP vllm:num_requests_running Number of requests running.
 # TYPE vllm:num_requests_running gauge
@@ -73,30 +72,12 @@ def test_a_model_s_recent_ttft_is_a_moving_average() -> None:
 # engines that do not answer as they should
 
 
-@contextmanager
-def _raw_engine(answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> Iterator[str]:
-    """A bare HTTP server on a thread of its own, answering every request with `answer`."""
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-
-    async def start() -> asyncio.AbstractServer:
-        return await asyncio.start_server(answer, "127.0.0.1", 0)
-
-    server = asyncio.run_coroutine_threadsafe(start(), loop).result(5)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        loop.call_soon_threadsafe(server.close)
-        loop.call_soon_threadsafe(loop.stop)
-
-
 async def _never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await reader.read()  # reads the request and waits, answering nothing, until the client closes
 
 
 async def _fails(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while (await reader.readline()) not in (b"\r\n", b""):
-        pass
+    await read_request_head(reader)
     body = ENGINE_METRICS.encode()
     writer.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
     await writer.drain()
@@ -127,7 +108,7 @@ def _gateway(tmp_path: Path, engine_url: str) -> Iterator[str]:
 def test_an_engine_whose_metrics_hang_or_fail_is_left_out_of_the_scrape(
     tmp_path: Path, answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 ) -> None:
-    with _raw_engine(answer) as engine_url, _gateway(tmp_path, engine_url) as url:
+    with raw_server(answer) as engine_url, _gateway(tmp_path, engine_url) as url:
         started = time.monotonic()
         response = httpx.get(url + "/metrics", timeout=10)
         assert response.status_code == 200 and time.monotonic() - started < 5  # a 2 s bound per engine

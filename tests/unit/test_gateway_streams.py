@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from deploykit.serve.accounting.database import Database, connect
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import Gateway
 from deploykit.serve.gateway.proxy import engine_session
-from tests.fakes.threaded import serve_in_thread
+from tests.fakes.threaded import raw_server, read_request_head, serve_in_thread
 
 BODY = {"model": "m1", "prompt": "x", "max_tokens": 400, "stream": True}
 
@@ -59,12 +60,8 @@ class Served:
 
 @pytest.fixture
 def served(slow_engine_url: str, tmp_path: Path) -> Iterator[Served]:
-    db = connect(f"sqlite:///{tmp_path / 'deploykit.db'}")
-    served = Served(slow_engine_url, db)
-    with serve_in_thread(build=served.build, on_stop=served.close) as url:
-        served.url = url
+    with _served_over(slow_engine_url, tmp_path) as served:
         yield served
-    db.close()
 
 
 def _engine_stats(url: str) -> dict[str, int]:
@@ -113,45 +110,95 @@ def test_the_drain_deadline_cuts_a_stream_with_an_error_event_and_a_503(served: 
     assert served.backend is not None and served.backend.outstanding == 0
 
 
-async def _dies_after_two_events(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """An engine that answers a stream with two events, then its process dies (the socket closes mid-body)."""
-    while (await reader.readline()) not in (b"\r\n", b""):
-        pass
-    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-    for text in ("Hello", " world"):
-        event = f'data: {{"choices": [{{"index": 0, "text": "{text}"}}]}}\n\n'.encode()
-        writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
-    await writer.drain()
-    await asyncio.sleep(0.1)
-    writer.transport.abort()
+@contextmanager
+def _served_over(engine_url: str, tmp_path: Path) -> Iterator[Served]:
+    db = connect(f"sqlite:///{tmp_path / 'deploykit.db'}")
+    served = Served(engine_url, db)
+    with serve_in_thread(build=served.build, on_stop=served.close) as url:
+        served.url = url
+        yield served
+    db.close()
+
+
+def _streams(
+    *events: bytes, then_die: bool = False
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """An engine that answers any request with these SSE events (chunked), then ends the body, or dies."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for event in events:
+            writer.write(b"%x\r\n%s\r\n" % (len(event) + 2, event + b"\n\n"))
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        if then_die:
+            writer.transport.abort()
+            return
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    return answer
 
 
 def test_an_engine_that_dies_mid_stream_is_an_error_event_and_a_502(tmp_path: Path) -> None:
-    db = connect(f"sqlite:///{tmp_path / 'deploykit.db'}")
-    holder: dict[str, asyncio.AbstractServer] = {}
-
-    async def start() -> str:
-        holder["server"] = await asyncio.start_server(_dies_after_two_events, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{holder['server'].sockets[0].getsockname()[1]}"
-
-    engine_loop = asyncio.new_event_loop()
-    threading.Thread(target=engine_loop.run_forever, daemon=True).start()
-    engine_url = asyncio.run_coroutine_threadsafe(start(), engine_loop).result(5)
-    served = Served(engine_url, db)
-    try:
-        with serve_in_thread(build=served.build, on_stop=served.close) as url:
-            with httpx.stream("POST", url + "/v1/completions", json=BODY, timeout=10) as response:
-                events = [line for line in response.iter_lines() if line]
-            served.wait_for(lambda: len(served.ledger()) == 1, "no ledger row")
-    finally:
-        engine_loop.call_soon_threadsafe(engine_loop.stop)
-    assert events[:2] == [
-        'data: {"choices": [{"index": 0, "text": "Hello"}]}',
-        'data: {"choices": [{"index": 0, "text": " world"}]}',
-    ]
+    hello = b'data: {"choices": [{"index": 0, "text": "Hello"}]}'
+    world = b'data: {"choices": [{"index": 0, "text": " world"}]}'
+    with raw_server(_streams(hello, world, then_die=True)) as engine, _served_over(engine, tmp_path) as served:
+        with httpx.stream("POST", served.url + "/v1/completions", json=BODY, timeout=10) as response:
+            events = [line for line in response.iter_lines() if line]
+        served.wait_for(lambda: len(served.ledger()) == 1, "no ledger row")
+        [(status, message, tokens)] = served.ledger()
+        assert served.backend is not None and served.backend.outstanding == 0
+    assert events[:2] == [hello.decode(), world.decode()]
     error = json.loads(events[2].removeprefix("data: "))["error"]
     assert error["code"] == "engine_unavailable" and error["message"].startswith("The engine stopped mid-stream (")
-    [(status, message, tokens)] = served.ledger()
     assert status == 502 and str(message).startswith("engine stopped mid-stream (") and tokens == 2
+
+
+def test_usage_is_read_wherever_the_engine_puts_it_and_odd_events_pass_untouched(tmp_path: Path) -> None:
+    """Usage on a chunk that also carries text (vLLM's continuous usage stats) reaches the client even when
+    the gateway strips usage-only chunks; a later usage without prompt_tokens keeps the earlier count; an
+    event that mentions usage but is not JSON is relayed as it came."""
+    first = b'data: {"choices": [{"index": 0, "text": "a"}], "usage": {"prompt_tokens": 5, "completion_tokens": 1}}'
+    odd = b'data: {"usage": not json'
+    last = b'data: {"choices": [{"index": 0, "text": "b"}], "usage": {"prompt_tokens": null, "completion_tokens": 3}}'
+    with raw_server(_streams(first, odd, last, b"data: [DONE]")) as engine, _served_over(engine, tmp_path) as served:
+        with httpx.stream("POST", served.url + "/v1/completions", json=BODY, timeout=10) as response:
+            events = [line for line in response.iter_lines() if line]
+        served.wait_for(lambda: len(served.ledger()) == 1, "no ledger row")
+        tokens = served.db.query("SELECT status, prompt_tokens, completion_tokens FROM requests")
+    assert events == [first.decode(), odd.decode(), last.decode(), "data: [DONE]"]
+    assert tokens == [(200, 5, 3)]
+
+
+def test_concurrent_requests_are_counted_on_their_replica_until_each_ends(served: Served) -> None:
+    with (
+        httpx.stream("POST", served.url + "/v1/completions", json=BODY, timeout=10) as one,
+        httpx.stream("POST", served.url + "/v1/completions", json=BODY, timeout=10) as two,
+    ):
+        lines = one.iter_lines(), two.iter_lines()  # kept: a discarded iterator closes its response
+        assert all(next(each) for each in lines)
+        assert served.backend is not None and served.backend.outstanding == 2
+    served.wait_for(lambda: served.backend is not None and served.backend.outstanding == 0, "still outstanding")
+
+
+def test_a_client_that_leaves_before_the_engine_answers_is_a_499_and_an_abort(served: Served) -> None:
+    before = _engine_stats(served.engine_url)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(served.url + "/v1/completions", json={**BODY, "stream": False}, timeout=0.3)
+    served.wait_for(lambda: _engine_stats(served.engine_url)["aborted"] == before["aborted"] + 1, "no abort")
+    served.wait_for(lambda: len(served.ledger()) == 1, "no ledger row")
+    assert served.ledger() == [(499, "client disconnected", 0)]
     assert served.backend is not None and served.backend.outstanding == 0
-    db.close()
+
+
+def test_inter_token_latency_is_measured_between_tokens(served: Served) -> None:
+    with httpx.stream("POST", served.url + "/v1/completions", json={**BODY, "max_tokens": 10}, timeout=10) as r:
+        r.read()
+    text = httpx.get(served.url + "/metrics").text
+    [family] = [f for f in text_string_to_metric_families(text) if f.name == "deploykit_inter_token_seconds"]
+    count = next(s.value for s in family.samples if s.name.endswith("_count"))
+    total = next(s.value for s in family.samples if s.name.endswith("_sum"))
+    assert count == 9 and 0.01 < total / count < 0.2  # 20 ms a token from the slow engine
