@@ -18,7 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
+import aiohttp
 import httpx
 import uvicorn
 
@@ -45,6 +47,7 @@ from deploykit.serve.gateway.server import ConnectionLimits, server_config
 from deploykit.serve.gateway.spill import SpillTarget
 from deploykit.serve.hardware import Hardware, detect_hardware
 from deploykit.serve.plan import Adapter, LaunchPlan, plan_launch, with_adapters
+from deploykit.serve.remote import RemoteEngine, RemoteWatch
 from deploykit.serve.supervisor import Failure, Ready, Replica, RestartPolicy, Supervisor
 
 _POLL_S = 0.5
@@ -134,33 +137,28 @@ def run(
 ) -> None:
     """Serve until a signal stops it; raises if an engine fails its first start, or a model loses every replica."""
     require_engine(plans[0].device)
-    served = {p.served_name for p in plans}
-    for spill in options.spills:
-        if spill.model not in served:
-            raise UsageError(
-                f"--spill names '{spill.model}', which is not served here.", f"Served: {', '.join(served)}."
-            )
+    _require_spill_models(options, {p.served_name for p in plans})
     for plan in plans:
         require_free_engine_port(plan)
-    db = connect(settings.database)
-    listener = bind(options.host, options.port)
-    names = list(dict.fromkeys(p.served_name for p in plans))
-    deployment = DeploymentLog(db, names, plans[0].device, sum(len(p.gpu_indices) for p in plans))
-    stop_signals = _StopSignals()
-    try:
-        if options.auth_required and not KeyVerifier(db).any_keys():
-            reporter.warn("API keys are required but none exist: every request gets 401. Run `deploykit keys create`.")
-        serving = _serve(
-            settings, plans, listener, db, deployment, options, reporter, stop_signals, policy or RestartPolicy()
+
+    def supervise(session: aiohttp.ClientSession) -> tuple[Watch, list[Backend]]:
+        replicas: list[Replica] = []
+        for plan in plans:
+            index = sum(r.plan.served_name == plan.served_name for r in replicas)
+            several = sum(p.served_name == plan.served_name for p in plans) > 1
+            log = settings.logs_dir / f"engine-{plan.served_name}{f'-{index + 1}' if several else ''}.log"
+            backend = Backend(plan.served_name, plan.url, session, adapters=plan.adapters, context=plan.max_model_len)
+            replicas.append(Replica(plan, index, log, backend, several=several))
+        reporter.starting(f"http://{options.host}:{options.port}", [(r.plan, r.log_path) for r in replicas])
+        supervisor = Supervisor(
+            replicas, reporter, policy=policy or RestartPolicy(), start_timeout_s=options.start_timeout_s
         )
-        quiet_gc()
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            failure = runner.run(serving)
-    finally:
-        listener.close()
-        deployment.stop()
-        db.close()
-        stop_signals.restore()
+        return supervisor, [r.backend for r in replicas]
+
+    names = list(dict.fromkeys(p.served_name for p in plans))
+    failure = _run_gateway(
+        settings, options, reporter, names, plans[0].device, sum(len(p.gpu_indices) for p in plans), supervise
+    )
     if failure is None:
         return
     engine = failure.engine
@@ -183,26 +181,75 @@ def run(
     )
 
 
-async def _serve(
+def run_remote(
+    settings: Settings, engines: Sequence[RemoteEngine], options: ServeOptions, reporter: ServeReporter
+) -> None:
+    """Serve the gateway alone, in front of engines that run elsewhere, until a signal stops it."""
+    names = list(dict.fromkeys(e.model for e in engines))
+    _require_spill_models(options, set(names))
+
+    def watch(session: aiohttp.ClientSession) -> tuple[Watch, list[Backend]]:
+        backends = [Backend(e.model, e.url, session) for e in engines]
+        reporter.starting(f"http://{options.host}:{options.port}", [])
+        return RemoteWatch(backends, reporter), backends
+
+    _run_gateway(settings, options, reporter, names, "remote", 0, watch)
+
+
+class Watch(Protocol):
+    """Who keeps the engines' status current: the supervisor of local engines, or a watch on remote ones."""
+
+    def start_all(self) -> None: ...
+    def stop_all(self) -> None: ...
+    async def step(self, probe: httpx.AsyncClient) -> Failure | None: ...
+
+
+def _require_spill_models(options: ServeOptions, served: set[str]) -> None:
+    for spill in options.spills:
+        if spill.model not in served:
+            raise UsageError(
+                f"--spill names '{spill.model}', which is not served here.", f"Served: {', '.join(sorted(served))}."
+            )
+
+
+def _run_gateway(
     settings: Settings,
-    plans: Sequence[LaunchPlan],
+    options: ServeOptions,
+    reporter: ServeReporter,
+    names: list[str],
+    device: str,
+    gpus: int,
+    engines: Callable[[aiohttp.ClientSession], tuple[Watch, list[Backend]]],
+) -> Failure | None:
+    db = connect(settings.database)
+    listener = bind(options.host, options.port)
+    deployment = DeploymentLog(db, names, device, gpus)
+    stop_signals = _StopSignals()
+    try:
+        if options.auth_required and not KeyVerifier(db).any_keys():
+            reporter.warn("API keys are required but none exist: every request gets 401. Run `deploykit keys create`.")
+        serving = _serve(listener, db, deployment, options, reporter, stop_signals, engines)
+        quiet_gc()
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(serving)
+    finally:
+        listener.close()
+        deployment.stop()
+        db.close()
+        stop_signals.restore()
+
+
+async def _serve(
     listener: socket.socket,
     db: Database,
     deployment: DeploymentLog,
     options: ServeOptions,
     reporter: ServeReporter,
     stop_signals: _StopSignals,
-    policy: RestartPolicy,
+    engines: Callable[[aiohttp.ClientSession], tuple[Watch, list[Backend]]],
 ) -> Failure | None:
     async with engine_session(options.read_timeout_s) as session:
-        replicas: list[Replica] = []
-        for plan in plans:
-            index = sum(r.plan.served_name == plan.served_name for r in replicas)
-            several = sum(p.served_name == plan.served_name for p in plans) > 1
-            log = settings.logs_dir / f"engine-{plan.served_name}{f'-{index + 1}' if several else ''}.log"
-            backend = Backend(plan.served_name, plan.url, session, adapters=plan.adapters, context=plan.max_model_len)
-            replicas.append(Replica(plan, index, log, backend, several=several))
-        supervisor = Supervisor(replicas, reporter, policy=policy, start_timeout_s=options.start_timeout_s)
+        watch, backends = engines(session)
         gateway_options = GatewayOptions(
             options.auth_required,
             options.max_body_bytes,
@@ -213,17 +260,16 @@ async def _serve(
             options.max_concurrent,
             options.queue_timeout_s,
         )
-        app = create_app([r.backend for r in replicas], db, gateway_options)
+        app = create_app(backends, db, gateway_options)
         gateway: Gateway = app.state.gateway
         server = uvicorn.Server(server_config(app, options.limits, drain_timeout_s=options.drain_timeout_s))
         try:
-            supervisor.start_all()
-            reporter.starting(f"http://{options.host}:{options.port}", [(r.plan, r.log_path) for r in replicas])
+            watch.start_all()
             serving = asyncio.create_task(server.serve(sockets=[listener]))
             heartbeat = asyncio.create_task(_heartbeat(deployment))
             deadline: asyncio.Task[None] | None = None
             try:
-                failure = await _watch(supervisor, server, stop_signals)
+                failure = await _watch(watch, server, stop_signals)
                 if failure is not None:
                     server.should_exit = True
                 else:
@@ -238,18 +284,18 @@ async def _serve(
                 await gateway.stop()
         finally:
             reporter.stopping("stopping the engines")
-            supervisor.stop_all()
+            watch.stop_all()
         return failure
 
 
-async def _watch(supervisor: Supervisor, server: uvicorn.Server, stop_signals: _StopSignals) -> Failure | None:
+async def _watch(watch: Watch, server: uvicorn.Server, stop_signals: _StopSignals) -> Failure | None:
     """Supervise the engines until one fails for good or a signal stops the gateway."""
     async with httpx.AsyncClient(timeout=2.0) as probe:
         while not server.should_exit:
             if stop_signals.received:  # a signal that came before uvicorn took over the handlers
                 server.should_exit = True
                 break
-            failure = await supervisor.step(probe)
+            failure = await watch.step(probe)
             if failure is not None:
                 return failure
             await asyncio.sleep(_POLL_S)

@@ -27,7 +27,8 @@ from deploykit.serve.engine import EngineProgress
 from deploykit.serve.gateway.server import ConnectionLimits
 from deploykit.serve.gateway.spill import parse_spill
 from deploykit.serve.plan import LaunchPlan, read_adapter
-from deploykit.serve.runner import ServeOptions, ServeReporter, prepare, run
+from deploykit.serve.remote import RemoteEngine, parse_engine
+from deploykit.serve.runner import ServeOptions, ServeReporter, prepare, run, run_remote
 from deploykit.serve.supervisor import Ready
 
 
@@ -90,6 +91,11 @@ def serve(
     ),
     spill_queue: int | None = typer.Option(None, help="Spill when ready replicas average this many requests."),
     spill_ttft: float | None = typer.Option(None, help="Spill when the model's recent TTFT exceeds this (s)."),
+    engine: list[str] = typer.Option(
+        [],
+        help="NAME=URL: front an engine that runs elsewhere (a container, a pod) instead of starting one; once "
+        "per replica. Takes no MODELS.",
+    ),
     locked: LockedOpt = False,
     lock_file: LockFileOpt = None,
     json_: JsonOpt = False,
@@ -123,23 +129,11 @@ def serve(
       deploykit serve --host 0.0.0.0               # API keys required (`deploykit keys create`)
 
       deploykit serve --spill smollm2-135m=gpt-4o-mini@https://api.openai.com/v1 --spill-queue 8
+
+      deploykit serve --engine llama=http://engine-0:8000 --engine llama=http://engine-1:8000   # gateway only
     """
     models, engine_args = _split_engine_args(models or [], [*ctx.args])
-    models = models or [DEFAULT_MODEL]
-    if any(m.startswith("-") for m in models):
-        raise UsageError("Name the models before `--`.", "For example: deploykit serve smollm2-135m -- --enforce-eager")
     settings = Settings()
-    store = ModelStore(settings.models_dir)
-    lock = Lock.read(lock_file or settings.lock_path)
-    if not dry_run:
-        models = [m if store.find(m) is not None else _pull_first(store, m, yes, lock, locked) for m in models]
-        if locked:
-            with err.status("Checking the models against the lock"):
-                check_models([store.get(m) for m in models], lock)
-    adapters = [read_adapter(spec) for spec in lora]
-    plans = prepare(
-        settings, models, replicas=replicas, adapters=adapters, engine_args=engine_args, engine_port=engine_port or None
-    )
     prices = load_prices(settings.home / "prices.toml")
     spills = tuple(
         parse_spill(s, prices, settings.spill_api_key, max_queue=spill_queue, max_ttft_s=spill_ttft) for s in spill
@@ -157,6 +151,35 @@ def serve(
         limits=ConnectionLimits(max_header_bytes, header_timeout, idle_timeout, max_connections, body_timeout),
         max_concurrent=max_concurrent_streams,
         queue_timeout_s=queue_timeout,
+    )
+    if engine:
+        if models or engine_args or lora or replicas != 1 or engine_port or locked:
+            raise UsageError(
+                "--engine fronts engines that run elsewhere: it takes no MODELS, --replicas, --lora, --engine-port, "
+                "--locked or engine arguments.",
+                "Give each replica its own --engine NAME=URL, and set the engine's flags where it runs.",
+            )
+        remotes = [parse_engine(e) for e in engine]
+        if dry_run:
+            _show_remotes(remotes, json_)
+            if not json_:
+                _show_gateway(options)
+            return
+        run_remote(settings, remotes, options, ConsoleReporter())
+        return
+    models = models or [DEFAULT_MODEL]
+    if any(m.startswith("-") for m in models):
+        raise UsageError("Name the models before `--`.", "For example: deploykit serve smollm2-135m -- --enforce-eager")
+    store = ModelStore(settings.models_dir)
+    lock = Lock.read(lock_file or settings.lock_path)
+    if not dry_run:
+        models = [m if store.find(m) is not None else _pull_first(store, m, yes, lock, locked) for m in models]
+        if locked:
+            with err.status("Checking the models against the lock"):
+                check_models([store.get(m) for m in models], lock)
+    adapters = [read_adapter(spec) for spec in lora]
+    plans = prepare(
+        settings, models, replicas=replicas, adapters=adapters, engine_args=engine_args, engine_port=engine_port or None
     )
     if dry_run:
         _show_plans(plans, json_)
@@ -206,6 +229,14 @@ def _show_plans(plans: list[LaunchPlan], as_json: bool) -> None:
         return
     for plan in plans:
         _show_plan(plan)
+
+
+def _show_remotes(remotes: list[RemoteEngine], as_json: bool) -> None:
+    if as_json:
+        print_json([asdict(r) for r in remotes])
+        return
+    for r in remotes:
+        out.print(f"Engine for {r.model}: {r.url} (runs elsewhere; watched through /health)", highlight=False)
 
 
 def _show_plan(plan: LaunchPlan) -> None:

@@ -67,7 +67,8 @@ def create_fake_engine(
 
     @app.get("/v1/models")
     async def models() -> dict[str, object]:
-        return {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "fake"}]}
+        entry = {"id": model, "object": "model", "owned_by": "fake", "max_model_len": CONTEXT}  # as vLLM lists it
+        return {"object": "list", "data": [entry]}
 
     async def complete(request: Request, chat: bool) -> object:
         app.state.last_headers = dict(request.headers)

@@ -15,11 +15,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from deploykit.core.errors import UsageError
 from deploykit.serve.accounting.database import connect
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.metrics import GatewayMetrics
 from deploykit.serve.gateway.proxy import engine_session
 from deploykit.serve.gateway.routing import Model
+from deploykit.serve.remote import RemoteEngine, RemoteWatch, parse_engine
+from tests.fakes.engine import CONTEXT
 from tests.fakes.threaded import raw_server, read_request_head, serve_in_thread
 
 ENGINE_METRICS = """# HELP vllm:num_requests_running Number of requests running.
@@ -130,3 +133,45 @@ def test_an_engine_that_is_gone_is_a_503_that_names_its_model(tmp_path: Path) ->
                 "param": None,
                 "code": "engine_unavailable",
             }
+
+
+@pytest.mark.anyio
+async def test_a_remote_engine_is_ready_with_its_context_while_it_answers_its_health_check(engine_url: str) -> None:
+    """`serve --engine NAME=URL` watches engines it did not start: ready (with the context length its
+    /v1/models lists, for the token budget) while /health answers 200, stopped while it does not."""
+    warnings: list[str] = []
+
+    class Events:
+        def warn(self, message: str) -> None:
+            warnings.append(message)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{s.getsockname()[1]}"
+    async with engine_session() as session, httpx.AsyncClient(timeout=2) as probe:
+        up, down = Backend("m1", engine_url, session), Backend("m1", gone, session, status="ready")
+        watch = RemoteWatch([up, down], Events())  # type: ignore[arg-type]
+        assert await watch.step(probe) is None
+        assert (up.status, up.context, down.status) == ("ready", CONTEXT, "stopped")
+        assert warnings == [
+            f"The engine for m1 at {engine_url} is ready.",
+            f"The engine for m1 at {gone} fails its health check; requests go to its other replicas (or get 503) "
+            "until it is back.",
+        ]
+        assert await watch.step(probe) is None and len(warnings) == 2  # said once, not at every look
+        watch.stop_all()
+        assert up.status == down.status == "stopped"
+
+
+@pytest.mark.parametrize(
+    ("spec", "parsed"),
+    [
+        ("m1=http://engine-0:8000/", RemoteEngine("m1", "http://engine-0:8000")),
+        ("m1=https://e", RemoteEngine("m1", "https://e")),
+    ],
+)
+def test_engine_specs(spec: str, parsed: RemoteEngine) -> None:
+    assert parse_engine(spec) == parsed
+    for bad in ("m1", "=http://e", "m1=e:8000", "m1=ftp://e"):
+        with pytest.raises(UsageError, match="is not NAME=URL"):
+            parse_engine(bad)
