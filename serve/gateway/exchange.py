@@ -130,6 +130,9 @@ class Exchange:
             m.ttft.labels(self.label).observe(ttft)
             if self.route is not None and self.spill is None:
                 self.route.observe_ttft(ttft)
+        cost = None if self.spill is None else self.spill.cost(prompt, completion)
+        if cost is not None:
+            m.spend.labels(self.label, key).inc(cost)
         return UsageRecord(
             at=self.at,
             key_id=self.key.id if self.key is not None else None,
@@ -142,7 +145,7 @@ class Exchange:
             duration_ms=duration * 1000,
             replica=self.replica,
             error=error,
-            cost_usd=None if self.spill is None else self.spill.cost(prompt, completion),
+            cost_usd=cost,
         )
 
 

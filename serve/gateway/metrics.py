@@ -37,6 +37,12 @@ class GatewayMetrics:
             ["model", "key", "kind"],
             registry=r,
         )
+        self.spend = Counter(
+            "deploykit_spend_usd",
+            "Dollars owed to managed endpoints for spilled requests, by model and key (at their token prices).",
+            ["model", "key"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "deploykit_ttft_seconds",
             "Time to the first content event of a streamed answer.",

@@ -74,6 +74,7 @@ async def test_with_no_local_replica_ready_requests_spill_at_their_price(
         async with client_of(app) as client:
             answer = await client.post("/v1/chat/completions", json=chat(max_tokens=6, ignore_eos=True))
             streamed = await client.post("/v1/chat/completions", json=chat(max_tokens=4, stream=True))
+            metrics = (await client.get("/metrics")).text
         app.state.gateway.close()
     assert answer.status_code == 200, answer.text
     assert answer.json()["model"] == "gpt-4o-mini" and answer.json()["choices"][0]["message"]["content"] == ANSWER
@@ -82,6 +83,9 @@ async def test_with_no_local_replica_ready_requests_spill_at_their_price(
     assert first[:4] == (200, spill.url, PROMPT_TOKENS, 6)
     assert first[4] == pytest.approx(spill.cost(PROMPT_TOKENS, 6))
     assert second[:4] == (200, spill.url, PROMPT_TOKENS, 4)
+    # what /metrics says was spent is what the ledger priced, for the dashboard's spend panel
+    [spent] = [line for line in metrics.splitlines() if line.startswith('deploykit_spend_usd_total{key="",model="m1"}')]
+    assert float(spent.split()[-1]) == pytest.approx(first[4] + second[4])  # type: ignore[operator]
 
 
 async def test_a_deep_local_queue_or_slow_ttft_spills_and_a_calm_one_does_not(
