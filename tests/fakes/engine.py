@@ -61,6 +61,10 @@ def create_fake_engine(
         lines = [
             "# TYPE vllm:num_requests_running gauge",
             f'vllm:num_requests_running{{model_name="{model}"}} {app.state.in_flight}',
+            "# TYPE vllm:num_requests_waiting gauge",
+            f'vllm:num_requests_waiting{{model_name="{model}"}} 0',
+            "# TYPE vllm:kv_cache_usage_perc gauge",  # a share, 0 to 1, as vLLM's v1 engine reports it
+            f'vllm:kv_cache_usage_perc{{model_name="{model}"}} {min(app.state.in_flight / 16, 1.0)}',
             f'vllm:prompt_tokens_total{{model_name="{model}"}} 0',
         ]
         return Response("\n".join(lines) + "\n", media_type="text/plain")

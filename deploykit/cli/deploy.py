@@ -1,0 +1,66 @@
+"""`deploykit deploy`: project files for running the kit beyond one `deploykit serve` process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from deploykit.cli.console import err, out, print_json
+from deploykit.cli.options import JsonOpt
+from deploykit.core.settings import Settings
+from deploykit.serve.deploy.compose import ComposeOptions, compose_project, engine_service
+
+app = typer.Typer(
+    help="Write deployment projects (Docker compose) from the launch plans `serve` makes.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.callback()
+def deploy() -> None:
+    """Write deployment projects (Docker compose) from the launch plans `serve` makes."""
+
+
+@app.command("compose")
+def compose(
+    models: list[str] = typer.Argument(..., help="Catalog aliases or hub repo ids to serve."),
+    gpus: str = typer.Option(..., help="The server's GPUs as GPU:COUNT, e.g. h100-sxm:8 (names as in `size`)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write the project into."),
+    replicas: int = typer.Option(1, help="Engines per model, each on its own GPU group."),
+    image: str = typer.Option("deploykit", help="The image built from the Dockerfile (DEPLOYKIT_IMAGE overrides)."),
+    port: int = typer.Option(8000, help="The gateway's port on the host."),
+    force: bool = typer.Option(False, "--force", help="Render into a folder that is not empty (.env is kept)."),
+    json_: JsonOpt = False,
+) -> None:
+    """Write a compose project for one GPU server: an engine container per replica on the GPUs its plan
+    names, the gateway in front (keys and ledger in PostgreSQL), Prometheus with alert rules, Grafana with
+    a dashboard, and a `loadtest` profile.
+
+    Examples:
+
+      deploykit deploy compose llama-3.1-70b-instruct --gpus h100-sxm:8 --replicas 2 -o deploy/
+
+      deploykit deploy compose smollm2-135m all-minilm-l6-v2 --gpus l4:2 -o deploy/
+    """
+    plans = compose_project(
+        Settings(), models, gpus=gpus, output=output, replicas=replicas, force=force,
+        options=ComposeOptions(image=image, port=port),
+    )  # fmt: skip
+    engines = [
+        {"service": engine_service(p, i, replicas > 1), "model": p.served_name, "gpus": list(p.gpu_indices)}
+        for p, i in zip(plans, [i % replicas for i in range(len(plans))], strict=True)
+    ]
+    if json_:
+        print_json({"output": str(output), "engines": engines})
+        return
+    for e in engines:
+        out.print(f"{e['service']}: {e['model']} on GPUs {','.join(map(str, e['gpus']))}", highlight=False)
+    err.print(f"Wrote {output}/compose.yaml (secrets in {output}/.env).", highlight=False)
+    err.print(
+        f"Next: docker build -t {image} . && cd {output} && docker compose up -d; then "
+        "docker compose exec gateway deploykit keys create --name NAME",
+        highlight=False,
+        markup=False,
+    )
