@@ -52,6 +52,7 @@ COPY models ./models
 COPY serve ./serve
 COPY loadtests ./loadtests
 COPY sizing ./sizing
+COPY infra ./infra
 RUN pip install --no-deps .
 
 RUN useradd --create-home --uid 1000 deploykit \
