@@ -200,21 +200,19 @@ class RelayedStream(Response):
             gone.cancel()
             stop.cancel()
             if not relay.done():  # the client left, or the gateway is stopping
-                self.cut = stop in done and gone not in done
+                self.cut = gone not in done
                 relay.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await relay
         if self.cut:
             event = _error_event("The gateway is shutting down; this answer was cut short.", "shutting_down")
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        if relay.done() and not relay.cancelled() and relay.exception() is not None:
-            raise relay.exception()  # type: ignore[misc]
+            await send({"type": "http.response.body", "body": event})  # the response's last message
+        elif not relay.cancelled():
+            relay.result()  # an error of the relay's own is raised here, for the server to log
 
     async def _relay(self, send: Send) -> None:
         exchange, upstream = self.exchange, self.upstream
-        status, error, complete = upstream.status, None, False
+        status, error, complete, tail = upstream.status, None, False, b""
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         pending = b""
         try:
@@ -231,8 +229,7 @@ class RelayedStream(Response):
             complete = True
         except aiohttp.ClientError as e:
             status, error = 502, f"engine stopped mid-stream ({type(e).__name__})"
-            event = _error_event(f"The engine stopped mid-stream ({type(e).__name__}).", "engine_unavailable")
-            await send({"type": "http.response.body", "body": event, "more_body": True})
+            tail = _error_event(f"The engine stopped mid-stream ({type(e).__name__}).", "engine_unavailable")
         except BaseException:  # the client went away, or the drain deadline passed (the relay is cancelled)
             status, error = (503, "gateway shut down mid-stream") if self.cut else (499, "client disconnected")
             raise
@@ -243,7 +240,7 @@ class RelayedStream(Response):
             else:
                 upstream.close()  # on client disconnect too: closing the connection aborts it at the engine
             exchange.finish_nowait(status, error or ("stream ended without [DONE]" if not exchange.finished else None))
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": tail})  # the response's last message
 
 
 async def get_json(backend: Backend, path: str) -> dict[str, object]:

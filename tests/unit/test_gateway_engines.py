@@ -45,7 +45,7 @@ def _engine_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
 
 
 def test_engine_metrics_are_re_exported_per_replica_and_parse_back() -> None:
-    odd = 'm1 "b"\\x\ny'  # a replica label with a quote, a backslash and a newline: escaped, then read back
+    odd = 'm1 "b"\\n\ny'  # a replica label with a quote, a backslash (before an n) and a newline: read back
     text = GatewayMetrics().render([("m1-0", ENGINE_METRICS), (odd, ENGINE_METRICS)]).decode()
     assert text.endswith("\n")
     kept = [
@@ -66,10 +66,10 @@ def test_a_model_s_recent_ttft_is_a_moving_average() -> None:
     assert model.recent_ttft_s is None
     model.observe_ttft(1.0)
     assert model.recent_ttft_s == 1.0  # the first answer sets it
-    model.observe_ttft(2.0)
-    assert model.recent_ttft_s == pytest.approx(1.1)  # then each moves it a tenth of the way
-    model.observe_ttft(0.1, weight=0.5)
-    assert model.recent_ttft_s == pytest.approx(0.6)
+    model.observe_ttft(3.0)
+    assert model.recent_ttft_s == pytest.approx(1.2)  # then each moves it a tenth of the way
+    model.observe_ttft(0.2, weight=0.5)
+    assert model.recent_ttft_s == pytest.approx(0.7)
 
 
 # engines that do not answer as they should

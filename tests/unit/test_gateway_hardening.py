@@ -171,7 +171,7 @@ async def test_deeply_nested_json_is_a_400_in_the_ledger(app: FastAPI, db: Datab
 @pytest.mark.parametrize(("depth", "accepted"), [(MAX_JSON_DEPTH, True), (MAX_JSON_DEPTH + 1, False), (5_000, False)])
 def test_the_nesting_bound_is_exact_whatever_the_stack(depth: int, accepted: bool) -> None:
     # The object itself is level 1; brackets inside strings and wide bodies (many brackets, shallow) do not count.
-    deep = b"[" * (depth - 1) + b"]" * (depth - 1)
+    deep = b"[0, " + b"[" * (depth - 2) + b"]" * (depth - 2) + b"]"  # a scalar first, then the depth
     raw = b'{"a": "[[[[", "deep": ' + deep + b', "wide": [' + b"{}, " * 200 + b"{}]}"
     if accepted:
         assert parse_body(raw)["a"] == "[[[["

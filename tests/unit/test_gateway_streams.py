@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from deploykit.serve.accounting.database import Database, connect
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import Gateway
 from deploykit.serve.gateway.proxy import engine_session
-from tests.fakes.threaded import raw_server, read_request_head, serve_in_thread
+from tests.fakes.threaded import raw_server, serve_in_thread
 
 BODY = {"model": "m1", "prompt": "x", "max_tokens": 400, "stream": True}
 
@@ -121,12 +122,18 @@ def _served_over(engine_url: str, tmp_path: Path) -> Iterator[Served]:
 
 
 def _streams(
-    *events: bytes, then_die: bool = False
+    *events: bytes, then_die: bool = False, keep_alive: bool = False
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-    """An engine that answers any request with these SSE events (chunked), then ends the body, or dies."""
+    """An engine that answers a request with these SSE events (chunked), then ends the body, or dies; kept
+    alive, it answers each request that comes on the connection the same way."""
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request_head(reader)
+    async def answer_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return False  # the gateway closed the connection
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        await reader.readexactly(int(length[1]) if length else 0)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
         for event in events:
             writer.write(b"%x\r\n%s\r\n" % (len(event) + 2, event + b"\n\n"))
@@ -134,10 +141,16 @@ def _streams(
         await asyncio.sleep(0.1)
         if then_die:
             writer.transport.abort()
-            return
+            return False
         writer.write(b"0\r\n\r\n")
         await writer.drain()
-        await reader.read()
+        return True
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await answer_one(reader, writer) and keep_alive:
+            pass
+        if not then_die:
+            await reader.read()
 
     return answer
 
@@ -153,8 +166,36 @@ def test_an_engine_that_dies_mid_stream_is_an_error_event_and_a_502(tmp_path: Pa
         assert served.backend is not None and served.backend.outstanding == 0
     assert events[:2] == [hello.decode(), world.decode()]
     error = json.loads(events[2].removeprefix("data: "))["error"]
-    assert error["code"] == "engine_unavailable" and error["message"].startswith("The engine stopped mid-stream (")
-    assert status == 502 and str(message).startswith("engine stopped mid-stream (") and tokens == 2
+    assert error["code"] == "engine_unavailable"
+    assert error["message"] == "The engine stopped mid-stream (ClientPayloadError)."  # aiohttp's name for it
+    assert (status, message, tokens) == (502, "engine stopped mid-stream (ClientPayloadError)", 2)
+
+
+def test_a_stream_that_ends_without_done_is_relayed_and_noted(tmp_path: Path) -> None:
+    hello = b'data: {"choices": [{"index": 0, "text": "Hello"}]}'
+    with raw_server(_streams(hello)) as engine, _served_over(engine, tmp_path) as served:
+        with httpx.stream("POST", served.url + "/v1/completions", json=BODY, timeout=10) as response:
+            events = [line for line in response.iter_lines() if line]
+        served.wait_for(lambda: len(served.ledger()) == 1, "no ledger row")
+        assert served.ledger() == [(200, "stream ended without [DONE]", 1)]
+    assert events == [hello.decode()]
+
+
+def test_a_finished_stream_gives_its_engine_connection_back_for_the_next_request(tmp_path: Path) -> None:
+    """Kept-alive engine connections: two streams one after the other travel on one connection."""
+    connections: list[int] = []
+    answer = _streams(b'data: {"choices": [{"index": 0, "text": "a"}]}', b"data: [DONE]", keep_alive=True)
+
+    async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        await answer(reader, writer)
+
+    with raw_server(counted) as engine, _served_over(engine, tmp_path) as served:
+        for _ in range(2):
+            with httpx.stream("POST", served.url + "/v1/completions", json=BODY, timeout=10) as response:
+                assert [line for line in response.iter_lines() if line][-1] == "data: [DONE]"
+        served.wait_for(lambda: len(served.ledger()) == 2, "no ledger rows")
+    assert len(connections) == 1
 
 
 def test_usage_is_read_wherever_the_engine_puts_it_and_odd_events_pass_untouched(tmp_path: Path) -> None:

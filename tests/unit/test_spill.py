@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -118,3 +119,24 @@ async def test_a_wrong_managed_key_is_relayed_not_hidden(db: Database, engine_ur
             response = await client.post("/v1/chat/completions", json=chat())
         app.state.gateway.close()
     assert response.status_code == 401
+
+
+async def test_a_managed_endpoint_that_cannot_be_reached_is_a_503_naming_the_model(
+    db: Database, engine_url: str
+) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    spill = parse_spill(f"m1=gpt-4o-mini@{gone}", load_prices(), KEY)
+    async with engine_session() as session:
+        app = create_app([Backend("m1", engine_url, session, status="stopped")], db, GatewayOptions(spills=(spill,)))
+        async with client_of(app) as client:
+            response = await client.post("/v1/chat/completions", json=chat())
+        app.state.gateway.close()
+    assert response.status_code == 503
+    assert response.json()["error"] == {
+        "message": "The engine for 'm1' did not answer (ClientConnectorError); it may have stopped.",
+        "type": "service_unavailable",
+        "param": None,
+        "code": "engine_unavailable",
+    }
