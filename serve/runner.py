@@ -259,6 +259,7 @@ async def _serve(
             options.limits.body_timeout_s,
             options.max_concurrent,
             options.queue_timeout_s,
+            shared_quotas=db.url.startswith(("postgresql://", "postgres://")),  # every gateway on it counts them
         )
         app = create_app(backends, db, gateway_options)
         gateway: Gateway = app.state.gateway

@@ -14,14 +14,16 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from deploykit.core.errors import MissingDependencyError, UsageError
 
 Row = tuple[Any, ...]
+Run = Callable[[str, Sequence[Any]], list[Row]]
+T = TypeVar("T")
 
 # (name, SQL) in order; `{id}` is an auto-increment primary key in each dialect. Never edit one that
 # has shipped: add the next.
@@ -80,6 +82,23 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         """,
     ),
     ("m004_request_cost", "ALTER TABLE requests ADD COLUMN cost_usd DOUBLE PRECISION"),
+    (
+        "m005_shared_quotas",
+        """
+        CREATE TABLE quota_state (
+            key_id TEXT PRIMARY KEY,
+            requests DOUBLE PRECISION,
+            tokens DOUBLE PRECISION,
+            updated DOUBLE PRECISION NOT NULL
+        );
+        CREATE TABLE quota_leases (
+            id TEXT PRIMARY KEY,
+            key_id TEXT NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX quota_leases_key ON quota_leases (key_id, expires_at);
+        """,
+    ),
 )
 
 
@@ -96,6 +115,12 @@ class Database(Protocol):
         """Run the statements in one transaction: all commit, or none."""
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
+
+    def exclusive(self, work: Callable[[Run], T]) -> T:
+        """Run `work` in one transaction, all of it committed or none; `work` gets a function that runs one
+        statement and returns its rows. SQLite lets no other writer, in any process, in until it ends; in
+        PostgreSQL the rows it updates stay locked until then (so work that first updates the row it reads
+        is serialised with every other such work, across gateways)."""
 
     def close(self) -> None: ...
 
@@ -178,6 +203,20 @@ class SQLiteDatabase:
         with self._lock:
             return list(self._conn.execute(sql, params).fetchall())
 
+    def exclusive(self, work: Callable[[Run], T]) -> T:
+        def run(sql: str, params: Sequence[Any] = ()) -> list[Row]:
+            return list(self._conn.execute(sql, params).fetchall())
+
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")  # the write lock, which other processes' writers wait for
+            try:
+                result = work(run)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            return result
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
@@ -226,6 +265,16 @@ class PostgresDatabase:
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         with self._lock:
             return list(self._conn.execute(_pg(sql), params).fetchall())  # type: ignore[arg-type]
+
+    def exclusive(self, work: Callable[[Run], T]) -> T:
+        """In PostgreSQL the work itself takes the row locks it needs (an UPDATE of the row first)."""
+
+        def run(sql: str, params: Sequence[Any] = ()) -> list[Row]:
+            cursor = self._conn.execute(_pg(sql), params)  # type: ignore[arg-type]
+            return list(cursor.fetchall()) if cursor.description else []
+
+        with self._lock, self._conn.transaction():
+            return work(run)
 
     def close(self) -> None:
         with self._lock:

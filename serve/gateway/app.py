@@ -43,9 +43,10 @@ from deploykit.serve.gateway.proxy import (
     get_text,
     parse_body,
 )
-from deploykit.serve.gateway.ratelimit import RateLimiter
+from deploykit.serve.gateway.ratelimit import Admission, RateLimiter
 from deploykit.serve.gateway.routing import Backend, Router
 from deploykit.serve.gateway.schema import install_openapi
+from deploykit.serve.gateway.shared_limits import SharedRateLimiter
 from deploykit.serve.gateway.spill import SpillTarget
 from deploykit.serve.gateway.tokens import TokenBudget, budget_tokens
 
@@ -62,6 +63,8 @@ class GatewayOptions:
     body_timeout_s: float = 60.0  # the whole request body must arrive within this (408 after)
     max_concurrent: int | None = None  # requests in flight to the engines at once, fair between keys
     queue_timeout_s: float = 30.0  # how long a request may wait for one of those slots (503 after)
+    # Keys' quotas kept in the database, shared with every gateway using it (on for PostgreSQL in `serve`)
+    shared_quotas: bool = False
 
 
 class Gateway:
@@ -73,7 +76,9 @@ class Gateway:
         self.spills = {s.model: (s, Backend(s.model, s.url, session, status="ready")) for s in options.spills}
         self.options = options
         self.verifier = KeyVerifier(db)
-        self.limiter = RateLimiter()
+        self.limiter: RateLimiter | SharedRateLimiter = (
+            SharedRateLimiter(db) if options.shared_quotas else RateLimiter()
+        )
         self.ledger = Ledger(db)
         self.metrics = GatewayMetrics()
         self.queue = (
@@ -130,8 +135,16 @@ class Gateway:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
+    async def admit(self, key: ApiKey, tokens: int) -> Admission:
+        """Take the request from the key's quotas (shared ones in the database, off the event loop)."""
+        if isinstance(self.limiter, SharedRateLimiter):
+            return await asyncio.to_thread(self.limiter.admit, key, tokens)
+        return self.limiter.admit(key, tokens)
+
     def close(self) -> None:
-        """Commit every ledger row queued so far and stop the ledger's writer."""
+        """Commit every ledger row queued so far (and settle shared quotas), then stop the writers."""
+        if isinstance(self.limiter, SharedRateLimiter):
+            self.limiter.close()
         self.ledger.close()
 
 
@@ -280,7 +293,7 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
         _check_stream(body)
         admission = None
         if key is not None:
-            admission = gateway.limiter.admit(key, _reservation(budget, key))
+            admission = await gateway.admit(key, _reservation(budget, key))
         exchange = Exchange(
             gateway.ledger, gateway.metrics, gateway.limiter, path, model.name, key, admission, route=model
         )

@@ -18,6 +18,7 @@ from deploykit.serve.gateway.fairness import Slot
 from deploykit.serve.gateway.metrics import GatewayMetrics
 from deploykit.serve.gateway.ratelimit import Admission, RateLimiter
 from deploykit.serve.gateway.routing import Model
+from deploykit.serve.gateway.shared_limits import SharedRateLimiter
 from deploykit.serve.gateway.spill import SpillTarget
 
 # An SSE event that carries generated text (a role-only first chunk has "content":"" and does not count).
@@ -30,7 +31,7 @@ DONE_EVENT = b"data: [DONE]"
 class Exchange:
     ledger: Ledger
     metrics: GatewayMetrics
-    limiter: RateLimiter
+    limiter: RateLimiter | SharedRateLimiter
     endpoint: str
     model: str  # as the ledger records it: the model served, or what a rejected request asked for
     key: ApiKey | None = None

@@ -40,7 +40,7 @@ class Bucket:
 
 
 @dataclass
-class _KeyState:
+class KeyState:
     requests: Bucket | None
     tokens: Bucket | None
     in_flight: int = 0
@@ -54,47 +54,19 @@ class Admission:
     reserved_tokens: int
     headers: dict[str, str] = field(default_factory=dict)
     finished: bool = False
+    lease: str | None = None  # its row in quota_leases, when the quotas are shared (SharedRateLimiter)
 
 
 class RateLimiter:
+    """The quotas of the keys this gateway process admits (see SharedRateLimiter for several processes)."""
+
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._state: dict[str, _KeyState] = {}
+        self._state: dict[str, KeyState] = {}
 
     def admit(self, key: ApiKey, tokens: int) -> Admission:
         """Take one request and `tokens` from the key's quotas, or raise the 429 that says when to retry."""
-        now = self._clock()
-        state = self._state_of(key, now)
-        if key.max_concurrent is not None and state.in_flight >= key.max_concurrent:
-            raise _limited(
-                f"The API key '{key.name}' has {state.in_flight} requests in flight, its limit.",
-                "concurrent_requests",
-                1.0,
-                _headers(state),
-            )
-        if state.tokens is not None and tokens > state.tokens.per_minute:
-            raise GatewayError(
-                429,
-                f"This request needs about {tokens} tokens, more than the API key '{key.name}' may use in a "
-                f"minute ({state.tokens.per_minute}); set a lower max_tokens or shorten the prompt.",
-                "tokens",
-                "rate_limit_exceeded",
-                headers=_headers(state),
-            )
-        for bucket, amount, what in ((state.requests, 1, "requests"), (state.tokens, tokens, "tokens")):
-            if bucket is not None and bucket.wait_s(amount) > 0:
-                raise _limited(
-                    f"Rate limit reached for the API key '{key.name}': {bucket.per_minute} {what} per minute.",
-                    what,
-                    bucket.wait_s(amount),
-                    _headers(state),
-                )
-        if state.requests is not None:
-            state.requests.level -= 1
-        if state.tokens is not None:
-            state.tokens.level -= tokens
-        state.in_flight += 1
-        return Admission(key.id, tokens, _headers(state))
+        return take(self._state_of(key, self._clock()), key, tokens)
 
     def finish(self, admission: Admission, used_tokens: int | None) -> None:
         """Release the request's concurrency slot and settle its tokens to what it used (None: as reserved)."""
@@ -105,24 +77,67 @@ class RateLimiter:
         if state is None:
             return
         state.in_flight -= 1
-        if state.tokens is not None and used_tokens is not None:
-            state.tokens.refill(self._clock())
-            state.tokens.level = min(
-                state.tokens.per_minute, state.tokens.level + admission.reserved_tokens - used_tokens
-            )
+        settle(state, admission, used_tokens, self._clock())
 
-    def _state_of(self, key: ApiKey, now: float) -> _KeyState:
+    def _state_of(self, key: ApiKey, now: float) -> KeyState:
         state = self._state.get(key.id)
         if state is None:
-            state = _KeyState(
-                Bucket(key.rpm, key.rpm, now) if key.rpm else None,
-                Bucket(key.tpm, key.tpm, now) if key.tpm else None,
-            )
+            state = new_state(key, now)
             self._state[key.id] = state
         for bucket in (state.requests, state.tokens):
             if bucket is not None:
                 bucket.refill(now)
         return state
+
+
+def new_state(key: ApiKey, now: float) -> KeyState:
+    """A key's quotas, full."""
+    return KeyState(
+        Bucket(key.rpm, key.rpm, now) if key.rpm else None,
+        Bucket(key.tpm, key.tpm, now) if key.tpm else None,
+    )
+
+
+def take(state: KeyState, key: ApiKey, tokens: int) -> Admission:
+    """Admit one request of `tokens` against `state` (refilled to now), or raise its 429. Every limit is
+    checked before any is taken from."""
+    if key.max_concurrent is not None and state.in_flight >= key.max_concurrent:
+        raise _limited(
+            f"The API key '{key.name}' has {state.in_flight} requests in flight, its limit.",
+            "concurrent_requests",
+            1.0,
+            _headers(state),
+        )
+    if state.tokens is not None and tokens > state.tokens.per_minute:
+        raise GatewayError(
+            429,
+            f"This request needs about {tokens} tokens, more than the API key '{key.name}' may use in a "
+            f"minute ({state.tokens.per_minute}); set a lower max_tokens or shorten the prompt.",
+            "tokens",
+            "rate_limit_exceeded",
+            headers=_headers(state),
+        )
+    for bucket, amount, what in ((state.requests, 1, "requests"), (state.tokens, tokens, "tokens")):
+        if bucket is not None and bucket.wait_s(amount) > 0:
+            raise _limited(
+                f"Rate limit reached for the API key '{key.name}': {bucket.per_minute} {what} per minute.",
+                what,
+                bucket.wait_s(amount),
+                _headers(state),
+            )
+    if state.requests is not None:
+        state.requests.level -= 1
+    if state.tokens is not None:
+        state.tokens.level -= tokens
+    state.in_flight += 1
+    return Admission(key.id, tokens, _headers(state))
+
+
+def settle(state: KeyState, admission: Admission, used_tokens: int | None, now: float) -> None:
+    """Give back (or take) the difference between the tokens reserved and those used."""
+    if state.tokens is not None and used_tokens is not None:
+        state.tokens.refill(now)
+        state.tokens.level = min(state.tokens.per_minute, state.tokens.level + admission.reserved_tokens - used_tokens)
 
 
 def _limited(message: str, what: str, retry_after_s: float, headers: dict[str, str]) -> GatewayError:
@@ -135,7 +150,7 @@ def _limited(message: str, what: str, retry_after_s: float, headers: dict[str, s
     )
 
 
-def _headers(state: _KeyState) -> dict[str, str]:
+def _headers(state: KeyState) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers for whichever limits the key has."""
     headers = {}
     for bucket, what in ((state.requests, "requests"), (state.tokens, "tokens")):

@@ -10,10 +10,12 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
 
+from deploykit.core.ports import free_port
 from deploykit.serve.accounting.database import MIGRATIONS, connect, migrate
 from deploykit.serve.accounting.keys import create_key, list_keys, revoke_key
 from deploykit.serve.accounting.ledger import DeploymentLog, deployment_hours, usage_by
@@ -21,7 +23,7 @@ from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
 from deploykit.serve.gateway.proxy import engine_session
 from tests.fakes.engine import PROMPT_TOKENS
-from tests.integration.test_lifecycle import start, wait_ready
+from tests.integration.test_lifecycle import REPO, start, wait_ready
 
 
 def test_migrations_apply_once_in_order(postgres_url: str) -> None:
@@ -100,3 +102,70 @@ def test_two_gateways_share_keys_and_one_ledger(postgres_url: str, tmp_path: Pat
     deployments = db.query("SELECT COUNT(*) FROM deployments WHERE stopped_at IS NOT NULL")
     db.close()
     assert replicas == {gw.engine_url for gw in gateways} and deployments[0][0] >= 2
+
+
+def test_two_gateways_hold_one_key_to_one_limit_under_concurrent_load(postgres_url: str, tmp_path: Path) -> None:
+    """Two gateway processes (`serve --engine`, in front of one engine process) on one PostgreSQL: a key with
+    12 requests a minute gets exactly 12 answers from 40 sent at once to both; a key with 3 in flight gets
+    exactly 3 streams out of 10 held open across both, the others a 429 that says so."""
+    env = {**os.environ, "DEPLOYKIT_DATABASE_URL": postgres_url, "DEPLOYKIT_HOME": str(tmp_path / "cli")}
+
+    def cli(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "deploykit", *args], env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    tag = uuid.uuid4().hex[:8]
+    per_minute = json.loads(cli("keys", "create", "--name", f"rpm-{tag}", "--rpm", "12", "--json"))["key"]
+    in_flight = json.loads(cli("keys", "create", "--name", f"conc-{tag}", "--max-concurrent", "3", "--json"))["key"]
+    engine_port, ports = free_port(), [free_port(), free_port()]
+    quiet = {"cwd": REPO, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    fake = [sys.executable, "-m", "tests.fakes.engine", "--model", "m1", "--token-delay", "0.05"]
+    engine = subprocess.Popen([*fake, "--port", str(engine_port)], **quiet)  # type: ignore[call-overload]
+    serve = [sys.executable, "-m", "deploykit", "serve", "--auth", f"--engine=m1=http://127.0.0.1:{engine_port}"]
+    gateways = [subprocess.Popen([*serve, "--port", str(p)], env=env, **quiet) for p in ports]  # type: ignore[call-overload]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    try:
+        for url in urls:
+            deadline = time.monotonic() + 60
+            while not _ready(url):
+                assert time.monotonic() < deadline, f"{url} not ready"
+                time.sleep(0.2)
+
+        async def burst() -> list[int]:
+            body = {"model": "m1", "prompt": "x", "max_tokens": 1}
+            async with httpx.AsyncClient(timeout=30, headers={"authorization": f"Bearer {per_minute}"}) as client:
+                answers = await asyncio.gather(
+                    *(client.post(urls[i % 2] + "/v1/completions", json=body) for i in range(40))
+                )
+            return [a.status_code for a in answers]
+
+        codes = asyncio.run(burst())
+        assert sorted(codes) == [200] * 12 + [429] * 28
+
+        async def streams() -> list[int]:
+            body = {"model": "m1", "prompt": "x", "max_tokens": 60, "stream": True}  # 3 s each
+            headers = {"authorization": f"Bearer {in_flight}"}
+            async with httpx.AsyncClient(timeout=30, headers=headers) as client:
+
+                async def one(i: int) -> int:
+                    await asyncio.sleep(0.05 * i)  # all ten start within half a second, while the first hold on
+                    async with client.stream("POST", urls[i % 2] + "/v1/completions", json=body) as response:
+                        await response.aread()
+                        return response.status_code
+
+                return list(await asyncio.gather(*(one(i) for i in range(10))))
+
+        assert sorted(asyncio.run(streams())) == [200] * 3 + [429] * 7
+    finally:
+        for process in (*gateways, engine):
+            process.send_signal(signal.SIGTERM)
+        for process in (*gateways, engine):
+            process.wait(30)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/ready", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

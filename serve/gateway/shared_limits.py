@@ -1,0 +1,126 @@
+"""Quotas shared by every gateway of a deployment: the same token buckets and concurrency limit as
+ratelimit.RateLimiter, kept in the database the gateways share (PostgreSQL) instead of in one process.
+
+Admission runs in one database transaction that first updates the key's row, which locks it: admissions of
+one key are serialised across every gateway process, so two gateways can never both take a key's last unit
+(no over-admission, as in one process). The buckets refill on the wall clock (the hosts' clocks must agree,
+as NTP keeps them). A request in flight holds a lease row until it ends; a gateway that dies mid-request
+leaves leases that expire `lease_s` later, so its slots come back on their own. Settling tokens at the end
+runs on a writer thread of its own, off the request's path.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from deploykit.serve.accounting.database import Database, Run
+from deploykit.serve.accounting.keys import ApiKey
+from deploykit.serve.gateway.ratelimit import Admission, Bucket, KeyState, new_state, settle, take
+
+
+class SharedRateLimiter:
+    def __init__(self, db: Database, lease_s: float = 900.0, clock: Callable[[], float] = time.time) -> None:
+        self.db, self.lease_s, self._clock = db, lease_s, clock
+        self._settling: queue.Queue[tuple[Admission, int | None] | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._settle_loop, name="deploykit-quotas", daemon=True)
+        self._writer.start()
+
+    def admit(self, key: ApiKey, tokens: int) -> Admission:
+        """As RateLimiter.admit, against the state every gateway shares (blocking: run it off the event loop)."""
+
+        def work(run: Run) -> Admission:
+            now = self._clock()
+            state = self._load(run, key, now)
+            admission = take(state, key, tokens)  # raises the 429, and nothing is written
+            admission.lease = uuid.uuid4().hex
+            self._store(run, key.id, state, now)
+            run(
+                "INSERT INTO quota_leases (id, key_id, expires_at) VALUES (?, ?, ?)",
+                (admission.lease, key.id, now + self.lease_s),
+            )
+            return admission
+
+        return self.db.exclusive(work)
+
+    def finish(self, admission: Admission, used_tokens: int | None) -> None:
+        """Release the slot and settle the tokens, on the writer thread."""
+        if admission.finished:
+            return
+        admission.finished = True
+        self._settling.put((admission, used_tokens))
+
+    def flush(self) -> None:
+        """Wait until every request ended so far is settled."""
+        self._settling.join()
+
+    def close(self) -> None:
+        """Settle everything queued, then stop the writer."""
+        self._settling.put(None)
+        self._writer.join()
+
+    def _settle_loop(self) -> None:
+        while (item := self._settling.get()) is not None:
+            try:
+                self._settle(*item)
+            finally:
+                self._settling.task_done()
+        self._settling.task_done()
+
+    def _settle(self, admission: Admission, used: int | None) -> None:
+        """Free the lease, and give back (or take) the tokens reserved but not used."""
+
+        def work(run: Run) -> None:
+            run("DELETE FROM quota_leases WHERE id = ?", (admission.lease,))
+            tpm = self._tpm(run, admission.key_id)
+            if used is None or tpm is None:
+                return
+            run("UPDATE quota_state SET updated = updated WHERE key_id = ?", (admission.key_id,))  # the row lock
+            [(level, updated)] = run("SELECT tokens, updated FROM quota_state WHERE key_id = ?", (admission.key_id,))
+            state = KeyState(None, Bucket(tpm, level, updated))
+            now = self._clock()
+            settle(state, admission, used, now)
+            assert state.tokens is not None
+            run(
+                "UPDATE quota_state SET tokens = ?, updated = ? WHERE key_id = ?",
+                (state.tokens.level, now, admission.key_id),
+            )
+
+        self.db.exclusive(work)
+
+    def _load(self, run: Run, key: ApiKey, now: float) -> KeyState:
+        """The key's shared state, locked for this transaction and refilled to now (full the first time)."""
+        full = new_state(key, now)
+        run(
+            "INSERT INTO quota_state (key_id, requests, tokens, updated) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (key_id) DO NOTHING",
+            (key.id, *(b.level if b else None for b in (full.requests, full.tokens)), now),
+        )
+        run("UPDATE quota_state SET updated = updated WHERE key_id = ?", (key.id,))  # the row lock
+        [(requests, tokens, updated)] = run(
+            "SELECT requests, tokens, updated FROM quota_state WHERE key_id = ?", (key.id,)
+        )
+        [(in_flight,)] = run("SELECT count(*) FROM quota_leases WHERE key_id = ? AND expires_at > ?", (key.id, now))
+        state = KeyState(
+            Bucket(key.rpm, key.rpm if requests is None else requests, updated) if key.rpm else None,
+            Bucket(key.tpm, key.tpm if tokens is None else tokens, updated) if key.tpm else None,
+            int(in_flight),
+        )
+        for bucket in (state.requests, state.tokens):
+            if bucket is not None:
+                bucket.refill(now)
+        return state
+
+    def _store(self, run: Run, key_id: str, state: KeyState, now: float) -> None:
+        run(
+            "UPDATE quota_state SET requests = ?, tokens = ?, updated = ? WHERE key_id = ?",
+            (*(b.level if b else None for b in (state.requests, state.tokens)), now, key_id),
+        )
+
+    @staticmethod
+    def _tpm(run: Run, key_id: str) -> int | None:
+        found = run("SELECT tpm FROM api_keys WHERE id = ?", (key_id,))
+        return int(found[0][0]) if found and found[0][0] else None
