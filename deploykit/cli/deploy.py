@@ -10,9 +10,10 @@ from deploykit.cli.console import err, out, print_json
 from deploykit.cli.options import JsonOpt
 from deploykit.core.settings import Settings
 from deploykit.serve.deploy.compose import ComposeOptions, compose_project, engine_service
+from deploykit.serve.deploy.k8s import K8sOptions, k8s_project, service_name
 
 app = typer.Typer(
-    help="Write deployment projects (Docker compose) from the launch plans `serve` makes.",
+    help="Write deployment projects (Docker compose, Kubernetes) from the launch plans `serve` makes.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -20,7 +21,7 @@ app = typer.Typer(
 
 @app.callback()
 def deploy() -> None:
-    """Write deployment projects (Docker compose) from the launch plans `serve` makes."""
+    """Write deployment projects (Docker compose, Kubernetes) from the launch plans `serve` makes."""
 
 
 @app.command("compose")
@@ -61,6 +62,51 @@ def compose(
     err.print(
         f"Next: docker build -t {image} . && cd {output} && docker compose up -d; then "
         "docker compose exec gateway deploykit keys create --name NAME",
+        highlight=False,
+        markup=False,
+    )
+
+
+@app.command("k8s")
+def k8s(
+    models: list[str] = typer.Argument(..., help="Catalog aliases or hub repo ids to serve."),
+    gpus: str = typer.Option(..., help="One node's GPUs as GPU:COUNT, e.g. h100-sxm:8 (names as in `size`)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write the manifests into."),
+    replicas: int = typer.Option(1, help="Engine pods per model to start with (the autoscaler adds more)."),
+    image: str = typer.Option("deploykit", help="The image built from the Dockerfile, as the cluster pulls it."),
+    gateway_replicas: int = typer.Option(2, help="Gateway pods (stateless; quotas are shared in PostgreSQL)."),
+    storage_class: str | None = typer.Option(None, help="Storage class of the model volume (ReadWriteMany)."),
+    force: bool = typer.Option(False, "--force", help="Render into a folder that is not empty (secrets are kept)."),
+    json_: JsonOpt = False,
+) -> None:
+    """Write Kubernetes manifests: an engine Deployment per model (GPUs per pod from its plan, weights
+    pulled into a shared volume by an init container, probes sized for slow starts, an autoscaler on its
+    queue), the gateway, PostgreSQL, monitoring for the Prometheus operator, and a load-test Job.
+
+    Examples:
+
+      deploykit deploy k8s llama-3.1-70b-instruct --gpus h100-sxm:8 --replicas 2 -o k8s/
+
+      kubectl apply -f k8s/
+    """
+    options = K8sOptions(image=image, gateway_replicas=gateway_replicas, storage_class=storage_class)
+    plans = k8s_project(Settings(), models, gpus=gpus, output=output, replicas=replicas, force=force, options=options)
+    engines = [
+        {
+            "deployment": service_name(p.served_name),
+            "model": p.served_name,
+            "gpus_per_pod": len(p.gpu_indices),
+            "pods": replicas,
+        }
+        for p in plans[::replicas]
+    ]
+    if json_:
+        print_json({"output": str(output), "engines": engines})
+        return
+    for e in engines:
+        out.print(f"{e['deployment']}: {e['model']}, {e['pods']} pod(s) of {e['gpus_per_pod']} GPU(s)", highlight=False)
+    err.print(
+        f"Wrote {output}/ (secrets in {output}/secret.yaml). Next: kubectl apply -f {output}/",
         highlight=False,
         markup=False,
     )

@@ -13,18 +13,11 @@ project is rendered again, so that a database volume made with one password is n
 
 from __future__ import annotations
 
-import os
 import re
-import secrets
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from deploykit.core.errors import UsageError
 from deploykit.core.settings import Settings
@@ -33,16 +26,21 @@ from deploykit.models.prices import load_prices
 from deploykit.models.resolve import resolve
 from deploykit.models.store import ModelStore
 from deploykit.serve.deploy.machine import planned_machine
+from deploykit.serve.deploy.project import (
+    ENGINE_PORT,
+    container_argv,
+    infra_file,
+    read_env,
+    to_yaml,
+    with_secrets,
+    write_project,
+)
 from deploykit.serve.plan import LaunchPlan
 from deploykit.serve.runner import prepare
 
-ENGINE_PORT = 8000  # inside each engine's container
 POSTGRES_IMAGE = "postgres:16.6-bookworm"
 PROMETHEUS_IMAGE = "prom/prometheus:v2.53.3"
 GRAFANA_IMAGE = "grafana/grafana:11.3.1"
-# In the container: the volume's store (DEPLOYKIT_HOME=/data/deploykit, as the Dockerfile sets it).
-_STORE = "/data/deploykit/models"
-_SECRETS = ("POSTGRES_PASSWORD", "DEPLOYKIT_METRICS_TOKEN", "GRAFANA_ADMIN_PASSWORD")
 
 
 @dataclass(frozen=True)
@@ -56,17 +54,6 @@ def engine_service(plan: LaunchPlan, index: int, several: bool) -> str:
     """engine-llama-3-1-8b-instruct (or -1, -2... for replicas)."""
     name = re.sub(r"[^a-z0-9]+", "-", plan.served_name.lower()).strip("-")
     return f"engine-{name}" + (f"-{index + 1}" if several else "")
-
-
-def container_argv(plan: LaunchPlan) -> list[str]:
-    """The plan's `vllm serve` arguments as the engine's container runs them: the model from the volume's
-    store, listening on every interface at ENGINE_PORT; every flag the plan chose, unchanged."""
-    argv = list(plan.argv)
-    start = argv.index("serve")
-    args = [f"{_STORE}/{plan.served_name}", *argv[start + 2 :]]
-    for flag, value in (("--host", "0.0.0.0"), ("--port", str(ENGINE_PORT))):
-        args[args.index(flag) + 1] = value
-    return ["serve", *args]
 
 
 def render(plans: Sequence[LaunchPlan], options: ComposeOptions, env: Mapping[str, str]) -> dict[str, str]:
@@ -182,13 +169,13 @@ def render(plans: Sequence[LaunchPlan], options: ComposeOptions, env: Mapping[st
         " --name NAME`.\n"
     )
     return {
-        "compose.yaml": header + _yaml(project),
+        "compose.yaml": header + to_yaml(project),
         ".env": "".join(f"{k}={v}\n" for k, v in env.items()),
         "prometheus/prometheus.yml": _prometheus(engines),
         "prometheus/metrics_token": env["DEPLOYKIT_METRICS_TOKEN"] + "\n",
-        "prometheus/alerts.yml": _infra("prometheus/alerts.yml"),
-        "grafana/dashboards/deploykit.json": _infra("grafana/deploykit.json"),
-        "grafana/provisioning/datasources/prometheus.yml": _yaml(
+        "prometheus/alerts.yml": infra_file("prometheus/alerts.yml"),
+        "grafana/dashboards/deploykit.json": infra_file("grafana/deploykit.json"),
+        "grafana/provisioning/datasources/prometheus.yml": to_yaml(
             {
                 "apiVersion": 1,
                 "datasources": [
@@ -203,7 +190,7 @@ def render(plans: Sequence[LaunchPlan], options: ComposeOptions, env: Mapping[st
                 ],
             }
         ),
-        "grafana/provisioning/dashboards/deploykit.yml": _yaml(
+        "grafana/provisioning/dashboards/deploykit.yml": to_yaml(
             {
                 "apiVersion": 1,
                 "providers": [
@@ -212,50 +199,6 @@ def render(plans: Sequence[LaunchPlan], options: ComposeOptions, env: Mapping[st
             }
         ),
     }
-
-
-def secrets_for(output: Path) -> dict[str, str]:
-    """The project's .env: what an earlier render wrote (kept: the database volume knows that password),
-    with any secret still missing generated now."""
-    env: dict[str, str] = {}
-    path = output / ".env"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            key, sep, value = line.partition("=")
-            if sep and not key.startswith("#"):
-                env[key.strip()] = value.strip()
-    for key in _SECRETS:
-        env.setdefault(key, secrets.token_urlsafe(24))
-    return env
-
-
-def write_project(files: Mapping[str, str], output: Path, force: bool) -> None:
-    """Write the files into `output` all at once: into a fresh folder beside it, then moved into place, so an
-    interrupted write leaves the old project (or none), never half of one."""
-    if output.exists() and any(output.iterdir()) and not force:
-        raise UsageError(
-            f"{output} exists and is not empty.", "Pass --force to render the project there again (.env is kept)."
-        )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    staging.chmod(0o755)  # mkdtemp's 0700 would hide the mounted config from the containers' users
-    try:
-        for name, text in files.items():
-            path = staging / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            # secrets readable by their owner only; the metrics token is read by Prometheus's own user
-            path.chmod(0o600 if name == ".env" else 0o644)
-        if output.exists():
-            old = output.with_name(f".{output.name}-old-{os.getpid()}")
-            output.rename(old)
-            staging.rename(output)
-            shutil.rmtree(old)
-        else:
-            staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _engines(plans: Sequence[LaunchPlan]) -> dict[str, LaunchPlan]:
@@ -322,18 +265,7 @@ def _prometheus(engines: Mapping[str, LaunchPlan]) -> str:
             },
         ],
     }
-    return "# Written by `deploykit deploy compose`.\n" + _yaml(config)
-
-
-def _yaml(data: object) -> str:
-    """Block style for mappings, flow style for the lists of scalars (commands read as one line)."""
-    return str(yaml.safe_dump(data, sort_keys=False, width=120, default_flow_style=None))
-
-
-def _infra(name: str) -> str:
-    """A file of infra/ (installed with the package as deploykit.infra)."""
-    text: str = (resources.files("deploykit.infra") / name).read_text()
-    return text
+    return "# Written by `deploykit deploy compose`.\n" + to_yaml(config)
 
 
 def _tp(plan: LaunchPlan) -> int:
@@ -356,5 +288,5 @@ def compose_project(
     for name in models:
         resolve(name, store, catalog).hub_repo()  # the pull service fetches it: it must have a hub repo
     plans = prepare(settings, models, replicas=replicas, hardware=planned_machine(gpus, prices), environ={})
-    write_project(render(plans, options or ComposeOptions(), secrets_for(output)), output, force)
+    write_project(render(plans, options or ComposeOptions(), with_secrets(read_env(output / ".env"))), output, force)
     return plans

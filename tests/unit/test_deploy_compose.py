@@ -18,8 +18,9 @@ import yaml
 from deploykit.core.errors import NotFoundError, UsageError
 from deploykit.core.settings import Settings
 from deploykit.models.prices import load_prices
-from deploykit.serve.deploy.compose import ComposeOptions, compose_project, container_argv, render, write_project
+from deploykit.serve.deploy.compose import ComposeOptions, compose_project, render
 from deploykit.serve.deploy.machine import planned_machine
+from deploykit.serve.deploy.project import container_argv, write_project
 from deploykit.serve.runner import prepare
 
 

@@ -1,0 +1,442 @@
+"""`deploykit deploy k8s`: Kubernetes manifests for a cluster of GPU nodes, from the launch plans `serve` makes
+for one node's GPUs (GPU:COUNT names the node type).
+
+Per model: an engine Deployment (each pod requests the plan's tensor-parallel size of `nvidia.com/gpu`, runs
+`vllm serve` with the plan's flags, and fills the shared model volume first with `deploykit pull` in an init
+container), a Service in front of its pods, a PodDisruptionBudget, and a HorizontalPodAutoscaler on the
+engines' queue (vLLM's `vllm:num_requests_waiting`, served to the HPA by the Prometheus adapter as
+`vllm_num_requests_waiting`). The gateway
+is a stateless Deployment of several replicas (`deploykit serve --engine MODEL=http://engine-MODEL:8000`)
+with its own Service and budget; keys, the ledger and the keys' quotas are in PostgreSQL (a StatefulSet),
+shared by every gateway pod. Monitoring, for clusters that run the Prometheus operator: ServiceMonitors, the
+alert rules as a PrometheusRule, and the Grafana dashboard as a ConfigMap for Grafana's sidecar. A load-test
+Job runs `deploykit loadtest` inside the cluster.
+
+Secrets go to `secret.yaml` (mode 0600), generated once and kept when the manifests are rendered again.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deploykit.core.settings import Settings
+from deploykit.models.catalog import load_catalog
+from deploykit.models.prices import load_prices
+from deploykit.models.resolve import resolve
+from deploykit.models.store import ModelStore
+from deploykit.serve.deploy.machine import planned_machine
+from deploykit.serve.deploy.project import ENGINE_PORT, container_argv, infra_file, with_secrets, write_project
+from deploykit.serve.plan import LaunchPlan
+from deploykit.serve.runner import prepare
+
+_PART_OF = {"app.kubernetes.io/part-of": "deploykit"}
+
+
+@dataclass(frozen=True)
+class K8sOptions:
+    image: str = "deploykit"  # built from the repository's Dockerfile and pushed where the cluster pulls
+    gateway_replicas: int = 2
+    storage_class: str | None = None  # for the model volume, which every engine pod mounts (ReadWriteMany)
+    model_storage: str = "500Gi"
+    max_engine_replicas: int = 4  # the autoscaler's ceiling per model
+    queue_target: int = 8  # requests waiting per engine pod that the autoscaler aims at
+
+
+def render(plans: Sequence[LaunchPlan], options: K8sOptions, secrets: Mapping[str, str]) -> dict[str, str]:
+    """Every manifest, by file name; each file holds the objects of one part of the deployment."""
+    models = {p.served_name: p for p in plans}  # one Deployment per model: replicas are pods of it
+    replicas = {name: sum(p.served_name == name for p in plans) for name in models}
+    files = {
+        "secret.yaml": _dump([_secret(secrets)]),
+        "storage.yaml": _dump([_models_volume(options)]),
+        "postgres.yaml": _dump(_postgres()),
+        "gateway.yaml": _dump(_gateway(models, options)),
+        "engines.yaml": _dump([o for name, plan in models.items() for o in _engine(plan, replicas[name], options)]),
+        "monitoring.yaml": _dump(_monitoring(models)),
+        "loadtest.yaml": _dump([_loadtest(next(iter(models)), options)]),
+    }
+    return files
+
+
+def k8s_project(
+    settings: Settings,
+    models: Sequence[str],
+    *,
+    gpus: str,
+    output: Path,
+    replicas: int = 1,
+    force: bool = False,
+    options: K8sOptions | None = None,
+) -> list[LaunchPlan]:
+    """Plan MODELS on one node of the named GPUs, render the manifests, and write them to `output`."""
+    prices = load_prices(settings.home / "prices.toml")
+    store, catalog = ModelStore(settings.models_dir), load_catalog()
+    for name in models:
+        resolve(name, store, catalog).hub_repo()  # the init container pulls it: it must have a hub repo
+    machine = planned_machine(gpus, prices)
+    plans = prepare(settings, models, replicas=1, hardware=machine, environ={})
+    plans = [plan for plan in plans for _ in range(replicas)]
+    secrets = with_secrets(_read_secrets(output / "secret.yaml"))
+    write_project(render(plans, options or K8sOptions(), secrets), output, force, private=("secret.yaml",))
+    return plans
+
+
+def service_name(model: str) -> str:
+    return "engine-" + "".join(c if c.isalnum() else "-" for c in model.lower()).strip("-")
+
+
+def _engine(plan: LaunchPlan, replicas: int, options: K8sOptions) -> list[dict[str, Any]]:
+    name, tp = service_name(plan.served_name), len(plan.gpu_indices)
+    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "engine", **_PART_OF}
+    selector = {"app.kubernetes.io/name": name}
+    env = [{"name": k, "value": v} for k, v in plan.env.items() if k != "CUDA_VISIBLE_DEVICES"]
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "initContainers": [
+                        {
+                            "name": "pull",
+                            "image": options.image,
+                            "args": ["pull", plan.served_name],
+                            "env": [_from_secret("HF_TOKEN", "hf-token", optional=True)],
+                            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                        }
+                    ],
+                    "containers": [
+                        {
+                            "name": "vllm",
+                            "image": options.image,
+                            "command": ["vllm"],
+                            "args": container_argv(plan),
+                            **({"env": env} if env else {}),
+                            "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
+                            "resources": {"limits": {"nvidia.com/gpu": tp}, "requests": {"nvidia.com/gpu": tp}},
+                            # a cold start loads the weights and compiles: up to 15 minutes before the first 200
+                            "startupProbe": _health(failures=90),
+                            "readinessProbe": _health(failures=3),
+                            "livenessProbe": _health(failures=6),
+                            "volumeMounts": [
+                                {"name": "data", "mountPath": "/data"},
+                                {"name": "shm", "mountPath": "/dev/shm"},  # tensor-parallel workers share memory
+                            ],
+                        }
+                    ],
+                    "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
+                    "terminationGracePeriodSeconds": 60,
+                    "volumes": [
+                        {"name": "data", "persistentVolumeClaim": {"claimName": "deploykit-data"}},
+                        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+                    ],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"selector": selector, "ports": [{"name": "http", "port": ENGINE_PORT, "targetPort": "http"}]},
+    }
+    budget = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
+    }
+    autoscaler = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": replicas,
+            "maxReplicas": max(replicas, options.max_engine_replicas),
+            "metrics": [
+                {
+                    "type": "Pods",
+                    "pods": {
+                        # vLLM's vllm:num_requests_waiting, as the Prometheus adapter names it (docs/DEPLOY.md)
+                        "metric": {"name": "vllm_num_requests_waiting"},
+                        "target": {"type": "AverageValue", "averageValue": str(options.queue_target)},
+                    },
+                }
+            ],
+            # an engine takes minutes to start: scale up on a sustained queue, down slowly
+            "behavior": {
+                "scaleUp": {
+                    "stabilizationWindowSeconds": 120,
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 300}],
+                },
+                "scaleDown": {
+                    "stabilizationWindowSeconds": 900,
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 600}],
+                },
+            },
+        },
+    }
+    return [deployment, service, budget, autoscaler]
+
+
+def _gateway(models: Mapping[str, LaunchPlan], options: K8sOptions) -> list[dict[str, Any]]:
+    labels = {"app.kubernetes.io/name": "gateway", "app.kubernetes.io/component": "gateway", **_PART_OF}
+    selector = {"app.kubernetes.io/name": "gateway"}
+    engines = [f"--engine={m}=http://{service_name(m)}:{ENGINE_PORT}" for m in models]
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "gateway", "labels": labels},
+        "spec": {
+            "replicas": options.gateway_replicas,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "gateway",
+                            "image": options.image,
+                            "args": ["serve", "--host", "0.0.0.0", "--port", "8000", *engines],
+                            "env": [
+                                _from_secret("DEPLOYKIT_DATABASE_URL", "database-url"),
+                                _from_secret("DEPLOYKIT_METRICS_TOKEN", "metrics-token"),
+                            ],
+                            "ports": [{"name": "http", "containerPort": 8000}],
+                            "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
+                            "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},
+                            "resources": {"requests": {"cpu": "1", "memory": "512Mi"}},
+                        }
+                    ],
+                    "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "runAsNonRoot": True},
+                    "terminationGracePeriodSeconds": 60,  # SIGTERM drains in-flight requests first
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "gateway", "labels": labels},
+        "spec": {"selector": selector, "ports": [{"name": "http", "port": 8000, "targetPort": "http"}]},
+    }
+    budget = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": "gateway", "labels": labels},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": selector}},
+    }
+    return [deployment, service, budget]
+
+
+def _postgres() -> list[dict[str, Any]]:
+    labels = {"app.kubernetes.io/name": "postgres", "app.kubernetes.io/component": "database", **_PART_OF}
+    selector = {"app.kubernetes.io/name": "postgres"}
+    ready = {"exec": {"command": ["pg_isready", "-U", "deploykit", "-d", "deploykit"]}, "periodSeconds": 5}
+    statefulset = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": "postgres", "labels": labels},
+        "spec": {
+            "serviceName": "postgres",
+            "replicas": 1,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "postgres",
+                            "image": "postgres:16.6-bookworm",
+                            "env": [
+                                {"name": "POSTGRES_USER", "value": "deploykit"},
+                                {"name": "POSTGRES_DB", "value": "deploykit"},
+                                _from_secret("POSTGRES_PASSWORD", "postgres-password"),
+                                {"name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata"},
+                            ],
+                            "ports": [{"name": "postgres", "containerPort": 5432}],
+                            "readinessProbe": ready,
+                            "volumeMounts": [{"name": "postgres", "mountPath": "/var/lib/postgresql/data"}],
+                        }
+                    ]
+                },
+            },
+            "volumeClaimTemplates": [
+                {
+                    "metadata": {"name": "postgres"},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "20Gi"}}},
+                }
+            ],
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "postgres", "labels": labels},
+        "spec": {"selector": selector, "ports": [{"name": "postgres", "port": 5432, "targetPort": "postgres"}]},
+    }
+    return [statefulset, service]
+
+
+def _models_volume(options: K8sOptions) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteMany"],  # every engine pod, on any node, reads the same weights and cache
+        "resources": {"requests": {"storage": options.model_storage}},
+    }
+    if options.storage_class:
+        spec["storageClassName"] = options.storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "deploykit-data", "labels": dict(_PART_OF)},
+        "spec": spec,
+    }
+
+
+def _secret(secrets: Mapping[str, str]) -> dict[str, Any]:
+    password = secrets["POSTGRES_PASSWORD"]
+    data = {
+        "postgres-password": password,
+        "database-url": f"postgresql://deploykit:{password}@postgres:5432/deploykit",
+        "metrics-token": secrets["DEPLOYKIT_METRICS_TOKEN"],
+        "grafana-admin-password": secrets["GRAFANA_ADMIN_PASSWORD"],
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "deploykit", "labels": dict(_PART_OF)},
+        "type": "Opaque",
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }
+
+
+def _read_secrets(path: Path) -> dict[str, str]:
+    """The secrets an earlier render wrote (the database was created with that password)."""
+    if not path.exists():
+        return {}
+    [secret] = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    names = {"postgres-password": "POSTGRES_PASSWORD", "metrics-token": "DEPLOYKIT_METRICS_TOKEN"}
+    names["grafana-admin-password"] = "GRAFANA_ADMIN_PASSWORD"
+    return {names[k]: v for k, v in data.items() if k in names}
+
+
+def _monitoring(models: Mapping[str, LaunchPlan]) -> list[dict[str, Any]]:
+    gateway = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": {"name": "deploykit-gateway", "labels": dict(_PART_OF)},
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/component": "gateway", **_PART_OF}},
+            "endpoints": [
+                {
+                    "port": "http",
+                    "path": "/metrics",
+                    "interval": "15s",
+                    "authorization": {"type": "Bearer", "credentials": {"name": "deploykit", "key": "metrics-token"}},
+                    # the job the dashboard and the alert rules select on, as in the compose project
+                    "relabelings": [{"targetLabel": "job", "replacement": "deploykit-gateway"}],
+                }
+            ],
+        },
+    }
+    engines = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": {"name": "deploykit-engines", "labels": dict(_PART_OF)},
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/component": "engine", **_PART_OF}},
+            "endpoints": [
+                {
+                    "port": "http",
+                    "path": "/metrics",
+                    "interval": "15s",
+                    "relabelings": [{"targetLabel": "job", "replacement": "vllm"}],
+                }
+            ],
+        },
+    }
+    rules = yaml.safe_load(infra_file("prometheus/alerts.yml"))
+    rule = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "deploykit", "labels": dict(_PART_OF)},
+        "spec": rules,
+    }
+    dashboard = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "deploykit-dashboard", "labels": {"grafana_dashboard": "1", **_PART_OF}},
+        "data": {"deploykit.json": json.dumps(json.loads(infra_file("grafana/deploykit.json")))},
+    }
+    return [gateway, engines, rule, dashboard]
+
+
+def _loadtest(model: str, options: K8sOptions) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "deploykit-loadtest", "labels": dict(_PART_OF)},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": "loadtest",
+                            "image": options.image,
+                            "args": [
+                                *("loadtest", "run", "http://gateway:8000", "--model", model, "-c", "16"),
+                                *("--duration", "120", "--processes", "4", "--out", "/tmp/run.json"),
+                            ],
+                            # a key from `deploykit keys create`: kubectl create secret generic deploykit-loadtest
+                            # --from-literal=key=dk-...
+                            "env": [
+                                {
+                                    "name": "OPENAI_API_KEY",
+                                    "valueFrom": {"secretKeyRef": {"name": "deploykit-loadtest", "key": "key"}},
+                                }
+                            ],
+                            "resources": {"requests": {"cpu": "4", "memory": "2Gi"}},
+                        }
+                    ],
+                }
+            },
+        },
+    }
+
+
+def _health(failures: int) -> dict[str, Any]:
+    """GET /health every 10 s; `failures` in a row fail the probe."""
+    return {
+        "httpGet": {"path": "/health", "port": "http"},
+        "periodSeconds": 10,
+        "timeoutSeconds": 3,
+        "failureThreshold": failures,
+    }
+
+
+def _from_secret(name: str, key: str, optional: bool = False) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": "deploykit", "key": key}
+    if optional:
+        ref["optional"] = True
+    return {"name": name, "valueFrom": {"secretKeyRef": ref}}
+
+
+def _dump(objects: Sequence[Mapping[str, Any]]) -> str:
+    header = "# Written by `deploykit deploy k8s`.\n"
+    return header + "---\n".join(yaml.safe_dump(dict(o), sort_keys=False, width=120) for o in objects)

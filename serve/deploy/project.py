@@ -1,0 +1,91 @@
+"""What every deployment project shares: the engine container's command from a launch plan, the secrets
+(generated once, kept across renders), the files of infra/, YAML, and writing the folder all at once."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from deploykit.core.errors import UsageError
+from deploykit.serve.plan import LaunchPlan
+
+ENGINE_PORT = 8000  # inside each engine's container
+# In the container: the volume's store (DEPLOYKIT_HOME=/data/deploykit, as the Dockerfile sets it).
+_STORE = "/data/deploykit/models"
+SECRETS = ("POSTGRES_PASSWORD", "DEPLOYKIT_METRICS_TOKEN", "GRAFANA_ADMIN_PASSWORD")
+
+
+def container_argv(plan: LaunchPlan) -> list[str]:
+    """The plan's `vllm serve` arguments as the engine's container runs them: the model from the volume's
+    store, listening on every interface at ENGINE_PORT; every flag the plan chose, unchanged."""
+    argv = list(plan.argv)
+    start = argv.index("serve")
+    args = [f"{_STORE}/{plan.served_name}", *argv[start + 2 :]]
+    for flag, value in (("--host", "0.0.0.0"), ("--port", str(ENGINE_PORT))):
+        args[args.index(flag) + 1] = value
+    return ["serve", *args]
+
+
+def with_secrets(existing: Mapping[str, str]) -> dict[str, str]:
+    """`existing` (what an earlier render wrote: kept, since the database volume knows that password), with
+    any secret still missing generated now."""
+    return {**{key: secrets.token_urlsafe(24) for key in SECRETS}, **existing}
+
+
+def read_env(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a .env file (none when it does not exist)."""
+    env: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and not key.startswith("#"):
+                env[key.strip()] = value.strip()
+    return env
+
+
+def write_project(files: Mapping[str, str], output: Path, force: bool, private: tuple[str, ...] = (".env",)) -> None:
+    """Write the files into `output` all at once: into a fresh folder beside it, then moved into place, so an
+    interrupted write leaves the old project (or none), never half of one."""
+    if output.exists() and any(output.iterdir()) and not force:
+        raise UsageError(
+            f"{output} exists and is not empty.",
+            "Pass --force to render the project there again (its secrets are kept).",
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the mounted config from the containers' users
+    try:
+        for name, text in files.items():
+            path = staging / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            # secrets readable by their owner only; the metrics token is read by Prometheus's own user
+            path.chmod(0o600 if name in private else 0o644)
+        if output.exists():
+            old = output.with_name(f".{output.name}-old-{os.getpid()}")
+            output.rename(old)
+            staging.rename(output)
+            shutil.rmtree(old)
+        else:
+            staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def to_yaml(data: object) -> str:
+    """Block style for mappings, flow style for the lists of scalars (commands read as one line)."""
+    return str(yaml.safe_dump(data, sort_keys=False, width=120, default_flow_style=None))
+
+
+def infra_file(name: str) -> str:
+    """A file of infra/ (installed with the package as deploykit.infra)."""
+    text: str = (resources.files("deploykit.infra") / name).read_text()
+    return text

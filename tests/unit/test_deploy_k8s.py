@@ -1,0 +1,129 @@
+"""`deploykit deploy k8s`: the manifests it writes, validated against the Kubernetes OpenAPI schemas
+(kubernetes-validate, strict), the alert rules of its PrometheusRule checked by promtool, and the objects
+checked against each other and against the launch plans: each engine pod asks for its plan's GPUs and runs
+its plan's flags, every Service, budget, autoscaler and ServiceMonitor selects pods or ports that exist, and
+the gateway names every engine Service. (No Helm renderer installs here: docs/DEPLOY.md.)"""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deploykit.core.settings import Settings
+from deploykit.models.prices import load_prices
+from deploykit.serve.deploy.k8s import k8s_project, service_name
+from deploykit.serve.deploy.machine import planned_machine
+from deploykit.serve.deploy.project import container_argv
+from deploykit.serve.runner import prepare
+from tests.unit.test_deploy_compose import _promtool
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("DEPLOYKIT_HOME", str(tmp_path / "home"))
+    return Settings()
+
+
+def _objects(output: Path) -> list[dict[str, Any]]:
+    return [o for f in sorted(output.glob("*.yaml")) for o in yaml.safe_load_all(f.read_text()) if o]
+
+
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize(
+    ("models", "groups"), [(["smollm2-135m"], [1]), (["llama-3.1-70b-instruct", "smollm2-135m"], [2, 1])]
+)
+def test_manifests_validate_and_hold_together(
+    settings: Settings, tmp_path: Path, models: list[str], groups: list[int]
+) -> None:
+    output = tmp_path / "k8s"
+    plans = k8s_project(settings, models, gpus="h100-sxm:8", output=output, replicas=2)
+    validator = Path(sys.executable).with_name("kubernetes-validate")
+    checked = subprocess.run(
+        [str(validator), "--strict", *map(str, sorted(output.glob("*.yaml")))], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # only the Prometheus operator's kinds have no schema in Kubernetes' own: they are checked below
+    unknown = {
+        line.split("kind ")[1].split(" ")[0] for line in checked.stdout.splitlines() if "Couldn't find schema" in line
+    }
+    assert unknown <= {"ServiceMonitor", "PrometheusRule"}
+
+    objects = _objects(output)
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for o in objects:
+        by_kind.setdefault(o["kind"], []).append(o)
+    deployments = {d["metadata"]["name"]: d for d in by_kind["Deployment"]}
+    again = prepare(settings, models, hardware=planned_machine("h100-sxm:8", load_prices()), environ={})
+    for plan, gpus in zip(again, groups, strict=True):
+        engine = deployments[service_name(plan.served_name)]
+        assert engine["spec"]["replicas"] == 2
+        pod = engine["spec"]["template"]["spec"]
+        [vllm] = pod["containers"]
+        assert vllm["args"] == container_argv(plan) and vllm["command"] == ["vllm"]
+        assert vllm["resources"]["limits"]["nvidia.com/gpu"] == gpus == len(plan.gpu_indices)
+        startup = vllm["startupProbe"]
+        assert startup["failureThreshold"] * startup["periodSeconds"] >= 900  # a cold start's 15 minutes
+        [pull] = pod["initContainers"]
+        assert pull["args"] == ["pull", plan.served_name]
+        assert [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v] == [
+            "deploykit-data"
+        ]
+    gateway_args = deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    services = {s["metadata"]["name"]: s for s in by_kind["Service"]}
+    for m in models:
+        assert f"--engine={m}=http://{service_name(m)}:8000" in gateway_args and service_name(m) in services
+    pods = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in deployments.items()}
+    pods["postgres"] = by_kind["StatefulSet"][0]["spec"]["template"]["metadata"]["labels"]
+    for service in services.values():
+        [target] = [n for n, labels in pods.items() if _matches(service["spec"]["selector"], labels)]
+        assert service["metadata"]["name"] == target
+    for budget in by_kind["PodDisruptionBudget"]:
+        assert any(_matches(budget["spec"]["selector"]["matchLabels"], labels) for labels in pods.values())
+    for autoscaler in by_kind["HorizontalPodAutoscaler"]:
+        assert autoscaler["spec"]["scaleTargetRef"]["name"] in deployments
+    for monitor in by_kind["ServiceMonitor"]:
+        watched = [
+            s
+            for s in services.values()
+            if _matches(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+        ]
+        assert watched and all(any(p["name"] == "http" for p in s["spec"]["ports"]) for s in watched)
+    jobs = {m["spec"]["endpoints"][0]["relabelings"][0]["replacement"] for m in by_kind["ServiceMonitor"]}
+    assert jobs == {"deploykit-gateway", "vllm"}  # the jobs the dashboard and the rules select on
+
+    [rule] = by_kind["PrometheusRule"]
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump(rule["spec"]))
+    promtool = subprocess.run([_promtool(), "check", "rules", str(rules)], capture_output=True, text=True)
+    assert promtool.returncode == 0 and "SUCCESS: 7 rules found" in promtool.stdout, promtool.stdout + promtool.stderr
+    [dashboard] = by_kind["ConfigMap"]
+    assert json.loads(dashboard["data"]["deploykit.json"]) == json.loads(
+        (REPO / "infra/grafana/deploykit.json").read_text()
+    )
+    assert len(plans) == 2 * len(models)
+
+
+def test_secrets_are_generated_once_private_and_kept(settings: Settings, tmp_path: Path) -> None:
+    output = tmp_path / "k8s"
+    k8s_project(settings, ["smollm2-135m"], gpus="l4:1", output=output)
+    path = output / "secret.yaml"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    [secret] = [o for o in yaml.safe_load_all(path.read_text()) if o]
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert data["database-url"] == f"postgresql://deploykit:{data['postgres-password']}@postgres:5432/deploykit"
+    assert not any(v in (output / "gateway.yaml").read_text() for v in data.values())
+    k8s_project(settings, ["smollm2-135m"], gpus="l4:2", output=output, replicas=2, force=True)
+    assert [o for o in yaml.safe_load_all(path.read_text()) if o] == [secret]  # the database knows that password
