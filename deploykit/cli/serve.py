@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -161,9 +161,7 @@ def serve(
             )
         remotes = [parse_engine(e) for e in engine]
         if dry_run:
-            _show_remotes(remotes, json_)
-            if not json_:
-                _show_gateway(options)
+            _show_dry_run(lambda: _show_remotes(remotes, json_), options, json_)
             return
         run_remote(settings, remotes, options, ConsoleReporter())
         return
@@ -182,9 +180,7 @@ def serve(
         settings, models, replicas=replicas, adapters=adapters, engine_args=engine_args, engine_port=engine_port or None
     )
     if dry_run:
-        _show_plans(plans, json_)
-        if not json_:
-            _show_gateway(options)
+        _show_dry_run(lambda: _show_plans(plans, json_), options, json_)
         return
     run(settings, plans, options, ConsoleReporter())
 
@@ -229,6 +225,13 @@ def _show_plans(plans: list[LaunchPlan], as_json: bool) -> None:
         return
     for plan in plans:
         _show_plan(plan)
+
+
+def _show_dry_run(show_engines: Callable[[], None], options: ServeOptions, as_json: bool) -> None:
+    """What `serve --dry-run` prints: the engines, then (for people) the gateway's limits."""
+    show_engines()
+    if not as_json:
+        _show_gateway(options)
 
 
 def _show_remotes(remotes: list[RemoteEngine], as_json: bool) -> None:

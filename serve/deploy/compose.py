@@ -21,22 +21,17 @@ from typing import Any
 
 from deploykit.core.errors import UsageError
 from deploykit.core.settings import Settings
-from deploykit.models.catalog import load_catalog
-from deploykit.models.prices import load_prices
-from deploykit.models.resolve import resolve
-from deploykit.models.store import ModelStore
-from deploykit.serve.deploy.machine import planned_machine
 from deploykit.serve.deploy.project import (
     ENGINE_PORT,
     container_argv,
     infra_file,
+    plan_models,
     read_env,
     to_yaml,
     with_secrets,
     write_project,
 )
 from deploykit.serve.plan import LaunchPlan
-from deploykit.serve.runner import prepare
 
 POSTGRES_IMAGE = "postgres:16.6-bookworm"
 PROMETHEUS_IMAGE = "prom/prometheus:v2.53.3"
@@ -283,10 +278,6 @@ def compose_project(
     options: ComposeOptions | None = None,
 ) -> list[LaunchPlan]:
     """Plan MODELS on the named server's GPUs, render the project, and write it to `output` (returns the plans)."""
-    prices = load_prices(settings.home / "prices.toml")
-    store, catalog = ModelStore(settings.models_dir), load_catalog()
-    for name in models:
-        resolve(name, store, catalog).hub_repo()  # the pull service fetches it: it must have a hub repo
-    plans = prepare(settings, models, replicas=replicas, hardware=planned_machine(gpus, prices), environ={})
+    plans = plan_models(settings, models, gpus, replicas)  # the replicas share the server's GPUs
     write_project(render(plans, options or ComposeOptions(), with_secrets(read_env(output / ".env"))), output, force)
     return plans

@@ -27,14 +27,15 @@ from typing import Any
 import yaml
 
 from deploykit.core.settings import Settings
-from deploykit.models.catalog import load_catalog
-from deploykit.models.prices import load_prices
-from deploykit.models.resolve import resolve
-from deploykit.models.store import ModelStore
-from deploykit.serve.deploy.machine import planned_machine
-from deploykit.serve.deploy.project import ENGINE_PORT, container_argv, infra_file, with_secrets, write_project
+from deploykit.serve.deploy.project import (
+    ENGINE_PORT,
+    container_argv,
+    infra_file,
+    plan_models,
+    with_secrets,
+    write_project,
+)
 from deploykit.serve.plan import LaunchPlan
-from deploykit.serve.runner import prepare
 
 _PART_OF = {"app.kubernetes.io/part-of": "deploykit"}
 
@@ -76,13 +77,7 @@ def k8s_project(
     options: K8sOptions | None = None,
 ) -> list[LaunchPlan]:
     """Plan MODELS on one node of the named GPUs, render the manifests, and write them to `output`."""
-    prices = load_prices(settings.home / "prices.toml")
-    store, catalog = ModelStore(settings.models_dir), load_catalog()
-    for name in models:
-        resolve(name, store, catalog).hub_repo()  # the init container pulls it: it must have a hub repo
-    machine = planned_machine(gpus, prices)
-    plans = prepare(settings, models, replicas=1, hardware=machine, environ={})
-    plans = [plan for plan in plans for _ in range(replicas)]
+    plans = [plan for plan in plan_models(settings, models, gpus, 1) for _ in range(replicas)]  # a pod a replica
     secrets = with_secrets(_read_secrets(output / "secret.yaml"))
     write_project(render(plans, options or K8sOptions(), secrets), output, force, private=("secret.yaml",))
     return plans

@@ -7,14 +7,21 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
 from deploykit.core.errors import UsageError
+from deploykit.core.settings import Settings
+from deploykit.models.catalog import load_catalog
+from deploykit.models.prices import load_prices
+from deploykit.models.resolve import resolve
+from deploykit.models.store import ModelStore
+from deploykit.serve.deploy.machine import planned_machine
 from deploykit.serve.plan import LaunchPlan
+from deploykit.serve.runner import prepare
 
 ENGINE_PORT = 8000  # inside each engine's container
 # In the container: the volume's store (DEPLOYKIT_HOME=/data/deploykit, as the Dockerfile sets it).
@@ -31,6 +38,16 @@ def container_argv(plan: LaunchPlan) -> list[str]:
     for flag, value in (("--host", "0.0.0.0"), ("--port", str(ENGINE_PORT))):
         args[args.index(flag) + 1] = value
     return ["serve", *args]
+
+
+def plan_models(settings: Settings, models: Sequence[str], gpus: str, replicas: int) -> list[LaunchPlan]:
+    """The launch plans `serve` would make for MODELS (`replicas` of each) on a machine with the GPUs named
+    GPU:COUNT. Each model must have a hub repo: the deployment pulls it there."""
+    prices = load_prices(settings.home / "prices.toml")
+    store, catalog = ModelStore(settings.models_dir), load_catalog()
+    for name in models:
+        resolve(name, store, catalog).hub_repo()
+    return prepare(settings, models, replicas=replicas, hardware=planned_machine(gpus, prices), environ={})
 
 
 def with_secrets(existing: Mapping[str, str]) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -88,3 +89,10 @@ async def read_request_head(reader: asyncio.StreamReader) -> None:
     """Read an HTTP request up to the blank line that ends its headers."""
     while (await reader.readline()) not in (b"\r\n", b""):
         pass
+
+
+def nobody_listening() -> str:
+    """The URL of a loopback port nobody listens on (an engine or endpoint that is gone)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"

@@ -5,7 +5,6 @@ gone when /version or /v1/models asks it, and the moving average of TTFT that sp
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from deploykit.serve.gateway.proxy import engine_session
 from deploykit.serve.gateway.routing import Model
 from deploykit.serve.remote import RemoteEngine, RemoteWatch, parse_engine
 from tests.fakes.engine import CONTEXT
-from tests.fakes.threaded import raw_server, read_request_head, serve_in_thread
+from tests.fakes.threaded import nobody_listening, raw_server, read_request_head, serve_in_thread
 
 ENGINE_METRICS = """# HELP vllm:num_requests_running Number of requests running.
 # TYPE vllm:num_requests_running gauge
@@ -120,9 +119,7 @@ def test_an_engine_whose_metrics_hang_or_fail_is_left_out_of_the_scrape(
 
 
 def test_an_engine_that_is_gone_is_a_503_that_names_its_model(tmp_path: Path) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        gone = f"http://127.0.0.1:{s.getsockname()[1]}"
+    gone = nobody_listening()
     with _gateway(tmp_path, gone) as url:
         for path in ("/version", "/v1/models"):
             response = httpx.get(url + path, timeout=10)
@@ -145,9 +142,7 @@ async def test_a_remote_engine_is_ready_with_its_context_while_it_answers_its_he
         def warn(self, message: str) -> None:
             warnings.append(message)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        gone = f"http://127.0.0.1:{s.getsockname()[1]}"
+    gone = nobody_listening()
     async with engine_session() as session, httpx.AsyncClient(timeout=2) as probe:
         up, down = Backend("m1", engine_url, session), Backend("m1", gone, session, status="ready")
         watch = RemoteWatch([up, down], Events())  # type: ignore[arg-type]

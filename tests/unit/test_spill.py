@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -15,7 +14,7 @@ from deploykit.serve.gateway.app import GatewayOptions
 from deploykit.serve.gateway.proxy import engine_session
 from deploykit.serve.gateway.spill import KEY_ENV, SpillTarget, parse_spill
 from tests.fakes.engine import ANSWER, PROMPT_TOKENS, create_fake_engine
-from tests.fakes.threaded import serve_in_thread
+from tests.fakes.threaded import nobody_listening, serve_in_thread
 from tests.unit.gateway_support import chat, client_of
 
 pytestmark = pytest.mark.anyio
@@ -124,9 +123,7 @@ async def test_a_wrong_managed_key_is_relayed_not_hidden(db: Database, engine_ur
 async def test_a_managed_endpoint_that_cannot_be_reached_is_a_503_naming_the_model(
     db: Database, engine_url: str
 ) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        gone = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    gone = nobody_listening() + "/v1"
     spill = parse_spill(f"m1=gpt-4o-mini@{gone}", load_prices(), KEY)
     async with engine_session() as session:
         app = create_app([Backend("m1", engine_url, session, status="stopped")], db, GatewayOptions(spills=(spill,)))
