@@ -61,6 +61,8 @@ class Summary:
     slo_attainment: float
     slos_met: dict[str, bool]
     usage_reported: bool  # False when any token count came from the stream instead of the server
+    counted_by: dict[str, int]  # requests by how their tokens were counted (records.RequestRecord.counted_by)
+    ttft_answer: Distribution | None  # reasoning models: time to the first answer token, after the thinking
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -119,6 +121,8 @@ def summarize(records: Sequence[RequestRecord], window: tuple[float, float], slo
         slo_attainment=len(good) / len(inside) if inside else 0.0,
         slos_met=slos_met,
         usage_reported=all(r.usage_reported for r in ok),
+        counted_by=dict(Counter(r.counted_by for r in ok)),
+        ttft_answer=dist([r.ttft_answer for r in ok]),
     )
 
 

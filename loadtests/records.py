@@ -24,7 +24,11 @@ class RequestRecord:
     output_tokens: int = 0
     input_tokens: int = 0
     usage_reported: bool = False  # False: tokens were counted from the stream, not reported by the server
-    counted_by: str = "server"  # server | tokenizer | events (one token per event, the last resort)
+    # server (running usage: each event's tokens) | server total, spread by text | server total, spread by
+    # tokenizer (the final usage over the events) | tokenizer | events (one token per event, the last resort)
+    counted_by: str = "server"
+    reasoning: bool = False  # some output was a reasoning model's thinking (reasoning_content)
+    first_answer: float | None = None  # when the first answer token (after any thinking) arrived
 
     @property
     def ok(self) -> bool:
@@ -37,6 +41,11 @@ class RequestRecord:
     @property
     def ttft_from_schedule(self) -> float | None:
         return self.events[0][0] - self.scheduled if self.events else None
+
+    @property
+    def ttft_answer(self) -> float | None:
+        """For a reasoning model: the time to the first token of the answer, after its thinking."""
+        return self.first_answer - self.sent if self.reasoning and self.first_answer is not None else None
 
     @property
     def e2e(self) -> float:

@@ -77,6 +77,8 @@ class LoadTestReport:
                         "output_tokens",
                         "input_tokens",
                         "usage_reported",
+                        "counted_by",
+                        "ttft_answer",
                         "events",
                     ]
                 )
@@ -95,6 +97,8 @@ class LoadTestReport:
                             r.output_tokens,
                             r.input_tokens,
                             r.usage_reported,
+                            r.counted_by,
+                            r.ttft_answer,
                             len(r.events),
                         ]
                     )

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -130,6 +131,8 @@ def _read_stream(
     buffer = b""
     done = False
     counted = 0  # tokens per event when the server reports no running usage
+    weights: list[int] = []  # each content event's text length (or tokenizer count), to spread a usage total by
+    running = False  # the server sent running usage: each event's tokens are exact
     while data := response.read1(65536):  # whatever has arrived, as soon as it has
         now = time.monotonic()
         buffer += data
@@ -146,14 +149,19 @@ def _read_stream(
                 record.error = "cut"
                 continue
             usage = event.get("usage")
-            text = _content(event, cfg)
-            if text:
+            reasoning, answer = _content(event, cfg)
+            if reasoning or answer:
+                text = reasoning + answer
                 if usage and usage.get("completion_tokens") is not None:
-                    tokens = usage["completion_tokens"] - counted  # running usage: exact tokens per event
+                    tokens, running = usage["completion_tokens"] - counted, True  # running usage: exact
                 else:
                     tokens = max(1, count_tokens(text)) if count_tokens else 1
                 record.events.append((now, tokens))
+                weights.append(max(1, count_tokens(text)) if count_tokens else len(text))
                 counted += tokens
+                if answer and record.first_answer is None:
+                    record.first_answer = now
+                record.reasoning = record.reasoning or bool(reasoning)
             if usage:
                 record.output_tokens = usage.get("completion_tokens") or 0
                 record.input_tokens = usage.get("prompt_tokens") or 0
@@ -161,8 +169,31 @@ def _read_stream(
     if not record.usage_reported:
         record.output_tokens = counted  # flagged: counted from the stream, not reported by the server
         record.counted_by = "tokenizer" if count_tokens else "events"
+    elif not running and counted != record.output_tokens and record.events:
+        # the server's total is the truth; its events carried several tokens each: spread it over them
+        tokens = spread(record.output_tokens, weights)
+        record.events = [(t, k) for (t, _), k in zip(record.events, tokens, strict=True)]
+        record.counted_by = "server total, spread by tokenizer" if count_tokens else "server total, spread by text"
     if not done and record.error is None:
         record.error = "cut"
+
+
+def spread(total: int, weights: Sequence[int]) -> list[int]:
+    """`total` tokens over events in proportion to `weights` (largest remainders first, earlier events on
+    ties); then, while there are as many tokens as events, an event left with none takes one from the
+    event with the most."""
+    n = len(weights)
+    shares_of = list(weights) if any(weights) else [1] * n
+    shares = [total * w / sum(shares_of) for w in shares_of]
+    tokens = [math.floor(share) for share in shares]
+    largest_remainders = sorted(range(n), key=lambda i: (tokens[i] - shares[i], i))
+    for i in largest_remainders[: total - sum(tokens)]:
+        tokens[i] += 1
+    for i in range(n if total >= n else 0):
+        if tokens[i] == 0:
+            tokens[max(range(n), key=lambda j: tokens[j])] -= 1
+            tokens[i] = 1
+    return tokens
 
 
 def _read_whole(data: dict[str, Any], record: RequestRecord, now: float) -> None:
@@ -173,14 +204,17 @@ def _read_whole(data: dict[str, Any], record: RequestRecord, now: float) -> None
     record.events.append((now, record.output_tokens))
 
 
-def _content(event: dict[str, Any], cfg: LoadTestConfig) -> str:
+def _content(event: dict[str, Any], cfg: LoadTestConfig) -> tuple[str, str]:
+    """An event's (reasoning, answer) text: a reasoning model's thinking (`reasoning_content`, or `reasoning`
+    in newer vLLM) is output too, and its first token is the first token."""
     choices = event.get("choices") or []
     if not choices:
-        return ""
+        return "", ""
     choice = choices[0]
     if cfg.api == "chat":
-        return str((choice.get("delta") or {}).get("content") or "")
-    return str(choice.get("text") or "")
+        delta = choice.get("delta") or {}
+        return str(delta.get("reasoning_content") or delta.get("reasoning") or ""), str(delta.get("content") or "")
+    return "", str(choice.get("text") or "")
 
 
 def _status_class(status: int) -> str:

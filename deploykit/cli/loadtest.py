@@ -183,10 +183,13 @@ def _print(result: RunResult) -> None:
     )
     if s.errors:
         out.print(f"errors: {s.errors}", markup=False)
+    if set(s.counted_by) != {"server"}:  # say how output tokens were counted when not event by event
+        counts = ", ".join(f"{how}: {n}" for how, n in s.counted_by.items())
+        out.print(f"output tokens counted by {counts} (requests)", markup=False)
     table = Table()
     for column in ("metric", "p50", "p90", "p95", "p99", "mean"):
         table.add_column(column)
-    for name in ("ttft", "ttft_from_schedule", "itl", "chunk_gap", "tpot", "e2e"):
+    for name in ("ttft", "ttft_answer", "ttft_from_schedule", "itl", "chunk_gap", "tpot", "e2e"):
         d = getattr(s, name)
         if d is not None:
             table.add_row(name, *(f"{getattr(d, k) * 1000:.1f} ms" for k in ("p50", "p90", "p95", "p99", "mean")))

@@ -6,7 +6,8 @@ several), each with running usage when asked (vLLM's continuous_usage_stats), th
 [DONE]. The model "errors" injects faults by request number: n % 10 == 3 -> 429 with Retry-After: 2,
 n % 10 == 5 -> 500, n % 10 == 7 -> the connection drops after 3 events. The model "queue" serves at most QUEUE_SLOTS
 answers at a time; the others wait for a slot, so TTFT grows past that concurrency. The model "nousage"
-reports no usage at all; each event's text is k words " x", k tokens for a word-level tokenizer.
+reports no usage at all; each event's text is k words " x", k tokens for a word-level tokenizer. The model
+"lastusage" sends its usage only at the end; "reasoning" too, its first half of events as reasoning_content.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def serve_sse(ttft_s: float = TTFT_S, gap_s: float = GAP_S, port: int = 0) -> Th
             options = body.get("stream_options") or {}
             if body["model"] == "nousage":
                 options = {}
+            if body["model"] in ("lastusage", "reasoning"):
+                options = {"include_usage": True}  # usage in the last chunk only, as OpenAI and Azure send it
             running = options.get("continuous_usage_stats", False)
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -84,11 +87,14 @@ def serve_sse(ttft_s: float = TTFT_S, gap_s: float = GAP_S, port: int = 0) -> Th
             self._wait_until(arrived + ROLE_S)
             self._event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
             done = 0
-            for i, k in enumerate(chunk_plan(body["max_tokens"])):
+            plan = chunk_plan(body["max_tokens"])
+            for i, k in enumerate(plan):
                 self._wait_until(arrived + ttft_s + i * gap_s)
                 done += k
                 text = " x" * k if body["model"] == "nousage" else "x" * k
-                event: dict[str, object] = {"choices": [{"index": 0, "delta": {"content": text}}]}
+                # the reasoning model thinks for the first half of its tokens, then answers
+                part = "reasoning_content" if body["model"] == "reasoning" and i < len(plan) // 2 else "content"
+                event: dict[str, object] = {"choices": [{"index": 0, "delta": {part: text}}]}
                 if running:
                     event["usage"] = {"prompt_tokens": 7, "completion_tokens": done, "total_tokens": 7 + done}
                 self._event(event)

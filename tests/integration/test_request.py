@@ -271,3 +271,31 @@ def test_discovery_and_version_send_the_key(engine: str, tmp_path: Path) -> None
         assert engine_version(url, None) is None
         assert engine_version(url + "/v1/", token) is not None
     db.close()
+
+
+def test_a_usage_total_at_the_end_is_spread_over_the_events_it_counts(sse: str) -> None:
+    """OpenAI and Azure send usage only in the last chunk: each event's tokens are then the total spread by
+    the events' text, so tokens by arrival, per-token ITL and TPOT agree with the server's usage."""
+    plan = chunk_plan(20)
+    record, _, _ = ask(sse, "lastusage")
+    assert (record.usage_reported, record.counted_by, record.output_tokens) == (
+        True,
+        "server total, spread by text",
+        20,
+    )
+    assert [k for _, k in record.events] == plan  # an event of "x" * k gets k of the 20
+    assert len(record.itl()) == 20 - plan[0]  # per token, not per event
+    words, _, _ = ask(sse, "lastusage", count=lambda text: 3)  # a tokenizer that says 3 for every event
+    assert words.counted_by == "server total, spread by tokenizer" and sum(k for _, k in words.events) == 20
+
+
+def test_a_reasoning_model_s_thinking_is_output_and_its_first_token_the_first(sse: str) -> None:
+    record, _, _ = ask(sse, "reasoning", api="chat")
+    plan = chunk_plan(20)
+    assert record.reasoning and record.output_tokens == 20 and len(record.events) == len(plan)
+    assert abs(record.ttft - TTFT_S) < 0.01  # the first thinking token
+    answer_starts = len(plan) // 2
+    assert record.first_answer == record.events[answer_starts][0]
+    assert abs(record.ttft_answer - (TTFT_S + answer_starts * GAP_S)) < 0.01
+    plain, _, _ = ask(sse, "lastusage", api="chat")
+    assert not plain.reasoning and plain.ttft_answer is None

@@ -12,6 +12,7 @@ from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.metrics import Distribution, meets, percentile, summarize
 from deploykit.loadtests.records import RequestRecord
 from deploykit.loadtests.report import health_problems
+from deploykit.loadtests.request import spread
 from deploykit.loadtests.workload import Lengths, Prompt, Workload, load_prompts
 
 
@@ -216,3 +217,19 @@ def test_an_objective_met_exactly_and_an_empty_window() -> None:
     short = summarize([at_limit], (0.0, 0.5), [])  # a window under a second: rates per its own length
     assert (short.window_s, short.requests, short.offered_rps, short.output_tokens_per_s) == (0.5, 1, 2.0, 2.0)
     assert summarize([], (5.0, 5.0), []).window_s > 0  # an empty window divides by a tiny span, never by 0
+
+
+@pytest.mark.parametrize(
+    ("total", "weights", "expected"),
+    [
+        (10, [1, 1, 1], [4, 3, 3]),  # equal weights: the remainder to the earliest
+        (20, [1, 2, 3, 4], [2, 4, 6, 8]),  # exactly proportional
+        (10, [1, 2, 3, 4], [1, 2, 3, 4]),
+        (7, [1, 2, 3, 4], [1, 1, 2, 3]),  # 0.7 1.4 2.1 2.8: floors 0 1 2 2, remainders up: 1 1 2 3
+        (4, [1, 1, 10, 1], [1, 1, 1, 1]),  # 0.3 0.3 3.1 0.3 -> 0 0 4 0: an empty event takes one from the fullest
+        (2, [5, 5, 5], [1, 1, 0]),  # fewer tokens than events
+        (7, [0, 0], [4, 3]),  # no text to weigh by: evenly
+    ],
+)
+def test_a_usage_total_is_spread_by_weight(total: int, weights: list[int], expected: list[int]) -> None:
+    assert spread(total, weights) == expected and sum(expected) == total
