@@ -48,6 +48,7 @@ _PACKAGES = {
     "models": "deploykit/models",
     "loadtests": "deploykit/loadtests",
     "sizing": "deploykit/sizing",
+    "infra": "deploykit/infra",
 }
 # The tests a mutant is checked against (mutmut picks those that reach the mutated function in the test
 # process). Left out: the integration tests whose point is a subprocess (the serve runner and load generator

@@ -20,9 +20,19 @@ import pytest
 import yaml
 
 from deploykit.core.ports import free_port
+from deploykit.serve.deploy.project import infra_file
 
 REPO = Path(__file__).resolve().parents[2]
-INFRA = REPO / "infra"
+
+
+@pytest.fixture
+def infra(tmp_path: Path) -> Path:
+    """infra/ as deploykit ships it (package data), copied where promtool can read it."""
+    root = tmp_path / "infra"
+    for name in ("prometheus/alerts.yml", "prometheus/alerts_test.yml", "grafana/deploykit.json"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(infra_file(name))
+    return root
 
 
 def _tool(name: str) -> str:
@@ -48,16 +58,16 @@ def _up(url: str) -> bool:
         return False
 
 
-def test_each_alert_rule_fires_on_made_up_series() -> None:
+def test_each_alert_rule_fires_on_made_up_series(infra: Path) -> None:
     promtool = _tool("promtool")
-    checked = subprocess.run([promtool, "check", "rules", "alerts.yml"], cwd=INFRA / "prometheus", capture_output=True)
+    checked = subprocess.run([promtool, "check", "rules", "alerts.yml"], cwd=infra / "prometheus", capture_output=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     tested = subprocess.run(
-        [promtool, "test", "rules", "alerts_test.yml"], cwd=INFRA / "prometheus", capture_output=True, text=True
+        [promtool, "test", "rules", "alerts_test.yml"], cwd=infra / "prometheus", capture_output=True, text=True
     )
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
-    rules = yaml.safe_load((INFRA / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
-    tests = (INFRA / "prometheus" / "alerts_test.yml").read_text()
+    rules = yaml.safe_load((infra / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
+    tests = (infra / "prometheus" / "alerts_test.yml").read_text()
     assert all(f"alertname: {r['alert']}" in tests for r in rules)  # no rule left untested
 
 
@@ -75,7 +85,7 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, infra: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     prometheus = _tool("prometheus")
     env = {**os.environ, "DEPLOYKIT_HOME": str(tmp_path / "home"), "DEPLOYKIT_METRICS_TOKEN": "scrape-me"}
@@ -105,7 +115,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     _until(lambda: _up(url + "/health"), "the gateway did not start")
 
     (tmp_path / "prom").mkdir()
-    shutil.copy(INFRA / "prometheus" / "alerts.yml", tmp_path / "prom" / "alerts.yml")
+    shutil.copy(infra / "prometheus" / "alerts.yml", tmp_path / "prom" / "alerts.yml")
     (tmp_path / "prom" / "metrics_token").write_text("scrape-me\n")
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -146,7 +156,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
         result: list[object] = answer["data"]["result"]
         return result
 
-    dashboard = json.loads((INFRA / "grafana" / "deploykit.json").read_text())
+    dashboard = json.loads((infra / "grafana" / "deploykit.json").read_text())
     expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     assert len(expressions) == 16
     for expr in expressions:

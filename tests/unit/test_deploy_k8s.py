@@ -21,11 +21,9 @@ from deploykit.core.settings import Settings
 from deploykit.models.prices import load_prices
 from deploykit.serve.deploy.k8s import k8s_project, service_name
 from deploykit.serve.deploy.machine import planned_machine
-from deploykit.serve.deploy.project import container_argv
+from deploykit.serve.deploy.project import container_argv, infra_file
 from deploykit.serve.runner import prepare
 from tests.unit.test_deploy_compose import _promtool
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -110,9 +108,7 @@ def test_manifests_validate_and_hold_together(
     promtool = subprocess.run([_promtool(), "check", "rules", str(rules)], capture_output=True, text=True)
     assert promtool.returncode == 0 and "SUCCESS: 7 rules found" in promtool.stdout, promtool.stdout + promtool.stderr
     [dashboard] = by_kind["ConfigMap"]
-    assert json.loads(dashboard["data"]["deploykit.json"]) == json.loads(
-        (REPO / "infra/grafana/deploykit.json").read_text()
-    )
+    assert json.loads(dashboard["data"]["deploykit.json"]) == json.loads(infra_file("grafana/deploykit.json"))
     assert len(plans) == 2 * len(models)
 
 
