@@ -29,7 +29,13 @@ class LoadTestConfig(BaseModel):
     prompts: str | None = None  # a JSONL prompt file, or "bundled"; replaces the synthetic prompts
     tokenizer: str | None = None  # tokenizer.json (or its folder) to count tokens a server does not report
     concurrency: int | None = Field(None, ge=1)  # closed loop: this many users, each one request at a time
-    rate: float | None = Field(None, gt=0)  # open loop: Poisson arrivals per second
+    rate: float | None = Field(None, gt=0)  # open loop: arrivals per second (Poisson, or gamma: burstiness)
+    # the gamma shape of the gaps between arrivals at `rate` (vLLM's benchmark convention): 1 is Poisson,
+    # below 1 burstier (arrivals bunch up, then pause), above 1 more even
+    burstiness: float = Field(1.0, gt=0)
+    trace: str | None = None  # open loop: replay a trace file's arrivals and lengths (loadtests/traces.py)
+    trace_speed: float = Field(1.0, gt=0)  # replay the trace this many times faster
+    trace_part: tuple[int, int] = (0, 1)  # (k, n): this process replays the trace's requests i with i % n == k
     max_in_flight: int = Field(256, ge=1)  # open loop: the users that carry the arrivals
     duration_s: float = Field(30.0, gt=0)
     max_requests: int | None = Field(None, ge=1)
@@ -51,8 +57,8 @@ class LoadTestConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_shape(self) -> LoadTestConfig:
-        if (self.concurrency is None) == (self.rate is None):
-            raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
+        if sum(x is not None for x in (self.concurrency, self.rate, self.trace)) != 1:
+            raise ValueError("give exactly one of concurrency (closed loop), rate or trace (open loop)")
         if self.concurrency is not None and self.concurrency < self.processes:
             raise ValueError(f"{self.processes} processes need a concurrency of at least {self.processes}")
         return self
@@ -66,7 +72,10 @@ class LoadTestConfig(BaseModel):
             if self.concurrency is not None:
                 update["concurrency"] = self.concurrency // n + (1 if i < self.concurrency % n else 0)
             else:
-                update["rate"] = self.rate / n  # type: ignore[operator]
+                if self.rate is not None:
+                    update["rate"] = self.rate / n
+                else:
+                    update["trace_part"] = (i, n)
                 update["max_in_flight"] = max(1, self.max_in_flight // n)
             if self.max_requests is not None:
                 update["max_requests"] = max(1, self.max_requests // n + (1 if i < self.max_requests % n else 0))

@@ -5,15 +5,15 @@
     DEPLOYKIT_LOADTEST='{"url": "http://127.0.0.1:8000", "model": "smollm2-135m", "concurrency": 8}' \\
         locust -f loadtests/openai_user.py --host http://127.0.0.1:8000
 
-Open loop: one Poisson schedule for the whole run; each user takes the next arrival time, waits for it and
-sends, and latency counts from the scheduled time, so a slow server cannot hide its queue. Closed loop:
-each user sends its next request as soon as the last one ends.
+Open loop: one schedule for the whole run (Poisson or gamma arrivals at a rate, or a trace's own arrivals
+and lengths); each user takes the next arrival time, waits for it and sends, and latency counts from the
+scheduled time, so a slow server cannot hide its queue. Closed loop: each user sends its next request as
+soon as the last one ends.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import time
 from dataclasses import dataclass, field
 
@@ -23,38 +23,37 @@ from locust import User, events, task
 from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.records import RequestRecord
 from deploykit.loadtests.request import Endpoint, load_token_counter, request_body, send
+from deploykit.loadtests.schedule import Schedule
+from deploykit.loadtests.workload import Prompt
 
 
 @dataclass
 class RunState:
-    """What the users of one run share: the config, the open-loop schedule, and the records."""
+    """What the users of one run share: the config, the schedule, and the records."""
 
     config: LoadTestConfig
     records: list[RequestRecord] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
-    next_arrival: float = 0.0
     stopping: bool = False
 
     def __post_init__(self) -> None:
-        self.random = random.Random(self.config.seed)
-        self.next_arrival = self.started
-        self.workload = self.config.workload()
-        self.count_tokens = load_token_counter(self.config.tokenizer) if self.config.tokenizer else None
+        self._begin(self.config, self.started)
 
     def reset(self, config: LoadTestConfig) -> None:
         """Start the run now, with this config (a worker's share of the whole one)."""
-        self.config = config
-        self.random = random.Random(config.seed)
-        self.workload = config.workload()
-        self.started = self.next_arrival = time.monotonic()
+        self._begin(config, time.monotonic())
 
-    def take_arrival(self) -> float:
-        """The next scheduled send time: now for a closed loop, the Poisson schedule for an open one."""
-        if self.config.rate is None:
-            return time.monotonic()
-        due = self.next_arrival
-        self.next_arrival += self.random.expovariate(self.config.rate)
-        return due
+    def _begin(self, config: LoadTestConfig, now: float) -> None:
+        self.config, self.started = config, now
+        self.schedule = Schedule(config, now)
+        self.count_tokens = load_token_counter(config.tokenizer) if config.tokenizer else None
+
+    def take(self) -> tuple[float, Prompt] | None:
+        """The next request and when it is due; at a trace's end the run stops."""
+        taken = self.schedule.take(time.monotonic())
+        if taken is None:
+            self.stopping = True
+        return taken
 
     def full(self) -> bool:
         limit = self.config.max_requests
@@ -81,12 +80,16 @@ class OpenAIUser(User):
         if state.full():
             gevent.sleep(0.05)
             return
-        scheduled = state.take_arrival()
+        taken = state.take()
+        if taken is None:
+            gevent.sleep(0.05)
+            return
+        scheduled, prompt = taken
         delay = scheduled - time.monotonic()
         if delay > 0:
             gevent.sleep(delay)
         cfg = state.config
-        body = request_body(cfg, state.workload.next())
+        body = request_body(cfg, prompt)
         record = send(self.endpoint, cfg, body, scheduled, state.count_tokens)
         state.records.append(record)
         events.request.fire(  # type: ignore[no-untyped-call]

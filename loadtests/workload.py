@@ -65,8 +65,11 @@ class Workload:
     def next(self) -> Prompt:
         if self.prompts:
             return self.prompts[self.rng.randrange(len(self.prompts))]
-        words = max(self.input_tokens.draw(self.rng) - 1, 0)
-        return Prompt(self.prefix + "Count:" + _WORD * words, self.output_tokens.draw(self.rng))
+        return self.sized(self.input_tokens.draw(self.rng), self.output_tokens.draw(self.rng))
+
+    def sized(self, input_tokens: int, output_tokens: int) -> Prompt:
+        """A synthetic prompt of about `input_tokens` tokens (with the shared prefix, if any)."""
+        return Prompt(self.prefix + "Count:" + _WORD * max(input_tokens - 1, 0), output_tokens)
 
 
 def load_prompts(source: str, default_max_tokens: int) -> list[Prompt]:

@@ -32,7 +32,16 @@ def run(
     api: str = typer.Option("chat", help="chat or completions."),
     stream: bool = typer.Option(True, help="Stream the answers (TTFT and ITL need it)."),
     concurrency: int = typer.Option(None, "--concurrency", "-c", help="Closed loop: this many requests at a time."),
-    rate: float = typer.Option(None, "--rate", "-r", help="Open loop: Poisson arrivals per second."),
+    rate: float = typer.Option(None, "--rate", "-r", help="Open loop: arrivals per second (Poisson by default)."),
+    burstiness: float = typer.Option(
+        1.0, help="With --rate: the gamma shape of the gaps between arrivals; 1 is Poisson, below 1 burstier."
+    ),
+    trace: Path = typer.Option(
+        None,
+        help="Open loop: replay a trace's arrivals and lengths (JSONL {arrival, input_tokens, output_tokens}, the "
+        "Azure LLM inference trace CSV, or BurstGPT's CSV).",
+    ),
+    trace_speed: float = typer.Option(1.0, help="Replay the trace this many times faster."),
     duration: float = typer.Option(30, help="Seconds to run."),
     requests: int = typer.Option(None, "--requests", help="Stop after this many requests."),
     warmup: float = typer.Option(0, help="Seconds at the start left out of the results."),
@@ -82,11 +91,19 @@ def run(
       deploykit loadtest run http://127.0.0.1:8000 -c 1 --find-max --slo ttft_p95=1s --out search.json
 
       deploykit loadtest run https://api.openai.com --model gpt-4o-mini -c 4 --no-vllm
+
+      deploykit loadtest run http://127.0.0.1:8000 --rate 4 --burstiness 0.5   # bursty arrivals
+
+      deploykit loadtest run http://127.0.0.1:8000 --trace AzureLLMInferenceTrace_conv.csv --trace-speed 2
     """
     if api not in ("chat", "completions"):
         raise UsageError(f"--api must be chat or completions, not {api!r}.")
-    if (concurrency is None) == (rate is None):
-        raise UsageError("Give exactly one load shape.", "--concurrency N (closed loop) or --rate R (open loop).")
+    if sum(x is not None for x in (concurrency, rate, trace)) != 1:
+        raise UsageError(
+            "Give exactly one load shape.", "--concurrency N (closed loop), --rate R or --trace FILE (open loop)."
+        )
+    if trace is not None and (sweep or find_max):
+        raise UsageError("A trace sets its own load: it cannot be swept or searched.", "Use --trace-speed to scale it.")
     from pydantic import ValidationError
 
     from deploykit.loadtests.config import LoadTestConfig
@@ -114,6 +131,9 @@ def run(
             prompts=prompts,
             concurrency=concurrency,
             rate=rate,
+            burstiness=burstiness,
+            trace=str(trace) if trace else None,
+            trace_speed=trace_speed,
             duration_s=duration,
             max_requests=requests,
             warmup_s=warmup,
@@ -127,6 +147,17 @@ def run(
         where = ".".join(str(part) for part in first["loc"])
         raise UsageError(f"Bad load-test options: {where + ': ' if where else ''}{first['msg']}.") from e
     config.workload()  # a bad prompt file fails here, with its line number, not in the load generator
+    if trace:
+        from deploykit.loadtests.traces import read_trace
+
+        replay = read_trace(trace)  # likewise a bad trace
+        skipped = f"; {replay.skipped} rows without tokens left out" if replay.skipped else ""
+        err.print(
+            f"Replaying {len(replay.arrivals)} requests over {replay.span_s / trace_speed:.0f} s{skipped} "
+            f"(--duration {duration:g} s bounds the run).",
+            highlight=False,
+            markup=False,
+        )
     if tokenizer:
         from deploykit.loadtests.request import load_token_counter
 

@@ -264,3 +264,17 @@ def test_open_loop_latency_includes_the_wait_for_a_free_user(tmp_path: Path, url
     assert s["ttft"]["p50"] < 0.1  # from the send: the server answers fast once a request reaches it
     assert s["ttft_from_schedule"]["p50"] > s["ttft"]["p50"] + 0.3  # from the schedule: the wait counts
     assert s["slos_met"] == {"ttft_p95": False} and s["goodput_rps"] < s["rps"] / 2
+
+
+def test_a_trace_is_replayed_as_recorded(tmp_path: Path, url: str) -> None:
+    """`--trace`: each request sent at its arrival in the trace (sped up twice), asking for its lengths."""
+    trace = tmp_path / "trace.jsonl"
+    rows = [(0.0, 30, 8), (0.4, 60, 12), (0.5, 20, 4), (1.6, 90, 16)]
+    trace.write_text("".join(f'{{"arrival": {a}, "input_tokens": {i}, "output_tokens": {o}}}\n' for a, i, o in rows))
+    report = loadtest(tmp_path, url, "--model", "synth", "--trace", str(trace), "--trace-speed", "2", "--duration", "3")
+    records = sorted(report["records"], key=lambda r: r["scheduled"])
+    assert [r["error"] for r in records] == [None] * 4
+    start = records[0]["scheduled"]
+    assert [round(r["scheduled"] - start, 6) for r in records] == [0.0, 0.2, 0.25, 0.8]  # the trace's, halved
+    assert [r["output_tokens"] for r in records] == [o for _, _, o in rows]  # each asked its own answer length
+    assert all(r["sent"] - r["scheduled"] < 0.05 for r in records)  # sent on time

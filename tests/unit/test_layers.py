@@ -6,6 +6,7 @@ too) to keep it so:
     serve | sizing | loadtests  serving, sizing and cost, load testing: none imports another
     models                      catalog, hub, store, config, fit, market data
     core                        errors, settings, ports, SLOs: imports nothing of the project
+    infra                       deployment files shipped as package data (what serve/deploy copies)
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from pathlib import Path
 
 import pytest
 
-PACKAGES = ("deploykit", "deploykit.serve", "deploykit.models", "deploykit.loadtests", "deploykit.sizing")
+PACKAGES = (
+    "deploykit",
+    "deploykit.serve",
+    "deploykit.models",
+    "deploykit.loadtests",
+    "deploykit.sizing",
+    "deploykit.infra",
+)
 COMMAND_MODULES = ("deploykit.card", "deploykit.chat", "deploykit.doctor")
 # layer of a module -> the layers it may import (its own always)
 ALLOWED = {
@@ -29,6 +37,7 @@ ALLOWED = {
     "cli": {"core", "models", "serve", "sizing", "loadtests", "commands"},
     "package": {"core"},  # deploykit/__init__.py (__version__): every import of a subpackage runs it anyway
     "main": {"cli"},  # python -m deploykit
+    "infra": set(),  # deployment files that install with the package; its __init__ imports nothing
 }
 
 
