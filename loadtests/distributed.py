@@ -28,7 +28,8 @@ from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.metrics import Distribution, summarize
 from deploykit.loadtests.openai_user import RunState, user_for
 from deploykit.loadtests.report import LoadTestReport, health_problems, records_from_json
-from deploykit.loadtests.runner import Progress, probe_lag
+from deploykit.loadtests.runner import Progress, probe_lag, scrape_server
+from deploykit.loadtests.server_view import ServerSample
 
 _RECORDS = "deploykit_records"
 _FLUSH = "deploykit_flush"
@@ -51,6 +52,9 @@ def run_distributed(
     try:
         _await(lambda: len(master.clients.ready) >= config.processes, workers, connect_timeout_s, "connect")
         started = time.monotonic()
+        server: list[ServerSample] = []
+        notes: list[str] = []
+        scraper = gevent.spawn(scrape_server, config, server, notes)
         master.start(config.users, spawn_rate=100 * config.processes)  # all users within a second
         deadline = started + config.duration_s
         while time.monotonic() < deadline:
@@ -60,6 +64,7 @@ def run_distributed(
             if config.max_requests and done >= config.max_requests:
                 break
         ended = time.monotonic()
+        scraper.kill()
         master.stop()  # the workers stop their users: requests in flight are cut off, outside the window
         _await(lambda: not master.clients.running and not master.clients.spawning, workers, 30, "stop")
         master.send_message(_FLUSH)
@@ -71,7 +76,9 @@ def run_distributed(
                 worker.wait(30)
             except subprocess.TimeoutExpired:
                 worker.kill()
-    return _merge(config, list(finals.values()), started, ended)
+    report = _merge(config, list(finals.values()), started, ended)
+    report.server, report.server_notes = server, notes
+    return report
 
 
 def _merge(config: LoadTestConfig, parts: list[dict[str, Any]], started: float, ended: float) -> LoadTestReport:

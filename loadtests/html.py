@@ -93,12 +93,28 @@ def run_page(report: dict[str, object]) -> str:
     seconds = range(math.ceil(end - start) + 1)
     in_flight = [(s, sum(1 for r in records if r["sent"] - start <= s < r["end"] - start)) for s in seconds]
     tokens = [(s, sum(k for r in ok for t, k in r["events"] if s <= t - start < s + 1)) for s in seconds]
+    server: list[dict] = report.get("server_metrics") or []  # type: ignore[assignment, type-arg]
     body = [
         histogram("TTFT", ttft, "ms"),
         histogram("Inter-token latency (per token)", itl, "ms"),
         line_chart("Requests in flight", [("in flight", in_flight)], "s since start", "requests"),
         line_chart("Output tokens per second", [("tokens / s", tokens)], "s since start", "tokens / s"),
     ]
+    if server:  # the server's own view, from its /metrics
+        at = [(x["at"] - start) for x in server]
+        queue = [("running", list(zip(at, (x["running"] for x in server), strict=True)))]
+        queue.append(("waiting", list(zip(at, (x["waiting"] for x in server), strict=True))))
+        body.append(line_chart("Server: requests running and waiting", queue, "s since start", "requests"))
+        kv = [(t, x["kv_cache"] * 100) for t, x in zip(at, server, strict=True) if x["kv_cache"] is not None]
+        preempted = [(t, x["preemptions"]) for t, x in zip(at, server, strict=True)]
+        body.append(
+            line_chart(
+                "Server: KV-cache use and preemptions",
+                [("KV cache %", kv), ("preemptions", preempted)],
+                "s since start",
+                "% / count",
+            )
+        )
     return _page("Load test", report, body)
 
 

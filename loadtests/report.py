@@ -10,6 +10,7 @@ from pathlib import Path
 from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.metrics import Distribution, Summary
 from deploykit.loadtests.records import RequestRecord
+from deploykit.loadtests.server_view import ServerSample
 
 
 def health_problems(config: LoadTestConfig, lag: Distribution | None, cpu_percent: float) -> list[str]:
@@ -35,6 +36,8 @@ class LoadTestReport:
     invalid_reasons: list[str] = field(default_factory=list)
     started: float = 0.0  # time.monotonic() of the run's start and end (one clock for every process)
     ended: float = 0.0
+    server: list[ServerSample] = field(default_factory=list)  # the server's /metrics, once a second
+    server_notes: list[str] = field(default_factory=list)  # why there are none, or why they stopped
 
     @property
     def valid(self) -> bool:
@@ -50,6 +53,8 @@ class LoadTestReport:
             "generator_cpu_percent": self.generator_cpu_percent,
             "started": self.started,
             "ended": self.ended,
+            "server_metrics": [s.to_json() for s in self.server],
+            "server_notes": self.server_notes,
         }
         if with_records:
             data["records"] = [r.to_json() for r in self.records]

@@ -26,6 +26,8 @@ class RunResult(BaseModel):
     generator_cpu_percent: float
     started: float = 0.0
     ended: float = 0.0
+    server_metrics: list[dict[str, float | None]] = []  # the server's /metrics once a second (server_view.py)
+    server_notes: list[str] = []
 
     @classmethod
     def read(cls, path: Path) -> RunResult:

@@ -6,12 +6,14 @@ code path imports it (the CLI lazily), never the gateway's process.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import gevent
 import psutil
+import requests
 from locust.env import Environment
 
 from deploykit.core.slo import parse_slos
@@ -19,6 +21,7 @@ from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.metrics import Distribution, summarize
 from deploykit.loadtests.openai_user import RunState, user_for
 from deploykit.loadtests.report import LoadTestReport, health_problems
+from deploykit.loadtests.server_view import ServerSample, read_sample
 
 _TICK_S = 0.01  # the generator-health probe: how late a 10 ms sleep wakes up (100 samples a second, so that
 # p99 means something on a run of a few seconds rather than being its one worst hiccup)
@@ -40,6 +43,30 @@ def probe_lag(lags: list[float]) -> None:
         lags.append(time.monotonic() - before - _TICK_S)
 
 
+def scrape_server(config: LoadTestConfig, samples: list[ServerSample], notes: list[str], every_s: float = 1.0) -> None:
+    """The server's /metrics once a second, as a greenlet; it stops at the first answer without vLLM's
+    metrics (a managed API, say), noting why. A deploykit gateway with keys on wants its metrics token
+    (DEPLOYKIT_METRICS_TOKEN in this environment)."""
+    if config.azure_deployment:
+        notes.append("Azure OpenAI exports no server metrics")
+        return
+    url = config.url.rstrip("/").removesuffix("/v1") + "/metrics"
+    token = os.environ.get("DEPLOYKIT_METRICS_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else config.headers()
+    while True:
+        try:
+            response = requests.get(url, headers=headers, timeout=2)
+        except requests.RequestException as e:
+            notes.append(f"{url} did not answer ({type(e).__name__})")
+            return
+        sample = read_sample(response.text, time.monotonic()) if response.status_code == 200 else None
+        if sample is None:
+            notes.append(f"{url} answered {response.status_code} without vLLM's metrics")
+            return
+        samples.append(sample)
+        gevent.sleep(every_s)
+
+
 def run_load(config: LoadTestConfig, on_progress: Callable[[Progress], None] = lambda _p: None) -> LoadTestReport:
     slos = parse_slos(config.slos)
     state = RunState(config)
@@ -49,6 +76,9 @@ def run_load(config: LoadTestConfig, on_progress: Callable[[Progress], None] = l
     process.cpu_percent()
     lags: list[float] = []
     prober = gevent.spawn(probe_lag, lags)
+    server: list[ServerSample] = []
+    notes: list[str] = []
+    scraper = gevent.spawn(scrape_server, config, server, notes)
     state.reset(config)
     runner.start(config.users, spawn_rate=100)
     deadline = state.started + config.duration_s
@@ -61,6 +91,7 @@ def run_load(config: LoadTestConfig, on_progress: Callable[[Progress], None] = l
     state.stopping = True
     runner.quit()  # requests in flight are cut off; they are outside the window and not counted
     prober.kill()
+    scraper.kill()
     cpu = process.cpu_percent()
     window = (state.started + config.warmup_s, ended - config.cooldown_s)
     records = [r for r in state.records if r.end <= ended]
@@ -75,4 +106,6 @@ def run_load(config: LoadTestConfig, on_progress: Callable[[Progress], None] = l
         invalid_reasons=health_problems(config, lag, cpu),
         started=state.started,
         ended=ended,
+        server=server,
+        server_notes=notes,
     )

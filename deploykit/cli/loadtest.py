@@ -214,6 +214,18 @@ def _print(result: RunResult) -> None:
     )
     if s.errors:
         out.print(f"errors: {s.errors}", markup=False)
+    if result.server_metrics:
+        m = result.server_metrics
+        kv = [x["kv_cache"] for x in m if x["kv_cache"] is not None]
+        out.print(
+            f"server, at most: {max(x['running'] or 0 for x in m):.0f} running, "
+            f"{max(x['waiting'] or 0 for x in m):.0f} waiting"
+            + (f", KV cache {max(kv):.0%} full" if kv else "")
+            + f"; {(m[-1]['preemptions'] or 0) - (m[0]['preemptions'] or 0):.0f} preemptions",
+            markup=False,
+        )
+    elif result.server_notes:
+        out.print(f"server metrics: none ({'; '.join(result.server_notes)})", markup=False)
     if set(s.counted_by) != {"server"}:  # say how output tokens were counted when not event by event
         counts = ", ".join(f"{how}: {n}" for how, n in s.counted_by.items())
         out.print(f"output tokens counted by {counts} (requests)", markup=False)

@@ -8,10 +8,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from xml.etree import ElementTree
 
+import httpx
 import pytest
 
 from deploykit.core.ports import free_port
@@ -77,6 +79,8 @@ def test_measures_the_known_schedule(tmp_path: Path, url: str) -> None:
     assert (tmp_path / "run.csv").read_text().count("\n") == len(records) + 1
     page = (tmp_path / "r.html").read_text()
     assert page.count("<svg") == 4 and page.count('class="bar"') == 60  # TTFT and ITL histograms, 30 bins each
+    assert report["server_metrics"] == []  # the synthetic server exports no vLLM metrics, and the report says so
+    assert report["server_notes"] == [f"{url}/metrics answered 200 without vLLM's metrics"]
 
 
 def test_every_error_is_classified(tmp_path: Path, url: str) -> None:
@@ -278,3 +282,37 @@ def test_a_trace_is_replayed_as_recorded(tmp_path: Path, url: str) -> None:
     assert [round(r["scheduled"] - start, 6) for r in records] == [0.0, 0.2, 0.25, 0.8]  # the trace's, halved
     assert [r["output_tokens"] for r in records] == [o for _, _, o in rows]  # each asked its own answer length
     assert all(r["sent"] - r["scheduled"] < 0.05 for r in records)  # sent on time
+
+
+def test_the_server_s_own_metrics_are_scraped_during_the_run(tmp_path: Path) -> None:
+    """Against an engine that exports vLLM's metrics: running requests over time in the report and the HTML
+    timeline; against one that does not (the synthetic server), a note that says so."""
+    port = free_port()
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.engine", "--port", str(port), "--model", "m1", "--token-delay", "0.02"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while not _answers(url + "/health"):
+            assert time.monotonic() < deadline, "the engine did not start"
+            time.sleep(0.1)
+        html = tmp_path / "run.html"
+        report = loadtest(tmp_path, url, "--model", "m1", "-c", "4", "--duration", "3", "--html", str(html))
+    finally:
+        engine.terminate()
+        engine.wait()
+    samples = report["server_metrics"]
+    assert len(samples) >= 2 and report["server_notes"] == []
+    assert max(s["running"] for s in samples) >= 1  # the engine's own count of the requests it ran
+    assert all(report["started"] <= s["at"] <= report["ended"] + 1.5 for s in samples)
+    assert "Server: requests running and waiting" in html.read_text()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

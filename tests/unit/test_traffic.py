@@ -13,6 +13,7 @@ import pytest
 from deploykit.core.errors import UsageError
 from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.schedule import Schedule
+from deploykit.loadtests.server_view import ServerSample, read_sample
 from deploykit.loadtests.traces import Arrival, read_trace
 
 AZURE = """TIMESTAMP,ContextTokens,GeneratedTokens
@@ -112,3 +113,21 @@ def test_a_trace_is_replayed_with_its_lengths_sped_up_and_shared(tmp_path: Path)
     assert [_answers(Schedule(p, 0.0)) for p in parts] == [[10, 30, 50], [20, 40]]  # each request once in all
     with pytest.raises(ValueError, match="exactly one of concurrency"):
         _config(rate=1.0, trace=str(path))
+
+
+VLLM_METRICS = """# TYPE vllm:num_preemptions counter
+vllm:num_preemptions_total{model_name="m"} 3.0
+vllm:num_requests_running{replica="http://a:8000"} 2
+vllm:num_requests_running{replica="http://b:8000"} 3
+vllm:num_requests_waiting{replica="http://a:8000"} 1
+vllm:gpu_cache_usage_perc{replica="http://a:8000"} 0.25
+vllm:kv_cache_usage_perc{replica="http://b:8000"} 0.5
+deploykit_requests_total{model="m",key="",status="200"} 9
+"""
+
+
+def test_the_server_view_sums_replicas_and_keeps_the_fullest_cache() -> None:
+    assert read_sample(VLLM_METRICS, 7.0) == ServerSample(7.0, running=5, waiting=1, kv_cache=0.5, preemptions=3)
+    assert read_sample("vllm:num_requests_running 0\n", 1.0) == ServerSample(1.0, 0, 0, None, 0)
+    assert read_sample('{"object": "list", "data": []}', 1.0) is None  # not Prometheus text: not a vLLM server
+    assert read_sample("up 1\n", 1.0) is None  # Prometheus text without vLLM's figures
