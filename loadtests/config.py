@@ -29,6 +29,9 @@ class LoadTestConfig(BaseModel):
     prompts: str | None = None  # a JSONL prompt file, or "bundled"; replaces the synthetic prompts
     tokenizer: str | None = None  # tokenizer.json (or its folder) to count tokens a server does not report
     concurrency: int | None = Field(None, ge=1)  # closed loop: this many users, each one request at a time
+    # chat conversations of this many turns: each turn sends the whole conversation so far (its answers
+    # included) plus a new prompt, so the context grows and a server's prefix cache can show
+    turns: int = Field(1, ge=1)
     rate: float | None = Field(None, gt=0)  # open loop: arrivals per second (Poisson, or gamma: burstiness)
     # the gamma shape of the gaps between arrivals at `rate` (vLLM's benchmark convention): 1 is Poisson,
     # below 1 burstier (arrivals bunch up, then pause), above 1 more even
@@ -59,6 +62,8 @@ class LoadTestConfig(BaseModel):
     def _one_shape(self) -> LoadTestConfig:
         if sum(x is not None for x in (self.concurrency, self.rate, self.trace)) != 1:
             raise ValueError("give exactly one of concurrency (closed loop), rate or trace (open loop)")
+        if self.turns > 1 and (self.api != "chat" or self.concurrency is None):
+            raise ValueError("conversations (turns > 1) need the chat API and a closed loop (concurrency)")
         if self.concurrency is not None and self.concurrency < self.processes:
             raise ValueError(f"{self.processes} processes need a concurrency of at least {self.processes}")
         return self

@@ -70,6 +70,7 @@ class OpenAIUser(User):
 
     def on_start(self) -> None:
         self.endpoint = Endpoint(self.state.config.url, self.state.config.timeout_s)
+        self.history: list[dict[str, str]] = []  # this user's conversation so far (with turns > 1)
 
     def on_stop(self) -> None:
         self.endpoint.reset()
@@ -89,8 +90,13 @@ class OpenAIUser(User):
         if delay > 0:
             gevent.sleep(delay)
         cfg = state.config
-        body = request_body(cfg, prompt)
-        record = send(self.endpoint, cfg, body, scheduled, state.count_tokens)
+        if len(self.history) >= 2 * cfg.turns:
+            self.history = []  # the conversation is over: the next request starts another
+        body = request_body(cfg, prompt, self.history)
+        answer: list[str] | None = [] if cfg.turns > 1 else None
+        record = send(self.endpoint, cfg, body, scheduled, state.count_tokens, answer)
+        if answer is not None:
+            self.history += [body["messages"][-1], {"role": "assistant", "content": "".join(answer)}]
         state.records.append(record)
         events.request.fire(  # type: ignore[no-untyped-call]
             request_type="POST",

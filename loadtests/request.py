@@ -20,10 +20,11 @@ from deploykit.loadtests.records import RequestRecord
 from deploykit.loadtests.workload import Prompt
 
 
-def request_body(cfg: LoadTestConfig, prompt: Prompt) -> dict[str, Any]:
+def request_body(cfg: LoadTestConfig, prompt: Prompt, history: Sequence[dict[str, str]] = ()) -> dict[str, Any]:
+    """The request for `prompt`; in a conversation, after the turns so far (`history`)."""
     body: dict[str, Any] = {"model": cfg.model, "max_tokens": prompt.max_tokens, "stream": cfg.stream}
     if cfg.api == "chat":
-        body["messages"] = [{"role": "user", "content": prompt.text}]
+        body["messages"] = [*history, {"role": "user", "content": prompt.text}]
     else:
         body["prompt"] = prompt.text
     if cfg.stream:
@@ -89,7 +90,10 @@ def send(
     body: dict[str, Any],
     scheduled: float,
     count_tokens: TokenCounter | None = None,
+    answer_text: list[str] | None = None,
 ) -> RequestRecord:
+    """Send one request and time it; with `answer_text`, the answer's text is collected there (for the next
+    turn of a conversation)."""
     payload = json.dumps(body).encode()
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **cfg.headers()}
     path = endpoint.base + cfg.path()
@@ -108,9 +112,12 @@ def send(
                     record.retry_after = float(after)
                 response.read()
             elif cfg.stream:
-                _read_stream(response, cfg, record, count_tokens)
+                _read_stream(response, cfg, record, count_tokens, answer_text)
             else:
-                _read_whole(json.loads(response.read()), record, time.monotonic())
+                data = json.loads(response.read())
+                _read_whole(data, record, time.monotonic())
+                if answer_text is not None:
+                    answer_text.append(_whole_text(data, cfg))
         except TimeoutError:
             record.error = "timeout"
         except (http.client.HTTPException, OSError):
@@ -126,7 +133,11 @@ def send(
 
 
 def _read_stream(
-    response: http.client.HTTPResponse, cfg: LoadTestConfig, record: RequestRecord, count_tokens: TokenCounter | None
+    response: http.client.HTTPResponse,
+    cfg: LoadTestConfig,
+    record: RequestRecord,
+    count_tokens: TokenCounter | None,
+    answer_text: list[str] | None = None,
 ) -> None:
     buffer = b""
     done = False
@@ -161,6 +172,8 @@ def _read_stream(
                 counted += tokens
                 if answer and record.first_answer is None:
                     record.first_answer = now
+                if answer_text is not None:
+                    answer_text.append(answer)
                 record.reasoning = record.reasoning or bool(reasoning)
             if usage:
                 record.output_tokens = usage.get("completion_tokens") or 0
@@ -215,6 +228,13 @@ def _content(event: dict[str, Any], cfg: LoadTestConfig) -> tuple[str, str]:
         delta = choice.get("delta") or {}
         return str(delta.get("reasoning_content") or delta.get("reasoning") or ""), str(delta.get("content") or "")
     return "", str(choice.get("text") or "")
+
+
+def _whole_text(data: dict[str, Any], cfg: LoadTestConfig) -> str:
+    choices = data.get("choices") or [{}]
+    if cfg.api == "chat":
+        return str((choices[0].get("message") or {}).get("content") or "")
+    return str(choices[0].get("text") or "")
 
 
 def _status_class(status: int) -> str:

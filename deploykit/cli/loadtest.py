@@ -54,6 +54,9 @@ def run(
         "number, or `server` to send none (the server's default; some reasoning models accept only that).",
     ),
     shared_prefix: int = typer.Option(0, help="Tokens of a prefix every synthetic prompt shares."),
+    turns: int = typer.Option(
+        1, help="Chat conversations of this many turns, each sending the conversation so far (with -c)."
+    ),
     prompts: str = typer.Option(None, help="Prompts from a JSONL file ({prompt, max_tokens} a line), or `bundled`."),
     slo: str = typer.Option("", help="SLOs for goodput, e.g. ttft_p95=1s,tpot_p95=50ms."),
     sweep: str = typer.Option(None, help="Run once per load level, e.g. 1,4,16 (concurrency, or rates with --rate)."),
@@ -126,6 +129,7 @@ def run(
             output_tokens=output_tokens,
             temperature=None if temperature == "server" else temperature,
             shared_prefix_tokens=shared_prefix,
+            turns=turns,
             processes=processes,
             tokenizer=tokenizer,
             prompts=prompts,

@@ -8,6 +8,7 @@ n % 10 == 5 -> 500, n % 10 == 7 -> the connection drops after 3 events. The mode
 answers at a time; the others wait for a slot, so TTFT grows past that concurrency. The model "nousage"
 reports no usage at all; each event's text is k words " x", k tokens for a word-level tokenizer. The model
 "lastusage" sends its usage only at the end; "reasoning" too, its first half of events as reasoning_content.
+The model "conversation" reports as prompt tokens the words of all the messages it was sent.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ def serve_sse(ttft_s: float = TTFT_S, gap_s: float = GAP_S, port: int = 0) -> Th
             options = body.get("stream_options") or {}
             if body["model"] == "nousage":
                 options = {}
+            prompt = 7
+            if body["model"] == "conversation":  # the prompt's tokens: every message's words
+                prompt = sum(len(str(m["content"]).split()) for m in body["messages"])  # type: ignore[union-attr]
             if body["model"] in ("lastusage", "reasoning"):
                 options = {"include_usage": True}  # usage in the last chunk only, as OpenAI and Azure send it
             running = options.get("continuous_usage_stats", False)
@@ -96,14 +100,14 @@ def serve_sse(ttft_s: float = TTFT_S, gap_s: float = GAP_S, port: int = 0) -> Th
                 part = "reasoning_content" if body["model"] == "reasoning" and i < len(plan) // 2 else "content"
                 event: dict[str, object] = {"choices": [{"index": 0, "delta": {part: text}}]}
                 if running:
-                    event["usage"] = {"prompt_tokens": 7, "completion_tokens": done, "total_tokens": 7 + done}
+                    event["usage"] = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
                 self._event(event)
                 if cut and i == 2:  # the connection drops mid-body, as when a server dies
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
             if options.get("include_usage"):
-                self._event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": done}})
+                self._event({"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": done}})
             self._chunk(b"data: [DONE]\n\n")
             self.wfile.write(b"0\r\n\r\n")
 

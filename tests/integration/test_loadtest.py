@@ -316,3 +316,15 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_conversations_send_their_turns_so_far(tmp_path: Path, url: str) -> None:
+    """`--turns 3`: each user's second and third requests carry the conversation so far, answers included,
+    so the prompt grows turn by turn; then a new conversation starts."""
+    report = loadtest(
+        tmp_path, url, "--model", "conversation", "-c", "1", "--requests", "6", "--turns", "3",
+        "--input-tokens", "10", "--duration", "10",
+    )  # fmt: skip
+    records = sorted(report["records"], key=lambda r: r["sent"])
+    # a prompt of 10 words; each answer comes back as one word ("x" * 20); each turn adds an answer and 10 words
+    assert [r["input_tokens"] for r in records] == [10, 21, 32, 10, 21, 32]

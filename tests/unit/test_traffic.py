@@ -12,9 +12,11 @@ import pytest
 
 from deploykit.core.errors import UsageError
 from deploykit.loadtests.config import LoadTestConfig
+from deploykit.loadtests.request import request_body
 from deploykit.loadtests.schedule import Schedule
 from deploykit.loadtests.server_view import ServerSample, read_sample
 from deploykit.loadtests.traces import Arrival, read_trace
+from deploykit.loadtests.workload import Prompt
 
 AZURE = """TIMESTAMP,ContextTokens,GeneratedTokens
 2023-11-16 18:15:46.6805900,374,44
@@ -131,3 +133,13 @@ def test_the_server_view_sums_replicas_and_keeps_the_fullest_cache() -> None:
     assert read_sample("vllm:num_requests_running 0\n", 1.0) == ServerSample(1.0, 0, 0, None, 0)
     assert read_sample('{"object": "list", "data": []}', 1.0) is None  # not Prometheus text: not a vLLM server
     assert read_sample("up 1\n", 1.0) is None  # Prometheus text without vLLM's figures
+
+
+def test_a_conversation_turn_carries_the_turns_so_far() -> None:
+    config = _config(concurrency=1, turns=3)
+    history = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "answer"}]
+    body = request_body(config, Prompt("second", 8), history)
+    assert body["messages"] == [*history, {"role": "user", "content": "second"}] and body["max_tokens"] == 8
+    for shape in ({"rate": 1.0, "turns": 2}, {"concurrency": 1, "turns": 2, "api": "completions"}):
+        with pytest.raises(ValueError, match="need the chat API and a closed loop"):
+            _config(**shape)
