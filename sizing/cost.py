@@ -373,10 +373,11 @@ def cost_model(
         raise UsageError(f"--utilization {utilization} is not in (0, 1].", "For example --utilization 0.5.")
     mean = load
     peak = replace(load, rps=mean.rps / utilization)
-    sizing = size_model(name, config, peak, prices, max_utilization=1.0, today=today, **size_options)
+    sizing = size_model(name, config, peak, prices, max_utilization=1.0, price_warnings=False, **size_options)
     report = compare(sizing, prices, offers, utilization, mean)
     used: list[Sourced] = [*offers, *([prices.power] if prices.power else [])]
     for s in report.self_hosted:
         used += [p for p in (s.option.price, *prices.prices_for(s.option.hardware.name, "buy")[:1]) if p]
-    report.warnings = stale_summary(used, today or dt.date.today())
+    # the sizing's own (a calibration's), then one line for every price used that is old
+    report.warnings = [*sizing.warnings, *stale_summary(used, today or dt.date.today())]
     return report, offers

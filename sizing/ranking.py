@@ -255,8 +255,10 @@ def size_model(
     provider: str | None = None,
     max_utilization: float = 0.8,
     today: dt.date | None = None,
+    price_warnings: bool = True,
 ) -> Sizing:
-    """Rank the hardware options for `load`; raises with the nearest feasible option when none fits."""
+    """Rank the hardware options for `load`; raises with the nearest feasible option when none fits. With
+    `price_warnings`, the warnings end with one about the rental prices used that are old."""
     w = load
     by_name = HardwareByName(prices)
     devices = [by_name[n] for n in hardware or list(prices.gpus)]
@@ -269,6 +271,7 @@ def size_model(
             f"No hardware option serves {name} at {w.rps:g} requests/s within the SLO.",
             nearest_feasible_hint(sizing),
         )
-    used: list[Sourced] = [o.price for o in sizing.options if o.price is not None]
-    sizing.warnings += stale_summary(used, today or dt.date.today())
+    if price_warnings:
+        used: list[Sourced] = [o.price for o in sizing.options if o.price is not None]
+        sizing.warnings += stale_summary(used, today or dt.date.today())
     return sizing

@@ -575,3 +575,16 @@ def test_the_cost_chart_is_readable() -> None:
     assert all(line.get_visible() for line in ax.get_xgridlines())
     png = plot_png(report, offers)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and (int.from_bytes(png[16:20]), int.from_bytes(png[20:24])) == (880, 550)
+
+
+def test_a_cost_report_keeps_the_sizing_s_warnings_and_one_price_line(tmp_path: Path, engine_here: str) -> None:
+    path = _report(tmp_path, "l4", engine_version=engine_here)  # measured at 64/32 tokens
+    later = TODAY.replace(year=TODAY.year + 3)
+    report, _ = cost_model(
+        "smollm2-135m", SMOL, TargetLoad(1.0, 256, 32), PRICES, ["gpt-4o-mini"], 0.5, hardware=["l4"],
+        from_loadtest=path, measured_on="l4", today=later,
+    )  # fmt: skip
+    lengths, *_, prices = report.warnings
+    assert lengths.startswith("The load test ran 64/32 tokens in/out, this load 256/32")
+    assert prices.startswith("Prices older than 90 days:") and "gpt-4o-mini" in prices and "power" in prices
+    assert sum(w.startswith("Prices older") for w in report.warnings) == 1
