@@ -416,6 +416,19 @@ def test_a_provisioned_rival_has_no_break_even_volume() -> None:
     assert "$635/month against" in report.verdict and "pays at" in report.verdict
 
 
+def test_a_provisioned_rival_cheaper_than_self_hosting_has_no_volume_to_name() -> None:
+    tiny = Provisioned(
+        name="tiny-ptu", provider="acme", usd_per_unit_hour=0.01, min_units=1, input_tpm_per_unit=1e9,
+        output_weight=1.0, as_of=TODAY, source="t", confidence="user",
+    )  # fmt: skip
+    sizing = size(
+        "llama-3.1-8b-instruct", LLAMA8, TargetLoad(0.5, 512, 256), [gpu("l40s")], PRICES, max_utilization=1.0
+    )
+    report = compare(sizing, PRICES, [tiny], 1.0, TargetLoad(0.5, 512, 256))
+    assert report.managed[0].monthly_usd == pytest.approx(7.3)  # one unit, 730 h at $0.01
+    assert report.verdict.count("for tiny-ptu: self-hosting does not pay at any volume") == 2
+
+
 def test_without_rentals_the_owning_line_stands_alone() -> None:
     report, _ = _costed(["llama-3.1-8b@together"], provider="nobody", gpus=("l40s", "a10g"))
     [hosted] = report.self_hosted  # the A10G can be neither rented from nobody nor bought
@@ -587,4 +600,5 @@ def test_a_cost_report_keeps_the_sizing_s_warnings_and_one_price_line(tmp_path: 
     lengths, *_, prices = report.warnings
     assert lengths.startswith("The load test ran 64/32 tokens in/out, this load 256/32")
     assert prices.startswith("Prices older than 90 days:") and "gpt-4o-mini" in prices and "power" in prices
+    assert "l4 (purchase)" in prices  # the purchase price owning is priced at
     assert sum(w.startswith("Prices older") for w in report.warnings) == 1
