@@ -11,6 +11,7 @@ runs on a writer thread of its own, off the request's path.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -20,6 +21,8 @@ from collections.abc import Callable
 from deploykit.serve.accounting.database import Database, Run
 from deploykit.serve.accounting.keys import ApiKey
 from deploykit.serve.gateway.ratelimit import Admission, Bucket, KeyState, new_state, settle, take
+
+log = logging.getLogger("deploykit.gateway")
 
 
 class SharedRateLimiter:
@@ -66,6 +69,8 @@ class SharedRateLimiter:
         while (item := self._settling.get()) is not None:
             try:
                 self._settle(*item)
+            except Exception:  # the database is away: this slot comes back when its lease expires
+                log.exception("could not settle a request's quota")
             finally:
                 self._settling.task_done()
         self._settling.task_done()

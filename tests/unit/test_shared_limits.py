@@ -5,6 +5,7 @@ settled to what was used. tests/integration/test_postgres.py runs two gateway pr
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -162,3 +163,31 @@ def test_tokens_are_settled_to_what_was_used(two: tuple[Database, Database]) -> 
     with pytest.raises(GatewayError, match="100 tokens per minute"):
         second.admit(key, 20)  # 10 left
     second.close()
+
+
+def test_a_settle_that_fails_is_logged_and_the_next_ones_still_run(
+    two: tuple[Database, Database], caplog: pytest.LogCaptureFixture
+) -> None:
+    a, _ = two
+    key = _key(a, max_concurrent=2)
+
+    class Flaky(Slow):
+        fail = False
+
+        def exclusive(self, work: Callable[[Run], T]) -> T:
+            if Flaky.fail:
+                Flaky.fail = False
+                raise sqlite3.OperationalError("database is locked")
+            return self.db.exclusive(work)
+
+    limiter = SharedRateLimiter(Flaky(a), clock=Clock())  # type: ignore[arg-type]
+    first, second = limiter.admit(key, 1), limiter.admit(key, 1)
+    Flaky.fail = True
+    limiter.finish(first, 1)  # its settle fails: its slot stays taken until its lease expires
+    limiter.finish(second, 1)  # the writer goes on: this one is settled
+    limiter.flush()
+    assert "could not settle a request's quota" in caplog.text
+    limiter.admit(key, 1)
+    with pytest.raises(GatewayError, match="has 2 requests in flight"):
+        limiter.admit(key, 1)
+    limiter.close()
