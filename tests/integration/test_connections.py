@@ -13,12 +13,13 @@ import httpx
 import psutil
 import pytest
 from fastapi import FastAPI
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from deploykit.serve.accounting.database import connect
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
 from deploykit.serve.gateway.proxy import engine_session
-from deploykit.serve.gateway.server import ConnectionLimits
+from deploykit.serve.gateway.server import ConnectionLimits, server_config
 from tests.fakes.threaded import serve_in_thread
 
 LIMITS = ConnectionLimits(
@@ -175,3 +176,15 @@ def test_many_slow_clients_do_not_stop_others_being_served(gateway_port: int, tm
         stop.set()
         for t in threads:
             t.join(5)
+
+
+def test_the_server_config_keeps_its_promises() -> None:
+    """What `serve` gives uvicorn, each value a promise: the limited protocol, no websockets (the gateway
+    speaks HTTP only), no lifespan, no Server header (nothing to fingerprint), kept-alive connections
+    closed after the idle limit, and a graceful-shutdown backstop 5 s after the drain deadline."""
+    limits = ConnectionLimits(idle_timeout_s=7.5)
+    config = server_config(FastAPI(), limits, drain_timeout_s=30, host="127.0.0.1", port=1)
+    assert (config.ws, config.lifespan, config.log_level, config.server_header) == ("none", "off", "warning", False)
+    assert (config.timeout_keep_alive, config.timeout_graceful_shutdown) == (7, 35)
+    assert issubclass(config.http, HttpToolsProtocol) and config.http.__name__ == "LimitedHttpProtocol"  # type: ignore[arg-type, union-attr]
+    assert server_config(FastAPI(), ConnectionLimits(idle_timeout_s=0.2), drain_timeout_s=0).timeout_keep_alive == 1
