@@ -33,7 +33,7 @@ FAST = RestartPolicy(backoff_s=0.2, max_backoff_s=0.4, max_failures=2, stable_s=
 
 def fake_plan(port: int, *args: str, name: str = "fake-model", env: dict[str, str] | None = None) -> LaunchPlan:
     argv = (sys.executable, "-m", "tests.fakes.engine", "--port", str(port), "--model", name, *args)
-    return LaunchPlan("cpu", argv, env or {}, (), name, port, 2048, 0)
+    return LaunchPlan("cpu", argv, env or {}, (), name, port, 2048, 1234)
 
 
 class Recorder(ServeReporter):
@@ -104,6 +104,8 @@ def test_a_replica_becomes_ready_dies_is_restarted_with_backoff_and_is_given_up(
             [ready] = [e for kind, e in recorder.events if kind == "ready"]
             assert isinstance(ready, Ready) and ready.model == "fake-model" and ready.replica == 0
             assert ready.engine_url == replica.plan.url
+            # the plan's KV cache beside the engine's own figure, read from its log ("CPU KV cache size: 2,048")
+            assert (ready.predicted_kv_tokens, ready.logged_kv_tokens) == (1234, 2048)
             # each phase the engine logged, timed from its first line to the next phase's; together, the start
             startup = ready.startup
             assert [key for key, _ in startup.phases] == ["imports", "setup", "weights", "compile", "kv_cache", "api"]
@@ -127,6 +129,8 @@ def test_a_replica_becomes_ready_dies_is_restarted_with_backoff_and_is_given_up(
                     return
                 assert replica.failures == death
                 assert f"restarting it in {FAST.delay_s(death):g} s" in recorder.warnings()[-1]
+                await step_until(supervisor, lambda: replica.backend.status == "starting")
+                assert replica.started_at - died_at >= FAST.delay_s(death)  # restarted after the back-off, not before
                 await step_until(supervisor, lambda: replica.backend.status == "ready")
                 assert replica.engine.pid != first_pid
                 assert time.monotonic() - died_at >= FAST.delay_s(death)  # waited out the back-off
@@ -315,3 +319,25 @@ def test_a_gpu_engines_start_is_timed_by_its_own_log_lines(tmp_path: Path) -> No
     assert sum(s for _, s in startup.phases) == pytest.approx(5.0)
     assert startup.as_dict()["phases_s"] == {key: round(s, 1) for key, s in startup.phases}
     assert startup.describe().startswith("imports ") and "CUDA graphs" in startup.describe()
+
+
+def test_a_replica_that_ran_long_enough_starts_its_failure_count_again(tmp_path: Path) -> None:
+    """A death after `stable_s` of serving is a first failure again; one right after a restart counts on."""
+    policy = RestartPolicy(backoff_s=0.1, max_backoff_s=0.1, max_failures=5, stable_s=1.0)
+    _, make = supervise(tmp_path, [fake_plan(free_port())], policy=policy)
+
+    async def scenario() -> None:
+        supervisor, [replica] = await make()
+        supervisor.start_all()
+        try:
+            for expected, served_s in ((1, 0.0), (2, 0.0), (1, 1.3)):
+                await step_until(supervisor, lambda: replica.backend.status == "ready")
+                await asyncio.sleep(served_s)
+                replica.engine.stop()
+                await step_until(supervisor, lambda: replica.backend.status == "stopped")
+                assert replica.failures == expected, (expected, served_s)
+        finally:
+            supervisor.stop_all()
+            await replica.backend.session.close()
+
+    asyncio.run(scenario())
