@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +13,7 @@ from deploykit.serve.accounting.database import Database
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
 from deploykit.serve.gateway.proxy import engine_session
+from deploykit.serve.gateway.routing import Model
 from deploykit.serve.gateway.spill import KEY_ENV, SpillTarget, parse_spill
 from tests.fakes.engine import ANSWER, PROMPT_TOKENS, create_fake_engine
 from tests.fakes.threaded import nobody_listening, serve_in_thread
@@ -137,3 +139,40 @@ async def test_a_managed_endpoint_that_cannot_be_reached_is_a_503_naming_the_mod
         "param": None,
         "code": "engine_unavailable",
     }
+
+
+def test_a_spill_target_s_edges() -> None:
+    # a URL with user info keeps its @: the spec splits at the first one
+    t = target("https://user@proxy.example/v1/")
+    assert (t.remote_model, t.url) == ("gpt-4o-mini", "https://user@proxy.example/v1")  # no trailing slash
+    assert t.cost(1_000_000, 0) == 0.15  # $0.15 per M prompt tokens, exactly
+    assert json.loads(t.body({"model": "m1", "ignore_eos": True, "max_tokens": 3})) == {
+        "model": "gpt-4o-mini",
+        "max_tokens": 3,
+    }  # vLLM's own field is not sent to a managed API
+    for spec, hint in (
+        ("m1", "For example: --spill smollm2-135m=gpt-4o-mini@https://api.openai.com/v1"),
+        ("m1=gpt-4o-mini@https://x", f"export {KEY_ENV}=..."),
+    ):
+        with pytest.raises(UsageError) as refused:
+            parse_spill(spec, load_prices(), KEY if "@" not in spec else None)
+        assert refused.value.hint == hint
+
+
+async def test_the_queue_is_averaged_over_ready_replicas_and_ttft_must_exceed_the_limit() -> None:
+    spill = target("https://x/v1", max_queue=2, max_ttft_s=1.0)
+    async with engine_session() as session:
+        busy, idle = (
+            Backend("m1", "http://a", session, status="ready"),
+            Backend("m1", "http://b", session, status="ready"),
+        )
+        model = Model("m1", [busy, idle])
+        busy.outstanding = 3  # 3 over two replicas: 1.5 each, under 2
+        assert spill.takes(model) is None
+        idle.outstanding = 1  # 4 over two: 2 each
+        assert spill.takes(model) == "the local queue is full"
+        busy.outstanding = idle.outstanding = 0
+        model.recent_ttft_s = 1.0  # at the limit, not above it
+        assert spill.takes(model) is None
+        busy.status = idle.status = "stopped"
+        assert spill.takes(model) == "no local replica is ready"

@@ -13,7 +13,7 @@ import pytest
 from deploykit.core.errors import DeploykitError, NotFoundError, UsageError
 from deploykit.models.prices import load_prices
 from deploykit.serve.accounting.database import Database, connect
-from deploykit.serve.accounting.ledger import Ledger, UsageRecord
+from deploykit.serve.accounting.ledger import Ledger, UsageRecord, UsageRow
 from deploykit.serve.accounting.usage import parse_since, usage_report
 from tests.unit.test_cli import assert_clean_failure, deploykit
 
@@ -175,3 +175,38 @@ def test_rows_are_written_and_read_by_column_name(db: Database) -> None:
         stored = db.query(f"SELECT {f.name} FROM api_keys")[0][0]
         assert stored == (json.dumps(["a", "b"]) if f.name == "models" else getattr(key, f.name)), f.name
     assert list_keys(db) == [key]
+
+
+def test_the_report_carries_its_window_grouping_total_and_hourly_cost(ledger_db: Database) -> None:
+    # a deployment that ended before the window, whose hours must not count
+    ledger_db.execute(
+        "INSERT INTO deployments (id, models, device, gpus, started_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?)",
+        ("d0", "old", "gpu", 8, T0 - 6 * DAY, T0 - 5 * DAY),
+    )
+    report = usage_report(ledger_db, load_prices(), by="day", since=T0 - DAY, hourly_cost=2.5)
+    assert (report.since, report.by, report.hourly_cost) == (T0 - DAY, "day", 2.5)
+    assert report.total == UsageRow("total", 3, 1, 4_000_000, 1_000_000)  # the old row is outside the window
+    assert report.hours == {"gpu": pytest.approx(6.0)}  # 2 GPUs for 3 h; the old deployment is not counted
+    assert report.self_hosted_cost == pytest.approx(15.0)
+    everything = usage_report(ledger_db, load_prices())  # from the beginning by default
+    assert everything.total.requests == 4 and everything.hours["gpu"] == pytest.approx(6.0 + 8 * 24)
+    with pytest.raises(UsageError) as refused:
+        usage_report(ledger_db, load_prices(), by="week")
+    assert (refused.value.message, refused.value.hint) == (
+        "--by 'week' is not one of model, key, day.",
+        "Use --by model, --by key or --by day.",
+    )
+
+
+def test_since_reads_spans_and_dates_in_utc() -> None:
+    now = T0 + 7 * DAY
+    assert parse_since("36h", now=now) == now - 36 * 3600 and parse_since("1.5w", now=now) == now - 1.5 * 7 * DAY
+    assert parse_since("2026-11-01") == T0  # a date without a zone is UTC
+    assert parse_since("2026-11-01T02:00:00+02:00") == T0  # one with a zone keeps it
+    assert abs(parse_since("1m") - (dt.datetime.now(dt.UTC).timestamp() - 60)) < 5  # now, by default
+    with pytest.raises(UsageError) as refused:
+        parse_since("yesterday")
+    assert (refused.value.message, refused.value.hint) == (
+        "--since 'yesterday' is neither a span nor a date.",
+        "Use e.g. 24h, 7d or 2026-11-01.",
+    )
