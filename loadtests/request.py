@@ -165,10 +165,12 @@ def _read_stream(
                 text = reasoning + answer
                 if usage and usage.get("completion_tokens") is not None:
                     tokens, running = usage["completion_tokens"] - counted, True  # running usage: exact
+                    weight = 0  # nothing to spread: every event's count is the server's
                 else:
-                    tokens = max(1, count_tokens(text)) if count_tokens else 1
+                    weight = max(1, count_tokens(text)) if count_tokens else len(text)
+                    tokens = weight if count_tokens else 1
                 record.events.append((now, tokens))
-                weights.append(max(1, count_tokens(text)) if count_tokens else len(text))
+                weights.append(weight)
                 counted += tokens
                 if answer and record.first_answer is None:
                     record.first_answer = now
@@ -197,7 +199,8 @@ def spread(total: int, weights: Sequence[int]) -> list[int]:
     event with the most."""
     n = len(weights)
     shares_of = list(weights) if any(weights) else [1] * n
-    shares = [total * w / sum(shares_of) for w in shares_of]
+    whole = sum(shares_of)
+    shares = [total * w / whole for w in shares_of]
     tokens = [math.floor(share) for share in shares]
     largest_remainders = sorted(range(n), key=lambda i: (tokens[i] - shares[i], i))
     for i in largest_remainders[: total - sum(tokens)]:

@@ -16,7 +16,7 @@ import httpx
 
 from deploykit.core.errors import UsageError
 from deploykit.serve.gateway.routing import Backend
-from deploykit.serve.supervisor import Events, Failure
+from deploykit.serve.supervisor import Events, Failure, healthy
 
 
 @dataclass(frozen=True)
@@ -52,25 +52,18 @@ class RemoteWatch:
     async def step(self, probe: httpx.AsyncClient) -> Failure | None:
         """Look at every engine once. A remote engine never ends the gateway: its orchestrator restarts it."""
         for backend in self.backends:
-            healthy = await _healthy(probe, backend.url)
-            if healthy and backend.status != "ready":
+            up = await healthy(probe, backend.url)
+            if up and backend.status != "ready":
                 backend.context = await _max_model_len(probe, backend)
                 backend.status = "ready"
                 self.events.warn(f"The engine for {backend.model} at {backend.url} is ready.")
-            elif not healthy and backend.status == "ready":
+            elif not up and backend.status == "ready":
                 backend.status = "stopped"
                 self.events.warn(
                     f"The engine for {backend.model} at {backend.url} fails its health check; requests go to its "
                     "other replicas (or get 503) until it is back."
                 )
         return None
-
-
-async def _healthy(probe: httpx.AsyncClient, url: str) -> bool:
-    try:
-        return (await probe.get(url + "/health")).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 async def _max_model_len(probe: httpx.AsyncClient, backend: Backend) -> int | None:

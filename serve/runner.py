@@ -36,7 +36,7 @@ from deploykit.core.settings import Settings
 from deploykit.models.catalog import load_catalog
 from deploykit.models.resolve import resolve
 from deploykit.models.store import ModelStore
-from deploykit.serve.accounting.database import Database, connect
+from deploykit.serve.accounting.database import Database, PostgresDatabase, connect
 from deploykit.serve.accounting.ledger import DeploymentLog
 from deploykit.serve.engine import EngineProgress
 from deploykit.serve.gateway.app import Gateway, GatewayOptions, create_app
@@ -259,7 +259,7 @@ async def _serve(
             options.limits.body_timeout_s,
             options.max_concurrent,
             options.queue_timeout_s,
-            shared_quotas=db.url.startswith(("postgresql://", "postgres://")),  # every gateway on it counts them
+            shared_quotas=isinstance(db, PostgresDatabase),  # every gateway on it counts against the same quotas
         )
         app = create_app(backends, db, gateway_options)
         gateway: Gateway = app.state.gateway

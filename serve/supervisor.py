@@ -127,7 +127,7 @@ class Supervisor:
                     if not r.ever_ready:
                         return Failure("failed", r.engine)
                     self._died(r, now, f"exited with status {code} while restarting")
-                elif await _healthy(probe, r.engine.url) and r.engine.listens():
+                elif await healthy(probe, r.engine.url) and r.engine.listens():
                     self._ready(r, now)  # healthy, and the port is its own (not a server that took it)
                 elif now - r.started_at > self.start_timeout_s:
                     if not r.ever_ready:
@@ -184,7 +184,8 @@ class Supervisor:
         )
 
 
-async def _healthy(probe: httpx.AsyncClient, url: str) -> bool:
+async def healthy(probe: httpx.AsyncClient, url: str) -> bool:
+    """Whether the engine at `url` answers its /health with 200."""
     try:
         return (await probe.get(url + "/health")).status_code == 200
     except httpx.TransportError:

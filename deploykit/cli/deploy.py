@@ -9,8 +9,9 @@ import typer
 from deploykit.cli.console import err, out, print_json
 from deploykit.cli.options import JsonOpt
 from deploykit.core.settings import Settings
-from deploykit.serve.deploy.compose import ComposeOptions, compose_project, engine_service
-from deploykit.serve.deploy.k8s import K8sOptions, k8s_project, service_name
+from deploykit.serve.deploy.compose import ComposeOptions, compose_project, engine_services
+from deploykit.serve.deploy.k8s import K8sOptions, k8s_project
+from deploykit.serve.deploy.project import engine_name
 
 app = typer.Typer(
     help="Write deployment projects (Docker compose, Kubernetes) from the launch plans `serve` makes.",
@@ -50,8 +51,8 @@ def compose(
         options=ComposeOptions(image=image, port=port),
     )  # fmt: skip
     engines = [
-        {"service": engine_service(p, i, replicas > 1), "model": p.served_name, "gpus": list(p.gpu_indices)}
-        for p, i in zip(plans, [i % replicas for i in range(len(plans))], strict=True)
+        {"service": name, "model": p.served_name, "gpus": list(p.gpu_indices)}
+        for name, p in engine_services(plans).items()
     ]
     if json_:
         print_json({"output": str(output), "engines": engines})
@@ -93,7 +94,7 @@ def k8s(
     plans = k8s_project(Settings(), models, gpus=gpus, output=output, replicas=replicas, force=force, options=options)
     engines = [
         {
-            "deployment": service_name(p.served_name),
+            "deployment": engine_name(p.served_name),
             "model": p.served_name,
             "gpus_per_pod": len(p.gpu_indices),
             "pods": replicas,

@@ -13,7 +13,7 @@ project is rendered again, so that a database volume made with one password is n
 
 from __future__ import annotations
 
-import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,8 @@ from deploykit.core.settings import Settings
 from deploykit.serve.deploy.project import (
     ENGINE_PORT,
     container_argv,
+    container_env,
+    engine_name,
     infra_file,
     plan_models,
     read_env,
@@ -45,12 +47,6 @@ class ComposeOptions:
     loadtest_concurrency: int = 16
 
 
-def engine_service(plan: LaunchPlan, index: int, several: bool) -> str:
-    """engine-llama-3-1-8b-instruct (or -1, -2... for replicas)."""
-    name = re.sub(r"[^a-z0-9]+", "-", plan.served_name.lower()).strip("-")
-    return f"engine-{name}" + (f"-{index + 1}" if several else "")
-
-
 def render(plans: Sequence[LaunchPlan], options: ComposeOptions, env: Mapping[str, str]) -> dict[str, str]:
     """Every file of the project, by its path in the output folder. `env` holds the secrets (.env)."""
     if any(p.device != "gpu" for p in plans):
@@ -58,7 +54,7 @@ def render(plans: Sequence[LaunchPlan], options: ComposeOptions, env: Mapping[st
             "deploy compose writes a project for a GPU server; these plans are for a CPU.",
             "Name the server's GPUs with --gpus (e.g. --gpus l4:1), or run `deploykit serve` on the CPU host.",
         )
-    engines = _engines(plans)
+    engines = engine_services(plans)
     models = list(dict.fromkeys(p.served_name for p in plans))
     image = f"${{DEPLOYKIT_IMAGE:-{options.image}}}"
     services: dict[str, Any] = {
@@ -196,18 +192,19 @@ def render(plans: Sequence[LaunchPlan], options: ComposeOptions, env: Mapping[st
     }
 
 
-def _engines(plans: Sequence[LaunchPlan]) -> dict[str, LaunchPlan]:
+def engine_services(plans: Sequence[LaunchPlan]) -> dict[str, LaunchPlan]:
+    """Each engine container's service name and plan: engine-MODEL, or engine-MODEL-1, -2... for replicas."""
+    replicas, seen = Counter(p.served_name for p in plans), Counter[str]()
     named: dict[str, LaunchPlan] = {}
     for plan in plans:
-        mine = [p for p in plans if p.served_name == plan.served_name]
-        named[engine_service(plan, sum(p.served_name == plan.served_name for p in named.values()), len(mine) > 1)] = (
-            plan
-        )
+        seen[plan.served_name] += 1
+        several = f"-{seen[plan.served_name]}" if replicas[plan.served_name] > 1 else ""
+        named[engine_name(plan.served_name) + several] = plan
     return named
 
 
 def _engine(plan: LaunchPlan, image: str) -> dict[str, Any]:
-    env = {k: v for k, v in plan.env.items() if k != "CUDA_VISIBLE_DEVICES"}  # the reservation picks the GPUs
+    env = container_env(plan)
     return {
         "image": image,
         "entrypoint": ["vllm"],

@@ -30,6 +30,8 @@ from deploykit.core.settings import Settings
 from deploykit.serve.deploy.project import (
     ENGINE_PORT,
     container_argv,
+    container_env,
+    engine_name,
     infra_file,
     plan_models,
     with_secrets,
@@ -83,15 +85,11 @@ def k8s_project(
     return plans
 
 
-def service_name(model: str) -> str:
-    return "engine-" + "".join(c if c.isalnum() else "-" for c in model.lower()).strip("-")
-
-
 def _engine(plan: LaunchPlan, replicas: int, options: K8sOptions) -> list[dict[str, Any]]:
-    name, tp = service_name(plan.served_name), len(plan.gpu_indices)
+    name, tp = engine_name(plan.served_name), len(plan.gpu_indices)
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "engine", **_PART_OF}
     selector = {"app.kubernetes.io/name": name}
-    env = [{"name": k, "value": v} for k, v in plan.env.items() if k != "CUDA_VISIBLE_DEVICES"]
+    env = [{"name": k, "value": v} for k, v in container_env(plan).items()]
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -190,7 +188,7 @@ def _engine(plan: LaunchPlan, replicas: int, options: K8sOptions) -> list[dict[s
 def _gateway(models: Mapping[str, LaunchPlan], options: K8sOptions) -> list[dict[str, Any]]:
     labels = {"app.kubernetes.io/name": "gateway", "app.kubernetes.io/component": "gateway", **_PART_OF}
     selector = {"app.kubernetes.io/name": "gateway"}
-    engines = [f"--engine={m}=http://{service_name(m)}:{ENGINE_PORT}" for m in models]
+    engines = [f"--engine={m}=http://{engine_name(m)}:{ENGINE_PORT}" for m in models]
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -27,6 +28,17 @@ ENGINE_PORT = 8000  # inside each engine's container
 # In the container: the volume's store (DEPLOYKIT_HOME=/data/deploykit, as the Dockerfile sets it).
 _STORE = "/data/deploykit/models"
 SECRETS = ("POSTGRES_PASSWORD", "DEPLOYKIT_METRICS_TOKEN", "GRAFANA_ADMIN_PASSWORD")
+
+
+def engine_name(model: str) -> str:
+    """engine-llama-3-1-8b-instruct: a model's engines as a service name (DNS label characters only)."""
+    return "engine-" + re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
+
+
+def container_env(plan: LaunchPlan) -> dict[str, str]:
+    """The plan's environment for the engine's container: without CUDA_VISIBLE_DEVICES, since the
+    container's GPU reservation (or request) picks the GPUs it sees."""
+    return {k: v for k, v in plan.env.items() if k != "CUDA_VISIBLE_DEVICES"}
 
 
 def container_argv(plan: LaunchPlan) -> list[str]:

@@ -45,6 +45,12 @@ class KeyState:
     tokens: Bucket | None
     in_flight: int = 0
 
+    def refill(self, now: float) -> KeyState:
+        for bucket in (self.requests, self.tokens):
+            if bucket is not None:
+                bucket.refill(now)
+        return self
+
 
 @dataclass
 class Admission:
@@ -84,10 +90,7 @@ class RateLimiter:
         if state is None:
             state = new_state(key, now)
             self._state[key.id] = state
-        for bucket in (state.requests, state.tokens):
-            if bucket is not None:
-                bucket.refill(now)
-        return state
+        return state.refill(now)
 
 
 def new_state(key: ApiKey, now: float) -> KeyState:

@@ -85,13 +85,10 @@ class SharedRateLimiter:
                 return
             run("UPDATE quota_state SET updated = updated WHERE key_id = ?", (admission.key_id,))  # the row lock
             [(level, updated)] = run("SELECT tokens, updated FROM quota_state WHERE key_id = ?", (admission.key_id,))
-            state = KeyState(None, Bucket(tpm, level, updated))
-            now = self._clock()
-            settle(state, admission, used, now)
-            assert state.tokens is not None
+            bucket, now = Bucket(tpm, level, updated), self._clock()
+            settle(KeyState(None, bucket), admission, used, now)
             run(
-                "UPDATE quota_state SET tokens = ?, updated = ? WHERE key_id = ?",
-                (state.tokens.level, now, admission.key_id),
+                "UPDATE quota_state SET tokens = ?, updated = ? WHERE key_id = ?", (bucket.level, now, admission.key_id)
             )
 
         self.db.exclusive(work)
@@ -109,15 +106,11 @@ class SharedRateLimiter:
             "SELECT requests, tokens, updated FROM quota_state WHERE key_id = ?", (key.id,)
         )
         [(in_flight,)] = run("SELECT count(*) FROM quota_leases WHERE key_id = ? AND expires_at > ?", (key.id, now))
-        state = KeyState(
+        return KeyState(
             Bucket(key.rpm, key.rpm if requests is None else requests, updated) if key.rpm else None,
             Bucket(key.tpm, key.tpm if tokens is None else tokens, updated) if key.tpm else None,
             int(in_flight),
-        )
-        for bucket in (state.requests, state.tokens):
-            if bucket is not None:
-                bucket.refill(now)
-        return state
+        ).refill(now)
 
     def _store(self, run: Run, key_id: str, state: KeyState, now: float) -> None:
         run(

@@ -19,9 +19,9 @@ import yaml
 
 from deploykit.core.settings import Settings
 from deploykit.models.prices import load_prices
-from deploykit.serve.deploy.k8s import k8s_project, service_name
+from deploykit.serve.deploy.k8s import k8s_project
 from deploykit.serve.deploy.machine import planned_machine
-from deploykit.serve.deploy.project import container_argv, infra_file
+from deploykit.serve.deploy.project import container_argv, engine_name, infra_file
 from deploykit.serve.runner import prepare
 from tests.unit.test_deploy_compose import _promtool
 
@@ -66,7 +66,7 @@ def test_manifests_validate_and_hold_together(
     deployments = {d["metadata"]["name"]: d for d in by_kind["Deployment"]}
     again = prepare(settings, models, hardware=planned_machine("h100-sxm:8", load_prices()), environ={})
     for plan, gpus in zip(again, groups, strict=True):
-        engine = deployments[service_name(plan.served_name)]
+        engine = deployments[engine_name(plan.served_name)]
         assert engine["spec"]["replicas"] == 2
         pod = engine["spec"]["template"]["spec"]
         [vllm] = pod["containers"]
@@ -82,7 +82,7 @@ def test_manifests_validate_and_hold_together(
     gateway_args = deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]["args"]
     services = {s["metadata"]["name"]: s for s in by_kind["Service"]}
     for m in models:
-        assert f"--engine={m}=http://{service_name(m)}:8000" in gateway_args and service_name(m) in services
+        assert f"--engine={m}=http://{engine_name(m)}:8000" in gateway_args and engine_name(m) in services
     pods = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in deployments.items()}
     pods["postgres"] = by_kind["StatefulSet"][0]["spec"]["template"]["metadata"]["labels"]
     for service in services.values():
