@@ -1,99 +1,98 @@
-"""The HTML report: self-contained SVG plots (no plotting library, no network) of a run or a sweep.
+"""The HTML report of a run, a sweep or a find-max search: one offline page in one style.
 
-A run: TTFT and ITL distributions, and timelines of in-flight requests and output tokens per second
-(each on its own axis: their scales differ by orders of magnitude).
-A sweep or a find-max search: latency against throughput across the load levels, with the SLO lines.
+Each page opens with what was tested (endpoint, model, workload, when), then a table of the summary
+(p50/p90/p95/p99 of TTFT, ITL, TPOT and end-to-end latency, throughput, goodput, SLO attainment, errors by
+class), then the charts.
+
+The charts are drawn by matplotlib, already a dependency (the cost plot uses it), as inline SVG with its
+text kept as text: the page needs no network and no JavaScript (on-prem and air-gapped users), its axes
+have ticks, units and gridlines, and the text can be searched and tested. A run: TTFT and per-token ITL
+distributions, requests in flight and output tokens per second over time, and the server's own view from
+its /metrics. A sweep or search: latency percentiles against throughput with each point labelled by its
+level and the SLO lines, goodput against offered load, and a table of every level.
 """
 
 from __future__ import annotations
 
 import html
+import io
 import json
 import math
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+from matplotlib import rc_context
+from matplotlib.figure import Figure
 
 from deploykit.core.slo import parse_slos
-
-_W, _H, _PAD = 640, 300, 48
-_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+from deploykit.loadtests.records import per_token_gaps
 
 Series = tuple[str, Sequence[tuple[float, float]]]
+_STYLE: dict[Any, Any] = {
+    "svg.fonttype": "none",
+    "font.size": 9,
+    "axes.grid": True,
+    "grid.alpha": 0.4,
+    "svg.hashsalt": "deploykit",
+}
+_METRICS = (("TTFT", "ttft"), ("ITL (per token)", "itl"), ("TPOT", "tpot"), ("end to end", "e2e"))
 
 
 def line_chart(
-    title: str, series: Sequence[Series], x_label: str, y_label: str, hlines: Sequence[tuple[str, float]] = ()
+    title: str,
+    series: Sequence[Series],
+    x_label: str,
+    y_label: str,
+    hlines: Sequence[tuple[str, float]] = (),
+    labels: Sequence[str] = (),
 ) -> str:
-    """An SVG line chart with markers; `hlines` are labelled horizontal lines (SLO limits)."""
-    points = [p for _, s in series for p in s]
-    if not points:
+    """An SVG line chart with markers; `hlines` are labelled horizontal lines (SLO limits), `labels` name
+    the points of every series in order (a sweep's levels)."""
+    if not any(points for _, points in series):
         return f"<p>{html.escape(title)}: no data</p>"
-    xs, ys = [x for x, _ in points], [y for _, y in points] + [v for _, v in hlines]
-    x0, x1 = min(0.0, min(xs)), max(xs) or 1.0
-    y1 = max(ys) * 1.1 or 1.0
-
-    def sx(x: float) -> float:
-        return _PAD + (x - x0) / ((x1 - x0) or 1) * (_W - 2 * _PAD)
-
-    def sy(y: float) -> float:
-        return _H - _PAD - y / y1 * (_H - 2 * _PAD)
-
-    parts = [_frame(title, x_label, y_label, x0, x1, 0.0, y1)]
-    for i, (name, s) in enumerate(series):
-        colour = _COLOURS[i % len(_COLOURS)]
-        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
-        parts.append(f'<polyline class="series" fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
-        parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}"/>' for x, y in s]
-        parts.append(
-            f'<text x="{_W - _PAD + 4}" y="{_PAD + 14 * i}" fill="{colour}" font-size="11">{html.escape(name)}</text>'
-        )
-    for name, value in hlines:
-        y = sy(value)
-        parts.append(
-            f'<line class="slo" x1="{_PAD}" x2="{_W - _PAD}" y1="{y:.1f}" y2="{y:.1f}" '
-            'stroke="#888" stroke-dasharray="4"/>'
-        )
-        parts.append(f'<text x="{_PAD + 4}" y="{y - 4:.1f}" font-size="10" fill="#555">{html.escape(name)}</text>')
-    return _svg(parts)
+    with rc_context(_STYLE):
+        figure, axes = _figure(title, x_label, y_label)
+        for name, points in series:
+            xs, ys = [x for x, _ in points], [y for _, y in points]
+            axes.plot(xs, ys, marker="o", label=name)
+            for label, x, y in zip(labels, xs, ys, strict=False):
+                axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for name, value in hlines:
+            axes.axhline(value, color="#555", linestyle="--", linewidth=1)
+            where = {"xycoords": ("axes fraction", "data"), "textcoords": "offset points"}
+            axes.annotate(name, (0, value), xytext=(4, 3), **where)
+        axes.set_ylim(bottom=0)
+        if len(series) > 1:
+            axes.legend(loc="best")
+        return _svg(figure)
 
 
 def histogram(title: str, values: Sequence[float], x_label: str, bins: int = 30) -> str:
     if not values:
         return f"<p>{html.escape(title)}: no data</p>"
-    lo, hi = min(values), max(values)
-    width = (hi - lo) / bins or 1.0
-    counts = [0] * bins
-    for v in values:
-        counts[min(int((v - lo) / width), bins - 1)] += 1
-    top = max(counts)
-    parts = [_frame(title, x_label, "requests / tokens", lo, hi, 0, top)]
-    bar = (_W - 2 * _PAD) / bins
-    for i, c in enumerate(counts):
-        h = c / top * (_H - 2 * _PAD)
-        parts.append(
-            f'<rect class="bar" x="{_PAD + i * bar:.1f}" y="{_H - _PAD - h:.1f}" width="{bar - 1:.1f}" '
-            f'height="{h:.1f}" fill="{_COLOURS[0]}"/>'
-        )
-    return _svg(parts)
+    with rc_context(_STYLE):
+        figure, axes = _figure(title, x_label, "count")
+        lo, hi = min(values), max(values)
+        if hi - lo < 1e-6 * max(1.0, abs(hi)):  # all alike (to float precision): one bar, centred
+            lo, hi = lo - 0.5, hi + 0.5
+        axes.hist(values, bins=bins, range=(lo, hi))
+        return _svg(figure)
 
 
-def run_page(report: dict[str, object]) -> str:
-    """A single run: distributions and a per-second timeline."""
-    records: list[dict] = report.get("records", [])  # type: ignore[assignment, type-arg]
+def run_page(report: dict[str, Any], written: datetime | None = None) -> str:
+    """A single run: the summary, distributions and a per-second timeline."""
+    records: list[dict[str, Any]] = report.get("records", [])
     ok = [r for r in records if not r["error"]]
     ttft = [(r["events"][0][0] - r["sent"]) * 1000 for r in ok if r["events"]]
-    itl = [
-        (t - prev) / k * 1000
-        for r in ok
-        for (prev, _), (t, k) in zip(r["events"], r["events"][1:], strict=False)
-        for _ in range(k)
-    ]
+    itl = [gap * 1000 for r in ok for gap in per_token_gaps(r["events"])]
     start = min((r["sent"] for r in records), default=0.0)
     end = max((r["end"] for r in records), default=0.0)
     seconds = range(math.ceil(end - start) + 1)
     in_flight = [(s, sum(1 for r in records if r["sent"] - start <= s < r["end"] - start)) for s in seconds]
     tokens = [(s, sum(k for r in ok for t, k in r["events"] if s <= t - start < s + 1)) for s in seconds]
-    server: list[dict] = report.get("server_metrics") or []  # type: ignore[assignment, type-arg]
+    server: list[dict[str, Any]] = report.get("server_metrics") or []
     body = [
         histogram("TTFT", ttft, "ms"),
         histogram("Inter-token latency (per token)", itl, "ms"),
@@ -115,12 +114,17 @@ def run_page(report: dict[str, object]) -> str:
                 "% / count",
             )
         )
-    return _page("Load test", report, body)
+    tables = [summary_table(report["summary"])] if report.get("summary") else []
+    return _page("Load test", report.get("config") or {}, written, tables + _validity(report), body)
 
 
-def curve_page(curve: dict[str, object]) -> str:
-    """A sweep or a find-max search: latency against throughput across the levels, with the SLO lines."""
-    runs: list[dict] = curve["runs"]  # type: ignore[assignment, type-arg]
+def curve_page(curve: dict[str, Any], written: datetime | None = None) -> str:
+    """A sweep or a find-max search: latency against throughput across the levels with the SLO lines,
+    goodput against offered load, and a table of every level."""
+    runs: list[dict[str, Any]] = curve["runs"]
+    kind = curve.get("sweep") or curve.get("search")
+    unit = "streams" if kind == "concurrency" else "req/s"
+    labels = [f"{run['load']:g}" for run in runs]
     series: list[Series] = []
     for label, metric, pct in (("TTFT p50", "ttft", "p50"), ("TTFT p95", "ttft", "p95"), ("TPOT p50", "tpot", "p50")):
         points = [
@@ -132,42 +136,158 @@ def curve_page(curve: dict[str, object]) -> str:
     slo_text = curve.get("slos")
     if not slo_text and runs:
         slo_text = (runs[0].get("config") or {}).get("slos", "")
-    slos = parse_slos(str(slo_text or ""))
-    lines = [(f"SLO {s.metric}_p{s.pct}", s.limit * 1000) for s in slos]
-    chart = line_chart("Latency against throughput", series, "output tokens / s", "ms", lines)
-    return _page(f"Load test: {curve.get('sweep') or curve.get('search')} sweep", curve, [chart])
+    lines = [(f"SLO {s.metric} p{s.pct}", s.limit * 1000) for s in parse_slos(str(slo_text or ""))]
+    charts = [
+        line_chart(
+            f"Latency against throughput (points labelled by load, {unit})",
+            series,
+            "output tokens / s",
+            "ms",
+            lines,
+            labels,
+        ),
+        line_chart(
+            "Goodput against offered load",
+            [
+                ("completed req/s", [(r["summary"]["offered_rps"], r["summary"]["rps"]) for r in runs]),
+                ("goodput req/s", [(r["summary"]["offered_rps"], r["summary"]["goodput_rps"]) for r in runs]),
+            ],
+            "offered req/s",
+            "req/s",
+            labels=labels,
+        ),
+    ]
+    title = f"Load test: {kind} {'search' if 'search' in curve else 'sweep'}"
+    tables = [_levels_table(runs, unit, curve)]
+    config = runs[0].get("config") or {} if runs else {}
+    return _page(title, config, written, tables, charts)
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """The percentiles of each latency in ms, then throughput, goodput, SLOs and errors."""
+    rows = [["", "p50", "p90", "p95", "p99", "n"]]
+    for name, key in _METRICS:
+        d = summary.get(key)
+        if d:
+            rows.append([f"{name} (ms)", *(f"{d[p] * 1000:.1f}" for p in ("p50", "p90", "p95", "p99")), str(d["n"])])
+    percentiles = _table(rows, header=True)
+    errors = ", ".join(f"{k}: {v}" for k, v in sorted(summary["errors"].items())) or "none"
+    met = ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in summary.get("slos_met", {}).items()) or "none set"
+    facts = [
+        ["requests", f"{summary['requests']} ({summary['ok']} ok) over {summary['window_s']:.1f} s"],
+        ["throughput", f"{summary['rps']:.2f} req/s, {summary['output_tokens_per_s']:.1f} output tokens/s"],
+        ["goodput", f"{summary['goodput_rps']:.2f} req/s ({summary['slo_attainment']:.1%} met every SLO)"],
+        ["SLOs", met],
+        ["errors by class", errors],
+        ["tokens counted by", ", ".join(f"{k}: {v}" for k, v in summary.get("counted_by", {}).items()) or "-"],
+    ]
+    return percentiles + _table(facts)
 
 
 def write_html(path: Path, source: Path) -> None:
     """The page for a report or a curve JSON file written by `deploykit loadtest`."""
     data = json.loads(source.read_text())
-    path.write_text(curve_page(data) if "runs" in data else run_page(data))
+    written = datetime.fromtimestamp(source.stat().st_mtime, UTC)
+    path.write_text(curve_page(data, written) if "runs" in data else run_page(data, written))
 
 
-def _frame(title: str, x_label: str, y_label: str, x0: float, x1: float, y0: float, y1: float) -> str:
-    return (
-        f'<text x="{_W / 2}" y="18" text-anchor="middle" font-size="14">{html.escape(title)}</text>'
-        f'<line x1="{_PAD}" y1="{_H - _PAD}" x2="{_W - _PAD}" y2="{_H - _PAD}" stroke="#000"/>'
-        f'<line x1="{_PAD}" y1="{_PAD}" x2="{_PAD}" y2="{_H - _PAD}" stroke="#000"/>'
-        f'<text x="{_W / 2}" y="{_H - 12}" text-anchor="middle" font-size="11">{html.escape(x_label)}</text>'
-        f'<text x="14" y="{_H / 2}" font-size="11" transform="rotate(-90 14 {_H / 2})">{html.escape(y_label)}</text>'
-        f'<text x="{_PAD}" y="{_H - _PAD + 14}" font-size="10">{x0:.3g}</text>'
-        f'<text x="{_W - _PAD}" y="{_H - _PAD + 14}" font-size="10" text-anchor="end">{x1:.3g}</text>'
-        f'<text x="{_PAD - 4}" y="{_PAD}" font-size="10" text-anchor="end">{y1:.3g}</text>'
-        f'<text x="{_PAD - 4}" y="{_H - _PAD}" font-size="10" text-anchor="end">{y0:.3g}</text>'
+def _levels_table(runs: list[dict[str, Any]], unit: str, curve: dict[str, Any]) -> str:
+    rows = [
+        [
+            f"load ({unit})",
+            "req/s",
+            "output tok/s",
+            "TTFT p50 ms",
+            "TTFT p95 ms",
+            "TPOT p50 ms",
+            "goodput req/s",
+            "errors",
+        ]
+    ]
+    if "search" in curve:
+        rows[0].append("passed")
+    for run in runs:
+        s = run["summary"]
+
+        def ms(metric: str, pct: str, s: dict[str, Any] = s) -> str:
+            return f"{s[metric][pct] * 1000:.1f}" if s.get(metric) else "-"
+
+        row = [f"{run['load']:g}", f"{s['rps']:.2f}", f"{s['output_tokens_per_s']:.1f}", ms("ttft", "p50")]
+        row += [ms("ttft", "p95"), ms("tpot", "p50"), f"{s['goodput_rps']:.2f}", str(sum(s["errors"].values()))]
+        if "search" in curve:
+            row.append({True: "yes", False: "no", None: "-"}[run.get("passed")])
+        rows.append(row)
+    best = f"<p>Highest load that met every SLO: {curve['best']:g} {unit}</p>" if curve.get("best") is not None else ""
+    return best + _table(rows, header=True)
+
+
+def _validity(report: dict[str, Any]) -> list[str]:
+    reasons = report.get("invalid_reasons") or []
+    if not reasons:
+        return []
+    return ["<p><b>This run is not valid:</b> " + html.escape("; ".join(reasons)) + "</p>"]
+
+
+def _header(config: dict[str, Any], written: datetime | None) -> list[list[str]]:
+    load = (
+        f"{config['concurrency']} streams"
+        if config.get("concurrency")
+        else f"trace {config['trace']}"
+        if config.get("trace")
+        else f"{config['rate']} req/s"
+        if config.get("rate")
+        else "-"
     )
+    workload = (
+        f"prompts {config['prompts']}"
+        if config.get("prompts")
+        else f"{config.get('input_tokens', '-')} tokens in, {config.get('output_tokens', '-')} out"
+    )
+    rows = [
+        ["endpoint", str(config.get("url", "-"))],
+        ["model", str(config.get("model", "-"))],
+        ["API", f"{config.get('api', '-')}, {'streamed' if config.get('stream', True) else 'not streamed'}"],
+        ["load", load],
+        ["workload", workload],
+    ]
+    if written is not None:
+        rows.append(["written", written.strftime("%Y-%m-%d %H:%M UTC")])
+    return rows
 
 
-def _svg(parts: list[str]) -> str:
-    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W + 120}" height="{_H}">{"".join(parts)}</svg>'
-
-
-def _page(title: str, data: dict[str, object], charts: list[str]) -> str:
-    summary = data.get("summary")
-    table = f"<pre>{html.escape(str(summary))}</pre>" if summary else ""
+def _page(title: str, config: dict[str, Any], written: datetime | None, tables: list[str], charts: list[str]) -> str:
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
-        f"<body style='font-family:sans-serif'><h1>{html.escape(title)}</h1>{table}"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:1em auto}"
+        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+        "td:first-child{text-align:left}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1>{_table(_header(config, written))}"
+        + "".join(tables)
         + "".join(f"<div>{c}</div>" for c in charts)
         + "</body></html>"
     )
+
+
+def _table(rows: list[list[str]], header: bool = False) -> str:
+    def row(cells: list[str], tag: str) -> str:
+        return "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>"
+
+    head = row(rows[0], "th") if header else ""
+    body = rows[1:] if header else rows
+    return "<table>" + head + "".join(row(r, "td") for r in body) + "</table>"
+
+
+def _figure(title: str, x_label: str, y_label: str) -> tuple[Figure, Any]:
+    figure = Figure(figsize=(7.5, 3.4))
+    axes = figure.add_subplot()
+    axes.set_title(title)
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
+    return figure, axes
+
+
+def _svg(figure: Figure) -> str:
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    text = buffer.getvalue()
+    return text[text.index("<svg") :]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 # Error classes, in the order a request can fail.
@@ -59,14 +61,18 @@ class RequestRecord:
         return (self.events[-1][0] - self.events[0][0]) / (self.output_tokens - 1)
 
     def itl(self) -> list[float]:
-        """Per-token inter-token latencies: an event carrying k tokens spreads its gap over k tokens."""
-        out: list[float] = []
-        for (prev, _), (t, k) in zip(self.events, self.events[1:], strict=False):
-            out += [(t - prev) / k] * k if k > 0 else []
-        return out
+        return per_token_gaps(self.events)
 
     def chunk_gaps(self) -> list[float]:
         return [t - prev for (prev, _), (t, _) in zip(self.events, self.events[1:], strict=False)]
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
+
+
+def per_token_gaps(events: Sequence[tuple[float, int]]) -> list[float]:
+    """Per-token inter-token latencies: an event carrying k tokens spreads its gap over k tokens."""
+    out: list[float] = []
+    for (prev, _), (t, k) in itertools.pairwise(events):
+        out += [(t - prev) / k] * k if k > 0 else []
+    return out

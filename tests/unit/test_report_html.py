@@ -1,0 +1,162 @@
+"""The load test's HTML pages: what was tested, the summary as a table, charts with readable axes, no network."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from xml.etree import ElementTree
+
+import pytest
+
+from deploykit.loadtests.html import curve_page, run_page, summary_table
+from deploykit.loadtests.records import per_token_gaps
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def distribution(p50: float, p90: float, p95: float, p99: float, n: int = 10) -> dict[str, float]:
+    return {"n": n, "mean": p50, "p50": p50, "p90": p90, "p95": p95, "p99": p99}
+
+
+def summary(**changes: Any) -> dict[str, Any]:
+    s: dict[str, Any] = {
+        "requests": 12,
+        "ok": 10,
+        "errors": {"429": 1, "cut": 1},
+        "window_s": 6.034364818999165,
+        "offered_rps": 2.0,
+        "rps": 1.6667,
+        "output_tokens_per_s": 106.6,
+        "input_tokens_per_s": 213.3,
+        "ttft": distribution(0.1204, 0.2, 0.25, 0.3),
+        "ttft_from_schedule": distribution(0.13, 0.21, 0.26, 0.31),
+        "itl": distribution(0.01, 0.012, 0.013, 0.02, 600),
+        "chunk_gap": distribution(0.02, 0.024, 0.026, 0.04, 300),
+        "tpot": distribution(0.011, 0.012, 0.0125, 0.013),
+        "e2e": distribution(0.8, 0.9, 0.95, 1.0),
+        "goodput_rps": 1.5,
+        "slo_attainment": 0.75,
+        "slos_met": {"ttft_p95": True},
+        "usage_reported": True,
+        "counted_by": {"server": 10},
+        "ttft_answer": None,
+    }
+    return s | changes
+
+
+def record(sent: float, gaps: list[tuple[float, int]], error: str | None = None) -> dict[str, Any]:
+    events, t = [], sent + 0.1
+    for gap, k in gaps:
+        t += gap
+        events.append((t, k))
+    return {"sent": sent, "end": t + 0.01, "error": error, "events": events}
+
+
+def report() -> dict[str, Any]:
+    config = {"url": "http://gpu-1:8000/v1", "model": "smollm2-135m", "api": "chat", "stream": True}
+    config |= {"concurrency": 4, "input_tokens": "128", "output_tokens": "64", "slos": "ttft_p95=250ms"}
+    records = [record(i * 0.5, [(0.0, 1)] + [(0.02, 2)] * 5) for i in range(8)] + [record(1.0, [], "429")]
+    return {"config": config, "summary": summary(), "records": records, "invalid_reasons": [], "server_metrics": []}
+
+
+def cells(page: str) -> list[list[str]]:
+    return [re.findall(r"<t[dh]>(.*?)</t[dh]>", row) for row in re.findall(r"<tr>(.*?)</tr>", page)]
+
+
+def svgs(page: str) -> list[ElementTree.Element]:
+    return [ElementTree.fromstring(s) for s in re.findall(r"<svg.*?</svg>", page, re.S)]
+
+
+def texts(svg: ElementTree.Element) -> list[str]:
+    return ["".join(t.itertext()).strip() for t in svg.iter(f"{SVG}text")]
+
+
+def test_a_run_page_says_what_was_tested_and_tabulates_the_summary() -> None:
+    page = run_page(report())
+    rows = cells(page)
+    assert ["endpoint", "http://gpu-1:8000/v1"] in rows and ["model", "smollm2-135m"] in rows
+    assert ["load", "4 streams"] in rows and ["workload", "128 tokens in, 64 out"] in rows
+    assert ["", "p50", "p90", "p95", "p99", "n"] in rows
+    assert ["TTFT (ms)", "120.4", "200.0", "250.0", "300.0", "10"] in rows
+    assert ["ITL (per token) (ms)", "10.0", "12.0", "13.0", "20.0", "600"] in rows
+    assert ["end to end (ms)", "800.0", "900.0", "950.0", "1000.0", "10"] in rows
+    assert ["requests", "12 (10 ok) over 6.0 s"] in rows
+    assert ["goodput", "1.50 req/s (75.0% met every SLO)"] in rows
+    assert ["errors by class", "429: 1, cut: 1"] in rows and ["SLOs", "ttft_p95 met"] in rows
+    assert "{'requests'" not in page and "This run is not valid" not in page
+
+
+def test_the_page_needs_no_network() -> None:
+    page = run_page(report())
+    assert "<script" not in page and "<link" not in page and "src=" not in page and "@import" not in page
+    assert "href=" not in page.replace('xlink:href="#', "")  # only references inside the page
+
+
+def test_every_chart_has_ticks_units_and_a_grid() -> None:
+    charts = svgs(run_page(report()))
+    assert len(charts) == 4
+    for chart, (title, unit) in zip(
+        charts,
+        [
+            ("TTFT", "ms"),
+            ("Inter-token latency (per token)", "ms"),
+            ("Requests in flight", "requests"),
+            ("Output tokens per second", "tokens / s"),
+        ],
+        strict=True,
+    ):
+        words = texts(chart)
+        assert title in words and unit in words
+        ids = [g.get("id", "") for g in chart.iter(f"{SVG}g")]
+        assert sum(i.startswith("xtick_") for i in ids) >= 3 and sum(i.startswith("ytick_") for i in ids) >= 3
+        assert sum(i.startswith("line2d_") for i in ids) >= 6  # tick marks and their grid lines
+
+
+def test_an_invalid_run_says_so_first() -> None:
+    page = run_page(report() | {"invalid_reasons": ["the generator fell behind its schedule"]})
+    assert page.index("This run is not valid") < page.index("<svg")
+    assert "the generator fell behind its schedule" in page
+
+
+def test_itl_counts_each_token_of_a_chunk() -> None:
+    # a server that sends two tokens in a 20 ms chunk: two 10 ms inter-token gaps, not one of 20 ms
+    gaps = per_token_gaps([(0.0, 1), (0.02, 2), (0.05, 3), (0.06, 1)])
+    assert gaps == pytest.approx([0.01, 0.01, 0.01, 0.01, 0.01, 0.01])
+    assert per_token_gaps([(0.0, 1), (0.02, 0)]) == []  # an event with no tokens adds no gap
+    assert per_token_gaps([(0.0, 3)]) == []
+
+
+def test_a_sweep_page_labels_every_level_and_tables_them() -> None:
+    runs = [
+        {"load": load, "summary": summary(rps=rps, output_tokens_per_s=tps, offered_rps=rps, goodput_rps=rps)}
+        | {"config": report()["config"]}
+        for load, rps, tps in ((1, 0.5, 32.0), (4, 1.8, 115.0), (16, 2.0, 128.0))
+    ]
+    page = curve_page({"sweep": "concurrency", "runs": runs})
+    latency, goodput = svgs(page)
+    words = texts(latency)
+    assert "Latency against throughput (points labelled by load, streams)" in words
+    assert words.count("1") >= 3 and words.count("16") >= 3  # each of the three series labels its levels
+    assert "SLO ttft p95" in words
+    assert {"TTFT p50", "TTFT p95", "TPOT p50"} <= set(words)  # the legend
+    assert "Goodput against offered load" in texts(goodput)
+    rows = cells(page)
+    header = ["load (streams)", "req/s", "output tok/s", "TTFT p50 ms", "TTFT p95 ms", "TPOT p50 ms"]
+    assert rows[-4] == [*header, "goodput req/s", "errors"]
+    assert [r[0] for r in rows[-3:]] == ["1", "4", "16"]
+    assert rows[-2] == ["4", "1.80", "115.0", "120.4", "250.0", "11.0", "1.80", "2"]
+
+
+def test_a_search_page_says_which_levels_passed_and_the_answer() -> None:
+    runs = [{"load": load, "summary": summary(), "passed": passed} for load, passed in ((2, True), (4, False))]
+    page = curve_page({"search": "rate", "best": 2.0, "limit_reached": False, "slos": "ttft_p95=250ms", "runs": runs})
+    assert "Highest load that met every SLO: 2 req/s" in page
+    rows = cells(page)
+    assert rows[-3][0] == "load (req/s)" and rows[-3][-1] == "passed"
+    assert [(r[0], r[-1]) for r in rows[-2:]] == [("2", "yes"), ("4", "no")]
+
+
+def test_the_summary_table_skips_what_was_not_measured() -> None:
+    rows = cells(summary_table(summary(itl=None, tpot=None, slos_met={}, errors={})))
+    assert [r[0] for r in rows[:4]] == ["", "TTFT (ms)", "end to end (ms)", "requests"]
+    assert ["errors by class", "none"] in rows and ["SLOs", "none set"] in rows
