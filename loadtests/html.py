@@ -62,7 +62,7 @@ def line_chart(
         for name, value in hlines:
             axes.axhline(value, color="#555", linestyle="--", linewidth=1)
             where = {"xycoords": ("axes fraction", "data"), "textcoords": "offset points"}
-            axes.annotate(name, (0, value), xytext=(4, 3), **where)
+            axes.annotate(name, (0, value), xytext=(4, -11), **where)  # under the line: points sit on it
         axes.set_ylim(bottom=0)
         if len(series) > 1:
             axes.legend(loc="best")
@@ -85,8 +85,7 @@ def run_page(report: dict[str, Any], written: datetime | None = None) -> str:
     """A single run: the summary, distributions and a per-second timeline."""
     records: list[dict[str, Any]] = report.get("records", [])
     ok = [r for r in records if not r["error"]]
-    ttft = [(r["events"][0][0] - r["sent"]) * 1000 for r in ok if r["events"]]
-    itl = [gap * 1000 for r in ok for gap in per_token_gaps(r["events"])]
+    ttft, itl = _ttfts(report), _itls(report)
     start = min((r["sent"] for r in records), default=0.0)
     end = max((r["end"] for r in records), default=0.0)
     seconds = range(math.ceil(end - start) + 1)
@@ -115,7 +114,8 @@ def run_page(report: dict[str, Any], written: datetime | None = None) -> str:
             )
         )
     tables = [summary_table(report["summary"])] if report.get("summary") else []
-    return _page("Load test", report.get("config") or {}, written, tables + _validity(report), body)
+    tested = _table(_header(report.get("config") or {}, written))
+    return _page("Load test", [tested, *tables, *_validity(report)], body)
 
 
 def curve_page(curve: dict[str, Any], written: datetime | None = None) -> str:
@@ -160,7 +160,28 @@ def curve_page(curve: dict[str, Any], written: datetime | None = None) -> str:
     title = f"Load test: {kind} {'search' if 'search' in curve else 'sweep'}"
     tables = [_levels_table(runs, unit, curve)]
     config = runs[0].get("config") or {} if runs else {}
-    return _page(title, config, written, tables, charts)
+    return _page(title, [_table(_header(config, written)), *tables], charts)
+
+
+def compare_page(names: tuple[str, str], a: dict[str, Any], b: dict[str, Any], rows: Sequence[Any]) -> str:
+    """Two runs (e.g. self-hosted and a managed API): what each tested, every figure side by side with
+    B / A, and their TTFT and per-token ITL distributions overlaid (as CDFs: two histograms hide each other)."""
+    tested = [["", *names]] + [
+        [field, x, y]
+        for (field, x), (_, y) in zip(
+            _header(a.get("config") or {}, None), _header(b.get("config") or {}, None), strict=True
+        )
+    ]
+    differences = [["metric", *names, "B / A"]] + [
+        [r.metric, _figure_of(r.a, r.unit), _figure_of(r.b, r.unit), "-" if r.ratio is None else f"{r.ratio:.2f}"]
+        for r in rows
+    ]
+    charts = []
+    for title, values in (("TTFT", _ttfts), ("Inter-token latency (per token)", _itls)):
+        series = [(name, cdf(values(report))) for name, report in zip(names, (a, b), strict=True)]
+        charts.append(line_chart(f"{title}: share at or below", series, "ms", "fraction"))
+    tables = [_table(tested, header=True), _table(differences, header=True)]
+    return _page("Load test: two runs compared", tables, charts)
 
 
 def summary_table(summary: dict[str, Any]) -> str:
@@ -189,6 +210,25 @@ def write_html(path: Path, source: Path) -> None:
     data = json.loads(source.read_text())
     written = datetime.fromtimestamp(source.stat().st_mtime, UTC)
     path.write_text(curve_page(data, written) if "runs" in data else run_page(data, written))
+
+
+def _ttfts(report: dict[str, Any]) -> list[float]:
+    return [(r["events"][0][0] - r["sent"]) * 1000 for r in report.get("records", []) if not r["error"] and r["events"]]
+
+
+def _itls(report: dict[str, Any]) -> list[float]:
+    return [gap * 1000 for r in report.get("records", []) if not r["error"] for gap in per_token_gaps(r["events"])]
+
+
+def cdf(values: Sequence[float]) -> list[tuple[float, float]]:
+    ordered = sorted(values)
+    step = max(1, len(ordered) // 200)  # at most about 200 points a curve
+    points = [(v, (i + 1) / len(ordered)) for i, v in enumerate(ordered) if i % step == 0 or i == len(ordered) - 1]
+    return points
+
+
+def _figure_of(value: float | None, unit: str) -> str:
+    return "-" if value is None else f"{value:.1f} {unit}".strip()
 
 
 def _levels_table(runs: list[dict[str, Any]], unit: str, curve: dict[str, Any]) -> str:
@@ -255,13 +295,13 @@ def _header(config: dict[str, Any], written: datetime | None) -> list[list[str]]
     return rows
 
 
-def _page(title: str, config: dict[str, Any], written: datetime | None, tables: list[str], charts: list[str]) -> str:
+def _page(title: str, tables: list[str], charts: list[str]) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "<style>body{font-family:sans-serif;max-width:60em;margin:1em auto}"
         "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
         "td:first-child{text-align:left}</style></head>"
-        f"<body><h1>{html.escape(title)}</h1>{_table(_header(config, written))}"
+        f"<body><h1>{html.escape(title)}</h1>"
         + "".join(tables)
         + "".join(f"<div>{c}</div>" for c in charts)
         + "</body></html>"

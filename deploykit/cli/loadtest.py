@@ -267,18 +267,27 @@ def _print_curve(kind: str, runs: list[LevelResult]) -> None:
 def compare(
     a: Path = typer.Argument(..., help="A report written by `deploykit loadtest run --out` (e.g. self-hosted)."),
     b: Path = typer.Argument(..., help="Another (e.g. a managed API at the same load)."),
+    html_path: Path = typer.Option(
+        None, "--html", help="Also write a page: both runs overlaid, the figures side by side."
+    ),
     json_: JsonOpt = False,
 ) -> None:
     """Two load-test reports side by side, with B / A for every figure.
 
     Examples:
 
-      deploykit loadtest compare local.json openai.json
+      deploykit loadtest compare local.json openai.json --html compare.html
     """
     from deploykit.loadtests.compare import compare as compare_reports
     from deploykit.loadtests.compare import load_report
 
-    rows = compare_reports(load_report(a), load_report(b))
+    report_a, report_b = load_report(a), load_report(b)
+    rows = compare_reports(report_a, report_b)
+    if html_path is not None:
+        from deploykit.loadtests.html import compare_page
+
+        html_path.write_text(compare_page((str(a), str(b)), report_a, report_b, rows))
+        err.print(f"HTML report: {html_path}", markup=False)
     if json_:
         print_json([{"metric": r.metric, "a": r.a, "b": r.b, "unit": r.unit, "ratio": r.ratio} for r in rows])
         return

@@ -141,10 +141,12 @@ def test_sweep_writes_a_curve_and_one_report_per_level(tmp_path: Path, url: str)
     for run in curve["runs"]:
         assert f"<td>{run['summary']['output_tokens_per_s']:.1f}</td>" in page
 
-    compared = cli("compare", *(r["report"] for r in curve["runs"]), "--json")
+    compared = cli("compare", *(r["report"] for r in curve["runs"]), "--json", "--html", str(tmp_path / "c.html"))
     rows = {row["metric"]: row for row in json.loads(compared)}
     assert rows["output tokens/s"]["ratio"] == pytest.approx(four["output_tokens_per_s"] / one["output_tokens_per_s"])
     assert rows["TTFT p50"]["a"] == pytest.approx(one["ttft"]["p50"] * 1000)
+    page = (tmp_path / "c.html").read_text()
+    assert page.count("<svg") == 2 and f"<td>{rows['output tokens/s']['ratio']:.2f}</td>" in page
 
 
 def test_find_max_finds_the_servers_capacity(tmp_path: Path, url: str) -> None:

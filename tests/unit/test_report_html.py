@@ -8,7 +8,8 @@ from xml.etree import ElementTree
 
 import pytest
 
-from deploykit.loadtests.html import curve_page, run_page, summary_table
+from deploykit.loadtests.compare import compare
+from deploykit.loadtests.html import cdf, compare_page, curve_page, run_page, summary_table
 from deploykit.loadtests.records import per_token_gaps
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -160,3 +161,26 @@ def test_the_summary_table_skips_what_was_not_measured() -> None:
     rows = cells(summary_table(summary(itl=None, tpot=None, slos_met={}, errors={})))
     assert [r[0] for r in rows[:4]] == ["", "TTFT (ms)", "end to end (ms)", "requests"]
     assert ["errors by class", "none"] in rows and ["SLOs", "none set"] in rows
+
+
+def test_a_comparison_page_overlays_the_two_runs_and_tables_the_differences() -> None:
+    local = report()
+    managed = report() | {"config": local["config"] | {"url": "https://api.openai.com/v1", "model": "gpt-4o-mini"}}
+    managed["records"] = [record(i * 0.5, [(0.2, 1)] + [(0.04, 2)] * 5) for i in range(8)]
+    managed["summary"] = summary(ttft=distribution(0.3, 0.4, 0.5, 0.6))
+    page = compare_page(("local.json", "openai.json"), local, managed, compare(local, managed))
+    rows = cells(page)
+    assert rows[0] == ["", "local.json", "openai.json"]
+    assert ["endpoint", "http://gpu-1:8000/v1", "https://api.openai.com/v1"] in rows
+    assert ["model", "smollm2-135m", "gpt-4o-mini"] in rows
+    assert ["metric", "local.json", "openai.json", "B / A"] in rows
+    assert ["TTFT p50", "120.4 ms", "300.0 ms", "2.49"] in rows
+    ttft, itl = svgs(page)
+    assert {"TTFT: share at or below", "local.json", "openai.json"} <= set(texts(ttft))
+    assert "Inter-token latency (per token): share at or below" in texts(itl)
+    assert [point[1] for point in cdf([3.0, 1.0, 2.0, 2.0])] == [0.25, 0.5, 0.75, 1.0]
+    assert [point[0] for point in cdf([3.0, 1.0, 2.0, 2.0])] == [1.0, 2.0, 2.0, 3.0]
+    assert len(cdf([float(i) for i in range(1000)])) <= 201 and cdf([float(i) for i in range(1000)])[-1] == (
+        999.0,
+        1.0,
+    )
