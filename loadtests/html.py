@@ -15,7 +15,6 @@ level and the SLO lines, goodput against offered load, and a table of every leve
 from __future__ import annotations
 
 import html
-import io
 import json
 import math
 from collections.abc import Sequence
@@ -26,17 +25,11 @@ from typing import Any
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
+from deploykit.core.html import CHART_STYLE, page, svg, table
 from deploykit.core.slo import parse_slos
 from deploykit.loadtests.records import per_token_gaps
 
 Series = tuple[str, Sequence[tuple[float, float]]]
-_STYLE: dict[Any, Any] = {
-    "svg.fonttype": "none",
-    "font.size": 9,
-    "axes.grid": True,
-    "grid.alpha": 0.4,
-    "svg.hashsalt": "deploykit",
-}
 _METRICS = (("TTFT", "ttft"), ("ITL (per token)", "itl"), ("TPOT", "tpot"), ("end to end", "e2e"))
 
 
@@ -52,7 +45,7 @@ def line_chart(
     the points of every series in order (a sweep's levels)."""
     if not any(points for _, points in series):
         return f"<p>{html.escape(title)}: no data</p>"
-    with rc_context(_STYLE):
+    with rc_context(CHART_STYLE):
         figure, axes = _figure(title, x_label, y_label)
         for name, points in series:
             xs, ys = [x for x, _ in points], [y for _, y in points]
@@ -66,19 +59,19 @@ def line_chart(
         axes.set_ylim(bottom=0)
         if len(series) > 1:
             axes.legend(loc="best")
-        return _svg(figure)
+        return svg(figure)
 
 
 def histogram(title: str, values: Sequence[float], x_label: str, bins: int = 30) -> str:
     if not values:
         return f"<p>{html.escape(title)}: no data</p>"
-    with rc_context(_STYLE):
+    with rc_context(CHART_STYLE):
         figure, axes = _figure(title, x_label, "count")
         lo, hi = min(values), max(values)
         if hi - lo < 1e-6 * max(1.0, abs(hi)):  # all alike (to float precision): one bar, centred
             lo, hi = lo - 0.5, hi + 0.5
         axes.hist(values, bins=bins, range=(lo, hi))
-        return _svg(figure)
+        return svg(figure)
 
 
 def run_page(report: dict[str, Any], written: datetime | None = None) -> str:
@@ -114,8 +107,8 @@ def run_page(report: dict[str, Any], written: datetime | None = None) -> str:
             )
         )
     tables = [summary_table(report["summary"])] if report.get("summary") else []
-    tested = _table(_header(report.get("config") or {}, written))
-    return _page("Load test", [tested, *tables, *_validity(report)], body)
+    tested = table(_header(report.get("config") or {}, written))
+    return page("Load test", [tested, *tables, *_validity(report), *body])
 
 
 def curve_page(curve: dict[str, Any], written: datetime | None = None) -> str:
@@ -160,7 +153,7 @@ def curve_page(curve: dict[str, Any], written: datetime | None = None) -> str:
     title = f"Load test: {kind} {'search' if 'search' in curve else 'sweep'}"
     tables = [_levels_table(runs, unit, curve)]
     config = runs[0].get("config") or {} if runs else {}
-    return _page(title, [_table(_header(config, written)), *tables], charts)
+    return page(title, [table(_header(config, written)), *tables, *charts])
 
 
 def compare_page(names: tuple[str, str], a: dict[str, Any], b: dict[str, Any], rows: Sequence[Any]) -> str:
@@ -180,8 +173,8 @@ def compare_page(names: tuple[str, str], a: dict[str, Any], b: dict[str, Any], r
     for title, values in (("TTFT", _ttfts), ("Inter-token latency (per token)", _itls)):
         series = [(name, cdf(values(report))) for name, report in zip(names, (a, b), strict=True)]
         charts.append(line_chart(f"{title}: share at or below", series, "ms", "fraction"))
-    tables = [_table(tested, header=True), _table(differences, header=True)]
-    return _page("Load test: two runs compared", tables, charts)
+    tables = [table(tested, header=True), table(differences, header=True)]
+    return page("Load test: two runs compared", [*tables, *charts])
 
 
 def summary_table(summary: dict[str, Any]) -> str:
@@ -191,7 +184,7 @@ def summary_table(summary: dict[str, Any]) -> str:
         d = summary.get(key)
         if d:
             rows.append([f"{name} (ms)", *(f"{d[p] * 1000:.1f}" for p in ("p50", "p90", "p95", "p99")), str(d["n"])])
-    percentiles = _table(rows, header=True)
+    percentiles = table(rows, header=True)
     errors = ", ".join(f"{k}: {v}" for k, v in sorted(summary["errors"].items())) or "none"
     met = ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in summary.get("slos_met", {}).items()) or "none set"
     facts = [
@@ -202,7 +195,7 @@ def summary_table(summary: dict[str, Any]) -> str:
         ["errors by class", errors],
         ["tokens counted by", ", ".join(f"{k}: {v}" for k, v in summary.get("counted_by", {}).items()) or "-"],
     ]
-    return percentiles + _table(facts)
+    return percentiles + table(facts)
 
 
 def write_html(path: Path, source: Path) -> None:
@@ -258,7 +251,7 @@ def _levels_table(runs: list[dict[str, Any]], unit: str, curve: dict[str, Any]) 
             row.append({True: "yes", False: "no", None: "-"}[run.get("passed")])
         rows.append(row)
     best = f"<p>Highest load that met every SLO: {curve['best']:g} {unit}</p>" if curve.get("best") is not None else ""
-    return best + _table(rows, header=True)
+    return best + table(rows, header=True)
 
 
 def _validity(report: dict[str, Any]) -> list[str]:
@@ -295,28 +288,6 @@ def _header(config: dict[str, Any], written: datetime | None) -> list[list[str]]
     return rows
 
 
-def _page(title: str, tables: list[str], charts: list[str]) -> str:
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;max-width:60em;margin:1em auto}"
-        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
-        "td:first-child{text-align:left}</style></head>"
-        f"<body><h1>{html.escape(title)}</h1>"
-        + "".join(tables)
-        + "".join(f"<div>{c}</div>" for c in charts)
-        + "</body></html>"
-    )
-
-
-def _table(rows: list[list[str]], header: bool = False) -> str:
-    def row(cells: list[str], tag: str) -> str:
-        return "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>"
-
-    head = row(rows[0], "th") if header else ""
-    body = rows[1:] if header else rows
-    return "<table>" + head + "".join(row(r, "td") for r in body) + "</table>"
-
-
 def _figure(title: str, x_label: str, y_label: str) -> tuple[Figure, Any]:
     figure = Figure(figsize=(7.5, 3.4))
     axes = figure.add_subplot()
@@ -324,10 +295,3 @@ def _figure(title: str, x_label: str, y_label: str) -> tuple[Figure, Any]:
     axes.set_xlabel(x_label)
     axes.set_ylabel(y_label)
     return figure, axes
-
-
-def _svg(figure: Figure) -> str:
-    buffer = io.StringIO()
-    figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
-    text = buffer.getvalue()
-    return text[text.index("<svg") :]

@@ -10,15 +10,14 @@ and power at the facility's PUE. A managed pay-as-you-go offer costs its per-tok
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import html
 import io
 import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from deploykit.core.errors import UsageError
+from deploykit.core.html import CHART_STYLE, page, paragraph, svg, table
 from deploykit.models.config import ModelConfig
 from deploykit.models.prices import Power, Prices, Provisioned, ServicePrice, Sourced, stale_summary
 from deploykit.sizing.load import HOURS_PER_MONTH, TargetLoad
@@ -314,27 +313,37 @@ def _scaled(w: TargetLoad, k: float) -> TargetLoad:
     return TargetLoad(w.rps * k, w.input_tokens, w.output_tokens, w.slos)
 
 
-def report_html(report: CostReport, png: bytes) -> str:
-    def row(cells: list[str]) -> str:
-        return "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
-
-    hosted = "".join(
-        row([s.label, _usd(s.rent_usd), _usd(s.own_usd), "calibrated" if s.option.calibrated else "estimated"])
+def report_html(report: CostReport, chart_svg: str) -> str:
+    """The page in the kit's one report style: what was priced, the verdict, the chart, both tables."""
+    w = report.load
+    tested = [
+        ["model", report.model],
+        ["traffic", f"{w.rps:g} req/s, {w.input_tokens} tokens in and {w.output_tokens} out per request"],
+        ["volume", f"{report.tokens_per_month:,.0f} tokens a month, at {report.utilization:.0%} utilization"],
+    ]
+    hosted = [["option", "rent", "own", "basis"]] + [
+        [s.label, _usd(s.rent_usd), _usd(s.own_usd), "calibrated" if s.option.calibrated else "estimated"]
         for s in report.self_hosted
-    )
-    managed = "".join(row([m.name, _usd(m.monthly_usd), *break_even_cells(m)]) for m in report.managed)
-    image = base64.b64encode(png).decode()
-    return f"""<!doctype html><meta charset="utf-8"><title>deploykit cost: {html.escape(report.model)}</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:.2em .8em;text-align:left}}</style>
-<h1>{html.escape(report.model)}: self-hosting against managed offers</h1>
-<p>{html.escape(report.verdict)}</p>
-<p><img alt="monthly cost against monthly token volume" src="data:image/png;base64,{image}"></p>
-<h2>Self-hosting, per month</h2>
-<table><tr><th>option</th><th>rent</th><th>own</th><th>basis</th></tr>{hosted}</table>
-<h2>Managed, per month at the same traffic</h2>
-<table><tr><th>offer</th><th>cost</th><th>renting pays above</th><th>owning pays above</th></tr>{managed}</table>
-<p>{"<br>".join(html.escape(x) for x in report.warnings)}</p>
-"""
+    ]
+    managed = [["offer", "cost", "renting pays above", "owning pays above"]] + [
+        [m.name, _usd(m.monthly_usd), *break_even_cells(m)] for m in report.managed
+    ]
+    blocks = [table(tested), paragraph(report.verdict), chart_svg, "<h2>Self-hosting, per month</h2>"]
+    blocks += [table(hosted, header=True), "<h2>Managed, per month at the same traffic</h2>"]
+    blocks += [table(managed, header=True), *(paragraph(x) for x in report.warnings)]
+    return page(f"deploykit cost: {report.model}", blocks)
+
+
+def plot_svg(report: CostReport, offers: list[ServicePrice | Provisioned]) -> str:
+    """The same figure as plot_png, as inline SVG for the HTML page."""
+    import matplotlib.pyplot as plt
+    from matplotlib import rc_context
+
+    with rc_context(CHART_STYLE):
+        fig = cost_figure(report, offers)
+        text = svg(fig)
+    plt.close(fig)
+    return text
 
 
 def break_even_cells(m: Managed) -> list[str]:

@@ -18,7 +18,7 @@ from deploykit.models.prices import Prices, load_prices
 from deploykit.models.resolve import resolve
 from deploykit.models.store import ModelStore
 from deploykit.sizing import TargetLoad, cost_model, size_model
-from deploykit.sizing.cost import CostReport, break_even_cells, plot_png, report_html
+from deploykit.sizing.cost import CostReport, break_even_cells, plot_png, plot_svg, report_html
 
 ModelArg = typer.Argument(..., help="Model alias (catalog or local), e.g. llama-3.1-8b-instruct.")
 RpsOpt = typer.Option(None, "--rps", help="Target load: requests per second (mean).")
@@ -169,12 +169,10 @@ def cost(
         provider=provider,
     )
     _warn(report.warnings)
-    if plot or html_path:
-        png = plot_png(report, offers)
-        if plot:
-            plot.write_bytes(png)
-        if html_path:
-            html_path.write_text(report_html(report, png))
+    if plot:
+        plot.write_bytes(plot_png(report, offers))
+    if html_path:
+        html_path.write_text(report_html(report, plot_svg(report, offers)))
     if json_:
         print_json(report.to_json())
         return

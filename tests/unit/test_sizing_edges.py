@@ -439,7 +439,7 @@ def test_without_rentals_the_owning_line_stands_alone() -> None:
     )
     assert report.verdict.startswith("Owning 1 x l40s costs $345/month") and "Renting" not in report.verdict
     assert [b.way for b in report.managed[0].break_even] == ["own"]
-    page = report_html(replace(report, warnings=["Prices <old>"]), b"PNG")
+    page = report_html(replace(report, warnings=["Prices <old>"]), "<svg>chart</svg>")
     assert "<tr><td>1 x l40s</td><td>-</td><td>$345</td><td>estimated</td></tr>" in page
     assert "<p>Prices &lt;old&gt;</p>" in page
 
@@ -473,7 +473,7 @@ def test_a_calibrated_option_says_so_in_the_cost_report() -> None:
     report = compare(sizing, PRICES, [], 1.0, w)
     sources = {row["hardware"]: row["source"] for row in report.to_json()["self_hosted"]}  # type: ignore[index, union-attr]
     assert sources == {"l4": "estimated", "l40s": "calibrated"}
-    assert "<td>calibrated</td>" in report_html(report, b"")
+    assert "<td>calibrated</td>" in report_html(report, "")
 
 
 @pytest.mark.parametrize("power_w", [0.0, 1.0])

@@ -1,0 +1,54 @@
+"""The one style of every HTML page the kit writes (load tests, sweeps, comparisons, cost): a title, tables,
+then charts drawn by matplotlib as inline SVG with their text kept as text. A page needs no network and no
+JavaScript (on-prem and air-gapped users can open it anywhere), and its text can be searched and tested."""
+
+from __future__ import annotations
+
+import html
+import io
+from typing import Any
+
+from matplotlib.figure import Figure
+
+# matplotlib settings for every chart: text as SVG text, readable size, gridlines, ids stable across runs
+CHART_STYLE: dict[Any, Any] = {
+    "svg.fonttype": "none",
+    "font.size": 9,
+    "axes.grid": True,
+    "grid.alpha": 0.4,
+    "svg.hashsalt": "deploykit",
+}
+
+
+def page(title: str, blocks: list[str]) -> str:
+    """A whole page: the title, then each block (a table, a paragraph, a chart) in order."""
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:1em auto}"
+        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+        "td:first-child{text-align:left}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1>" + "".join(f"<div>{b}</div>" for b in blocks) + "</body></html>"
+    )
+
+
+def table(rows: list[list[str]], header: bool = False) -> str:
+    """A table of text cells, escaped; `header`: the first row names the columns."""
+
+    def row(cells: list[str], tag: str) -> str:
+        return "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>"
+
+    head = row(rows[0], "th") if header else ""
+    body = rows[1:] if header else rows
+    return "<table>" + head + "".join(row(r, "td") for r in body) + "</table>"
+
+
+def paragraph(text: str) -> str:
+    return f"<p>{html.escape(text)}</p>"
+
+
+def svg(figure: Figure) -> str:
+    """A figure as inline SVG (no XML prologue, no date: the same data draws the same page)."""
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    text = buffer.getvalue()
+    return text[text.index("<svg") :]
