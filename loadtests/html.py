@@ -25,6 +25,7 @@ from typing import Any
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
+from deploykit.core.errors import UsageError
 from deploykit.core.html import CHART_STYLE, page, svg, table
 from deploykit.core.slo import parse_slos
 from deploykit.loadtests.records import per_token_gaps
@@ -200,9 +201,18 @@ def summary_table(summary: dict[str, Any]) -> str:
 
 def write_html(path: Path, source: Path) -> None:
     """The page for a report or a curve JSON file written by `deploykit loadtest`."""
-    data = json.loads(source.read_text())
-    written = datetime.fromtimestamp(source.stat().st_mtime, UTC)
-    path.write_text(curve_page(data, written) if "runs" in data else run_page(data, written))
+    try:
+        data = json.loads(source.read_text())
+        written = datetime.fromtimestamp(source.stat().st_mtime, UTC)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"Cannot read the report {source}: {e}.", "Pass a JSON file written by `--out`.") from e
+    if not isinstance(data, dict) or not ("runs" in data or "summary" in data):
+        raise UsageError(f"{source} is not a load-test report or curve.", "Pass a JSON file written by `--out`.")
+    text = curve_page(data, written) if "runs" in data else run_page(data, written)
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise UsageError(f"Cannot write {path}: {e}.") from e
 
 
 def _ttfts(report: dict[str, Any]) -> list[float]:

@@ -263,6 +263,20 @@ def _print_curve(kind: str, runs: list[LevelResult]) -> None:
     out.print(table)
 
 
+@app.command("report")
+def report(
+    source: Path = typer.Argument(..., help="A report or a sweep's curve written by `deploykit loadtest run --out`."),
+    html_path: Path = typer.Option(..., "--html", help="Where to write the page."),
+) -> None:
+    """Rebuild the HTML page of a run, a sweep or a search from its JSON (the JSON is the source of truth).
+
+    Examples:
+
+      deploykit loadtest report run.json --html run.html
+    """
+    _html(html_path, source)
+
+
 @app.command("compare")
 def compare(
     a: Path = typer.Argument(..., help="A report written by `deploykit loadtest run --out` (e.g. self-hosted)."),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
@@ -11,6 +14,7 @@ import pytest
 from deploykit.loadtests.compare import compare
 from deploykit.loadtests.html import cdf, compare_page, curve_page, run_page, summary_table
 from deploykit.loadtests.records import per_token_gaps
+from tests.unit.test_cli import assert_clean_failure, deploykit
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -184,3 +188,17 @@ def test_a_comparison_page_overlays_the_two_runs_and_tables_the_differences() ->
         999.0,
         1.0,
     )
+
+
+def test_the_page_is_rebuilt_from_the_json_and_a_wrong_file_is_refused(tmp_path: Path) -> None:
+    source, out = tmp_path / "run.json", tmp_path / "run.html"
+    source.write_text(json.dumps(report()))
+    result = deploykit(tmp_path, "loadtest", "report", str(source), "--html", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == run_page(report(), datetime.fromtimestamp(source.stat().st_mtime, UTC))
+    (tmp_path / "bad.json").write_text("{not json")
+    for bad, needle in ((tmp_path / "bad.json", "Cannot read the report"), (tmp_path / "missing.json", "Cannot read")):
+        assert_clean_failure(deploykit(tmp_path, "loadtest", "report", str(bad), "--html", str(out)), 2, needle)
+    (tmp_path / "other.json").write_text('{"model": "x"}')
+    refused = deploykit(tmp_path, "loadtest", "report", str(tmp_path / "other.json"), "--html", str(out))
+    assert_clean_failure(refused, 2, "is not a load-test report or curve", "--out")
