@@ -35,6 +35,14 @@ class Row:
     def ratio(self) -> float | None:
         return self.b / self.a if self.a and self.b is not None else None
 
+    def cells(self) -> list[str]:
+        """The row as shown in the terminal and on the page: metric, A, B (with units), B / A."""
+
+        def shown(value: float | None) -> str:
+            return "-" if value is None else f"{value:.1f} {self.unit}".strip()
+
+        return [self.metric, shown(self.a), shown(self.b), "-" if self.ratio is None else f"{self.ratio:.2f}"]
+
 
 def load_report(path: Path) -> dict[str, object]:
     try:

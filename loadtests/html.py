@@ -26,7 +26,7 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from deploykit.core.errors import UsageError
-from deploykit.core.html import CHART_STYLE, page, svg, table
+from deploykit.core.html import CHART_STYLE, page, svg, table, write_page
 from deploykit.core.slo import parse_slos
 from deploykit.loadtests.records import per_token_gaps
 
@@ -166,10 +166,7 @@ def compare_page(names: tuple[str, str], a: dict[str, Any], b: dict[str, Any], r
             _header(a.get("config") or {}, None), _header(b.get("config") or {}, None), strict=True
         )
     ]
-    differences = [["metric", *names, "B / A"]] + [
-        [r.metric, _figure_of(r.a, r.unit), _figure_of(r.b, r.unit), "-" if r.ratio is None else f"{r.ratio:.2f}"]
-        for r in rows
-    ]
+    differences = [["metric", *names, "B / A"]] + [r.cells() for r in rows]
     charts = []
     for title, values in (("TTFT", _ttfts), ("Inter-token latency (per token)", _itls)):
         series = [(name, cdf(values(report))) for name, report in zip(names, (a, b), strict=True)]
@@ -208,11 +205,7 @@ def write_html(path: Path, source: Path) -> None:
         raise UsageError(f"Cannot read the report {source}: {e}.", "Pass a JSON file written by `--out`.") from e
     if not isinstance(data, dict) or not ("runs" in data or "summary" in data):
         raise UsageError(f"{source} is not a load-test report or curve.", "Pass a JSON file written by `--out`.")
-    text = curve_page(data, written) if "runs" in data else run_page(data, written)
-    try:
-        path.write_text(text)
-    except OSError as e:
-        raise UsageError(f"Cannot write {path}: {e}.") from e
+    write_page(path, curve_page(data, written) if "runs" in data else run_page(data, written))
 
 
 def _ttfts(report: dict[str, Any]) -> list[float]:
@@ -226,12 +219,7 @@ def _itls(report: dict[str, Any]) -> list[float]:
 def cdf(values: Sequence[float]) -> list[tuple[float, float]]:
     ordered = sorted(values)
     step = max(1, len(ordered) // 200)  # at most about 200 points a curve
-    points = [(v, (i + 1) / len(ordered)) for i, v in enumerate(ordered) if i % step == 0 or i == len(ordered) - 1]
-    return points
-
-
-def _figure_of(value: float | None, unit: str) -> str:
-    return "-" if value is None else f"{value:.1f} {unit}".strip()
+    return [(v, (i + 1) / len(ordered)) for i, v in enumerate(ordered) if i % step == 0 or i == len(ordered) - 1]
 
 
 def _levels_table(runs: list[dict[str, Any]], unit: str, curve: dict[str, Any]) -> str:

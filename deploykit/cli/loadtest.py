@@ -298,9 +298,10 @@ def compare(
     report_a, report_b = load_report(a), load_report(b)
     rows = compare_reports(report_a, report_b)
     if html_path is not None:
+        from deploykit.core.html import write_page
         from deploykit.loadtests.html import compare_page
 
-        html_path.write_text(compare_page((str(a), str(b)), report_a, report_b, rows))
+        write_page(html_path, compare_page((str(a), str(b)), report_a, report_b, rows))
         err.print(f"HTML report: {html_path}", markup=False)
     if json_:
         print_json([{"metric": r.metric, "a": r.a, "b": r.b, "unit": r.unit, "ratio": r.ratio} for r in rows])
@@ -309,11 +310,7 @@ def compare(
     for column in ("metric", str(a), str(b), "B / A"):
         table.add_column(escape(column))
     for r in rows:
-
-        def cell(v: float | None, unit: str = r.unit) -> str:
-            return "-" if v is None else f"{v:.1f} {unit}".strip()
-
-        table.add_row(r.metric, cell(r.a), cell(r.b), "-" if r.ratio is None else f"{r.ratio:.2f}")
+        table.add_row(*r.cells())
     out.print(table)
 
 

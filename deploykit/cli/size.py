@@ -11,6 +11,7 @@ from rich.table import Table
 
 from deploykit.cli.console import err, out, print_json
 from deploykit.cli.options import JsonOpt
+from deploykit.core.html import write_page
 from deploykit.core.settings import Settings
 from deploykit.models.catalog import load_catalog
 from deploykit.models.config import ModelConfig
@@ -172,7 +173,7 @@ def cost(
     if plot:
         plot.write_bytes(plot_png(report, offers))
     if html_path:
-        html_path.write_text(report_html(report, plot_svg(report, offers)))
+        write_page(html_path, report_html(report, plot_svg(report, offers)))
     if json_:
         print_json(report.to_json())
         return

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import html
 import io
+from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+
+from deploykit.core.errors import UsageError
 
 # matplotlib settings for every chart: text as SVG text, readable size, gridlines, ids stable across runs
 CHART_STYLE: dict[Any, Any] = {
@@ -40,6 +43,14 @@ def table(rows: list[list[str]], header: bool = False) -> str:
     head = row(rows[0], "th") if header else ""
     body = rows[1:] if header else rows
     return "<table>" + head + "".join(row(r, "td") for r in body) + "</table>"
+
+
+def write_page(path: Path, text: str) -> None:
+    """Write a page; a path that cannot be written is the user's to fix, said in one line."""
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise UsageError(f"Cannot write {path}: {e}.", "Choose a writable path for --html.") from e
 
 
 def paragraph(text: str) -> str:

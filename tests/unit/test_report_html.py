@@ -202,3 +202,5 @@ def test_the_page_is_rebuilt_from_the_json_and_a_wrong_file_is_refused(tmp_path:
     (tmp_path / "other.json").write_text('{"model": "x"}')
     refused = deploykit(tmp_path, "loadtest", "report", str(tmp_path / "other.json"), "--html", str(out))
     assert_clean_failure(refused, 2, "is not a load-test report or curve", "--out")
+    unwritable = deploykit(tmp_path, "loadtest", "report", str(source), "--html", str(tmp_path))  # a folder
+    assert_clean_failure(unwritable, 2, f"Cannot write {tmp_path}", "writable path for --html")
