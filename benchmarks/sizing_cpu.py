@@ -4,10 +4,10 @@ calibrate from one run, predict the others again.
     deploykit serve smollm2-135m --engine-port 8001 &
     .venv/bin/python -m benchmarks.sizing_cpu --url http://127.0.0.1:8001 --levels 1,2,4,8,16 --base 2,4,8
 
-Each level is a closed-loop run with fixed lengths (64-token prompts, 32-token answers). Throughput is C x
-output tokens / median end-to-end time, the steady state of a closed loop (the run's own tokens/s counts
-the cohort cut off at the end). Prints the KV cache the model predicts for the engine (vLLM logs its own),
-the analytic prediction's error, and the error after calibrating from each --base run alone.
+Each level is a closed-loop run with fixed lengths (64-token prompts, 32-token answers), after a warm-up
+run of one request per stream that is not measured. Throughput is C x output tokens / median end-to-end
+time, the steady state of a closed loop. Prints the KV cache the model predicts for the engine (vLLM logs its
+own), the analytic prediction's error, and the error after calibrating from each --base run alone.
 """
 
 from __future__ import annotations
@@ -49,13 +49,14 @@ class Level:
 
 
 def run_level(url: str, model: str, c: int, duration: float, out: Path) -> Path:
+    """A warm-up of one request per stream, overwritten (the engine compiles each new batch size on its first
+    batches), then the measured run. A warm-up window inside the measured run would not do: at high
+    concurrency one closed-loop cycle outlasts the window, and no request scheduled in it would finish."""
     path = out / f"c{c}.json"
-    subprocess.run(
-        [sys.executable, "-m", "deploykit", "loadtest", "run", url, "--model", model, "-c", str(c), "--duration",
-         str(duration), "--input-tokens", str(INPUT), "--output-tokens", str(OUTPUT), "--hardware", "cpu",
-         "--out", str(path), "--json"],
-        check=True, capture_output=True, timeout=duration + 300,
-    )  # fmt: skip
+    loadtest = [sys.executable, "-m", "deploykit", "loadtest", "run", url, "--model", model, "-c", str(c),
+                "--input-tokens", str(INPUT), "--output-tokens", str(OUTPUT), "--hardware", "cpu"]  # fmt: skip
+    for extra in (["--requests", str(c), "--duration", str(duration + 120)], ["--duration", str(duration)]):
+        subprocess.run([*loadtest, *extra, "--out", str(path), "--json"], check=True, capture_output=True, timeout=600)
     return path
 
 

@@ -65,7 +65,7 @@ def run_distributed(
                 break
         ended = time.monotonic()
         scraper.kill()
-        master.stop()  # the workers stop their users: requests in flight are cut off, outside the window
+        master.stop()  # the workers stop their users: requests in flight are cut off (their tokens so far count)
         _await(lambda: not master.clients.running and not master.clients.spawning, workers, 30, "stop")
         master.send_message(_FLUSH)
         _await(lambda: len(finals) >= config.processes, workers, 30, "send its records")
@@ -82,15 +82,19 @@ def run_distributed(
 
 
 def _merge(config: LoadTestConfig, parts: list[dict[str, Any]], started: float, ended: float) -> LoadTestReport:
-    records = sorted(
-        (r for part in parts for r in records_from_json(part["records"]) if r.end <= ended), key=lambda r: r.scheduled
-    )
+    every = [r for part in parts for r in records_from_json(part["records"])]
+    records = sorted((r for r in every if r.end <= ended), key=lambda r: r.scheduled)
+    unfinished = [r for r in every if r.end > ended] + [
+        r for part in parts for r in records_from_json(part["unfinished"])
+    ]
     lags = [Distribution(**part["lag"]) for part in parts if part["lag"]]
     lag = max(lags, key=lambda d: d.p99) if lags else None  # the worst worker
     cpu = max(float(part["cpu"]) for part in parts)  # each worker has its own core's worth; the busiest counts
     return LoadTestReport(
         config=config,
-        summary=summarize(records, (started + config.warmup_s, ended - config.cooldown_s), parse_slos(config.slos)),
+        summary=summarize(
+            records, (started + config.warmup_s, ended - config.cooldown_s), parse_slos(config.slos), unfinished
+        ),
         records=records,
         schedule_lag=lag,
         generator_cpu_percent=cpu,
@@ -124,6 +128,7 @@ def serve_worker(config: LoadTestConfig, master_port: int) -> None:
         lag = Distribution.of(lags)
         payload = {
             "records": [r.to_json() for r in state.records],
+            "unfinished": [r.to_json() for r in state.unfinished(float("inf"))],
             "lag": None if lag is None else lag.__dict__,
             "cpu": process.cpu_percent(),
         }

@@ -78,8 +78,15 @@ def percentile(ordered: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def summarize(records: Sequence[RequestRecord], window: tuple[float, float], slos: Sequence[Slo] = ()) -> Summary:
-    """The steady-state summary: requests scheduled inside `window` (monotonic start, end)."""
+def summarize(
+    records: Sequence[RequestRecord],
+    window: tuple[float, float],
+    slos: Sequence[Slo] = (),
+    unfinished: Sequence[RequestRecord] = (),
+) -> Summary:
+    """The steady-state summary: requests scheduled inside `window` (monotonic start, end). `unfinished` are the
+    requests cut off at the end of the run: not requests of the summary, but the tokens they had received
+    inside the window were delivered there and count towards the output rate."""
     start, end = window
     inside = [r for r in records if start <= r.scheduled < end]
     ok = [r for r in inside if r.ok]
@@ -107,9 +114,11 @@ def summarize(records: Sequence[RequestRecord], window: tuple[float, float], slo
         window_s=span,
         offered_rps=len(inside) / span,
         rps=len(ok) / span,
-        # tokens that arrived inside the window, whenever their request started: long requests at high
-        # concurrency straddle the window's edges, and counting them whole would skew the rate
-        output_tokens_per_s=sum(k for r in records if r.ok for t, k in r.events if start <= t < end) / span,
+        # tokens that arrived inside the window, whenever their request started or ended: long requests at
+        # high concurrency straddle the window's edges, and counting them whole, or not at all when the run
+        # cut them off, would skew the rate (to nothing, where every request outlasts the run)
+        output_tokens_per_s=sum(k for r in [*records, *unfinished] if r.ok for t, k in r.events if start <= t < end)
+        / span,
         input_tokens_per_s=sum(r.input_tokens for r in ok) / span,
         ttft=distributions["ttft"],
         ttft_from_schedule=dist([r.ttft_from_schedule for r in ok]),

@@ -33,6 +33,7 @@ class RunState:
 
     config: LoadTestConfig
     records: list[RequestRecord] = field(default_factory=list)
+    in_flight: dict[int, RequestRecord] = field(default_factory=dict)  # each user's request under way
     started: float = field(default_factory=time.monotonic)
     stopping: bool = False
 
@@ -54,6 +55,12 @@ class RunState:
         if taken is None:
             self.stopping = True
         return taken
+
+    def unfinished(self, ended: float) -> list[RequestRecord]:
+        """The requests a run that ended at `ended` cut off: still in flight, or finished after it."""
+        recorded = {id(r) for r in self.records}
+        cut = [r for r in self.in_flight.values() if id(r) not in recorded]
+        return cut + [r for r in self.records if r.end > ended]
 
     def full(self) -> bool:
         limit = self.config.max_requests
@@ -94,7 +101,8 @@ class OpenAIUser(User):
             self.history = []  # the conversation is over: the next request starts another
         body = request_body(cfg, prompt, self.history)
         answer: list[str] | None = [] if cfg.turns > 1 else None
-        record = send(self.endpoint, cfg, body, scheduled, state.count_tokens, answer)
+        record = send(self.endpoint, cfg, body, scheduled, state.count_tokens, answer, self._started)
+        state.in_flight.pop(id(self), None)
         if answer is not None:
             self.history += [body["messages"][-1], {"role": "assistant", "content": "".join(answer)}]
         state.records.append(record)
@@ -106,6 +114,9 @@ class OpenAIUser(User):
             exception=RuntimeError(record.error) if record.error else None,
             context={},
         )
+
+    def _started(self, record: RequestRecord) -> None:
+        self.state.in_flight[id(self)] = record
 
     def wait_time(self) -> float:
         return 0.0

@@ -91,15 +91,19 @@ def send(
     scheduled: float,
     count_tokens: TokenCounter | None = None,
     answer_text: list[str] | None = None,
+    on_start: Callable[[RequestRecord], None] | None = None,
 ) -> RequestRecord:
     """Send one request and time it; with `answer_text`, the answer's text is collected there (for the next
-    turn of a conversation)."""
+    turn of a conversation). `on_start` gets the record as the request leaves, while it fills in: a run that
+    cuts the request off still knows the tokens it had received."""
     payload = json.dumps(body).encode()
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **cfg.headers()}
     path = endpoint.base + cfg.path()
     for attempt in (1, 2):
         sent = time.monotonic()  # after encoding: the clock starts as the request leaves
         record = RequestRecord(scheduled=scheduled, sent=sent, end=sent)
+        if on_start is not None:
+            on_start(record)
         try:
             conn = endpoint.connection()
             conn.request("POST", path, payload, headers)

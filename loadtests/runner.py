@@ -89,13 +89,13 @@ def run_load(config: LoadTestConfig, on_progress: Callable[[Progress], None] = l
         on_progress(Progress(time.monotonic() - state.started, config.duration_s, done, errors))
     ended = time.monotonic()
     state.stopping = True
-    runner.quit()  # requests in flight are cut off; they are outside the window and not counted
+    runner.quit()  # requests in flight are cut off: not counted as requests, but their tokens so far are
     prober.kill()
     scraper.kill()
     cpu = process.cpu_percent()
     window = (state.started + config.warmup_s, ended - config.cooldown_s)
     records = [r for r in state.records if r.end <= ended]
-    summary = summarize(records, window, slos)
+    summary = summarize(records, window, slos, state.unfinished(ended))
     lag = Distribution.of(lags)
     return LoadTestReport(
         config=config,

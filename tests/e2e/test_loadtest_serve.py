@@ -31,13 +31,13 @@ def test_output_tokens_per_second_rise_with_concurrency(served: Served, tmp_path
             "--sweep",
             "1,4,16",
             "--duration",
-            "12",
+            "15",
             "--warmup",
             "2",
             "--input-tokens",
             "32",
             "--output-tokens",
-            "32",
+            "16",
             "--out",
             str(out),
             "--csv",
@@ -49,13 +49,14 @@ def test_output_tokens_per_second_rise_with_concurrency(served: Served, tmp_path
     )
     assert result.returncode == 0, result.stderr
     curve = json.loads(out.read_text())
-    # the warm-up absorbs torch.compile's first batches of each new size; the cool-down lets the
-    # requests inside the window finish, so that every token that arrived in it is counted
+    # the warm-up absorbs torch.compile's first batches of each new size; short answers let the first cohort
+    # of 16 finish inside the run (its records are checked below), and the tokens of requests the run cuts
+    # off still count towards the rate
     rates = [run["summary"]["output_tokens_per_s"] for run in curve["runs"]]
     assert rates[0] < rates[1] < rates[2], rates  # continuous batching: more streams, more tokens/s
     for run in curve["runs"]:
         report = json.loads(Path(run["report"]).read_text())
         assert report["records"] and report["summary"]["errors"] == {}
-        assert all(r["output_tokens"] == 32 and r["usage_reported"] for r in report["records"] if not r["error"])
+        assert all(r["output_tokens"] == 16 and r["usage_reported"] for r in report["records"] if not r["error"])
         level_csv = csv.with_name(f"sweep-c{int(run['load'])}.csv")
         assert level_csv.read_text().count("\n") == len(report["records"]) + 1

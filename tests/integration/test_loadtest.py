@@ -18,7 +18,7 @@ import pytest
 from deploykit.core.ports import free_port
 from deploykit.loadtests.metrics import percentile
 from deploykit.loadtests.workload import load_prompts
-from tests.fakes.sse_server import GAP_S, QUEUE_SLOTS, TTFT_S, chunk_plan
+from tests.fakes.sse_server import CHUNK_TOKENS, GAP_S, QUEUE_SLOTS, TTFT_S, chunk_plan
 
 OUTPUT_TOKENS = 20
 
@@ -80,6 +80,19 @@ def test_measures_the_known_schedule(tmp_path: Path, url: str) -> None:
     assert page.count("<svg") == 4 and f"<td>{s['ttft']['p50'] * 1000:.1f}</td>" in page  # charts, summary table
     assert report["server_metrics"] == []  # the synthetic server exports no vLLM metrics, and the report says so
     assert report["server_notes"] == [f"{url}/metrics answered 200 without vLLM's metrics"]
+
+
+def test_tokens_of_requests_cut_off_at_the_end_count_towards_the_rate(tmp_path: Path, url: str) -> None:
+    """Answers of 120 tokens take 1.55 s, so a 3-second run cuts off the cohort it started last. The tokens
+    those requests had received arrived in the window: a rate that left them out would be a third low (and
+    nothing at all where every answer outlasts the run, as on a slow machine at high concurrency)."""
+    out = tmp_path / "long.json"
+    cli("run", url, "--model", "synth", "-c", "2", "--duration", "3", "--output-tokens", "120", "--out", str(out))
+    s = json.loads(out.read_text())["summary"]
+    per_stream = sum(CHUNK_TOKENS) / (len(CHUNK_TOKENS) * GAP_S)  # 80 tokens/s while an answer streams
+    streaming = (len(chunk_plan(120)) - 1) * GAP_S / ((len(chunk_plan(120)) - 1) * GAP_S + TTFT_S)
+    assert s["output_tokens_per_s"] == pytest.approx(2 * per_stream * streaming, rel=0.08)
+    assert s["ok"] == s["requests"] <= 4  # the cut-off requests are not requests of the summary
 
 
 def test_every_error_is_classified(tmp_path: Path, url: str) -> None:

@@ -205,6 +205,15 @@ def test_every_figure_of_a_summary_by_hand() -> None:
     assert s.to_json()["slos_met"] == s.slos_met and s.to_json()["ttft"] == of(s.ttft)
 
 
+def test_the_tokens_of_requests_the_run_cut_off_count_towards_the_rate_and_nothing_else() -> None:
+    done = RequestRecord(0.0, 0.0, 2.0, events=[(1.0, 2), (2.0, 2)], output_tokens=4)
+    cut = RequestRecord(5.0, 5.0, 5.0, events=[(6.0, 3), (9.0, 1), (11.0, 5)])  # still streaming at the end
+    failed = RequestRecord(5.0, 5.0, 5.0, events=[(7.0, 100)], error="cut")
+    s = summarize([done], (0.0, 10.0), [], unfinished=[cut, failed])
+    assert s.output_tokens_per_s == pytest.approx((4 + 3 + 1) / 10)  # not the 5 after the window, nor a failure's
+    assert (s.requests, s.ok, s.errors) == (1, 1, {}) and s.e2e is not None and s.e2e.n == 1
+
+
 def test_an_objective_met_exactly_and_an_empty_window() -> None:
     at_limit = RequestRecord(0.0, 0.0, 1.0, events=[(0.25, 1), (0.75, 1)], output_tokens=2)
     assert meets(Slo("itl", 99, 0.5), at_limit) and not meets(Slo("itl", 99, 0.49), at_limit)
