@@ -94,7 +94,9 @@ def _installed(path: str) -> str:
 
 
 def run(max_children: int) -> int:
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    # A mutant that drops a cache_dir argument downloads into the default HF cache, where later mutants would
+    # find the files and survive: each run gets a cache of its own, never the user's.
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "HF_HOME": str(STAGING / "hf-home")}
     log = STAGING / "mutmut.log"
     mutmut = Path(sys.executable).with_name("mutmut")
     with log.open("a") as out:
@@ -157,7 +159,8 @@ def recheck(names: list[str], timeout_s: float = 300) -> list[str]:
     for a file (tests/integration/test_connections.py) is checked by one of that file's tests, not by the
     one that would fail. The verdicts found here are reported beside mutmut's, not written into its data."""
     stats = json.loads((STAGING / "mutants" / "mutmut-stats.json").read_text())["tests_by_mangled_function_name"]
-    env = {**os.environ, "PYTHONPATH": str(STAGING / "mutants" / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(STAGING / "mutants" / "src"), "PYTHONDONTWRITEBYTECODE": "1",
+           "HF_HOME": str(STAGING / "hf-home")}  # fmt: skip
     alive = []
     for name in names:
         function = name.rsplit("__mutmut_", 1)[0]

@@ -322,3 +322,15 @@ def test_pull_exit_codes_through_the_cli(hub: FakeHub, tmp_path: Path, case: str
     assert result.returncode == code, result.stderr
     assert says in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "home" / "models" / "all-minilm-l6-v2").exists()
+
+
+def test_a_card_with_a_readme_not_in_utf8_and_no_config(hub: FakeHub, tmp_path: Path) -> None:
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    (folder / "README.md").write_bytes(b"# Caf\xe9 model\n")  # Latin-1, as some old cards are
+    (folder / "model.safetensors").write_bytes(b"\0" * 16)
+    hub.add_repo("acme/latin1", folder)
+    card = read_card("acme/latin1", "main", listings=tmp_path / "listings", endpoint=hub.url, cache_dir=tmp_path / "hf")
+    assert card is not None and card.readme == "# Caf\ufffd model\n" and card.config is None
+    cached = read_card("acme/latin1", "main", listings=tmp_path / "listings", cache_dir=tmp_path / "hf", offline=True)
+    assert cached is not None and (cached.readme, cached.config, cached.from_cache) == (card.readme, None, True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from deploykit.core.errors import LockError, ModelImportError
+from deploykit.core.errors import GatedModelError, LockError, ModelImportError
 from deploykit.models.bundle import MANIFEST, export_bundle, import_bundle
 from deploykit.models.catalog import load_catalog
 from deploykit.models.hub import lock_model, pull
@@ -204,3 +204,33 @@ def test_air_gapped_workflow_through_the_cli(hub: FakeHub, tmp_path: Path) -> No
     assert served.returncode == 8, served.stderr
     assert "does not match the lock" in served.stderr and "vocab.txt" in served.stderr
     assert "Traceback" not in served.stderr
+
+
+def test_models_lock_of_a_gated_repo_and_of_stored_copies(tmp_path: Path) -> None:
+    """A gated repo needs the token for the listing and the small files, which land in the given cache; a
+    stored copy is locked as stored: a pulled one with its repo and commit, an imported one with neither."""
+    hub = FakeHub()
+    hub.add_repo(MINILM, minilm_snapshot(), gated=True)
+    server = serve_hub(hub)
+    try:
+        lock, store, cache = Lock(tmp_path / "deploykit.lock"), ModelStore(tmp_path / "store"), tmp_path / "hf"
+        remote = lock_model(ALIAS, store=store, catalog=CATALOG, lock=lock, endpoint=hub.url, token=hub.token,
+                            cache_dir=cache)  # fmt: skip
+        sha = hub.repos[MINILM].sha
+        assert (remote.alias, remote.source, remote.repo, remote.revision, remote.commit) == (
+            ALIAS, f"hf://{MINILM}@{sha}", MINILM, "main", sha,
+        )  # fmt: skip
+        assert [f.path for f in remote.files] == sorted(f.path for f in remote.files)
+        assert (cache / f"models--{MINILM.replace('/', '--')}" / "snapshots" / sha / "config.json").is_file()
+        with pytest.raises(GatedModelError):
+            lock_model(ALIAS, store=store, catalog=CATALOG, lock=lock, endpoint=hub.url, cache_dir=cache)
+        pulled = pull(ALIAS, store=store, catalog=CATALOG, endpoint=hub.url, token=hub.token, cache_dir=cache)
+        stored = lock_model(ALIAS, store=store, catalog=CATALOG, lock=lock)  # no hub needed: the stored copy
+        assert stored == remote and Lock.read(lock.path).get(ALIAS) == stored
+    finally:
+        server.shutdown()
+    store.add("mine", source=str(pulled.path), format="safetensors", fingerprint="f1",
+              build=lambda d: shutil.copytree(pulled.path, d, dirs_exist_ok=True))  # fmt: skip
+    imported = lock_model("mine", store=store, catalog=CATALOG, lock=lock)
+    assert (imported.repo, imported.revision, imported.commit) == (None, None, None)
+    assert imported.source == str(pulled.path) and imported.files == stored.files

