@@ -4,10 +4,11 @@ calibrate from one run, predict the others again.
     deploykit serve smollm2-135m --engine-port 8001 &
     .venv/bin/python -m benchmarks.sizing_cpu --url http://127.0.0.1:8001 --levels 1,2,4,8,16 --base 2,4,8
 
-Each level is a closed-loop run with fixed lengths (64-token prompts, 32-token answers), after a warm-up
-run of one request per stream that is not measured. Throughput is C x output tokens / median end-to-end
-time, the steady state of a closed loop. Prints the KV cache the model predicts for the engine (vLLM logs its
-own), the analytic prediction's error, and the error after calibrating from each --base run alone.
+Each level is a closed-loop run with fixed lengths (64-token prompts, 32-token answers) of --cycles
+requests per stream, after a warm-up run of one request per stream that is not measured. Throughput is
+C x output tokens / median end-to-end time, the steady state of a closed loop. Prints the KV cache the model
+predicts for the engine (vLLM logs its own), the analytic prediction's error, and the error after calibrating
+from each --base run alone.
 """
 
 from __future__ import annotations
@@ -48,21 +49,23 @@ class Level:
         return self.calibrated_tps / self.measured_tps - 1
 
 
-def run_level(url: str, model: str, c: int, duration: float, out: Path) -> Path:
+def run_level(url: str, model: str, c: int, cycles: int, out: Path) -> Path:
     """A warm-up of one request per stream, overwritten (the engine compiles each new batch size on its first
-    batches), then the measured run. A warm-up window inside the measured run would not do: at high
-    concurrency one closed-loop cycle outlasts the window, and no request scheduled in it would finish."""
+    batches), then the measured run of `cycles` requests per stream. Counted in requests, not seconds: on a
+    slow machine one closed-loop cycle at high concurrency outlasts any window chosen in advance, and a run
+    in which no request finished measures nothing."""
     path = out / f"c{c}.json"
     loadtest = [sys.executable, "-m", "deploykit", "loadtest", "run", url, "--model", model, "-c", str(c),
-                "--input-tokens", str(INPUT), "--output-tokens", str(OUTPUT), "--hardware", "cpu"]  # fmt: skip
-    for extra in (["--requests", str(c), "--duration", str(duration + 120)], ["--duration", str(duration)]):
-        subprocess.run([*loadtest, *extra, "--out", str(path), "--json"], check=True, capture_output=True, timeout=600)
+                "--input-tokens", str(INPUT), "--output-tokens", str(OUTPUT), "--hardware", "cpu",
+                "--duration", "900", "--out", str(path), "--json"]  # fmt: skip
+    for requests in (c, max(cycles * c, 8)):
+        subprocess.run([*loadtest, "--requests", str(requests)], check=True, capture_output=True, timeout=960)
     return path
 
 
-def measure(url: str, model: str, levels: list[int], duration: float, out: Path) -> dict[int, Path]:
+def measure(url: str, model: str, levels: list[int], cycles: int, out: Path) -> dict[int, Path]:
     """One closed-loop `deploykit loadtest` per level; their reports."""
-    return {c: run_level(url, model, c, duration, out) for c in levels}
+    return {c: run_level(url, model, c, cycles, out) for c in levels}
 
 
 def compare_levels(reports: dict[int, Path], model: str, base: int, cpu: Accelerator) -> list[Level]:
@@ -93,11 +96,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--levels", default="1,2,4,8,16")
     parser.add_argument("--base", default="2,4,8", help="The runs to calibrate from, one at a time.")
-    parser.add_argument("--duration", type=float, default=25)
+    parser.add_argument("--cycles", type=int, default=3, help="Measured requests per stream at each level.")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        reports = measure(args.url, args.model, levels, args.duration, Path(tmp))
+        reports = measure(args.url, args.model, levels, args.cycles, Path(tmp))
         cpu = measure_cpu()  # after the runs, on an idle engine
         kv = kv_tokens_on(load_catalog().get(args.model).config(), cpu, 1)
         print(f"this CPU: {cpu.bandwidth / 1e9:.1f} GB/s, {cpu.flops / 1e9:.1f} GFLOP/s on the engine's cores")

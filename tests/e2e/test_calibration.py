@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_kv_capacity_and_calibrated_throughput(served: Served, tmp_path: Path) -> None:
-    reports = measure(served.engine_url, MODEL, [1, 4, 16], 20, tmp_path)
+    reports = measure(served.engine_url, MODEL, [1, 4, 16], 2, tmp_path)
     cpu = measure_cpu()
     logged = re.search(r"KV cache size: ([\d,]+) tokens", (served.home / "logs" / f"engine-{MODEL}.log").read_text())
     assert logged and kv_tokens_on(load_catalog().get(MODEL).config(), cpu, 1) == int(logged[1].replace(",", ""))
