@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from deploykit.serve.accounting.database import Database, Run
 from deploykit.serve.accounting.keys import ApiKey
-from deploykit.serve.gateway.ratelimit import Admission, Bucket, KeyState, new_state, settle, take
+from deploykit.serve.gateway.ratelimit import Admission, Bucket, KeyState, settle, take
 
 log = logging.getLogger("deploykit.gateway")
 
@@ -94,12 +94,12 @@ class SharedRateLimiter:
         self.db.exclusive(work)
 
     def _load(self, run: Run, key: ApiKey, now: float) -> KeyState:
-        """The key's shared state, locked for this transaction and refilled to now (full the first time)."""
-        full = new_state(key, now)
+        """The key's shared state, locked for this transaction and refilled to now (a bucket with no level
+        yet, such as the key's first, is full)."""
         run(
-            "INSERT INTO quota_state (key_id, requests, tokens, updated) VALUES (?, ?, ?, ?) "
+            "INSERT INTO quota_state (key_id, requests, tokens, updated) VALUES (?, NULL, NULL, ?) "
             "ON CONFLICT (key_id) DO NOTHING",
-            (key.id, *(b.level if b else None for b in (full.requests, full.tokens)), now),
+            (key.id, now),
         )
         run("UPDATE quota_state SET updated = updated WHERE key_id = ?", (key.id,))  # the row lock
         [(requests, tokens, updated)] = run(

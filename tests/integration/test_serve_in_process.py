@@ -12,7 +12,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -41,9 +41,11 @@ class Recorder(ServeReporter):
 
     def __init__(self) -> None:
         self.events: list[tuple[str, object]] = []
+        self.logs: list[Path] = []
 
-    def starting(self, url: str, engines: object) -> None:
+    def starting(self, url: str, engines: Sequence[tuple[LaunchPlan, Path]]) -> None:
         self.events.append(("starting", url))
+        self.logs = [log for _, log in engines]
 
     def warn(self, message: str) -> None:
         self.events.append(("warn", message))
@@ -236,12 +238,20 @@ def wait_ready(url: str, timeout_s: float = 30) -> None:
 def test_run_serves_until_a_signal_then_stops_everything(settings: Settings, tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    plans = [fake_plan(free_port(), "--token-delay", "0.01"), fake_plan(free_port(), name="other")]
+    # two replicas of one model and one of another: each engine's log is named for its model and replica
+    plans = [fake_plan(free_port(), "--token-delay", "0.01"), fake_plan(free_port())]
+    plans.append(fake_plan(free_port(), name="other"))
     recorder = Recorder()
     answers: list[int] = []
 
     def client() -> None:
         wait_ready(url)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # a model is ready with one replica; wait for both of fake-model's
+            replicas = httpx.get(url + "/ready").json()["replicas"]
+            if all(s == "ready" for r in replicas.values() for s in r.values()):
+                break
+            time.sleep(0.1)
         for model in ("fake-model", "other"):
             body = {"model": model, "prompt": "x", "max_tokens": 3}
             answers.append(httpx.post(url + "/v1/completions", json=body, timeout=30).status_code)
@@ -252,7 +262,10 @@ def test_run_serves_until_a_signal_then_stops_everything(settings: Settings, tmp
     thread.join(10)
     assert answers == [200, 200]
     kinds = [kind for kind, _ in recorder.events]
-    assert kinds[0] == "starting" and kinds.count("ready") == 2
+    assert kinds[0] == "starting" and kinds.count("ready") == 3
+    names = ["engine-fake-model-1.log", "engine-fake-model-2.log", "engine-other.log"]
+    assert recorder.logs == [settings.logs_dir / name for name in names]
+    assert sorted(p.name for p in settings.logs_dir.glob("engine-*.log")) == names
     assert ("stopping", "draining in-flight requests") in recorder.events
     assert recorder.events[-1] == ("stopping", "stopping the engines")
     db = sqlite3.connect(tmp_path / "deploykit.db")
@@ -265,15 +278,20 @@ def test_run_serves_until_a_signal_then_stops_everything(settings: Settings, tmp
 
 
 def test_run_raises_what_the_cli_prints(settings: Settings) -> None:
-    with pytest.raises(EngineStartError, match=r"exited .* before it was ready") as e:
+    log = settings.logs_dir / "engine-fake-model.log"
+    with pytest.raises(EngineStartError, match=r"exited \(status 2\) before it was ready") as e:
         run(settings, [fake_plan(free_port(), "--no-such-flag")], ServeOptions(port=free_port()), Recorder(), FAST)
     assert any("unrecognized arguments" in line for line in e.value.details)
-    with pytest.raises(EngineDiedError, match="died 3 times in a row"):
+    assert e.value.hint == f"Its full log is {log}; the last lines are above."
+    with pytest.raises(EngineDiedError) as e:
         plan = fake_plan(free_port(), "--die-after", "1")
         run(settings, [plan], ServeOptions(port=free_port()), Recorder(), FAST)
-    with pytest.raises(EngineStartError, match="not ready after 1 s"):
+    assert e.value.message == "The engine for fake-model died 3 times in a row; it was given up."
+    assert e.value.hint == f"Its full log is {log}."
+    with pytest.raises(EngineStartError, match="not ready after 1 s") as e:
         plan = fake_plan(free_port(), "--startup-delay", "30")
         run(settings, [plan], ServeOptions(port=free_port(), start_timeout_s=1), Recorder(), FAST)
+    assert e.value.hint == f"Its log is {log}; raise --start-timeout if the machine is just slow."
     with pytest.raises(UsageError, match="--spill names 'nope'"):
         from deploykit.models.prices import load_prices
         from deploykit.serve.gateway.spill import parse_spill

@@ -6,6 +6,8 @@ settled to what was used. tests/integration/test_postgres.py runs two gateway pr
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -191,3 +193,30 @@ def test_a_settle_that_fails_is_logged_and_the_next_ones_still_run(
     with pytest.raises(GatewayError, match="has 2 requests in flight"):
         limiter.admit(key, 1)
     limiter.close()
+
+
+def test_a_request_finished_twice_gives_its_tokens_back_once(two: tuple[Database, Database]) -> None:
+    a, _ = two
+    key = _key(a, tpm=100)
+    limiter = SharedRateLimiter(a, clock=Clock())
+    admission = limiter.admit(key, 60)  # 40 left
+    limiter.finish(admission, 10)  # 50 back: 90
+    limiter.finish(admission, 10)  # the relay and the disconnect handler may both end it: nothing more
+    limiter.flush()
+    assert limiter.admit(key, 90).reserved_tokens == 90
+    with pytest.raises(GatewayError, match="100 tokens per minute"):
+        limiter.admit(key, 1)
+    limiter.close()
+
+
+def test_a_gateway_that_exits_without_closing_its_limiter_still_exits(tmp_path: Path) -> None:
+    # the settling thread must not keep a crashed gateway's process alive
+    script = (
+        "import sys\n"
+        "from deploykit.serve.accounting.database import connect\n"
+        "from deploykit.serve.gateway.shared_limits import SharedRateLimiter\n"
+        "SharedRateLimiter(connect(sys.argv[1]))\n"
+    )
+    url = f"sqlite:///{tmp_path / 'deploykit.db'}"
+    done = subprocess.run([sys.executable, "-c", script, url], timeout=20, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
