@@ -62,9 +62,7 @@ class Failure:
 
 
 class Replica:
-    def __init__(
-        self, plan: LaunchPlan, index: int, log_path: Path, backend: Backend, *, several: bool = False
-    ) -> None:
+    def __init__(self, plan: LaunchPlan, index: int, log_path: Path, backend: Backend, *, several: bool) -> None:
         self.plan = plan
         self.index = index
         self.several = several  # the model has other replicas: name this one by its number
