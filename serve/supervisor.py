@@ -81,8 +81,7 @@ class Replica:
         return f"{self.plan.served_name} (replica {self.index + 1})" if self.several else self.plan.served_name
 
     def start(self, now: float) -> None:
-        if self.engine.returncode() is not None:
-            self.engine = EngineProcess(self.plan, self.log_path)  # a fresh process, same plan and port
+        self.engine = EngineProcess(self.plan, self.log_path)  # a fresh process each time, same plan and port
         self.engine.start()
         self.started_at = now
         self.restart_at = None

@@ -42,6 +42,7 @@ class Recorder(ServeReporter):
     def __init__(self) -> None:
         self.events: list[tuple[str, object]] = []
         self.logs: list[Path] = []
+        self.progress_of: set[str] = set()
 
     def starting(self, url: str, engines: Sequence[tuple[LaunchPlan, Path]]) -> None:
         self.events.append(("starting", url))
@@ -52,6 +53,7 @@ class Recorder(ServeReporter):
 
     def progress(self, name: str, progress: EngineProgress) -> None:
         self.events.append(("progress", progress.phase))
+        self.progress_of.add(name)
 
     def ready(self, ready: Ready) -> None:
         self.events.append(("ready", ready))
@@ -119,6 +121,7 @@ def test_a_replica_becomes_ready_dies_is_restarted_with_backoff_and_is_given_up(
             order = ["importing vLLM", "setting up the engine", "loading weights", "compiling and warming up"]
             order += ["allocating the KV cache", "opening the API"]
             assert len(seen) >= 3 and seen == [p for p in order if p in seen]  # shown as they came, in order
+            assert recorder.progress_of == {"fake-model"}
             for death in (1, 2, 3):
                 first_pid = replica.engine.pid
                 replica.engine.stop()  # the engine dies (exit by signal)
@@ -173,6 +176,64 @@ def test_a_restart_that_fails_is_a_death_too_and_the_warning_quotes_the_log(tmp_
             await replica.backend.session.close()
 
     asyncio.run(scenario())
+
+
+def test_a_restart_that_hangs_is_stopped_at_the_start_timeout_and_counted(tmp_path: Path) -> None:
+    recorder, make = supervise(tmp_path, [fake_plan(port := free_port())], start_timeout_s=3)
+
+    async def scenario() -> None:
+        supervisor, [replica] = await make()
+        supervisor.start_all()
+        try:
+            await step_until(supervisor, lambda: replica.backend.status == "ready")
+            replica.plan = fake_plan(port, "--startup-delay", "30")
+            replica.engine.stop()
+            await step_until(supervisor, lambda: replica.backend.status == "starting")
+            hung = replica.engine
+            failure = await step_until(supervisor, lambda: "after a restart" in " ".join(recorder.warnings()))
+            assert failure is None and replica.failures == 2 and hung.returncode() is not None  # stopped
+            expected = "The engine for fake-model was not ready 3 s after a restart; restarting it in 0.4 s"
+            assert recorder.warnings()[-1].startswith(f"{expected} (log: {tmp_path / 'engine-0.log'}).")
+        finally:
+            supervisor.stop_all()
+            await replica.backend.session.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_server_that_took_the_engines_port_does_not_make_it_ready(tmp_path: Path) -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Healthy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    port = other.server_address[1]
+    _, make = supervise(tmp_path, [fake_plan(port, "--startup-delay", "1")])
+
+    async def scenario() -> None:
+        supervisor, [replica] = await make()
+        supervisor.start_all()
+        try:
+            assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200  # it answers for the engine
+            failure = await step_until(supervisor, lambda: replica.backend.status != "starting")
+            # never taken for ready: the engine then fails to bind its port, and that is a failed first start
+            assert failure is not None and failure.kind == "failed" and replica.backend.status == "starting"
+        finally:
+            supervisor.stop_all()
+            await replica.backend.session.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        other.shutdown()
+        other.server_close()
 
 
 def test_a_first_start_that_fails_or_times_out_is_not_retried(tmp_path: Path) -> None:
