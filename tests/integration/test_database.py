@@ -132,7 +132,7 @@ def test_urls_that_cannot_be_used_say_what_to_do(tmp_path: Path) -> None:
 
 
 def test_a_sqlite_database_is_private_and_in_wal_mode(tmp_path: Path) -> None:
-    path = tmp_path / "new" / "deploykit.db"
+    path = tmp_path / "home" / "new" / "deploykit.db"  # folders made as needed, the last private
     with opened(f"sqlite:///{path}") as db:
         db.execute(TABLE)
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
