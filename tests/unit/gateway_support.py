@@ -27,11 +27,15 @@ _OPENAI_TYPES = {
 }
 
 
-def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, object]:
+def assert_openai_error(
+    response: httpx.Response, status: int, code: str | None = None, message: str | None = None
+) -> dict[str, object]:
+    """The response is OpenAI's error shape with this status (and code, and message where given: what a
+    client shows its user)."""
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert error["message"]
+    assert error["message"] if message is None else error["message"] == message
     if status in _OPENAI_TYPES:  # OpenAI's clients read `type`; a 429 says which limit instead
         assert error["type"] == _OPENAI_TYPES[status], error
     if code is not None:

@@ -36,7 +36,7 @@ async def test_ready_follows_the_engine(gateway: httpx.AsyncClient, backend: Bac
     assert (await gateway.get("/ready")).json()["startup"] == {"m1": {backend.replica: backend.startup}}
     backend.status = "starting"
     response = await gateway.get("/ready")
-    assert_openai_error(response, 503, "not_ready")
+    assert_openai_error(response, 503, "not_ready", "Not every model can serve yet.")
     assert response.json()["models"] == {"m1": "starting"}
     assert response.json()["replicas"] == {"m1": {backend.replica: "starting"}}
 

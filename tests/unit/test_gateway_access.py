@@ -235,7 +235,9 @@ async def test_concurrent_requests_are_never_over_admitted(db: Database, slow_en
 async def test_a_body_over_the_limit_is_413(make_app: Callable[..., FastAPI]) -> None:
     async with client_of(make_app(max_body_bytes=100)) as client:
         response = await client.post("/v1/completions", json={"model": "m1", "prompt": "x" * 200})
-    assert_openai_error(response, 413, "request_too_large")
+    assert_openai_error(
+        response, 413, "request_too_large", "The request body is larger than this gateway's limit of 100 bytes."
+    )
 
 
 @pytest.mark.parametrize(
@@ -250,7 +252,8 @@ async def test_max_tokens_is_checked(make_app: Callable[..., FastAPI], value: ob
 @pytest.mark.parametrize(("field", "value"), [("stream", [1]), ("stream", "yes"), ("stream_options", 6.5e16)])
 async def test_stream_fields_of_the_wrong_type_are_400(gateway: httpx.AsyncClient, field: str, value: object) -> None:
     response = await gateway.post("/v1/chat/completions", json={**chat(), field: value})
-    assert assert_openai_error(response, 400, "invalid_type")["param"] == field
+    kind = "a boolean" if field == "stream" else "an object"
+    assert assert_openai_error(response, 400, "invalid_type", f"{field} must be {kind}.")["param"] == field
 
 
 # ledger

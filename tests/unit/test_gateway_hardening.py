@@ -128,7 +128,9 @@ async def test_a_key_with_a_token_limit_needs_max_tokens_when_the_context_is_unk
 ) -> None:
     _, token = create_key(db, "team-a", tpm=1000)
     async with client_of(make_app(auth=True), authorization=f"Bearer {token}") as client:  # type: ignore[operator]
-        assert_openai_error(await client.post("/v1/chat/completions", json=chat()), 400, "max_tokens_required")
+        message = "The API key 'team-a' has a tokens-per-minute limit, and this request sets no max_tokens."
+        response = await client.post("/v1/chat/completions", json=chat())
+        assert assert_openai_error(response, 400, "max_tokens_required", message)["param"] == "max_tokens"
         assert served_tokens(await client.post("/v1/chat/completions", json=chat(max_tokens=3))) == 3
 
 
@@ -290,12 +292,16 @@ def client_from(app: FastAPI, host: str, **headers: str) -> httpx.AsyncClient:
 async def test_operator_pages_need_the_metrics_token_or_loopback_when_keys_are_on(make_app: object, path: str) -> None:
     secured = make_app(auth=True)  # type: ignore[operator]
     async with client_from(secured, "203.0.113.7") as remote:
-        assert_openai_error(await remote.get(path), 401, "operator_only")
+        message = f"{path} is for the operator when API keys are on: it needs a request from this host."
+        response = await remote.get(path)
+        assert_openai_error(response, 401, "operator_only", message)
+        assert response.headers["www-authenticate"] == "Bearer"
     async with client_from(secured, "127.0.0.1") as local:
         assert (await local.get(path)).status_code == 200
     with_token = make_app(auth=True, metrics_token="m-secret")  # type: ignore[operator]
     async with client_from(with_token, "127.0.0.1") as local:
-        assert_openai_error(await local.get(path), 401, "operator_only")  # a token set: loopback is not enough
+        message = f"{path} is for the operator when API keys are on: it needs its metrics token as a Bearer."
+        assert_openai_error(await local.get(path), 401, "operator_only", message)  # a token set: loopback is not enough
     async with client_from(with_token, "203.0.113.7", authorization="Bearer m-secret") as prometheus:
         assert (await prometheus.get(path)).status_code == 200
     async with client_from(make_app(), "203.0.113.7") as open_gateway:  # type: ignore[operator]
