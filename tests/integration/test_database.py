@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import sqlite3
 import stat
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from deploykit.core.errors import UsageError
+from deploykit.core.errors import MissingDependencyError, UsageError
 from deploykit.core.ports import free_port
 from deploykit.serve.accounting.database import MIGRATIONS, Database, Run, connect, migrate, opened
 
@@ -69,6 +70,8 @@ def test_a_database_that_missed_migrations_gets_only_those(url: str) -> None:
 
 def test_execute_and_query(db: Database) -> None:
     assert db.execute("INSERT INTO t (id, n) VALUES (?, ?)", ("a", 1)) == 1
+    with opened(db.url) as other:  # committed at once: another gateway's connection sees it
+        assert other.query("SELECT n FROM t") == [(1,)]
     db.execute("INSERT INTO t (id, n) VALUES (?, ?)", ("b", 2))
     assert db.execute("UPDATE t SET n = n + ?", (10,)) == 2  # the rows it changed
     assert db.query("SELECT id, n FROM t ORDER BY id") == [("a", 11), ("b", 12)]
@@ -129,6 +132,16 @@ def test_urls_that_cannot_be_used_say_what_to_do(tmp_path: Path) -> None:
         with pytest.raises(UsageError, match=r"^Cannot connect to PostgreSQL: ") as e:
             connect(f"{scheme}://nobody@127.0.0.1:{free_port()}/db")
         assert e.value.hint == "Check DEPLOYKIT_DATABASE_URL."
+
+
+def test_postgresql_without_its_driver_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if the postgres extra were not installed
+    with pytest.raises(MissingDependencyError) as e:
+        connect("postgresql://nobody@127.0.0.1:1/db")
+    assert (e.value.message, e.value.hint) == (
+        "A PostgreSQL database needs psycopg.",
+        "Install it: pip install 'deploykit[postgres]'.",
+    )
 
 
 def test_a_sqlite_database_is_private_and_in_wal_mode(tmp_path: Path) -> None:

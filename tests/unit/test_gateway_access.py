@@ -204,6 +204,21 @@ async def test_over_the_request_quota_is_429_with_retry_after(secured: FastAPI, 
     assert int(limited.headers["retry-after"]) == 30
 
 
+async def test_shared_quotas_are_taken_from_the_database(make_app: Callable[..., FastAPI], db: Database) -> None:
+    # what `serve` turns on with PostgreSQL, here on the SQLite file: the same answers as quotas in memory
+    _, token = create_key(db, "team-a", rpm=2, tpm=1_000)
+    shared = make_app(auth=True, shared_quotas=True)
+    async with client_of(shared, authorization=f"Bearer {token}") as client:
+        ok = [await client.post("/v1/chat/completions", json=chat(max_tokens=6)) for _ in range(2)]
+        limited = await client.post("/v1/chat/completions", json=chat(max_tokens=6))
+    assert [r.status_code for r in ok] == [200, 200]
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in ok] == ["1", "0"]
+    assert int(ok[0].headers["x-ratelimit-remaining-tokens"]) < 1_000
+    assert_openai_error(limited, 429, "rate_limit_exceeded")
+    [(requests,)] = db.query("SELECT requests FROM quota_state")
+    assert requests < 1  # the state is in the database, where another gateway reads it
+
+
 async def test_tokens_are_settled_to_the_engines_usage(secured: FastAPI, db: Database) -> None:
     _, token = create_key(db, "team-a", tpm=10_000)
     async with client_of(secured, authorization=f"Bearer {token}") as client:

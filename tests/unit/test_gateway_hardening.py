@@ -175,13 +175,17 @@ def test_the_nesting_bound_is_exact_whatever_the_stack(depth: int, accepted: boo
     # The object itself is level 1; brackets inside strings and wide bodies (many brackets, shallow) do not count.
     deep = b"[0, " + b"[" * (depth - 2) + b"]" * (depth - 2) + b"]"  # a scalar first, then the depth
     raw = b'{"a": "[[[[", "deep": ' + deep + b', "wide": [' + b"{}, " * 200 + b"{}]}"
+    scalar_last = b'{"deep": ' + deep + b', "n": 1}'  # a scalar looked at before the deep branch
     if accepted:
         assert parse_body(raw)["a"] == "[[[["
+        assert parse_body(scalar_last)["n"] == 1
         assert parse_body(b'{"s": "' + b"[" * 5_000 + b'"}')["s"] == "[" * 5_000
     else:
         with pytest.raises(GatewayError, match=f"nested more than {MAX_JSON_DEPTH} levels") as refused:
             parse_body(raw)
         assert refused.value.status == 400
+        with pytest.raises(GatewayError, match=f"nested more than {MAX_JSON_DEPTH} levels"):
+            parse_body(scalar_last)
 
     # the same on a deep stack: the bound, not the interpreter's recursion limit, decides
     def at_depth(n: int) -> bool:

@@ -195,6 +195,20 @@ def test_a_settle_that_fails_is_logged_and_the_next_ones_still_run(
     limiter.close()
 
 
+def test_a_lease_lasts_fifteen_minutes_by_default(two: tuple[Database, Database]) -> None:
+    a, _ = two
+    key = _key(a, max_concurrent=1)
+    clock = Clock()
+    limiter = SharedRateLimiter(a, clock=clock)
+    limiter.admit(key, 1)  # never finished: its gateway died
+    clock.now += 899
+    with pytest.raises(GatewayError, match="has 1 requests in flight"):
+        limiter.admit(key, 1)
+    clock.now += 2
+    limiter.admit(key, 1)
+    limiter.close()
+
+
 def test_a_request_finished_twice_gives_its_tokens_back_once(two: tuple[Database, Database]) -> None:
     a, _ = two
     key = _key(a, tpm=100)
