@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,22 +163,24 @@ def survivors() -> list[str]:
     return [line.strip() for line in result.stdout.splitlines() if line.strip()]
 
 
-def recheck(names: list[str], timeout_s: float = 300) -> list[str]:
-    """Run each surviving mutant against the whole test files that reach its function; returns those that
+def recheck(names: list[str], timeout_s: float = 300, workers: int = 2) -> list[str]:
+    """Run each surviving mutant against the whole test files that reach its function, as the tests are now
+    (copied into the staging tree first: tests written for a run's survivors count); returns those that
     still survive. mutmut runs a mutant only against the tests it saw reach the function, and it credits a
-    module- or session-scoped fixture's calls to the one test that set the fixture up: a gateway started once
-    for a file (tests/integration/test_connections.py) is checked by one of that file's tests, not by the
-    one that would fail. The verdicts found here are reported beside mutmut's, not written into its data."""
+    module- or session-scoped fixture's calls to the one test that set the fixture up, and a subprocess's
+    calls to no test at all. The verdicts found here are reported beside mutmut's, not written into its data;
+    the staged source is the run's, so the code must not have changed since."""
+    shutil.rmtree(STAGING / "mutants" / "tests", ignore_errors=True)
+    shutil.copytree(REPO / "tests", STAGING / "mutants" / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     stats = json.loads((STAGING / "mutants" / "mutmut-stats.json").read_text())["tests_by_mangled_function_name"]
     env = {**os.environ, "PYTHONPATH": str(STAGING / "mutants" / "src"), "PYTHONDONTWRITEBYTECODE": "1",
            "HF_HOME": str(STAGING / "hf-home")}  # fmt: skip
-    alive = []
-    for name in names:
+
+    def survives(name: str) -> bool:
         function = name.rsplit("__mutmut_", 1)[0]
         files = sorted({test.split("::")[0] for test in stats.get(function, ())}) or _importers(name)
         if not files:
-            alive.append(name)
-            continue
+            return True
         command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
         try:
             result = subprocess.run(
@@ -187,11 +190,13 @@ def recheck(names: list[str], timeout_s: float = 300) -> list[str]:
                 capture_output=True,
                 timeout=timeout_s,
             )
-            if result.returncode == 0:
-                alive.append(name)
         except subprocess.TimeoutExpired:
-            pass  # a mutant that hangs the tests is caught (mutmut counts a timeout as killed)
-    return alive
+            return False  # a mutant that hangs the tests is caught (mutmut counts a timeout as killed)
+        return result.returncode == 0
+
+    with ThreadPoolExecutor(workers) as pool:
+        verdicts = list(pool.map(survives, names))
+    return [name for name, alive in zip(names, verdicts, strict=True) if alive]
 
 
 def _importers(mutant: str) -> list[str]:
@@ -287,7 +292,7 @@ def main() -> None:
     killed_on_recheck: Counter[str] = Counter()
     if args.recheck:
         chosen = [n for n in survived + untested if any(fnmatch.fnmatch(_module_of(n), p) for p in args.recheck)]
-        alive = set(recheck(chosen))
+        alive = set(recheck(chosen, workers=args.max_children))
         killed_on_recheck.update(_module_of(n) for n in chosen if n not in alive)
         survived = [n for n in survived if n not in set(chosen) - alive]
         untested = [n for n in untested if n not in set(chosen) - alive]
