@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import httpx
 import pytest
 
 from deploykit import __version__
 from deploykit.core.ports import free_port
+from deploykit.serve.accounting.database import Database
 from deploykit.serve.gateway import Backend
+from deploykit.serve.gateway.app import Gateway, GatewayOptions
 from tests.fakes.engine import ANSWER, create_fake_engine
 from tests.fakes.threaded import serve_in_thread
 from tests.unit.gateway_support import assert_openai_error, chat
@@ -111,3 +115,11 @@ async def test_unreachable_engine_is_a_503(gateway: httpx.AsyncClient, backend: 
 
 async def test_unknown_path_is_a_404_in_openai_shape(gateway: httpx.AsyncClient) -> None:
     assert_openai_error(await gateway.get("/v1/nothing"), 404)
+
+
+async def test_stop_waits_for_requests_at_most_its_timeout(backend: Backend, db: Database) -> None:
+    gateway = Gateway([backend], db, GatewayOptions())
+    gateway.started()  # a request that never ends
+    started = time.monotonic()
+    await asyncio.wait_for(gateway.stop(timeout_s=0.3), 10)
+    assert 0.3 <= time.monotonic() - started < 5 and gateway.stopping.is_set()

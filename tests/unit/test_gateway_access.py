@@ -318,9 +318,11 @@ async def test_a_client_that_asks_for_usage_still_gets_it(gateway: httpx.AsyncCl
 async def test_metrics_count_requests_tokens_and_latency(gateway: httpx.AsyncClient, backend: Backend) -> None:
     await gateway.post("/v1/chat/completions", json=chat(stream=True, max_tokens=4))
     await gateway.post("/v1/chat/completions", json=chat(model="nope"))
+    await gateway.post("/v1/chat/completions", json=chat(stream="yes"))  # refused before routing, model named
     text = (await gateway.get("/metrics")).text
     assert 'deploykit_requests_total{key="",model="m1",status="200"} 1.0' in text
     assert 'deploykit_requests_total{key="",model="unknown",status="404"} 1.0' in text  # not the made-up name
+    assert 'deploykit_requests_total{key="",model="m1",status="400"} 1.0' in text  # a served name is kept
     assert 'deploykit_tokens_total{key="",kind="completion",model="m1"} 4.0' in text
     assert 'deploykit_ttft_seconds_count{model="m1"} 1.0' in text
     assert 'deploykit_inter_token_seconds_count{model="m1"} 3.0' in text

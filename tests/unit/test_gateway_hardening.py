@@ -308,6 +308,11 @@ async def test_operator_pages_need_the_metrics_token_or_loopback_when_keys_are_o
         assert_openai_error(await local.get(path), 401, "operator_only", message)  # a token set: loopback is not enough
     async with client_from(with_token, "203.0.113.7", authorization="Bearer m-secret") as prometheus:
         assert (await prometheus.get(path)).status_code == 200
+    async with client_from(with_token, "203.0.113.7", authorization="bearer  m-secret") as spaced:
+        assert (await spaced.get(path)).status_code == 200  # the scheme in any case, the token stripped
+    for wrong in ("Basic m-secret", "Bearer m-secret2", "m-secret"):
+        async with client_from(with_token, "127.0.0.1", authorization=wrong) as client:
+            assert (await client.get(path)).status_code == 401, wrong
     async with client_from(make_app(), "203.0.113.7") as open_gateway:  # type: ignore[operator]
         assert (await open_gateway.get(path)).status_code == 200
 
