@@ -195,7 +195,10 @@ def recheck(names: list[str], timeout_s: float = 300, workers: int = 2) -> list[
         return result.returncode == 0
 
     with ThreadPoolExecutor(workers) as pool:
-        verdicts = list(pool.map(survives, names))
+        verdicts = []
+        for name, alive in zip(names, pool.map(survives, names), strict=True):
+            print(f"recheck: {name}: {'survived' if alive else 'killed'}", flush=True)  # an interrupted recheck's
+            verdicts.append(alive)  # verdicts so far stay in its log
     return [name for name, alive in zip(names, verdicts, strict=True) if alive]
 
 

@@ -89,9 +89,12 @@ def create_fake_engine(
         max_tokens = _max_tokens(body, chat)
         words = (ANSWER.split(" ") * (max_tokens // 6 + 1))[:max_tokens]
         pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        # vLLM answers with the request id it was given (--enable-request-id-headers)
+        echo = {"x-request-id": request.headers["x-request-id"]} if "x-request-id" in request.headers else {}
         if body.get("stream"):
             usage = (body.get("stream_options") or {}).get("include_usage") is True
-            return StreamingResponse(_stream(app, pieces, chat, token_delay, usage), media_type="text/event-stream")
+            stream = _stream(app, pieces, chat, token_delay, usage)
+            return StreamingResponse(stream, media_type="text/event-stream", headers=echo)
         app.state.in_flight += 1
         try:
             for _ in pieces:  # like vLLM, stop generating for a client that has gone
@@ -106,7 +109,7 @@ def create_fake_engine(
         choice = {"index": 0, "finish_reason": "length"}
         choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
         kind = "chat.completion" if chat else "text_completion"
-        return {
+        answer = {
             "id": "cmpl-1",
             "object": kind,
             "created": int(time.time()),
@@ -114,6 +117,7 @@ def create_fake_engine(
             "choices": [choice],
             "usage": _usage(len(pieces)),
         }
+        return JSONResponse(answer, headers=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> object:

@@ -219,6 +219,20 @@ async def test_shared_quotas_are_taken_from_the_database(make_app: Callable[...,
     assert requests < 1  # the state is in the database, where another gateway reads it
 
 
+async def test_the_engines_request_id_comes_back_beside_the_quota_headers(secured: FastAPI, db: Database) -> None:
+    _, token = create_key(db, "team-a", rpm=10)
+    async with client_of(secured, authorization=f"Bearer {token}") as client:
+        whole = await client.post("/v1/chat/completions", json=chat(max_tokens=2), headers={"x-request-id": "r-1"})
+        body, second = chat(max_tokens=2, stream=True), {"x-request-id": "r-2"}
+        async with client.stream("POST", "/v1/chat/completions", json=body, headers=second) as streamed:
+            await streamed.aread()
+    for response, request_id in ((whole, "r-1"), (streamed, "r-2")):
+        assert response.status_code == 200
+        assert response.headers["x-request-id"] == request_id
+        assert response.headers["x-ratelimit-limit-requests"] == "10"
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+
+
 async def test_tokens_are_settled_to_the_engines_usage(secured: FastAPI, db: Database) -> None:
     _, token = create_key(db, "team-a", tpm=10_000)
     async with client_of(secured, authorization=f"Bearer {token}") as client:
