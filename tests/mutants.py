@@ -164,9 +164,9 @@ def survivors() -> list[str]:
 
 
 def recheck(names: list[str], timeout_s: float = 300, workers: int = 2) -> list[str]:
-    """Run each surviving mutant against the whole test files that reach its function, as the tests are now
-    (copied into the staging tree first: tests written for a run's survivors count); returns those that
-    still survive. mutmut runs a mutant only against the tests it saw reach the function, and it credits a
+    """Run each surviving mutant against the whole test files that reach its function or import its module,
+    as the tests are now (copied into the staging tree first: tests written for a run's survivors count);
+    returns those that still survive. mutmut runs a mutant only against the tests it saw reach the function, and it credits a
     module- or session-scoped fixture's calls to the one test that set the fixture up, and a subprocess's
     calls to no test at all. The verdicts found here are reported beside mutmut's, not written into its data;
     the staged source is the run's, so the code must not have changed since."""
@@ -178,7 +178,9 @@ def recheck(names: list[str], timeout_s: float = 300, workers: int = 2) -> list[
 
     def survives(name: str) -> bool:
         function = name.rsplit("__mutmut_", 1)[0]
-        files = sorted({test.split("::")[0] for test in stats.get(function, ())}) or _importers(name)
+        # the files whose tests reached it in the run, and those that import its module: a test written
+        # since may sit in a file that did not reach it then
+        files = sorted({test.split("::")[0] for test in stats.get(function, ())} | set(_importers(name)))
         if not files:
             return True
         command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
