@@ -166,10 +166,10 @@ def survivors() -> list[str]:
 def recheck(names: list[str], timeout_s: float = 300, workers: int = 2) -> list[str]:
     """Run each surviving mutant against the whole test files that reach its function or import its module,
     as the tests are now (copied into the staging tree first: tests written for a run's survivors count);
-    returns those that still survive. mutmut runs a mutant only against the tests it saw reach the function, and it credits a
-    module- or session-scoped fixture's calls to the one test that set the fixture up, and a subprocess's
-    calls to no test at all. The verdicts found here are reported beside mutmut's, not written into its data;
-    the staged source is the run's, so the code must not have changed since."""
+    returns those that still survive. mutmut runs a mutant only against the tests it saw reach the function,
+    and it credits a module- or session-scoped fixture's calls to the one test that set the fixture up, and a
+    subprocess's calls to no test at all. The verdicts found here are reported beside mutmut's, not written
+    into its data; the staged source is the run's, so the code must not have changed since."""
     shutil.rmtree(STAGING / "mutants" / "tests", ignore_errors=True)
     shutil.copytree(REPO / "tests", STAGING / "mutants" / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     stats = json.loads((STAGING / "mutants" / "mutmut-stats.json").read_text())["tests_by_mangled_function_name"]
