@@ -163,7 +163,7 @@ def survivors() -> list[str]:
     return [line.strip() for line in result.stdout.splitlines() if line.strip()]
 
 
-def recheck(names: list[str], timeout_s: float = 300, workers: int = 2) -> list[str]:
+def recheck(names: list[str], timeout_s: float = 300, workers: int = 1) -> list[str]:
     """Run each surviving mutant against the whole test files that reach its function or import its module,
     as the tests are now (copied into the staging tree first: tests written for a run's survivors count);
     returns those that still survive. mutmut runs a mutant only against the tests it saw reach the function,
@@ -297,7 +297,7 @@ def main() -> None:
     killed_on_recheck: Counter[str] = Counter()
     if args.recheck:
         chosen = [n for n in survived + untested if any(fnmatch.fnmatch(_module_of(n), p) for p in args.recheck)]
-        alive = set(recheck(chosen, workers=args.max_children))
+        alive = set(recheck(chosen))  # one at a time: tests that time themselves fail beside another run
         killed_on_recheck.update(_module_of(n) for n in chosen if n not in alive)
         survived = [n for n in survived if n not in set(chosen) - alive]
         untested = [n for n in untested if n not in set(chosen) - alive]
