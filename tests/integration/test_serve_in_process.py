@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
 import signal
 import sqlite3
 import sys
@@ -134,7 +135,9 @@ def test_a_replica_becomes_ready_dies_is_restarted_with_backoff_and_is_given_up(
                     assert replica.given_up and "3 times in a row: giving it up" in recorder.warnings()[-1]
                     return
                 assert replica.failures == death
-                assert f"restarting it in {FAST.delay_s(death):g} s" in recorder.warnings()[-1]
+                delay = FAST.delay_s(death)
+                said = rf"^The engine for fake-model exited with status -?\d+; restarting it in {delay:g} s "
+                assert re.match(said, recorder.warnings()[-1]), recorder.warnings()[-1]
                 await step_until(supervisor, lambda: replica.backend.status == "starting")
                 assert replica.started_at - died_at >= FAST.delay_s(death)  # restarted after the back-off, not before
                 await step_until(supervisor, lambda: replica.backend.status == "ready")
