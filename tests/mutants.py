@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,13 +162,14 @@ def survivors() -> list[str]:
     return [line.strip() for line in result.stdout.splitlines() if line.strip()]
 
 
-def recheck(names: list[str], timeout_s: float = 300, workers: int = 1) -> list[str]:
+def recheck(names: list[str], timeout_s: float = 300) -> list[str]:
     """Run each surviving mutant against the whole test files that reach its function or import its module,
     as the tests are now (copied into the staging tree first: tests written for a run's survivors count);
     returns those that still survive. mutmut runs a mutant only against the tests it saw reach the function,
     and it credits a module- or session-scoped fixture's calls to the one test that set the fixture up, and a
-    subprocess's calls to no test at all. The verdicts found here are reported beside mutmut's, not written
-    into its data; the staged source is the run's, so the code must not have changed since."""
+    subprocess's calls to no test at all. One at a time: tests that time themselves fail beside another run.
+    The verdicts found here are reported beside mutmut's, not written into its data (and logged as they come,
+    for an interrupted recheck); the staged source is the run's, so the code must not have changed since."""
     shutil.rmtree(STAGING / "mutants" / "tests", ignore_errors=True)
     shutil.copytree(REPO / "tests", STAGING / "mutants" / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     stats = json.loads((STAGING / "mutants" / "mutmut-stats.json").read_text())["tests_by_mangled_function_name"]
@@ -196,12 +196,13 @@ def recheck(names: list[str], timeout_s: float = 300, workers: int = 1) -> list[
             return False  # a mutant that hangs the tests is caught (mutmut counts a timeout as killed)
         return result.returncode == 0
 
-    with ThreadPoolExecutor(workers) as pool:
-        verdicts = []
-        for name, alive in zip(names, pool.map(survives, names), strict=True):
-            print(f"recheck: {name}: {'survived' if alive else 'killed'}", flush=True)  # an interrupted recheck's
-            verdicts.append(alive)  # verdicts so far stay in its log
-    return [name for name, alive in zip(names, verdicts, strict=True) if alive]
+    alive = []
+    for name in names:
+        verdict = survives(name)
+        print(f"recheck: {name}: {'survived' if verdict else 'killed'}", flush=True)
+        if verdict:
+            alive.append(name)
+    return alive
 
 
 def _importers(mutant: str) -> list[str]:
@@ -297,7 +298,7 @@ def main() -> None:
     killed_on_recheck: Counter[str] = Counter()
     if args.recheck:
         chosen = [n for n in survived + untested if any(fnmatch.fnmatch(_module_of(n), p) for p in args.recheck)]
-        alive = set(recheck(chosen))  # one at a time: tests that time themselves fail beside another run
+        alive = set(recheck(chosen))
         killed_on_recheck.update(_module_of(n) for n in chosen if n not in alive)
         survived = [n for n in survived if n not in set(chosen) - alive]
         untested = [n for n in untested if n not in set(chosen) - alive]

@@ -317,10 +317,13 @@ def interrupt_after(work: object) -> threading.Thread:
 
 
 def wait_ready(url: str, timeout_s: float = 30) -> None:
+    """Until the gateway is ready and so is every replica it lists (a model is ready with one)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url + "/ready").status_code == 200:
+            response = httpx.get(url + "/ready")
+            replicas = response.json().get("replicas", {})
+            if response.status_code == 200 and all(s == "ready" for r in replicas.values() for s in r.values()):
                 return
         except httpx.TransportError:
             pass
@@ -338,13 +341,7 @@ def test_run_serves_until_a_signal_then_stops_everything(settings: Settings, tmp
     answers: list[int] = []
 
     def client() -> None:
-        wait_ready(url)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # a model is ready with one replica; wait for both of fake-model's
-            replicas = httpx.get(url + "/ready").json()["replicas"]
-            if all(s == "ready" for r in replicas.values() for s in r.values()):
-                break
-            time.sleep(0.1)
+        wait_ready(url)  # both of fake-model's replicas too
         for model in ("fake-model", "other"):
             body = {"model": model, "prompt": "x", "max_tokens": 3}
             answers.append(httpx.post(url + "/v1/completions", json=body, timeout=30).status_code)
