@@ -258,7 +258,7 @@ def _download_lfs_resumably(
     """Fetch the LFS files (the weights) straight into the cache's blobs/ through partial files that survive
     an interruption: the next pull continues each with a Range request. (huggingface_hub itself restarts
     a file from its first byte in a new process.) snapshot_download then finds the blobs in place."""
-    blobs = cache / repo_folder_name(repo_id=repo, repo_type="model") / "blobs"
+    blobs = _blobs(cache, repo)
     blobs.mkdir(parents=True, exist_ok=True)
     headers = build_hf_headers(token=token)
     for f in files:
@@ -336,8 +336,19 @@ def hub_errors(repo: str) -> Iterator[None]:
 
 
 def _cached(cache: Path, repo: str, revision: str, f: RemoteFile) -> bool:
-    path = hf.try_to_load_from_cache(repo, f.path, cache_dir=cache, revision=revision)
-    return isinstance(path, str) and os.path.getsize(path) == f.size
+    """Whether the cache holds `f` as the commit `revision` has it. An LFS file (the weights) is its blob,
+    named by its sha256, whichever commit fetched it: a new commit that changed only the config needs no
+    room for the weights again (nor fetches them: see _download_lfs_resumably)."""
+    if f.sha256 is not None:
+        path: Path | None = _blobs(cache, repo) / f.sha256
+    else:
+        found = hf.try_to_load_from_cache(repo, f.path, cache_dir=cache, revision=revision)
+        path = Path(found) if isinstance(found, str) else None
+    return path is not None and path.is_file() and path.stat().st_size == f.size
+
+
+def _blobs(cache: Path, repo: str) -> Path:
+    return cache / repo_folder_name(repo_id=repo, repo_type="model") / "blobs"
 
 
 def _gib(n: float) -> str:

@@ -6,9 +6,11 @@ read repos, serving real files from disk. Point huggingface_hub at it with HF_EN
     HEAD /{repo}/resolve/{rev}/{path}                  X-Repo-Commit, ETag / X-Linked-Etag, X-Linked-Size
     GET  /{repo}/resolve/{rev}/{path}                  the bytes; honours Range (206) for resume
 
-Errors as the hub sends them: 401 + X-Error-Code RepoNotFound for an unknown repo, 401 GatedRepo for a
-gated repo without a valid token, 404 RevisionNotFound / EntryNotFound. Tests can corrupt a file's
-bytes (same size, advertised hashes unchanged) and throttle a file to interrupt a download.
+A repo keeps its history: adding a repo again makes a new commit on main, and every earlier commit stays
+readable by its sha (as `pull NAME@COMMIT` reads it). Errors as the hub sends them: 401 + X-Error-Code
+RepoNotFound for an unknown repo, 401 GatedRepo for a gated repo without a valid token, 404
+RevisionNotFound / EntryNotFound. Tests can corrupt a file's bytes (same size, advertised hashes unchanged)
+and throttle a file to interrupt a download.
 """
 
 from __future__ import annotations
@@ -51,9 +53,16 @@ class HubFile:
 @dataclass
 class HubRepo:
     repo_id: str
-    files: dict[str, HubFile]
-    sha: str
+    files: dict[str, HubFile]  # main's
+    sha: str  # main's commit
     gated: bool = False
+    commits: dict[str, dict[str, HubFile]] = field(default_factory=dict)  # every commit's files, main's too
+
+    def at(self, revision: str) -> tuple[str, dict[str, HubFile]] | None:
+        """The commit and files `revision` (main or a commit sha) names; None when it names none."""
+        sha = self.sha if revision == "main" else revision
+        files = self.commits.get(sha)
+        return None if files is None else (sha, files)
 
 
 @dataclass
@@ -75,7 +84,8 @@ class FakeHub:
             sha256 = hashlib.sha256(data).hexdigest() if len(data) >= LFS_MIN_SIZE else None
             files[rel] = HubFile(rel, disk, len(data), git_oid, sha256)
         sha = hashlib.sha1("".join(f.git_oid for f in files.values()).encode()).hexdigest()
-        repo = HubRepo(repo_id, files, sha, gated)
+        earlier = self.repos[repo_id].commits if repo_id in self.repos else {}
+        repo = HubRepo(repo_id, files, sha, gated, {**earlier, sha: files})
         self.repos[repo_id] = repo
         return repo
 
@@ -111,17 +121,17 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     return
                 rest = parts[4:]
                 if not rest or rest[0] == "revision":
-                    if self._revision(repo, rest[1] if len(rest) > 1 else "main"):
-                        self._json(_info(repo))
-                elif rest[0] == "tree" and self._revision(repo, rest[1]):
+                    if commit := self._revision(repo, rest[1] if len(rest) > 1 else "main"):
+                        self._json(_info(repo, *commit))
+                elif rest[0] == "tree" and (commit := self._revision(repo, rest[1])):
                     prefix = "/".join(rest[2:])
-                    self._json([_tree_entry(f) for f in repo.files.values() if f.path.startswith(prefix)])
+                    self._json([_tree_entry(f) for f in commit[1].values() if f.path.startswith(prefix)])
                 else:
                     self._error(404, "EntryNotFound", "no such API")
             elif len(parts) >= 5 and parts[2] == "resolve":
                 repo = self._repo("/".join(parts[:2]))
-                if repo is not None and self._revision(repo, parts[3]):
-                    self._file(repo, "/".join(parts[4:]), body)
+                if repo is not None and (commit := self._revision(repo, parts[3])):
+                    self._file(repo, *commit, "/".join(parts[4:]), body)
             else:
                 self._error(404, "EntryNotFound", "not a hub route")
 
@@ -139,14 +149,14 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return None
             return repo
 
-        def _revision(self, repo: HubRepo, revision: str) -> bool:
-            if revision in ("main", repo.sha):
-                return True
-            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
-            return False
+        def _revision(self, repo: HubRepo, revision: str) -> tuple[str, dict[str, HubFile]] | None:
+            commit = repo.at(revision)
+            if commit is None:
+                self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            return commit
 
-        def _file(self, repo: HubRepo, path: str, body: bool) -> None:
-            f = repo.files.get(path)
+        def _file(self, repo: HubRepo, sha: str, files: dict[str, HubFile], path: str, body: bool) -> None:
+            f = files.get(path)
             if f is None:
                 self._error(404, "EntryNotFound", f"{path} does not exist")
                 return
@@ -156,7 +166,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.send_response(206 if start else 200)
             self.send_header("Content-Length", str(f.size - start))
             self.send_header("Accept-Ranges", "bytes")
-            self.send_header("X-Repo-Commit", repo.sha)
+            self.send_header("X-Repo-Commit", sha)
             self.send_header("ETag", f'"{f.git_oid}"')
             if f.sha256:
                 self.send_header("X-Linked-Etag", f'"{f.sha256}"')
@@ -212,18 +222,18 @@ def _tree_entry(f: HubFile) -> dict[str, object]:
     return entry
 
 
-def _info(repo: HubRepo) -> dict[str, object]:
+def _info(repo: HubRepo, sha: str, files: dict[str, HubFile]) -> dict[str, object]:
     siblings = []
-    for f in repo.files.values():
+    for f in files.values():
         sibling: dict[str, object] = {"rfilename": f.path, "size": f.size, "blobId": f.git_oid}
         if f.sha256:
             sibling["lfs"] = {"sha256": f.sha256, "size": f.size, "pointerSize": 134}
         siblings.append(sibling)
     return {
-        "_id": repo.sha[:24],
+        "_id": sha[:24],
         "id": repo.repo_id,
         "modelId": repo.repo_id,
-        "sha": repo.sha,
+        "sha": sha,
         "private": False,
         "gated": "manual" if repo.gated else False,
         "disabled": False,

@@ -51,6 +51,16 @@ def hub(tmp_path: Path) -> Iterator[FakeHub]:
     server.shutdown()
 
 
+def move_upstream(hub: FakeHub, tmp_path: Path) -> str:
+    """A new commit on main of the MiniLM repo: its config and model card changed, the weights the same.
+    The earlier commit stays on the hub. Returns the new commit."""
+    changed = tmp_path / "upstream"
+    shutil.copytree(minilm_snapshot(), changed)
+    (changed / "config.json").write_text((changed / "config.json").read_text().replace("}", ', "x": 1}', 1))
+    (changed / "README.md").write_text("# the new card\n")
+    return hub.add_repo(MINILM, changed).sha
+
+
 def cli_env(hub: FakeHub, tmp_path: Path) -> dict[str, str]:
     """The environment for running the deploykit CLI against the local hub, in temp homes."""
     return {
@@ -85,6 +95,27 @@ def test_full_pull_fetches_what_serving_needs_once(hub: FakeHub, store: ModelSto
     before = sum(hub.served.values())
     assert do_pull(hub, store, tmp_path, f"all-minilm-l6-v2@{repo.sha}") == model
     assert sum(hub.served.values()) == before  # present and verified: nothing fetched again
+
+
+def test_an_older_commit_is_pulled_as_it_was_then_main_reuses_its_weights(
+    hub: FakeHub, store: ModelStore, tmp_path: Path
+) -> None:
+    old = hub.repos[MINILM].sha
+    new = move_upstream(hub, tmp_path)
+    model = do_pull(hub, store, tmp_path, f"all-minilm-l6-v2@{old}")
+    assert model.fingerprint == old and model.source == f"hf://{MINILM}@{old}"
+    for name in ("config.json", "README.md"):
+        assert (model.path / name).read_bytes() == (minilm_snapshot() / name).read_bytes(), name
+    weights = hub.repos[MINILM].files["model.safetensors"].size
+    assert hub.served[(MINILM, "model.safetensors")] == weights
+    # main changed the config and the card only: the weights' blob is already in the cache, so the pull
+    # needs room for the small files alone and fetches no weight byte again
+    small = sum(f.size for f in hub.repos[MINILM].files.values() if f.sha256 is None)
+    main = do_pull(hub, store, tmp_path, disk_free=lambda _p: DISK_MARGIN + small)
+    assert main.fingerprint == new and store.get("all-minilm-l6-v2") == main
+    assert json.loads((main.path / "config.json").read_text())["x"] == 1
+    assert (main.path / "README.md").read_text() == "# the new card\n"
+    assert hub.served[(MINILM, "model.safetensors")] == weights
 
 
 def test_a_repo_id_works_without_a_catalog_entry(hub: FakeHub, store: ModelStore, tmp_path: Path) -> None:
@@ -315,6 +346,22 @@ def test_pull_exit_codes_through_the_cli(hub: FakeHub, tmp_path: Path, case: str
     assert result.returncode == code, result.stderr
     assert says in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "home" / "models" / "all-minilm-l6-v2").exists()
+
+
+def test_the_card_of_an_older_commit_live_and_offline(hub: FakeHub, tmp_path: Path) -> None:
+    old = hub.repos[MINILM].sha
+    new = move_upstream(hub, tmp_path)
+
+    def read(revision: str, **kw: object) -> HubCard | None:
+        return read_card(MINILM, revision, listings=tmp_path / "l", endpoint=hub.url, cache_dir=tmp_path / "hf", **kw)  # type: ignore[arg-type]
+
+    latest = read("main")
+    assert latest is not None and (latest.revision, latest.readme) == (new, "# the new card\n")
+    assert latest.config is not None and latest.config["x"] == 1
+    original = json.loads((minilm_snapshot() / "config.json").read_text())
+    for card in (read(old), read(old, offline=True)):  # the last look was at the old commit, main cached too
+        assert card is not None and card.revision == old
+        assert card.readme == (minilm_snapshot() / "README.md").read_text() and card.config == original
 
 
 def test_a_card_with_a_readme_not_in_utf8_and_no_config(hub: FakeHub, tmp_path: Path) -> None:

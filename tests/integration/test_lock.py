@@ -21,7 +21,7 @@ from deploykit.models.hub import lock_model, pull
 from deploykit.models.lock import Lock, check_models
 from deploykit.models.store import ModelStore
 from tests.fakes.hub import FakeHub, minilm_snapshot, serve_hub
-from tests.integration.test_hub import MINILM, cli_env
+from tests.integration.test_hub import MINILM, cli_env, move_upstream
 
 CATALOG = load_catalog()
 ALIAS = "all-minilm-l6-v2"
@@ -43,14 +43,6 @@ def do_pull(hub: FakeHub, tmp_path: Path, name: str = ALIAS, **kw: object):  # t
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def move_upstream(hub: FakeHub, tmp_path: Path) -> str:
-    """A new commit on the hub's main: the same repo with one file changed."""
-    changed = tmp_path / "upstream"
-    shutil.copytree(minilm_snapshot(), changed)
-    (changed / "config.json").write_text((changed / "config.json").read_text().replace("}", ', "x": 1}', 1))
-    return hub.add_repo(MINILM, changed).sha
 
 
 def test_pull_locks_the_commit_and_the_sha256_of_every_file_served(hub: FakeHub, tmp_path: Path) -> None:
@@ -106,6 +98,19 @@ def test_models_lock_resolves_without_downloading_the_weights(hub: FakeHub, tmp_
     model = do_pull(hub, tmp_path, lock=Lock.read(lock.path), locked=True)  # the lock it wrote is the pull's
     assert Lock.read(lock.path).get(ALIAS) == entry
     check_models([model], Lock.read(lock.path))
+
+
+def test_models_lock_of_an_older_commit_hashes_that_commits_files(hub: FakeHub, tmp_path: Path) -> None:
+    old = hub.repos[MINILM].sha
+    move_upstream(hub, tmp_path)
+    lock = Lock(tmp_path / "deploykit.lock")
+    store = ModelStore(tmp_path / "store")
+    name = f"{ALIAS}@{old}"
+    entry = lock_model(name, store=store, catalog=CATALOG, lock=lock, endpoint=hub.url, cache_dir=tmp_path / "hf")
+    assert (entry.revision, entry.commit, entry.source) == (old, old, f"hf://{MINILM}@{old}")
+    assert {f.path: f.sha256 for f in entry.files} == {f.path: sha256(minilm_snapshot() / f.path) for f in entry.files}
+    # the locked commit is still on the hub: the hint of a refused --locked pull works
+    assert do_pull(hub, tmp_path, name, lock=Lock.read(lock.path), locked=True).fingerprint == old
 
 
 def test_a_bundle_carries_a_model_to_a_machine_without_the_hub(hub: FakeHub, tmp_path: Path) -> None:
