@@ -51,6 +51,7 @@ from deploykit.serve.remote import RemoteEngine, RemoteWatch
 from deploykit.serve.supervisor import Failure, Ready, Replica, RestartPolicy, Supervisor
 
 _POLL_S = 0.5
+_HEARTBEAT_S = 60.0  # how often the deployment's last-seen time is written
 
 
 @dataclass(frozen=True)
@@ -327,10 +328,10 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def _heartbeat(deployment: DeploymentLog, every_s: float = 60.0) -> None:
+async def _heartbeat(deployment: DeploymentLog) -> None:
     """Keep the deployment's last-seen time current, so that GPU hours survive a kill -9."""
     while True:
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(_HEARTBEAT_S)
         await asyncio.to_thread(deployment.heartbeat)
 
 

@@ -1,7 +1,7 @@
 """A small OpenAI-compatible server with a known token schedule: the upstream for gateway tests.
 
 Run in-process (`create_fake_engine()` behind httpx.ASGITransport) or as a real process:
-    python -m tests.fakes.engine --port 8123 [--model NAME] [--token-delay 0.01]
+    python -m tests.fakes.engine --port 8123 [--model NAME] [--token-delay 0.01] [--lora-modules NAME=PATH ...]
 It answers every prompt with the words of ANSWER, one token per SSE chunk (and a usage chunk when
 stream_options asks), embeds any input as a fixed 3-number vector, and records the requests it saw
 finish and the ones whose client went away (and logs each abort).
@@ -28,11 +28,15 @@ CONTEXT = 64  # a chat request that sets no max_tokens generates this many (vLLM
 
 
 def create_fake_engine(
-    model: str = "fake-model", token_delay: float = 0.0, api_key: str | None = None, gzip: str | None = None
+    model: str = "fake-model",
+    token_delay: float = 0.0,
+    api_key: str | None = None,
+    gzip: str | None = None,
+    adapters: tuple[str, ...] = (),
 ) -> ASGIApp:
     """With `api_key`, it stands for a managed API: requests need that key (Bearer or Azure's api-key).
     `gzip`: "on_request" compresses answers for clients that accept gzip, "always" for every client (as
-    some proxies in front of managed APIs do)."""
+    some proxies in front of managed APIs do). `adapters`: LoRA adapters' names it also answers to."""
     app = FastAPI()
     app.state.finished = 0
     app.state.aborted = 0
@@ -82,7 +86,7 @@ def create_fake_engine(
         ):
             return JSONResponse({"error": {"message": "bad key", "type": "invalid_request_error"}}, 401)
         body = await request.json()
-        if body.get("model") != model:
+        if body.get("model") not in (model, *adapters):
             return JSONResponse(
                 {"error": {"message": "no such model", "type": "NotFoundError", "param": None, "code": 404}}, 404
             )
@@ -250,11 +254,14 @@ def main() -> None:
     parser.add_argument("--token-delay", type=float, default=0.01)
     parser.add_argument("--startup-delay", type=float, default=0.0)
     parser.add_argument("--die-after", type=float, default=0.0, help="exit (status 3) this long after start")
+    parser.add_argument("--lora-modules", nargs="*", default=[], help="NAME=PATH: answer to NAME too, as vLLM does")
     args = parser.parse_args()
     start_up(args.port, args.startup_delay)
     if args.die_after:
         threading.Timer(args.die_after, lambda: os._exit(3)).start()
-    uvicorn.run(create_fake_engine(args.model, args.token_delay), host="127.0.0.1", port=args.port, log_level="warning")
+    adapters = tuple(m.split("=")[0] for m in args.lora_modules)
+    app = create_fake_engine(args.model, args.token_delay, adapters=adapters)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

