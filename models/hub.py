@@ -229,10 +229,15 @@ def pull(
 
 def _check_remote(remote: RemoteModel, files: list[RemoteFile], entry: LockEntry) -> None:
     """Before any download: the hub's commit and file list are the locked ones."""
+    if entry.commit is None:
+        raise LockError(
+            f"The lock records {entry.alias} as a local import, not a commit of {remote.repo} on the hub.",
+            f"Import the locked files again (`deploykit models import PATH --alias {entry.alias}`), or take the "
+            "hub's commit on purpose with `deploykit pull` without --locked (it rewrites the lock).",
+        )
     if remote.revision != entry.commit:
         raise LockError(
-            f"{remote.repo} is now commit {remote.revision[:12]} on the hub; the lock says "
-            f"{(entry.commit or 'none (a local import)')[:12]}.",
+            f"{remote.repo} is now commit {remote.revision[:12]} on the hub; the lock says {entry.commit[:12]}.",
             f"Get the locked files with `deploykit pull {remote.repo}@{entry.commit} --locked`, or take the new "
             "commit on purpose with `deploykit pull` without --locked (it rewrites the lock).",
         )

@@ -93,16 +93,15 @@ def _installed(path: str) -> str:
     return f"{_PACKAGES[top]}/{rest}" if rest else _PACKAGES[top]
 
 
-def run(max_children: int) -> int:
+def run(max_children: int, only: list[str]) -> int:
     # A mutant that drops a cache_dir argument downloads into the default HF cache, where later mutants would
     # find the files and survive: each run gets a cache of its own, never the user's.
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "HF_HOME": str(STAGING / "hf-home")}
     log = STAGING / "mutmut.log"
     mutmut = Path(sys.executable).with_name("mutmut")
     with log.open("a") as out:
-        code = subprocess.run(
-            [str(mutmut), "run", "--max-children", str(max_children)], cwd=STAGING, env=env, stdout=out, stderr=out
-        ).returncode
+        command = [str(mutmut), "run", "--max-children", str(max_children), *only]
+        code = subprocess.run(command, cwd=STAGING, env=env, stdout=out, stderr=out).returncode
     print(f"mutmut exited {code}; its log: {log}")
     return code
 
@@ -245,7 +244,8 @@ def survivor_kinds(names: list[str], untested: list[str]) -> dict[str, Counter[s
 
 
 _SQL_START = "SELECT|INSERT|UPDATE|DELETE|CREATE|ALTER|BEGIN|COMMIT|ROLLBACK|PRAGMA|ON CONFLICT"
-_SQL = re.compile(rf"""^[rbuf]*["']({_SQL_START})\b""", re.IGNORECASE)
+# Our SQL is written with its keywords in capitals: a sentence that starts "Update the lock" is not SQL.
+_SQL = re.compile(rf"""^[rbuf]*["']({_SQL_START})\b""")
 
 
 def kind_of(old: list[str], new: list[str]) -> str:
@@ -285,12 +285,19 @@ def main() -> None:
         help="after the run, check these modules' survivors against whole test files (see recheck())",
     )
     parser.add_argument("--resume", action="store_true", help="go on with an interrupted run (same code, same modules)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        metavar="PATTERN",
+        help="only the mutants whose names match, e.g. 'deploykit.models.hub.x_pull__*' (one function's)",
+    )
     args = parser.parse_args()
     if not args.report_only:
         started = time.monotonic()
         if not args.resume:
             stage(args.modules or list(MODULES))
-        run(args.max_children)
+        run(args.max_children, args.only)
         print(f"{(time.monotonic() - started) / 60:.0f} minutes")
     left = survivors()
     survived = [line.split(":")[0] for line in left if line.endswith(": survived")]

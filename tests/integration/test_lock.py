@@ -3,6 +3,7 @@ upstream or changed bytes, and models travel to a machine without the hub in a t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import shutil
@@ -18,7 +19,7 @@ from deploykit.core.errors import GatedModelError, LockError, ModelImportError
 from deploykit.models.bundle import MANIFEST, export_bundle, import_bundle
 from deploykit.models.catalog import load_catalog
 from deploykit.models.hub import lock_model, pull
-from deploykit.models.lock import Lock, check_models
+from deploykit.models.lock import Lock, LockedFile, check_models
 from deploykit.models.store import ModelStore
 from tests.fakes.hub import FakeHub, minilm_snapshot, serve_hub
 from tests.integration.test_hub import MINILM, cli_env, move_upstream
@@ -64,12 +65,52 @@ def test_locked_pull_refuses_a_moved_upstream_before_downloading(hub: FakeHub, t
     served = sum(hub.served.values())
     with pytest.raises(LockError) as e:
         do_pull(hub, tmp_path / "b", lock=lock, locked=True)
-    assert new_commit[:12] in e.value.message and locked_commit[:12] in e.value.message
-    assert f"@{locked_commit} --locked" in e.value.hint
+    assert e.value.message == (
+        f"{MINILM} is now commit {new_commit[:12]} on the hub; the lock says {locked_commit[:12]}."
+    )
+    assert e.value.hint == (
+        f"Get the locked files with `deploykit pull {MINILM}@{locked_commit} --locked`, or take the new commit on "
+        "purpose with `deploykit pull` without --locked (it rewrites the lock)."
+    )
     assert sum(hub.served.values()) == served  # nothing fetched
     assert Lock.read(lock.path).get(ALIAS).commit == locked_commit  # --locked never rewrites the lock
     assert do_pull(hub, tmp_path / "c", lock=lock).fingerprint == new_commit  # without it: taken on purpose
     assert Lock.read(lock.path).get(ALIAS).commit == new_commit
+
+
+def test_locked_pull_lists_each_file_the_hub_has_otherwise_before_downloading(hub: FakeHub, tmp_path: Path) -> None:
+    """The hub is at the locked commit, but the lock (edited, or written for other files) disagrees with its
+    listing: every difference is named, and nothing is fetched."""
+    lock = Lock(tmp_path / "deploykit.lock")
+    entry = lock_model(ALIAS, store=ModelStore(tmp_path / "s"), catalog=CATALOG, lock=lock, endpoint=hub.url,
+                       cache_dir=tmp_path / "hf0")  # fmt: skip
+    served = sum(hub.served.values())  # the small files, hashed for the lock
+    files = {f.path: f for f in entry.files}
+    weights = files.pop("model.safetensors")
+    del files["vocab.txt"]  # on the hub, not in the lock
+    files["extra.bin"] = LockedFile("extra.bin", 1, "0" * 64)  # in the lock, not on the hub
+    files["model.safetensors"] = dataclasses.replace(weights, sha256="f" * 64)  # the hub lists another sha256
+    lock.put(dataclasses.replace(entry, files=tuple(files.values())))
+    with pytest.raises(LockError) as e:
+        do_pull(hub, tmp_path, lock=lock, locked=True)
+    assert e.value.message == f"{MINILM}@{entry.commit[:12]} does not match the lock."  # type: ignore[index]
+    assert e.value.hint == "Update the lock on purpose with `deploykit pull` (without --locked)."
+    assert e.value.details == [
+        "vocab.txt: not in the lock",
+        "extra.bin: no longer on the hub",
+        "model.safetensors: the hub's sha256 differs from the lock",
+    ]
+    assert sum(hub.served.values()) == served
+    # a lock written for a local import has no commit: no commit of the hub's is the one locked
+    lock.put(dataclasses.replace(entry, repo=None, revision=None, commit=None))
+    with pytest.raises(LockError) as e:
+        do_pull(hub, tmp_path, lock=lock, locked=True)
+    assert e.value.message == f"The lock records {ALIAS} as a local import, not a commit of {MINILM} on the hub."
+    assert e.value.hint == (
+        f"Import the locked files again (`deploykit models import PATH --alias {ALIAS}`), or take the hub's "
+        "commit on purpose with `deploykit pull` without --locked (it rewrites the lock)."
+    )
+    assert sum(hub.served.values()) == served
 
 
 def test_locked_pull_refuses_changed_bytes_and_a_model_not_in_the_lock(hub: FakeHub, tmp_path: Path) -> None:
@@ -234,8 +275,9 @@ def test_models_lock_of_a_gated_repo_and_of_stored_copies(tmp_path: Path) -> Non
         assert stored == remote and Lock.read(lock.path).get(ALIAS) == stored
     finally:
         server.shutdown()
-    store.add("mine", source=str(pulled.path), format="safetensors", fingerprint="f1",
+    # imported under a catalog model's alias: still a local copy, with no repo (the catalog's is not its source)
+    store.add("llama-2-7b", source=str(pulled.path), format="safetensors", fingerprint="f1",
               build=lambda d: shutil.copytree(pulled.path, d, dirs_exist_ok=True))  # fmt: skip
-    imported = lock_model("mine", store=store, catalog=CATALOG, lock=lock)
+    imported = lock_model("llama-2-7b", store=store, catalog=CATALOG, lock=lock)
     assert (imported.repo, imported.revision, imported.commit) == (None, None, None)
     assert imported.source == str(pulled.path) and imported.files == stored.files

@@ -19,6 +19,9 @@ def test_only_a_change_of_case_in_sql_is_equivalent() -> None:
     assert kind_of(sql, ["    run(None, (key_id,))"]) == "text"
     assert kind_of(sql, ['    RUN("select tpm from api_keys where id = ?", (key_id,))']) == "logic"
     assert kind_of(['    x = "Bearer"'], ['    x = "bearer"']) == "text"  # not SQL: its case may matter
+    hint = ['    "Update the lock on purpose.",']  # English that starts with an SQL keyword
+    assert kind_of(hint, ['    "update the lock on purpose.",']) == "text"
+    assert kind_of(hint, ['    "UPDATE THE LOCK ON PURPOSE.",']) == "text"
     assert kind_of(["    if a > b:"], ["    if a >= b:"]) == "logic"
 
 
