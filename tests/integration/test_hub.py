@@ -27,6 +27,7 @@ from deploykit.models.hub import (
     delete_model,
     pull,
     read_card,
+    serving_files,
     verify,
 )
 from deploykit.models.store import ModelStore
@@ -85,8 +86,15 @@ def do_pull(hub: FakeHub, store: ModelStore, tmp_path: Path, name: str = "all-mi
 
 
 def test_full_pull_fetches_what_serving_needs_once(hub: FakeHub, store: ModelStore, tmp_path: Path) -> None:
-    model = do_pull(hub, store, tmp_path)
+    said: list[str] = []
+    model = do_pull(hub, store, tmp_path, progress=said.append)
     repo = hub.repos[MINILM]
+    wanted = serving_files(tuple(RemoteFile(f.path, f.size, f.sha256) for f in repo.files.values()))
+    assert said == [
+        f"asking the hub about {MINILM}@main",
+        f"downloading {len(wanted)} files ({sum(f.size for f in wanted) / 1024**3:.2f} GiB)",
+        "verifying sizes and sha256",
+    ]
     assert model.alias == "all-minilm-l6-v2" and model.format == "hub" and model.fingerprint == repo.sha
     assert model.path == tmp_path / "hf" / "models--sentence-transformers--all-MiniLM-L6-v2" / "snapshots" / repo.sha
     files = sorted(p.relative_to(model.path).as_posix() for p in model.path.rglob("*") if p.is_file())
@@ -135,6 +143,20 @@ def test_corrupted_file_is_rejected_and_deleted(hub: FakeHub, store: ModelStore,
     assert hub.repos[MINILM].files["model.safetensors"].sha256 not in {b.name for b in blobs.iterdir()}
     hub.corrupt.clear()
     assert do_pull(hub, store, tmp_path).alias == "all-minilm-l6-v2"  # a retry downloads it afresh
+
+
+def test_serving_files_are_the_small_ones_anywhere_and_one_weight_format_at_the_top() -> None:
+    listed = ["config.json", "1_Pooling/config.json", "tokenizer/vocab.txt", "tokenizer/tokenizer.model",
+              "chat_template.jinja", "sub/model.safetensors", "onnx/config.json", "onnx/model.onnx",
+              "pytorch_model.bin", "model.pt", "model.safetensors", "model-2.safetensors", "notes.txt"]  # fmt: skip
+    chosen = serving_files(tuple(RemoteFile(name, 1, None) for name in listed))
+    assert [f.path for f in chosen] == [
+        "config.json", "1_Pooling/config.json", "tokenizer/vocab.txt", "tokenizer/tokenizer.model",
+        "chat_template.jinja", "model.safetensors", "model-2.safetensors",
+    ]  # fmt: skip
+    without_safetensors = [n for n in listed if not n.endswith(".safetensors")]
+    chosen = serving_files(tuple(RemoteFile(name, 1, None) for name in without_safetensors))
+    assert [f.path for f in chosen][-1:] == ["pytorch_model.bin"] and "model.pt" not in {f.path for f in chosen}
 
 
 def test_verify_deletes_a_file_of_the_wrong_size_or_sha256_and_says_which(tmp_path: Path) -> None:
@@ -191,13 +213,16 @@ def test_unknown_repo_and_revision(hub: FakeHub, store: ModelStore, tmp_path: Pa
 def test_not_enough_disk_stops_before_downloading(hub: FakeHub, store: ModelStore, tmp_path: Path) -> None:
     with pytest.raises(NotEnoughDiskError) as e:
         do_pull(hub, store, tmp_path, disk_free=lambda _p: 50 * 1024**2)
-    assert "GiB more" in e.value.message and "HF_HOME" in e.value.hint
+    assert e.value.message.endswith(f"GiB more in {tmp_path / 'hf'}, which has 0.05 GiB free.")
+    assert e.value.hint == "Free some space, or point HF_HOME at a larger disk."
     assert sum(hub.served.values()) == 0
 
 
 def test_offline_uses_only_what_is_verified(hub: FakeHub, store: ModelStore, tmp_path: Path) -> None:
-    with pytest.raises(NotFoundError, match="not in the local cache"):
+    with pytest.raises(NotFoundError) as e:
         do_pull(hub, store, tmp_path, offline=True)
+    assert e.value.message == f"{MINILM} is not in the local cache."
+    assert e.value.hint == "Pull it once with the hub reachable (without --offline)."
     model = do_pull(hub, store, tmp_path)
     served = sum(hub.served.values())
     assert do_pull(hub, store, tmp_path, offline=True) == model

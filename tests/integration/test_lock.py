@@ -58,6 +58,20 @@ def test_pull_locks_the_commit_and_the_sha256_of_every_file_served(hub: FakeHub,
     check_models([model], Lock.read(lock.path))
 
 
+def test_a_stored_model_pulled_again_with_a_lock_is_entered_and_a_locked_pull_checks_it(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    model = do_pull(hub, tmp_path)  # no lock yet
+    lock = Lock(tmp_path / "deploykit.lock")
+    served = sum(hub.served.values())
+    assert do_pull(hub, tmp_path, ALIAS, lock=lock, offline=True) == model  # nothing fetched: hashed as stored
+    entry = Lock.read(lock.path).get(ALIAS)
+    assert (entry.repo, entry.revision, entry.commit) == (MINILM, "main", model.fingerprint)
+    said: list[str] = []
+    assert do_pull(hub, tmp_path, lock=lock, locked=True, offline=True, progress=said.append) == model
+    assert said == ["checking the files against the lock"] and sum(hub.served.values()) == served
+
+
 def test_locked_pull_refuses_a_moved_upstream_before_downloading(hub: FakeHub, tmp_path: Path) -> None:
     lock = Lock(tmp_path / "deploykit.lock")
     locked_commit = do_pull(hub, tmp_path / "a", lock=lock).fingerprint
