@@ -1,7 +1,7 @@
 """A local server that speaks the parts of the Hugging Face hub's HTTP protocol huggingface_hub uses to
 read repos, serving real files from disk. Point huggingface_hub at it with HF_ENDPOINT.
 
-    GET  /api/models/{repo}[/revision/{rev}]          repo info: sha, gated, siblings with sizes and LFS
+    GET  /api/models/{repo}[/revision/{rev}]          repo info: sha, gated, siblings (?blobs=True: sizes, LFS)
     GET  /api/models/{repo}/tree/{rev}?recursive=1    file listing: size, git oid, LFS sha256
     HEAD /{repo}/resolve/{rev}/{path}                  X-Repo-Commit, ETag / X-Linked-Etag, X-Linked-Size
     GET  /{repo}/resolve/{rev}/{path}                  the bytes; honours Range (206) for resume
@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 LFS_MIN_SIZE = 10_000  # files at least this big are stored in LFS, as the hub does with weights
 
@@ -122,7 +122,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 rest = parts[4:]
                 if not rest or rest[0] == "revision":
                     if commit := self._revision(repo, rest[1] if len(rest) > 1 else "main"):
-                        self._json(_info(repo, *commit))
+                        blobs = parse_qs(url.query).get("blobs", [""])[0].lower() == "true"  # files_metadata
+                        self._json(_info(repo, *commit, blobs=blobs))
                 elif rest[0] == "tree" and (commit := self._revision(repo, rest[1])):
                     prefix = "/".join(rest[2:])
                     self._json([_tree_entry(f) for f in commit[1].values() if f.path.startswith(prefix)])
@@ -222,12 +223,15 @@ def _tree_entry(f: HubFile) -> dict[str, object]:
     return entry
 
 
-def _info(repo: HubRepo, sha: str, files: dict[str, HubFile]) -> dict[str, object]:
+def _info(repo: HubRepo, sha: str, files: dict[str, HubFile], *, blobs: bool) -> dict[str, object]:
+    """The repo's info; as the hub does, the files' sizes and LFS hashes only when `blobs` is asked for."""
     siblings = []
     for f in files.values():
-        sibling: dict[str, object] = {"rfilename": f.path, "size": f.size, "blobId": f.git_oid}
-        if f.sha256:
-            sibling["lfs"] = {"sha256": f.sha256, "size": f.size, "pointerSize": 134}
+        sibling: dict[str, object] = {"rfilename": f.path}
+        if blobs:
+            sibling.update(size=f.size, blobId=f.git_oid)
+            if f.sha256:
+                sibling["lfs"] = {"sha256": f.sha256, "size": f.size, "pointerSize": 134}
         siblings.append(sibling)
     return {
         "_id": sha[:24],

@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 from deploykit.card import HubReader, show_model
-from deploykit.core.errors import CorruptDownloadError, GatedModelError, NotEnoughDiskError, NotFoundError
+from deploykit.core.errors import (
+    CorruptDownloadError,
+    GatedModelError,
+    HubUnreachableError,
+    NotEnoughDiskError,
+    NotFoundError,
+    UsageError,
+)
 from deploykit.models.catalog import load_catalog
 from deploykit.models.hub import (
     DISK_MARGIN,
@@ -195,6 +202,32 @@ def test_verify_deletes_a_file_of_the_wrong_size_or_sha256_and_says_which(tmp_pa
         verify(snapshot, files[1:])  # missing altogether
 
 
+def test_a_repo_without_weights_or_whose_file_breaks_off_is_refused_by_name(
+    hub: FakeHub, store: ModelStore, tmp_path: Path
+) -> None:
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    hub.add_repo("acme/no-weights", folder)
+    with pytest.raises(NotFoundError) as e:
+        do_pull(hub, store, tmp_path, "acme/no-weights")
+    assert e.value.message == "acme/no-weights has no weights deploykit can serve (safetensors, .bin or .pt)."
+    (folder / "model.safetensors").write_bytes(b"\0" * 16)
+    repo = hub.add_repo("acme/broken", folder)
+    repo.files["model.safetensors"].disk = tmp_path / "gone"  # listed, but the server fails to read it
+    with pytest.raises(HubUnreachableError) as e:
+        do_pull(hub, store, tmp_path, "acme/broken")
+    assert e.value.message.startswith("The hub cannot be reached for acme/broken: ")
+    assert store.models() == []
+    (folder / "added_tokens.json").write_bytes(b"")  # an empty file is 0 bytes on the hub, and here
+    hub.add_repo("acme/empty-file", folder)
+    model = do_pull(hub, store, tmp_path, "acme/empty-file")
+    assert (model.path / "added_tokens.json").read_bytes() == b""
+    with pytest.raises(UsageError) as e:  # a path, not a repo id: refused before asking the hub
+        read_card("acme/x/../../y", "main", listings=tmp_path / "l", endpoint=hub.url, cache_dir=tmp_path / "hf")
+    assert e.value.message == "'acme/x/../../y' is not a hub repo id."
+
+
 def test_gated_repo_needs_an_accepted_licence_and_a_token(hub: FakeHub, store: ModelStore, tmp_path: Path) -> None:
     with pytest.raises(GatedModelError) as e:
         do_pull(hub, store, tmp_path, "llama-2-7b")
@@ -214,6 +247,11 @@ def test_not_enough_disk_stops_before_downloading(hub: FakeHub, store: ModelStor
     with pytest.raises(NotEnoughDiskError) as e:
         do_pull(hub, store, tmp_path, disk_free=lambda _p: 50 * 1024**2)
     assert e.value.message.endswith(f"GiB more in {tmp_path / 'hf'}, which has 0.05 GiB free.")
+    hub.repos[MINILM].files["model.safetensors"].size = 10**15  # a petabyte of weights
+    with pytest.raises(NotEnoughDiskError) as e:
+        do_pull(hub, store, tmp_path, disk_free=lambda _p: 10 * 1024**3)
+    assert e.value.message.startswith(f"{MINILM} needs 931322.")  # 10**15 bytes and the small files, in GiB
+    assert e.value.message.endswith(f" GiB more in {tmp_path / 'hf'}, which has 10.00 GiB free.")
     assert e.value.hint == "Free some space, or point HF_HOME at a larger disk."
     assert sum(hub.served.values()) == 0
 
