@@ -42,6 +42,7 @@ def create_fake_engine(
     app.state.aborted = 0
     app.state.in_flight = 0
     app.state.last_headers = {}
+    app.state.last_body = {}
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -59,6 +60,11 @@ def create_fake_engine(
     async def last_headers() -> dict[str, str]:
         """The headers of the last POST this engine received: what the gateway passed on."""
         return dict(app.state.last_headers)
+
+    @app.get("/last_body")
+    async def last_body() -> dict[str, object]:
+        """The JSON body of the last completion request: what the gateway passed on."""
+        return dict(app.state.last_body)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -86,6 +92,7 @@ def create_fake_engine(
         ):
             return JSONResponse({"error": {"message": "bad key", "type": "invalid_request_error"}}, 401)
         body = await request.json()
+        app.state.last_body = body
         if body.get("model") not in (model, *adapters):
             return JSONResponse(
                 {"error": {"message": "no such model", "type": "NotFoundError", "param": None, "code": 404}}, 404

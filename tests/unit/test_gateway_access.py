@@ -17,7 +17,7 @@ from deploykit.serve.accounting.database import Database
 from deploykit.serve.accounting.keys import create_key, list_keys, revoke_key
 from deploykit.serve.accounting.ledger import usage_by
 from deploykit.serve.gateway import Backend, create_app
-from deploykit.serve.gateway.app import GatewayOptions
+from deploykit.serve.gateway.app import Gateway, GatewayOptions
 from deploykit.serve.gateway.metrics import relabel_engine_metrics
 from deploykit.serve.gateway.proxy import engine_session
 from tests.fakes.engine import ANSWER, PROMPT_TOKENS
@@ -180,6 +180,13 @@ async def test_revoked_and_expired_keys_are_401(secured: FastAPI, db: Database) 
             assert_openai_error(await client.post("/v1/chat/completions", json=chat()), 401, code)
 
 
+async def test_a_key_limited_to_a_model_uses_it(secured: FastAPI, db: Database) -> None:
+    _, token = create_key(db, "team-a", models=["m1"])
+    async with client_of(secured, authorization=f"Bearer {token}") as client:
+        assert (await client.post("/v1/chat/completions", json=chat(max_tokens=2))).status_code == 200
+        assert [m["id"] for m in (await client.get("/v1/models")).json()["data"]] == ["m1"]
+
+
 async def test_a_key_limited_to_other_models_is_403_and_sees_none(secured: FastAPI, db: Database) -> None:
     _, token = create_key(db, "team-a", models=["other"])
     async with client_of(secured, authorization=f"Bearer {token}") as client:
@@ -316,6 +323,19 @@ async def test_every_request_is_in_the_ledger_with_its_usage(secured: FastAPI, d
     by_key = {row.group: row for row in usage_by(db, "key")}
     assert by_key["team-a"].requests == 4 and by_key["team-a"].errors == 1
     assert by_key["(no key)"].requests == 1
+
+
+async def test_the_usage_chunk_is_asked_for_beside_the_clients_own_stream_options(
+    gateway: httpx.AsyncClient, state: Gateway, engine_url: str
+) -> None:
+    assert state.router.models["m1"].recent_ttft_s is None
+    body = chat(stream=True, stream_options={"continuous_usage_stats": True}, max_tokens=2)
+    async with gateway.stream("POST", "/v1/chat/completions", json=body) as response:
+        raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    assert b'"usage"' not in raw  # not asked for by the client: stripped on the way back
+    sent = httpx.get(engine_url + "/last_body").json()
+    assert sent["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
+    assert state.router.models["m1"].recent_ttft_s is not None  # each answer's TTFT, for spill-over by TTFT
 
 
 async def test_a_client_that_asks_for_usage_still_gets_it(gateway: httpx.AsyncClient) -> None:

@@ -92,9 +92,11 @@ def test_the_drain_deadline_cuts_a_stream_with_an_error_event_and_a_503(served: 
         lines = response.iter_lines()
         events += [next(lines) for _ in range(3)]
         assert served.loop is not None and served.gateway is not None
+        started = time.monotonic()
         stopped = asyncio.run_coroutine_threadsafe(served.gateway.stop(timeout_s=5), served.loop)
         events += [line for line in lines if line]
         stopped.result(10)
+        assert time.monotonic() - started < 2.5  # done when the last request ended, not at stop()'s bound
     last = json.loads(events[-1].removeprefix("data: "))
     assert last == {
         "error": {
