@@ -6,7 +6,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -274,6 +274,62 @@ async def test_a_body_over_the_limit_is_413(make_app: Callable[..., FastAPI]) ->
     assert_openai_error(
         response, 413, "request_too_large", "The request body is larger than this gateway's limit of 100 bytes."
     )
+
+
+def _padded(size: int) -> bytes:
+    """A completion request of exactly `size` bytes."""
+    body = json.dumps({"model": "m1", "prompt": "x", "max_tokens": 1}).encode()
+    return body[:-1] + b" " * (size - len(body)) + b"}"
+
+
+async def _chunks(data: bytes, *, pause_s: float = 0.0) -> AsyncIterator[bytes]:
+    """A body sent in two pieces (chunked: no content-length), with a pause between them."""
+    yield data[:40]
+    await asyncio.sleep(pause_s)
+    yield data[40:]
+
+
+async def test_the_body_limit_is_counted_as_it_arrives_to_the_byte(make_app: Callable[..., FastAPI]) -> None:
+    async with client_of(make_app(max_body_bytes=100)) as client:
+        post = client.post
+        assert (await post("/v1/completions", content=_padded(100))).status_code == 200  # declared, at the limit
+        assert (await post("/v1/completions", content=_chunks(_padded(100)))).status_code == 200  # counted
+        too_large = await post("/v1/completions", content=_chunks(_padded(101)))
+    assert_openai_error(
+        too_large, 413, "request_too_large", "The request body is larger than this gateway's limit of 100 bytes."
+    )
+
+
+async def test_a_body_that_stalls_is_a_408_and_a_declared_excess_is_refused_at_once(
+    make_app: Callable[..., FastAPI],
+) -> None:
+    async with client_of(make_app(max_body_bytes=1000, body_timeout_s=0.2)) as client:
+        stalled = await client.post("/v1/completions", content=_chunks(_padded(100), pause_s=1))
+        started = time.monotonic()
+        # the header says too much: refused before reading, though the body itself would stall
+        declared = await client.post(
+            "/v1/completions", content=_chunks(_padded(100), pause_s=1), headers={"content-length": "5000"}
+        )
+        declared_s = time.monotonic() - started
+    assert_openai_error(stalled, 408, "request_timeout", "The request body did not arrive within 0.2 s.")
+    assert_openai_error(declared, 413, "request_too_large")
+    assert declared_s < 0.2
+
+
+async def test_an_unexpected_error_while_proxying_is_a_500_with_its_ledger_row(
+    app: FastAPI, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deploykit.serve.gateway import app as gateway_app
+
+    async def broken(*_args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(gateway_app, "forward", broken)
+    async with client_of(app) as client:
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert_openai_error(response, 500, None, "Internal gateway error: RuntimeError")
+    await app.state.gateway.stop(timeout_s=1)  # commits the ledger
+    assert db.query("SELECT status, error, model FROM requests") == [(500, "RuntimeError", "m1")]
 
 
 @pytest.mark.parametrize(
