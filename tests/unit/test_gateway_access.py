@@ -316,6 +316,13 @@ async def test_a_body_that_stalls_is_a_408_and_a_declared_excess_is_refused_at_o
     assert declared_s < 0.2
 
 
+async def test_a_request_whose_model_is_not_a_string_is_recorded_without_one(app: FastAPI, db: Database) -> None:
+    async with client_of(app) as client:
+        assert_openai_error(await client.post("/v1/chat/completions", json=chat(model=5)), 400, "missing_model")
+    await app.state.gateway.stop(timeout_s=1)
+    assert db.query("SELECT status, model FROM requests") == [(400, "")]
+
+
 async def test_an_unexpected_error_while_proxying_is_a_500_with_its_ledger_row(
     app: FastAPI, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
