@@ -18,7 +18,8 @@ CASES = Path(__file__).with_suffix(".json")
 
 
 def check(module: str, tests: list[str], cases: list[dict[str, str]]) -> list[str]:
-    """Each case's verdict, 'killed' or 'SURVIVED', as printed lines; raises if the control run fails."""
+    """Apply each case in turn and run its tests; prints each verdict and returns the cases that survived.
+    Exits if the control run (no change) fails or a case's code is gone."""
     path = REPO / module
     original = path.read_text()
 
@@ -28,18 +29,20 @@ def check(module: str, tests: list[str], cases: list[dict[str, str]]) -> list[st
 
     if not passes(" or ".join(f"({c['select']})" for c in cases)):
         raise SystemExit(f"{module}: the tests fail with no change; fix them first")
-    lines = []
+    survived = []
     try:
         for case in cases:
             if case["old"] not in original:
                 raise SystemExit(f"{module}: {case['name']}: the code it changes is gone; update {CASES.name}")
             path.write_text(original.replace(case["old"], case["new"], 1))
-            verdict = "SURVIVED" if passes(case["select"]) else "killed"
-            lines.append(f"{module}: {case['name']}: {verdict}" + (f" ({case['note']})" if "note" in case else ""))
-            print(lines[-1], flush=True)
+            alive = passes(case["select"])
+            note = f" ({case['note']})" if "note" in case else ""
+            print(f"{module}: {case['name']}: {'SURVIVED' if alive else 'killed'}{note}", flush=True)
+            if alive:
+                survived.append(case["name"])
     finally:
         path.write_text(original)
-    return lines
+    return survived
 
 
 def main() -> None:
@@ -47,8 +50,13 @@ def main() -> None:
     parser.add_argument("modules", nargs="*", help="repository paths (default: every module in the file)")
     args = parser.parse_args()
     listed = json.loads(CASES.read_text())
-    for module in args.modules or list(listed):
-        check(module, listed[module]["tests"], listed[module]["cases"])
+    survived = [
+        f"{module}: {name}"
+        for module in args.modules or list(listed)
+        for name in check(module, listed[module]["tests"], listed[module]["cases"])
+    ]
+    if survived:  # each listed case is one a test was written to kill
+        raise SystemExit("survived, though a test was written for each:\n" + "\n".join(survived))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import re
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -399,20 +400,16 @@ def test_run_raises_what_the_cli_prints(settings: Settings) -> None:
         plans = [fake_plan(free_port()), fake_plan(free_port(), name="other")]
         run(settings, plans, ServeOptions(port=free_port(), spills=(spill,)), Recorder(), FAST)
     assert e.value.hint == "Served: fake-model, other."
-    with pytest.raises(PortInUseError):
-        import socket
-
-        with socket.socket() as taken:
-            taken.bind(("127.0.0.1", 0))
-            taken.listen()
-            run(settings, [fake_plan(free_port())], ServeOptions(port=taken.getsockname()[1]), Recorder(), FAST)
+    with pytest.raises(PortInUseError), socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        run(settings, [fake_plan(free_port())], ServeOptions(port=taken.getsockname()[1]), Recorder(), FAST)
 
 
 def test_run_refuses_before_starting_anything_without_vllm_or_with_an_engine_port_taken(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import importlib.util
-    import socket
 
     from deploykit.core.errors import MissingDependencyError
 
@@ -440,8 +437,6 @@ def test_run_refuses_before_starting_anything_without_vllm_or_with_an_engine_por
 
 def test_an_engine_port_left_in_time_wait_counts_as_free() -> None:
     """A connection the engine's last run closed leaves its port in TIME_WAIT for a minute: no one owns it."""
-    import socket
-
     from deploykit.serve.runner import require_free_engine_port
 
     with socket.socket() as listener:
@@ -612,8 +607,6 @@ def test_run_remote_bounds_each_wait_as_its_options_say_and_cuts_at_the_drain_de
     up, a request that waits past the queue timeout for the one slot is refused, a body that stalls is
     refused, and at the drain deadline a stream still running is cut and aborted at the engine (uvicorn's
     own shutdown bound, 5 s later, is only a backstop). The deployment's heartbeat is written meanwhile."""
-    import socket
-
     from deploykit.serve import runner
     from deploykit.serve.gateway.server import ConnectionLimits
     from deploykit.serve.remote import RemoteEngine
