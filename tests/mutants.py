@@ -63,6 +63,9 @@ TESTS = (
     "--ignore=tests/unit/test_dockerfile.py",  # it reads the repository's Dockerfile, which is not staged
 )
 TARGET = 0.85
+# Per test, under mutation (pytest-timeout): far above any test's own time, so a test that runs this long
+# is stuck on its mutant (and counts as caught).
+TEST_TIMEOUT_S = 120
 
 
 def stage(patterns: list[str]) -> None:
@@ -81,7 +84,10 @@ def stage(patterns: list[str]) -> None:
                 'source_paths = ["src"]',
                 f"only_mutate = {json.dumps(only)}",
                 f"pytest_add_cli_args_test_selection = {json.dumps(list(TESTS))}",
-                'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]',
+                # A mutant that spins the event loop (a `while` whose exit never comes) would run until
+                # mutmut's CPU limit, thirty times the tests' own time: minutes. Caught either way; pytest's
+                # per-test timeout catches it sooner.
+                f'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x", "--timeout", "{TEST_TIMEOUT_S}"]',
             ]
         )
     )

@@ -594,7 +594,9 @@ def test_run_remote_serves_engines_it_did_not_start_until_a_signal(settings: Set
     db = sqlite3.connect(tmp_path / "deploykit.db")
     rows = db.execute("SELECT model, status, replica FROM requests ORDER BY id").fetchall()
     deployments = db.execute("SELECT models, device, gpus, stopped_at IS NOT NULL FROM deployments").fetchall()
+    quota_rows = db.execute("SELECT COUNT(*) FROM quota_state").fetchone()
     db.close()
+    assert quota_rows == (0,)  # one gateway on SQLite keeps quotas in memory (shared only on PostgreSQL)
     assert sorted(r[1] for r in rows) == [200, 200, 400, 401, 413]  # every request has its row, refusals too
     assert sorted(r[2] for r in rows if r[1] == 200) == sorted([one, two]) and {r[0] for r in rows} <= {"m1", ""}
     assert deployments == [("m1", "remote", 0, 1)]

@@ -226,6 +226,14 @@ async def test_shared_quotas_are_taken_from_the_database(make_app: Callable[...,
     assert requests < 1  # the state is in the database, where another gateway reads it
 
 
+async def test_quotas_stay_in_memory_unless_shared(make_app: Callable[..., FastAPI], db: Database) -> None:
+    # one gateway on SQLite: the database holds keys and the ledger, not a row per request of quota state
+    _, token = create_key(db, "team-a", rpm=2)
+    async with client_of(make_app(auth=True), authorization=f"Bearer {token}") as client:
+        assert (await client.post("/v1/chat/completions", json=chat(max_tokens=2))).status_code == 200
+    assert db.query("SELECT COUNT(*) FROM quota_state") == [(0,)]
+
+
 async def test_the_engines_request_id_comes_back_beside_the_quota_headers(secured: FastAPI, db: Database) -> None:
     _, token = create_key(db, "team-a", rpm=10)
     async with client_of(secured, authorization=f"Bearer {token}") as client:
@@ -337,6 +345,20 @@ async def test_an_unexpected_error_while_proxying_is_a_500_with_its_ledger_row(
     assert_openai_error(response, 500, None, "Internal gateway error: RuntimeError")
     await app.state.gateway.stop(timeout_s=1)  # commits the ledger
     assert db.query("SELECT status, error, model FROM requests") == [(500, "RuntimeError", "m1")]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
+async def test_a_get_to_a_proxied_path_is_405_and_reaches_no_engine(
+    app: FastAPI, db: Database, engine_url: str, path: str
+) -> None:
+    before = httpx.get(engine_url + "/stats").json()
+    async with client_of(app) as client:
+        response = await client.get(path)
+    assert_openai_error(response, 405, None, "Method Not Allowed")
+    assert response.headers["allow"] == "POST"
+    assert httpx.get(engine_url + "/stats").json() == before
+    await app.state.gateway.stop(timeout_s=1)
+    assert db.query("SELECT COUNT(*) FROM requests") == [(0,)]  # not a model request: no ledger row
 
 
 @pytest.mark.parametrize(
