@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -84,6 +84,9 @@ class GpuPrice(Sourced):
     provider: str
     kind: Literal["rent", "buy"]
     usd: float = Field(gt=0)  # rent: per GPU-hour; buy: per card
+    # rent: the instance sizes (GPUs in one host) sold at this rate; tensor parallelism stays inside one host
+    gpus: tuple[Annotated[int, Field(ge=1)], ...] = Field((1,), min_length=1)
+    instance: str = ""  # rent: the provider's name for the instance, e.g. g5.12xlarge
     note: str = ""
 
 
@@ -123,7 +126,7 @@ class Prices:
     services: dict[str, ServicePrice] = field(default_factory=dict)
     provisioned: dict[str, Provisioned] = field(default_factory=dict)
     gpus: dict[str, GpuSpec] = field(default_factory=dict)
-    gpu_prices: dict[tuple[str, str], GpuPrice] = field(default_factory=dict)
+    gpu_prices: dict[tuple[str, str, str, str], GpuPrice] = field(default_factory=dict)  # gpu, provider, kind, instance
     measurements: list[Measurement] = field(default_factory=list)
     power: Power | None = None
     efficiency: Efficiency | None = None
@@ -236,7 +239,7 @@ def _merge(prices: Prices, data: _DataFile) -> None:
     prices.services.update({s.name: s for s in data.service})
     prices.provisioned.update({p.name: p for p in data.provisioned})
     prices.gpus.update({g.name: g for g in data.gpu})
-    prices.gpu_prices.update({(p.gpu, p.provider): p for p in data.gpu_price})
+    prices.gpu_prices.update({(p.gpu, p.provider, p.kind, p.instance): p for p in data.gpu_price})
     prices.measurements += data.measurement
     prices.power = data.power or prices.power
     prices.efficiency = data.efficiency or prices.efficiency

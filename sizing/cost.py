@@ -34,13 +34,18 @@ class SelfHosted:
     option: Option
     rent_usd: float | None
     own_usd: float | None
-    replica_rent_usd: float | None  # one replica a month: the step the cost climbs by
+    replica_rent_usd: float | None  # one replica a month (its cheapest instance): the step the cost climbs by
     replica_own_usd: float | None
 
     @property
     def label(self) -> str:
         o = self.option
         return f"{o.replicas * o.tp} x {o.hardware.name}" + (f" (tp {o.tp})" if o.tp > 1 else "")
+
+    @property
+    def rented_as(self) -> str:
+        """The instances a rental takes, or "-" where no provider in the data rents such a host."""
+        return self.option.rental.label if self.option.rental else "-"
 
     @property
     def best_usd(self) -> float | None:
@@ -96,6 +101,7 @@ class CostReport:
                     "option": s.label,
                     "hardware": s.option.hardware.name,
                     "devices": s.option.devices,
+                    "rented_as": s.option.rental.label if s.option.rental else None,
                     "rent_usd_per_month": s.rent_usd,
                     "own_usd_per_month": s.own_usd,
                     "source": "calibrated" if s.option.calibrated else "estimated",
@@ -135,12 +141,15 @@ def self_hosted(sizing: Sizing, prices: Prices) -> list[SelfHosted]:
     for o in sizing.options:
         own = own_monthly_usd(prices, o.hardware.name, o.devices, o.hardware.power_w, power)
         own_one = own_monthly_usd(prices, o.hardware.name, o.tp, o.hardware.power_w, power)
-        rent = o.usd_per_hour * HOURS_PER_MONTH if o.usd_per_hour is not None else None
-        rent_one = rent / o.replicas if rent is not None else None
+        rent, rent_one = (_monthly(o.rent_per_hour(n)) for n in (o.replicas, 1))
         if rent is not None or own is not None:
             out.append(SelfHosted(o, rent, own, rent_one, own_one))
     out.sort(key=lambda s: s.best_usd or math.inf)
     return out
+
+
+def _monthly(per_hour: float | None) -> float | None:
+    return per_hour * HOURS_PER_MONTH if per_hour is not None else None
 
 
 def monthly_tokens_capacity(s: SelfHosted, w: TargetLoad) -> float:
@@ -150,11 +159,14 @@ def monthly_tokens_capacity(s: SelfHosted, w: TargetLoad) -> float:
 
 def self_host_cost_at(s: SelfHosted, way: str, w: TargetLoad, tokens: float, utilization: float) -> float:
     """This option's monthly cost, renting or owning, at `tokens` a month: whole replicas, each loaded to
-    `utilization`."""
-    per_replica = s.replica_monthly(way)
-    assert per_replica is not None
+    `utilization` (rented in whole instances)."""
     replicas = max(1, math.ceil(tokens / (monthly_tokens_capacity(s, w) * utilization)))
-    return replicas * per_replica
+    if way == "rent":
+        cost = _monthly(s.option.rent_per_hour(replicas))
+    else:
+        cost = replicas * s.replica_own_usd if s.replica_own_usd is not None else None
+    assert cost is not None
+    return cost
 
 
 def cheapest(hosted: list[SelfHosted], way: str) -> SelfHosted | None:
@@ -321,8 +333,8 @@ def report_html(report: CostReport, chart_svg: str) -> str:
         ["traffic", f"{w.rps:g} req/s, {w.input_tokens} tokens in and {w.output_tokens} out per request"],
         ["volume", f"{report.tokens_per_month:,.0f} tokens a month, at {report.utilization:.0%} utilization"],
     ]
-    hosted = [["option", "rent", "own", "basis"]] + [
-        [s.label, _usd(s.rent_usd), _usd(s.own_usd), "calibrated" if s.option.calibrated else "estimated"]
+    hosted = [["option", "rented as", "rent", "own", "basis"]] + [
+        [s.label, s.rented_as, _usd(s.rent_usd), _usd(s.own_usd), "calibrated" if s.option.calibrated else "estimated"]
         for s in report.self_hosted
     ]
     managed = [["offer", "cost", "renting pays above", "owning pays above"]] + [

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,32 @@ MAX_NUM_SEQS = 256  # vLLM's default cap on sequences in flight per engine
 
 
 @dataclass(frozen=True)
+class Rental:
+    """Rented instances holding the replicas: tensor parallelism runs inside one host, so an instance holds
+    whole replicas (its GPU count a multiple of the replica's) and is paid whole, used or not."""
+
+    price: GpuPrice  # per GPU-hour
+    gpus: int  # per instance
+    instances: int
+
+    @property
+    def usd_per_hour(self) -> float:
+        return self.instances * self.gpus * self.price.usd
+
+    @property
+    def label(self) -> str:
+        shape = self.price.instance or f"{self.gpus}-GPU instance"
+        return f"{self.instances} x {shape} ({self.price.provider})"
+
+
+def cheapest_rental(offers: Sequence[GpuPrice], tp: int, replicas: int) -> Rental | None:
+    """The cheapest way to rent `replicas` replicas of `tp` GPUs each in instances of one size; None when no
+    instance size in `offers` holds a replica (no provider in the data rents such a host)."""
+    fits = [Rental(p, g, math.ceil(replicas / (g // tp))) for p in offers for g in p.gpus if g % tp == 0]
+    return min(fits, key=lambda r: r.usd_per_hour, default=None)
+
+
+@dataclass(frozen=True)
 class Option:
     """One way to serve the workload: `replicas` engines, each on `tp` devices."""
 
@@ -41,12 +68,26 @@ class Option:
     at_load: Point  # per replica, at the target load
     band: float
     calibrated: bool
-    usd_per_hour: float | None  # None: no price for this hardware
-    price: GpuPrice | None  # the rate it is priced at
+    offers: tuple[GpuPrice, ...]  # the rental prices of this hardware (at the chosen provider), any shape
+    rental: Rental | None  # the cheapest of them for these replicas; None: no provider rents such a host
 
     @property
     def devices(self) -> int:
         return self.tp * self.replicas
+
+    @property
+    def usd_per_hour(self) -> float | None:
+        return self.rental.usd_per_hour if self.rental else None
+
+    @property
+    def price(self) -> GpuPrice | None:
+        """The rate it is priced at."""
+        return self.rental.price if self.rental else None
+
+    def rent_per_hour(self, replicas: int) -> float | None:
+        """What `replicas` replicas cost an hour, rented (the cheapest shape for that many may differ)."""
+        rental = cheapest_rental(self.offers, self.tp, replicas)
+        return rental.usd_per_hour if rental else None
 
     def headroom(self, rps: float) -> float:
         return self.replicas * self.capacity_rps / rps - 1
@@ -76,6 +117,8 @@ class Option:
             "usd_per_hour": per_hour,
             "usd_per_month": per_hour * HOURS_PER_MONTH if per_hour is not None else None,
             "usd_per_mtok": per_hour / tokens * 1e6 if per_hour is not None and tokens else None,
+            "rented_as": self.rental.label if self.rental else None,
+            "instances": self.rental.instances if self.rental else None,
             "price": self.price.model_dump(mode="json") if self.price else None,
         }
 
@@ -121,7 +164,7 @@ def size_option(
     w: TargetLoad,
     max_utilization: float,
     calibration: Calibration | None,
-    price: GpuPrice | None,
+    offers: Sequence[GpuPrice] = (),
 ) -> Option | Infeasible:
     seq = w.input_tokens + w.output_tokens
     kv = kv_tokens_on(config, dev, tp)
@@ -165,8 +208,8 @@ def size_option(
         w.output_tokens,
         cal,
     )
-    per_hour = price.usd * tp * replicas if price else None
-    return Option(dev, tp, replicas, kv, low, capacity, at_load, band, cal is not None, per_hour, price)
+    rental = cheapest_rental(offers, tp, replicas)
+    return Option(dev, tp, replicas, kv, low, capacity, at_load, band, cal is not None, tuple(offers), rental)
 
 
 def size(
@@ -188,9 +231,9 @@ def size(
     options: list[Option] = []
     infeasible: list[Infeasible] = []
     for dev in hardware:
-        price = _rent(prices, dev.name, provider)
+        offers = [p for p in prices.prices_for(dev.name, "rent") if provider is None or p.provider == provider]
         for tp in [1] if dev.is_cpu else tensor_parallel_sizes(config, 8):
-            result = size_option(config, dev, tp, w, max_utilization, calibration, price)
+            result = size_option(config, dev, tp, w, max_utilization, calibration, offers)
             (options if isinstance(result, Option) else infeasible).append(result)  # type: ignore[arg-type]
     options = _cheapest_tp_per_hardware(options)
     options.sort(key=lambda o: (o.usd_per_hour is None, o.usd_per_hour or 0, o.at_load.tpot_s))
@@ -217,19 +260,18 @@ def size(
 
 
 def _cheapest_tp_per_hardware(options: list[Option]) -> list[Option]:
-    """Per hardware, the tensor-parallel sizes that use the fewest devices (then the fastest)."""
+    """Per hardware, the tensor-parallel size that rents for least (a rented one before one no provider
+    rents), then uses the fewest devices, then is the fastest."""
+
+    def rank(o: Option) -> tuple[bool, float, int, float]:
+        return (o.usd_per_hour is None, o.usd_per_hour or 0.0, o.devices, o.at_load.tpot_s)
+
     best: dict[str, Option] = {}
     for o in options:
         current = best.get(o.hardware.name)
-        if current is None or (o.devices, o.at_load.tpot_s) < (current.devices, current.at_load.tpot_s):
+        if current is None or rank(o) < rank(current):
             best[o.hardware.name] = o
     return list(best.values())
-
-
-def _rent(prices: Prices, gpu: str, provider: str | None) -> GpuPrice | None:
-    """The GPU's cheapest hourly rate, or the named provider's."""
-    offers = [p for p in prices.prices_for(gpu, "rent") if provider is None or p.provider == provider]
-    return offers[0] if offers else None
 
 
 def nearest_feasible_hint(sizing: Sizing) -> str:

@@ -93,12 +93,14 @@ def size(
     w = sizing.load
     slos = ", ".join(f"{s.metric}_p{s.pct} <= {s.limit * 1000:g} ms" for s in w.slos) or "no SLO"
     table = Table(title=f"{model} at {w.rps:.3g} req/s ({w.input_tokens} in / {w.output_tokens} out; {slos})")
-    for column in ("option", "KV tok", "TTFT", "TPOT", "out tok/s", "headroom", "$/h", "$/month", "$/Mtok", "basis"):
-        table.add_column(column, justify="left" if column in ("option", "basis") else "right")
+    columns = ("option", "rented as", "KV tok", "TTFT", "TPOT", "out tok/s", "headroom", "$/h", "$/month", "$/Mtok")
+    for column in (*columns, "basis"):
+        table.add_column(column, justify="left" if column in ("option", "rented as", "basis") else "right")
     for o in sizing.options:
         j = o.to_json(w)
         table.add_row(
             f"{o.replicas} x {o.hardware.name}" + (f" tp{o.tp}" if o.tp > 1 else ""),
+            o.rental.label if o.rental else "-",
             f"{o.kv_cache_tokens / 1000:,.0f}k",
             _ms(o.at_load.ttft_s),
             _ms(o.at_load.tpot_s),
@@ -186,12 +188,11 @@ def _names(gpus: str) -> list[str] | None:
 
 def _print_cost(report: CostReport) -> None:
     hosted = Table(title=f"Self-hosting {report.model}, per month at {report.utilization:.0%} utilization")
-    for column in ("option", "rent", "own (write-off + power)", "source"):
-        hosted.add_column(column, justify="left" if column in ("option", "source") else "right")
+    for column in ("option", "rented as", "rent", "own (write-off + power)", "source"):
+        hosted.add_column(column, justify="right" if column in ("rent", "own (write-off + power)") else "left")
     for s in report.self_hosted[:8]:
-        hosted.add_row(
-            s.label, _usd(s.rent_usd, 0), _usd(s.own_usd, 0), "calibrated" if s.option.calibrated else "estimated"
-        )
+        basis = "calibrated" if s.option.calibrated else "estimated"
+        hosted.add_row(s.label, s.rented_as, _usd(s.rent_usd, 0), _usd(s.own_usd, 0), basis)
     out.print(hosted)
     if report.managed:
         managed = Table(title="Managed, per month at the same traffic")

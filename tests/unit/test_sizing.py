@@ -76,7 +76,7 @@ def test_every_entry_is_sourced_dated_and_rated() -> None:
 
 
 def test_old_prices_are_flagged_once() -> None:
-    h100 = PRICES.gpu_prices[("h100-sxm", "cheaper-cloud")]  # as of 2026-05-01
+    h100 = PRICES.gpu_prices[("h100-sxm", "cheaper-cloud", "rent", "")]  # as of 2026-05-01
     assert stale_summary([h100, h100], dt.date(2026, 6, 1)) == []
     [line] = stale_summary([h100, h100], TODAY)
     assert "h100-sxm (cheaper-cloud) of 2026-05-01" in line and line.count("h100-sxm") == 1
@@ -128,7 +128,7 @@ def test_one_option_by_hand() -> None:
     model = ModelConfig("Toy", 10, 512, 8, 8, 64, 4096, "bfloat16", 1_000_000_000)
     toy = Accelerator("toy", "Toy GPU", 16 * 1024**3, 1e12, 1e14, True, 300, 0.5, 0.5)
     w = TargetLoad(200.0, 100, 100, tuple(parse_slos("tpot_p95=10ms")))
-    option = size_option(model, toy, 1, w, 0.8, None, None)
+    option = size_option(model, toy, 1, w, 0.8, None)
     assert isinstance(option, Option)
     # KV: int(16 GiB x 0.9) - 1.5 GiB = 13,851,269,529 B; minus 2e9 B of bf16 weights = 11,851,269,529 B;
     # at 2 x 10 x 8 x 64 x 2 = 20,480 B/token: 578,675 tokens, 578,672 in 16-token blocks
@@ -155,7 +155,7 @@ def test_the_json_of_one_option_by_hand() -> None:
     toy = Accelerator("toy", "Toy GPU", 16 * 1024**3, 1e12, 1e14, True, 300, 0.5, 0.5)
     w = TargetLoad(200.0, 100, 100, tuple(parse_slos("tpot_p95=10ms")))
     price = GpuPrice(gpu="toy", provider="acme", kind="rent", usd=2.0, as_of=TODAY, source="test", confidence="user")
-    option = size_option(model, toy, 1, w, 0.8, None, price)
+    option = size_option(model, toy, 1, w, 0.8, None, [price])
     assert isinstance(option, Option)
     at = option.at_load
     got = option.to_json(w)
@@ -182,6 +182,8 @@ def test_the_json_of_one_option_by_hand() -> None:
         "usd_per_month": 4380.0,  # x 730 h
         # 200 req/s x 200 tokens x 3,600 s = 144 M tokens an hour: $6 / 144 = $0.041667 per M
         "usd_per_mtok": pytest.approx(6 / 144),
+        "rented_as": "3 x 1-GPU instance (acme)",
+        "instances": 3,
         "price": {
             "as_of": TODAY.isoformat(),
             "source": "test",
@@ -190,6 +192,8 @@ def test_the_json_of_one_option_by_hand() -> None:
             "provider": "acme",
             "kind": "rent",
             "usd": 2.0,
+            "gpus": [1],
+            "instance": "",
             "note": "",
         },
     }
@@ -349,6 +353,7 @@ def test_break_even_and_the_utilization_it_needs() -> None:
                 "option": "1 x a100-80gb",
                 "hardware": "a100-80gb",
                 "devices": 1,
+                "rented_as": "1 x 1-GPU instance (cheaper-cloud)",
                 "rent_usd_per_month": pytest.approx(949.0),
                 "own_usd_per_month": pytest.approx(456.25, abs=0.01),
                 "source": "estimated",
@@ -401,7 +406,8 @@ def test_the_cost_plot_and_report_by_hand() -> None:
     page = report_html(report, "<svg>chart</svg>")
     assert "<title>deploykit cost: llama-3.1-8b-instruct</title>" in page
     assert f"<p>{report.verdict}</p>" in page and "<div><svg>chart</svg></div>" in page
-    assert "<tr><td>1 x a100-80gb</td><td>$949</td><td>$456</td><td>estimated</td></tr>" in page
+    rented = "1 x 1-GPU instance (cheaper-cloud)"
+    assert f"<tr><td>1 x a100-80gb</td><td>{rented}</td><td>$949</td><td>$456</td><td>estimated</td></tr>" in page
     assert (
         "<tr><td>llama-3.1-8b@together</td><td>$182</td><td>5.27 B (21% busy)</td><td>2.53 B (10% busy)</td></tr>"
         in page

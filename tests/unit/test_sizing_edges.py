@@ -42,6 +42,8 @@ from deploykit.sizing.ranking import (
     CALIBRATED_BAND,
     Infeasible,
     Option,
+    Rental,
+    cheapest_rental,
     nearest_feasible_hint,
     size,
     size_model,
@@ -58,11 +60,11 @@ TOY_KV = 578_672  # worked by hand in test_sizing.test_one_option_by_hand
 
 
 def test_a_request_as_long_as_the_kv_cache_fits_and_one_token_more_does_not() -> None:
-    fits = size_option(TOY, TOY_GPU, 1, TargetLoad(0.1, TOY_KV - 100, 100), 0.8, None, None)
+    fits = size_option(TOY, TOY_GPU, 1, TargetLoad(0.1, TOY_KV - 100, 100), 0.8, None)
     assert isinstance(fits, Option) and fits.max_concurrency == 1
     kv2 = kv_tokens_on(TOY, TOY_GPU, 2)
     assert kv2 > TOY_KV
-    refused = size_option(TOY, TOY_GPU, 2, TargetLoad(0.1, kv2 - 99, 100), 0.8, None, None)
+    refused = size_option(TOY, TOY_GPU, 2, TargetLoad(0.1, kv2 - 99, 100), 0.8, None)
     # 2e9 B of weights over two devices: 0.93 GiB each
     assert refused == Infeasible(
         "toy",
@@ -74,7 +76,7 @@ def test_a_request_as_long_as_the_kv_cache_fits_and_one_token_more_does_not() ->
 
 def test_a_model_larger_than_the_device_is_infinitely_short() -> None:
     small = replace(TOY_GPU, memory_bytes=GIB)  # 1 GiB for 2e9 B of weights: no KV cache at all
-    refused = size_option(TOY, small, 1, TargetLoad(0.1, 100, 100), 0.8, None, None)
+    refused = size_option(TOY, small, 1, TargetLoad(0.1, 100, 100), 0.8, None)
     assert isinstance(refused, Infeasible) and refused.shortfall == float("inf")
     assert f"({weight_bytes(TOY, 'bfloat16') / GIB:.1f} GiB of weights per device of 1 GiB)" in refused.reason
 
@@ -87,7 +89,7 @@ def test_the_largest_concurrency_is_found_by_a_plain_scan_too(over: float) -> No
     cal = calibration_at(SMOL, CPU, 1, 4, 64, 32, 0.070, 1.3, "run.json")
     one = point(SMOL, CPU, 1, 1, 64, 32, cal).tpot_s * (1 + CALIBRATED_BAND)
     w = TargetLoad(0.5, 64, 32, tuple(parse_slos(f"tpot_p95={one * over * 1000}ms")))
-    option = size_option(SMOL, CPU, 1, w, 0.8, cal, None)
+    option = size_option(SMOL, CPU, 1, w, 0.8, cal)
     assert isinstance(option, Option) and option.calibrated and option.band == CALIBRATED_BAND
     cap = min(kv_tokens_on(SMOL, CPU, 1) // 96, ranking.MAX_NUM_SEQS)
     meets = [
@@ -101,12 +103,37 @@ def test_the_largest_concurrency_is_found_by_a_plain_scan_too(over: float) -> No
     assert option.at_load == point(SMOL, CPU, 1, option.at_load.concurrency, 64, 32, cal)
 
 
-def test_tensor_parallel_rentals_are_priced_per_device() -> None:
-    price = GpuPrice(gpu="l4", provider="acme", kind="rent", usd=0.8, as_of=TODAY, source="test", confidence="user")
+def _rent(usd: float, gpus: tuple[int, ...], instance: str = "") -> GpuPrice:
+    return GpuPrice(
+        gpu="l4", provider="acme", kind="rent", usd=usd, gpus=gpus, instance=instance, as_of=TODAY, source="t",
+        confidence="user",
+    )  # fmt: skip
+
+
+def test_a_tensor_parallel_replica_is_rented_as_one_host_never_as_single_gpus() -> None:
     w = TargetLoad(2.0, 512, 256, tuple(parse_slos("tpot_p95=50ms")))
-    option = size_option(LLAMA8, gpu("l4"), 2, w, 0.8, None, price)
-    assert isinstance(option, Option) and option.tp == 2
-    assert option.usd_per_hour == pytest.approx(0.8 * 2 * option.replicas)
+    single = size_option(LLAMA8, gpu("l4"), 2, w, 0.8, None, [_rent(0.5, (1,))])
+    assert isinstance(single, Option) and single.tp == 2 and single.replicas == 3
+    assert single.rental is None and single.usd_per_hour is None  # nobody here rents a host of 2 L4s
+    # a 4-GPU host at $1/GPU-h holds two replicas of 2; an 8-GPU one at $0.90 holds four; each is paid whole
+    four, eight = _rent(1.0, (4,), "box4"), _rent(0.9, (8,), "box8")
+    option = size_option(LLAMA8, gpu("l4"), 2, w, 0.8, None, [_rent(0.5, (1,)), four, eight])
+    assert isinstance(option, Option) and option.replicas == 3
+    # three replicas of 2: one 8-GPU host ($7.20), not two of 4 ($8), and never 6 x $0.50
+    assert option.rental == Rental(eight, 8, 1) and option.usd_per_hour == pytest.approx(7.2)
+    assert option.to_json(w)["rented_as"] == "1 x box8 (acme)"
+    # more replicas: one size of host for all, whichever comes cheapest (five: three hosts of 4, not two of 8)
+    assert [option.rent_per_hour(n) for n in (1, 2, 3, 4, 5, 8)] == pytest.approx([4.0, 4.0, 7.2, 7.2, 12.0, 14.4])
+
+
+def test_the_cheapest_rental_fills_instances_with_whole_replicas() -> None:
+    sizes = _rent(1.0, (1, 2, 8))  # a marketplace: the same rate for 1, 2 or 8 GPUs in one host
+    assert cheapest_rental([sizes], 4, 1) == Rental(sizes, 8, 1)  # 4 GPUs: only the 8-GPU host holds them
+    assert cheapest_rental([sizes], 4, 3) == Rental(sizes, 8, 2)  # three replicas of 4: two hosts of 8
+    assert cheapest_rental([sizes], 2, 3) == Rental(sizes, 2, 3)  # three 2-GPU hosts ($6) beat one 8 ($8)
+    assert cheapest_rental([sizes], 3, 1) is None  # no size is a multiple of 3
+    assert cheapest_rental([], 1, 1) is None
+    assert Rental(sizes, 8, 2).label == "2 x 8-GPU instance (acme)" and Rental(sizes, 8, 2).usd_per_hour == 16.0
 
 
 def test_an_unpriced_option_and_a_calibrated_one_in_json() -> None:
@@ -153,9 +180,11 @@ def test_a_cpu_is_sized_as_one_device() -> None:
 
 
 def test_a_provider_picks_its_own_rate() -> None:
-    name, offers = next((g, PRICES.prices_for(g, "rent")) for g in PRICES.gpus if len(PRICES.prices_for(g, "rent")) > 1)
+    # a GPU that two providers rent one at a time, at different rates (SmolLM2 needs one GPU)
+    singles = {g: [p for p in PRICES.prices_for(g, "rent") if 1 in p.gpus] for g in PRICES.gpus}
+    name, offers = next((g, o) for g, o in singles.items() if len({p.provider for p in o}) > 1)
     other = offers[-1]
-    assert other.usd >= offers[0].usd and other.provider != offers[0].provider
+    assert other.usd > offers[0].usd and other.provider != offers[0].provider
     sizing = size("smollm2-135m", SMOL, TargetLoad(0.2, 64, 32), [gpu(name)], PRICES, provider=other.provider)
     assert sizing.options[0].price == other
     cheapest = size("smollm2-135m", SMOL, TargetLoad(0.2, 64, 32), [gpu(name)], PRICES)
@@ -270,7 +299,8 @@ def test_size_model_is_calibrate_then_size_then_the_price_warnings(tmp_path: Pat
     assert got.model == "smollm2-135m" and got.options == by_hand.options and got.infeasible == by_hand.infeasible
     # the calibrated hardware joins the options, calibrated; the other is priced at the provider's rate
     assert {o.hardware.name: o.calibrated for o in got.options} == {"a100-80gb": False, "l4": True}
-    assert got.options[0].price == PRICES.prices_for("a100-80gb", "rent")[-1]
+    [a100] = [o for o in got.options if o.hardware.name == "a100-80gb"]
+    assert a100.price == PRICES.prices_for("a100-80gb", "rent")[-1] and a100.price.provider == provider
     used = [o.price for o in got.options if o.price is not None]
     assert used and got.warnings == [*by_hand.warnings, *stale_summary(used, later)]
     assert len(by_hand.warnings) == 2 and len(stale_summary(used, later)) == 1  # lengths, streams; prices
@@ -440,7 +470,7 @@ def test_without_rentals_the_owning_line_stands_alone() -> None:
     assert report.verdict.startswith("Owning 1 x l40s costs $345/month") and "Renting" not in report.verdict
     assert [b.way for b in report.managed[0].break_even] == ["own"]
     page = report_html(replace(report, warnings=["Prices <old>"]), "<svg>chart</svg>")
-    assert "<tr><td>1 x l40s</td><td>-</td><td>$345</td><td>estimated</td></tr>" in page
+    assert "<tr><td>1 x l40s</td><td>-</td><td>-</td><td>$345</td><td>estimated</td></tr>" in page
     assert "<p>Prices &lt;old&gt;</p>" in page
 
 
@@ -456,7 +486,7 @@ def test_several_replicas_are_priced_one_by_one() -> None:
     assert replicas > 1 and hosted.replica_rent_usd == pytest.approx(hosted.rent_usd / replicas)  # type: ignore[operator]
     # at half the utilization the same volume needs twice the replicas' capacity
     volume = monthly_tokens_capacity(hosted, report.load) * 3
-    assert self_host_cost_at(hosted, "rent", report.load, volume, 0.5) == 6 * hosted.replica_rent_usd  # type: ignore[operator]
+    assert self_host_cost_at(hosted, "rent", report.load, volume, 0.5) == pytest.approx(6 * hosted.replica_rent_usd)  # type: ignore[operator]
 
 
 def test_a_calibrated_option_says_so_in_the_cost_report() -> None:
@@ -559,7 +589,7 @@ def test_nothing_priced_and_no_power_table() -> None:
     ],
 )
 def test_an_option_missing_each_slo_names_the_metric(slo: str, reason: str) -> None:
-    refused = size_option(LLAMA8, gpu("l4"), 1, TargetLoad(1.0, 512, 256, tuple(parse_slos(slo))), 0.8, None, None)
+    refused = size_option(LLAMA8, gpu("l4"), 1, TargetLoad(1.0, 512, 256, tuple(parse_slos(slo))), 0.8, None)
     assert isinstance(refused, Infeasible) and refused.reason.startswith(reason)
     assert refused.reason.endswith(f"(+25%) > {slo.split('=')[1].replace('ms', ' ms')}")
 
