@@ -69,6 +69,14 @@ class Power(Sourced):
     note: str = ""
 
 
+class Operations(Sourced):
+    """A person's time that self-hosting takes: upgrades, incidents, on-call (managed offers include it)."""
+
+    hours_per_month: float = Field(ge=0)
+    usd_per_hour: float = Field(ge=0)
+    note: str = ""
+
+
 class GpuSpec(Sourced):
     name: str
     label: str
@@ -115,6 +123,7 @@ class _DataFile(BaseModel):
     service: list[ServicePrice] = []
     provisioned: list[Provisioned] = []
     power: Power | None = None
+    operations: Operations | None = None
     gpu: list[GpuSpec] = []
     gpu_price: list[GpuPrice] = []
     efficiency: Efficiency | None = None
@@ -129,6 +138,7 @@ class Prices:
     gpu_prices: dict[tuple[str, str, str, str], GpuPrice] = field(default_factory=dict)  # gpu, provider, kind, instance
     measurements: list[Measurement] = field(default_factory=list)
     power: Power | None = None
+    operations: Operations | None = None
     efficiency: Efficiency | None = None
 
     def find(self, name: str) -> ServicePrice:
@@ -168,14 +178,24 @@ def stale_warnings(entries: Sequence[Sourced], today: dt.date) -> list[str]:
 
 
 def stale_summary(entries: Sequence[Sourced], today: dt.date) -> list[str]:
-    """At most one line for all the old entries among `entries` (their sources are in the --json output)."""
+    """At most one short line for the old entries among `entries`: how many and the oldest (stale_list
+    gives each, for --json)."""
     old = _stale(entries, today)
     if not old:
         return []
-    names = ", ".join(f"{_label(e)} of {e.as_of}" for e in old)
+    oldest = min(old, key=lambda e: e.as_of)
+    count = f"{len(old)} prices used are" if len(old) > 1 else "1 price used is"
     return [
-        f"Prices older than {STALE_AFTER_DAYS} days: {names}. Check their sources (--json lists them) or put "
-        "current ones in $DEPLOYKIT_HOME/prices.toml."
+        f"{count} older than {STALE_AFTER_DAYS} days (the oldest: {_label(oldest)} of {oldest.as_of}); --json "
+        "lists each with its source. Put current ones in $DEPLOYKIT_HOME/prices.toml."
+    ]
+
+
+def stale_list(entries: Sequence[Sourced], today: dt.date) -> list[dict[str, object]]:
+    """Each old entry among `entries`, with its date and source: what stale_summary counts."""
+    return [
+        {"price": _label(e), "as_of": e.as_of.isoformat(), "source": e.source, "confidence": e.confidence}
+        for e in _stale(entries, today)
     ]
 
 
@@ -227,7 +247,7 @@ def _with_user_defaults(raw: dict[str, Any], shipped: Prices, path: Path) -> dic
     for key, value in raw.items():
         if isinstance(value, list):
             out[key] = [{**mine, **entry} if isinstance(entry, dict) else entry for entry in value]
-        elif key in ("power", "efficiency") and isinstance(value, dict):
+        elif key in ("power", "operations", "efficiency") and isinstance(value, dict):
             base = getattr(shipped, key)
             out[key] = {**(base.model_dump() if base else {}), **mine, **value}
         else:
@@ -242,4 +262,5 @@ def _merge(prices: Prices, data: _DataFile) -> None:
     prices.gpu_prices.update({(p.gpu, p.provider, p.kind, p.instance): p for p in data.gpu_price})
     prices.measurements += data.measurement
     prices.power = data.power or prices.power
+    prices.operations = data.operations or prices.operations
     prices.efficiency = data.efficiency or prices.efficiency

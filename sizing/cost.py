@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from deploykit.core.errors import UsageError
 from deploykit.core.html import CHART_STYLE, page, paragraph, svg, table
 from deploykit.models.config import ModelConfig
-from deploykit.models.prices import Power, Prices, Provisioned, ServicePrice, Sourced, stale_summary
+from deploykit.models.prices import Power, Prices, Provisioned, ServicePrice, Sourced, stale_list, stale_summary
 from deploykit.sizing.load import HOURS_PER_MONTH, TargetLoad
 from deploykit.sizing.ranking import Option, Sizing, size_model
 
@@ -28,14 +28,32 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Overheads:
+    """What self-hosting costs beyond the GPUs that carry the load, each its own line of the comparison."""
+
+    min_replicas: int = 1  # replicas kept running whatever the load (2: one can fail, restart or be upgraded)
+    ops_hours: float = 0.0  # a person's time a month: upgrades, incidents, on-call
+    ops_usd_per_hour: float = 0.0
+
+    @property
+    def ops_usd(self) -> float:
+        return self.ops_hours * self.ops_usd_per_hour
+
+
+@dataclass(frozen=True)
+class CostLine:
+    item: str
+    usd: float  # a month
+
+
+@dataclass(frozen=True)
 class SelfHosted:
-    """One sized option, priced by rental and by ownership, per month at the given traffic."""
+    """One sized option, priced by rental and by ownership, per month at the given traffic, with the
+    overheads: the replicas kept for availability and the operations time."""
 
     option: Option
-    rent_usd: float | None
-    own_usd: float | None
-    replica_rent_usd: float | None  # one replica a month (its cheapest instance): the step the cost climbs by
-    replica_own_usd: float | None
+    overheads: Overheads
+    replica_own_usd: float | None  # one replica owned a month: write-off and power; None: no purchase price
 
     @property
     def label(self) -> str:
@@ -48,15 +66,54 @@ class SelfHosted:
         return self.option.rental.label if self.option.rental else "-"
 
     @property
+    def replicas(self) -> int:
+        """The replicas it runs: what the load needs, and at least the availability minimum."""
+        return max(self.option.replicas, self.overheads.min_replicas)
+
+    def gpus_usd(self, way: str, replicas: int) -> float | None:
+        """`replicas` replicas' GPUs a month, rented (whole instances) or owned; None: not priced that way."""
+        if way == "rent":
+            per_hour = self.option.rent_per_hour(replicas)
+            return per_hour * HOURS_PER_MONTH if per_hour is not None else None
+        return replicas * self.replica_own_usd if self.replica_own_usd is not None else None
+
+    def cost_for(self, way: str, replicas: int) -> float | None:
+        """A month with `replicas` replicas the load needs (more if the minimum says so), operations included."""
+        gpus = self.gpus_usd(way, max(replicas, self.overheads.min_replicas))
+        return gpus + self.overheads.ops_usd if gpus is not None else None
+
+    def lines(self, way: str) -> list[CostLine]:
+        """What a month costs this way, line by line (none when it is not priced this way)."""
+        needed = self.gpus_usd(way, self.option.replicas)
+        if needed is None:
+            return []
+        verb = "rented" if way == "rent" else "owned (write-off and power)"
+        out = [CostLine(f"{self.label}, {verb}, for the load", needed)]
+        if (extra := self.replicas - self.option.replicas) > 0:
+            more = (self.gpus_usd(way, self.replicas) or 0) - needed
+            at_least = f"at least {self.overheads.min_replicas} replicas"
+            out.append(CostLine(f"{extra} more replica{'s' if extra > 1 else ''} for availability ({at_least})", more))
+        if self.overheads.ops_usd > 0:
+            o = self.overheads
+            out.append(CostLine(f"operations: {o.ops_hours:g} h a month at ${o.ops_usd_per_hour:,.2f}", o.ops_usd))
+        return out
+
+    def monthly(self, way: str) -> float | None:
+        lines = self.lines(way)
+        return sum(line.usd for line in lines) if lines else None
+
+    @property
+    def rent_usd(self) -> float | None:
+        return self.monthly("rent")
+
+    @property
+    def own_usd(self) -> float | None:
+        return self.monthly("own")
+
+    @property
     def best_usd(self) -> float | None:
         costs = [c for c in (self.rent_usd, self.own_usd) if c is not None]
         return min(costs) if costs else None
-
-    def monthly(self, way: str) -> float | None:
-        return self.rent_usd if way == "rent" else self.own_usd
-
-    def replica_monthly(self, way: str) -> float | None:
-        return self.replica_rent_usd if way == "rent" else self.replica_own_usd
 
 
 @dataclass(frozen=True)
@@ -65,8 +122,9 @@ class BreakEven:
 
     way: str  # "rent" or "own"
     option: str
-    tokens: float | None  # monthly tokens whose bill at the offer pays for one replica; None: never
-    utilization: float | None  # how busy that volume keeps the replica; None: more than fully busy
+    tokens: float | None  # the monthly volume whose bill at the offer pays for self-hosting it; None: never
+    utilization: float | None  # how busy that volume keeps the replicas; None: more than fully busy
+    replicas: int = 0  # the replicas running at that volume (at least the availability minimum)
 
 
 @dataclass(frozen=True)
@@ -86,7 +144,9 @@ class CostReport:
     self_hosted: list[SelfHosted]
     managed: list[Managed]
     verdict: str
+    overheads: Overheads
     warnings: list[str] = field(default_factory=list)
+    stale_prices: list[dict[str, object]] = field(default_factory=list)  # the old prices the warnings count
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -96,14 +156,17 @@ class CostReport:
             "output_tokens": self.load.output_tokens,
             "utilization": self.utilization,
             "tokens_per_month": self.tokens_per_month,
+            "overheads": {**self.overheads.__dict__, "ops_usd_per_month": self.overheads.ops_usd},
             "self_hosted": [
                 {
                     "option": s.label,
                     "hardware": s.option.hardware.name,
                     "devices": s.option.devices,
                     "rented_as": s.option.rental.label if s.option.rental else None,
+                    "replicas": s.replicas,
                     "rent_usd_per_month": s.rent_usd,
                     "own_usd_per_month": s.own_usd,
+                    "lines": {way: [line.__dict__ for line in s.lines(way)] for way in ("rent", "own")},
                     "source": "calibrated" if s.option.calibrated else "estimated",
                 }
                 for s in self.self_hosted
@@ -111,6 +174,7 @@ class CostReport:
             "managed": [{**m.__dict__, "break_even": [b.__dict__ for b in m.break_even]} for m in self.managed],
             "verdict": self.verdict,
             "warnings": self.warnings,
+            "stale_prices": self.stale_prices,
         }
 
 
@@ -133,23 +197,18 @@ def managed_monthly_usd(offer: ServicePrice | Provisioned, w: TargetLoad, utiliz
     return units * offer.usd_per_unit_hour * HOURS_PER_MONTH
 
 
-def self_hosted(sizing: Sizing, prices: Prices) -> list[SelfHosted]:
+def self_hosted(sizing: Sizing, prices: Prices, overheads: Overheads) -> list[SelfHosted]:
     power = prices.power
     if power is None:
         raise UsageError("The price data has no [power] table.", "Restore the shipped prices.toml.")
     out = []
     for o in sizing.options:
-        own = own_monthly_usd(prices, o.hardware.name, o.devices, o.hardware.power_w, power)
         own_one = own_monthly_usd(prices, o.hardware.name, o.tp, o.hardware.power_w, power)
-        rent, rent_one = (_monthly(o.rent_per_hour(n)) for n in (o.replicas, 1))
-        if rent is not None or own is not None:
-            out.append(SelfHosted(o, rent, own, rent_one, own_one))
+        hosted = SelfHosted(o, overheads, own_one)
+        if hosted.best_usd is not None:
+            out.append(hosted)
     out.sort(key=lambda s: s.best_usd or math.inf)
     return out
-
-
-def _monthly(per_hour: float | None) -> float | None:
-    return per_hour * HOURS_PER_MONTH if per_hour is not None else None
 
 
 def monthly_tokens_capacity(s: SelfHosted, w: TargetLoad) -> float:
@@ -159,12 +218,8 @@ def monthly_tokens_capacity(s: SelfHosted, w: TargetLoad) -> float:
 
 def self_host_cost_at(s: SelfHosted, way: str, w: TargetLoad, tokens: float, utilization: float) -> float:
     """This option's monthly cost, renting or owning, at `tokens` a month: whole replicas, each loaded to
-    `utilization` (rented in whole instances)."""
-    replicas = max(1, math.ceil(tokens / (monthly_tokens_capacity(s, w) * utilization)))
-    if way == "rent":
-        cost = _monthly(s.option.rent_per_hour(replicas))
-    else:
-        cost = replicas * s.replica_own_usd if s.replica_own_usd is not None else None
+    `utilization` (rented in whole instances), at least the availability minimum, and the operations."""
+    cost = s.cost_for(way, max(1, math.ceil(tokens / (monthly_tokens_capacity(s, w) * utilization))))
     assert cost is not None
     return cost
 
@@ -181,12 +236,17 @@ def blended_price_per_token(offer: ServicePrice, w: TargetLoad) -> float:
 
 
 def compare(
-    sizing: Sizing, prices: Prices, offers: list[ServicePrice | Provisioned], utilization: float, w: TargetLoad
+    sizing: Sizing,
+    prices: Prices,
+    offers: list[ServicePrice | Provisioned],
+    utilization: float,
+    w: TargetLoad,
+    overheads: Overheads = Overheads(),
 ) -> CostReport:
     """`sizing` was made for the peak (the mean load `w` over `utilization`); the offers see the mean."""
     if not 0 < utilization <= 1:
         raise UsageError(f"--utilization {utilization} is not in (0, 1].", "For example --utilization 0.5.")
-    hosted = self_hosted(sizing, prices)
+    hosted = self_hosted(sizing, prices, overheads)
     tokens = sum(w.tokens_per_month)
     managed = []
     for offer in offers:
@@ -196,17 +256,29 @@ def compare(
             if best is not None and isinstance(offer, ServicePrice):
                 breaks.append(_break_even(best, way, offer, w))
         managed.append(Managed(offer.name, offer.provider, managed_monthly_usd(offer, w, utilization), tuple(breaks)))
-    return CostReport(sizing.model, w, utilization, tokens, hosted, managed, _verdict(hosted, managed, tokens))
+    verdict = _verdict(hosted, managed, tokens)
+    return CostReport(sizing.model, w, utilization, tokens, hosted, managed, verdict, overheads)
+
+
+# Past this many replicas a break-even is reported as none: no single deployment runs that many.
+_MAX_REPLICAS = 10_000
 
 
 def _break_even(best: SelfHosted, way: str, offer: ServicePrice, w: TargetLoad) -> BreakEven:
+    """The smallest monthly volume whose bill at the offer pays for self-hosting it. While n replicas carry
+    the load (n - 1 did not) the cost is flat, so the first n whose cost, billed at the offer's price, fits
+    in n fully busy replicas gives it."""
     price = blended_price_per_token(offer, w)
-    per_replica = best.replica_monthly(way) or 0
-    capacity = monthly_tokens_capacity(best, w)
-    if per_replica / capacity >= price:  # even a fully busy replica costs more per token than the offer
+    capacity = monthly_tokens_capacity(best, w)  # one replica, fully busy
+
+    def volume(n: int) -> float:
+        return (best.cost_for(way, n) or 0) / price
+
+    if volume(_MAX_REPLICAS) > _MAX_REPLICAS * capacity:  # even that many, fully busy, cost more per token
         return BreakEven(way, best.label, None, None)
-    volume = per_replica / price  # the volume whose bill at the offer pays for one replica
-    return BreakEven(way, best.label, volume, volume / capacity)
+    n = next(n for n in range(1, _MAX_REPLICAS + 1) if volume(n) <= n * capacity)
+    running = max(n, best.overheads.min_replicas)
+    return BreakEven(way, best.label, volume(n), volume(n) / (running * capacity), running)
 
 
 def _verdict(hosted: list[SelfHosted], managed: list[Managed], tokens: float) -> str:
@@ -229,11 +301,15 @@ def _verdict(hosted: list[SelfHosted], managed: list[Managed], tokens: float) ->
         b = next((b for b in rival.break_even if b.way == way), None)
         lines.append(
             f"{head}: self-hosting does not pay at {tokens_text(tokens)} tokens a month; it would above "
-            f"{tokens_text(b.tokens)}, with a replica busy {b.utilization:.0%} of the time."
+            f"{tokens_text(b.tokens)}, with {_replicas(b.replicas)} busy {b.utilization:.0%} of the time."
             if b is not None and b.tokens is not None and b.utilization is not None
-            else f"{head}: self-hosting does not pay at any volume; a fully busy replica costs more per token."
+            else f"{head}: self-hosting does not pay at any volume; fully busy replicas cost more per token."
         )
     return " ".join(lines)
+
+
+def _replicas(n: int) -> str:
+    return "its replica" if n == 1 else f"its {n} replicas"
 
 
 def tokens_text(n: float) -> str:
@@ -341,7 +417,9 @@ def report_html(report: CostReport, chart_svg: str) -> str:
         [m.name, _usd(m.monthly_usd), *break_even_cells(m)] for m in report.managed
     ]
     blocks = [table(tested), paragraph(report.verdict), chart_svg, "<h2>Self-hosting, per month</h2>"]
-    blocks += [table(hosted, header=True), "<h2>Managed, per month at the same traffic</h2>"]
+    blocks += [table(hosted, header=True), "<h2>The cheapest each way, line by line</h2>"]
+    blocks += [table([["", "line", "per month"], *cost_line_cells(report)], header=True)]
+    blocks += ["<h2>Managed, per month at the same traffic</h2>"]
     blocks += [table(managed, header=True), *(paragraph(x) for x in report.warnings)]
     return page(f"deploykit cost: {report.model}", blocks)
 
@@ -356,6 +434,18 @@ def plot_svg(report: CostReport, offers: list[ServicePrice | Provisioned]) -> st
         text = svg(fig)
     plt.close(fig)
     return text
+
+
+def cost_line_cells(report: CostReport) -> list[list[str]]:
+    """[way, line, $/month] for the cheapest option each way, then its total: what drives the verdict."""
+    rows = []
+    for way, verb in (("rent", "renting"), ("own", "owning")):
+        best = cheapest(report.self_hosted, way)
+        if best is None:
+            continue
+        rows += [[verb, line.item, _usd(line.usd)] for line in best.lines(way)]
+        rows.append([verb, "total", _usd(best.monthly(way))])
+    return rows
 
 
 def break_even_cells(m: Managed) -> list[str]:
@@ -385,20 +475,37 @@ def cost_model(
     utilization: float,
     *,
     today: dt.date | None = None,
+    min_replicas: int = 2,
+    ops_hours: float | None = None,
     **size_options: Any,
 ) -> tuple[CostReport, list[ServicePrice | Provisioned]]:
     """Self-hosting sized for the load's peaks (the mean over `utilization`) against each managed offer at
-    the mean load."""
+    the mean load, with at least `min_replicas` replicas and `ops_hours` of a person's time a month (default:
+    the data's [operations] hours) at the data's rate."""
     offers = [prices.offer(n) for n in compare_with]  # an unknown name fails before any work
     if not 0 < utilization <= 1:
         raise UsageError(f"--utilization {utilization} is not in (0, 1].", "For example --utilization 0.5.")
+    overheads = _overheads(prices, min_replicas, ops_hours)
     mean = load
     peak = replace(load, rps=mean.rps / utilization)
     sizing = size_model(name, config, peak, prices, max_utilization=1.0, price_warnings=False, **size_options)
-    report = compare(sizing, prices, offers, utilization, mean)
+    report = compare(sizing, prices, offers, utilization, mean, overheads)
     used: list[Sourced] = [*offers, *([prices.power] if prices.power else [])]
+    if prices.operations is not None and overheads.ops_usd > 0:
+        used.append(prices.operations)
     for s in report.self_hosted:
         used += [p for p in (s.option.price, *prices.prices_for(s.option.hardware.name, "buy")[:1]) if p]
     # the sizing's own (a calibration's), then one line for every price used that is old
     report.warnings = [*sizing.warnings, *stale_summary(used, today or dt.date.today())]
+    report.stale_prices = stale_list(used, today or dt.date.today())
     return report, offers
+
+
+def _overheads(prices: Prices, min_replicas: int, ops_hours: float | None) -> Overheads:
+    if min_replicas < 1:
+        raise UsageError(f"--min-replicas {min_replicas} is below 1.", "Use 2 to survive a replica's failure, or 1.")
+    if ops_hours is not None and ops_hours < 0:
+        raise UsageError(f"--ops-hours-per-month {ops_hours:g} is negative.", "Use 0 to leave operations out.")
+    ops = prices.operations
+    hours = ops_hours if ops_hours is not None else (ops.hours_per_month if ops else 0.0)
+    return Overheads(min_replicas, hours, ops.usd_per_hour if ops else 0.0)

@@ -14,7 +14,7 @@ from pathlib import Path
 from deploykit.core.errors import DeploykitError, UsageError
 from deploykit.models.config import ModelConfig
 from deploykit.models.fit import GIB, tensor_parallel_sizes, weight_bytes
-from deploykit.models.prices import GpuPrice, Prices, Sourced, stale_summary
+from deploykit.models.prices import GpuPrice, Prices, Sourced, stale_list, stale_summary
 from deploykit.sizing.calibration import calibrate, engine_warning, installed_engine_version
 from deploykit.sizing.hardware import Accelerator, HardwareByName, kv_tokens_on
 from deploykit.sizing.load import HOURS_PER_MONTH, TargetLoad
@@ -139,6 +139,7 @@ class Sizing:
     infeasible: list[Infeasible]
     calibration: Calibration | None
     warnings: list[str] = field(default_factory=list)
+    stale_prices: list[dict[str, object]] = field(default_factory=list)  # the old prices the warnings count
 
     def to_json(self) -> dict[str, object]:
         w = self.load
@@ -154,6 +155,7 @@ class Sizing:
             "infeasible": [i.__dict__ for i in self.infeasible],
             "calibration": self.calibration.__dict__ if self.calibration else None,
             "warnings": self.warnings,
+            "stale_prices": self.stale_prices,
         }
 
 
@@ -316,4 +318,5 @@ def size_model(
     if price_warnings:
         used: list[Sourced] = [o.price for o in sizing.options if o.price is not None]
         sizing.warnings += stale_summary(used, today or dt.date.today())
+        sizing.stale_prices = stale_list(used, today or dt.date.today())
     return sizing

@@ -19,7 +19,7 @@ from deploykit.models.prices import Prices, load_prices
 from deploykit.models.resolve import resolve
 from deploykit.models.store import ModelStore
 from deploykit.sizing import TargetLoad, cost_model, size_model
-from deploykit.sizing.cost import CostReport, break_even_cells, plot_png, plot_svg, report_html
+from deploykit.sizing.cost import CostReport, break_even_cells, cost_line_cells, plot_png, plot_svg, report_html
 
 ModelArg = typer.Argument(..., help="Model alias (catalog or local), e.g. llama-3.1-8b-instruct.")
 RpsOpt = typer.Option(None, "--rps", help="Target load: requests per second (mean).")
@@ -145,12 +145,23 @@ def cost(
     from_loadtest: Path = LoadtestOpt,
     measured_on: str = MeasuredOpt,
     provider: str = ProviderOpt,
+    min_replicas: int = typer.Option(
+        2, "--min-replicas", help="Replicas kept running whatever the load: 2 survives one failing; 1 allowed."
+    ),
+    ops_hours: float = typer.Option(
+        None,
+        "--ops-hours-per-month",
+        help="A person's time self-hosting takes a month, at the [operations] rate of the price data "
+        "(default: its 8 h, an assumption; 0 leaves it out).",
+    ),
     plot: Path = typer.Option(None, "--plot", help="Write cost against monthly token volume as a PNG."),
     html_path: Path = typer.Option(None, "--html", help="Write an HTML report with the plot and the tables."),
     json_: JsonOpt = False,
 ) -> None:
     """Monthly cost of self-hosting MODEL (rented GPUs, or owned ones written off with power) against each
-    managed offer at the same traffic, the break-even volume and the utilization it needs.
+    managed offer at the same traffic, the break-even volume and the utilization it needs. Self-hosting
+    counts, each as its own line: the GPUs the load needs, the replicas kept for availability
+    (--min-replicas) and a person's time (--ops-hours-per-month).
 
     Examples:
 
@@ -170,6 +181,8 @@ def cost(
         from_loadtest=from_loadtest,
         measured_on=measured_on,
         provider=provider,
+        min_replicas=min_replicas,
+        ops_hours=ops_hours,
     )
     _warn(report.warnings)
     if plot:
@@ -187,13 +200,20 @@ def _names(gpus: str) -> list[str] | None:
 
 
 def _print_cost(report: CostReport) -> None:
-    hosted = Table(title=f"Self-hosting {report.model}, per month at {report.utilization:.0%} utilization")
-    for column in ("option", "rented as", "rent", "own (write-off + power)", "source"):
-        hosted.add_column(column, justify="right" if column in ("rent", "own (write-off + power)") else "left")
+    title = f"Self-hosting {report.model}, per month at {report.utilization:.0%} utilization, every line included"
+    hosted = Table(title=title)
+    for column in ("option", "rented as", "rent", "own", "source"):
+        hosted.add_column(column, justify="right" if column in ("rent", "own") else "left")
     for s in report.self_hosted[:8]:
         basis = "calibrated" if s.option.calibrated else "estimated"
         hosted.add_row(s.label, s.rented_as, _usd(s.rent_usd, 0), _usd(s.own_usd, 0), basis)
     out.print(hosted)
+    lines = Table(title="The cheapest each way, line by line")
+    for column in ("", "line", "per month"):
+        lines.add_column(column, justify="right" if column == "per month" else "left")
+    for row in cost_line_cells(report):
+        lines.add_row(*row)
+    out.print(lines)
     if report.managed:
         managed = Table(title="Managed, per month at the same traffic")
         for column in ("offer", "cost", "renting pays above (tokens/month)", "owning pays above"):

@@ -14,11 +14,14 @@ from deploykit.core.errors import DeploykitError, NotFoundError, UsageError
 from deploykit.core.slo import parse_slos
 from deploykit.models.catalog import load_catalog
 from deploykit.models.config import ModelConfig
-from deploykit.models.prices import GpuPrice, load_prices, stale_summary
+from deploykit.models.prices import GpuPrice, load_prices, stale_list, stale_summary
 from deploykit.sizing import size_model
 from deploykit.sizing.calibration import calibrate, calibration_at, engine_warning
 from deploykit.sizing.cost import (
+    CostLine,
+    Overheads,
     compare,
+    cost_line_cells,
     cost_model,
     managed_monthly_usd,
     own_monthly_usd,
@@ -79,7 +82,18 @@ def test_old_prices_are_flagged_once() -> None:
     h100 = PRICES.gpu_prices[("h100-sxm", "cheaper-cloud", "rent", "")]  # as of 2026-05-01
     assert stale_summary([h100, h100], dt.date(2026, 6, 1)) == []
     [line] = stale_summary([h100, h100], TODAY)
-    assert "h100-sxm (cheaper-cloud) of 2026-05-01" in line and line.count("h100-sxm") == 1
+    assert line == (
+        "1 price used is older than 90 days (the oldest: h100-sxm (cheaper-cloud) of 2026-05-01); --json lists each "
+        "with its source. Put current ones in $DEPLOYKIT_HOME/prices.toml."
+    )
+    power = PRICES.power
+    assert power is not None and stale_summary([h100, power], TODAY)[0].startswith(
+        f"2 prices used are older than 90 days (the oldest: power of {power.as_of});"
+    )
+    assert stale_list([h100, power, h100], TODAY) == [
+        {"price": "h100-sxm (cheaper-cloud)", "as_of": "2026-05-01", "source": h100.source, "confidence": "derived"},
+        {"price": "power", "as_of": power.as_of.isoformat(), "source": power.source, "confidence": "derived"},
+    ]
 
 
 def test_a_user_file_adds_a_gpu_rate_and_changes_power(tmp_path: Path) -> None:
@@ -348,14 +362,25 @@ def test_break_even_and_the_utilization_it_needs() -> None:
         "output_tokens": 256,
         "utilization": 1.0,
         "tokens_per_month": 0.5 * 768 * 3600 * 730,
+        "overheads": {"min_replicas": 1, "ops_hours": 0.0, "ops_usd_per_hour": 0.0, "ops_usd_per_month": 0.0},
         "self_hosted": [
             {
                 "option": "1 x a100-80gb",
                 "hardware": "a100-80gb",
                 "devices": 1,
                 "rented_as": "1 x 1-GPU instance (cheaper-cloud)",
+                "replicas": 1,
                 "rent_usd_per_month": pytest.approx(949.0),
                 "own_usd_per_month": pytest.approx(456.25, abs=0.01),
+                "lines": {
+                    "rent": [{"item": "1 x a100-80gb, rented, for the load", "usd": pytest.approx(949.0)}],
+                    "own": [
+                        {
+                            "item": "1 x a100-80gb, owned (write-off and power), for the load",
+                            "usd": pytest.approx(456.25, abs=0.01),
+                        }
+                    ],
+                },
                 "source": "estimated",
             }
         ],
@@ -365,18 +390,76 @@ def test_break_even_and_the_utilization_it_needs() -> None:
                 "provider": "together",
                 "monthly_usd": pytest.approx(0.5 * 3600 * 730 * 768 * 0.18e-6),
                 "break_even": [
-                    {"way": "rent", "option": "1 x a100-80gb", "tokens": rent.tokens, "utilization": rent.utilization},
-                    {"way": "own", "option": "1 x a100-80gb", "tokens": own.tokens, "utilization": own.utilization},
+                    {
+                        "way": "rent",
+                        "option": "1 x a100-80gb",
+                        "tokens": rent.tokens,
+                        "utilization": rent.utilization,
+                        "replicas": 1,
+                    },
+                    {
+                        "way": "own",
+                        "option": "1 x a100-80gb",
+                        "tokens": own.tokens,
+                        "utilization": own.utilization,
+                        "replicas": 1,
+                    },
                 ],
             }
         ],
         "verdict": "Renting 1 x a100-80gb costs $949/month against $182 for llama-3.1-8b@together: self-hosting "
-        "does not pay at 1.01 B tokens a month; it would above 5.27 B, with a replica busy 21% of the time. "
+        "does not pay at 1.01 B tokens a month; it would above 5.27 B, with its replica busy 21% of the time. "
         "Owning 1 x a100-80gb costs $456/month against $182 for llama-3.1-8b@together: self-hosting does not pay "
-        "at 1.01 B tokens a month; it would above 2.53 B, with a replica busy 10% of the time.",
+        "at 1.01 B tokens a month; it would above 2.53 B, with its replica busy 10% of the time.",
         "warnings": [],
+        "stale_prices": [],
     }
     assert 0 < own.utilization < rent.utilization < 1  # type: ignore[operator]
+
+
+def test_a_verdict_with_every_cost_line_by_hand() -> None:
+    """The case above with the overheads on: two replicas at least, 10 h of operations a month at $50."""
+    w = TargetLoad(0.5, 512, 256)
+    sizing = size("llama-3.1-8b-instruct", LLAMA8, w, [gpu("a100-80gb")], PRICES, max_utilization=1.0)
+    together = PRICES.find("llama-3.1-8b@together")
+    report = compare(sizing, PRICES, [together], 1.0, w, Overheads(min_replicas=2, ops_hours=10, ops_usd_per_hour=50))
+    [hosted] = report.self_hosted
+    # the load needs one replica ($949 rented, $456.25 owned); the second is for availability; $500 of a person
+    assert (hosted.option.replicas, hosted.replicas) == (1, 2)
+    assert hosted.lines("rent") == [
+        CostLine("1 x a100-80gb, rented, for the load", pytest.approx(949.0)),  # type: ignore[arg-type]
+        CostLine("1 more replica for availability (at least 2 replicas)", pytest.approx(949.0)),  # type: ignore[arg-type]
+        CostLine("operations: 10 h a month at $50.00", 500.0),
+    ]
+    assert [line.usd for line in hosted.lines("own")] == pytest.approx([456.25, 456.25, 500.0], abs=0.01)
+    assert hosted.rent_usd == pytest.approx(2398.0) and hosted.own_usd == pytest.approx(1412.5, abs=0.01)
+    # together bills $0.18 per M tokens: renting pays above $2,398 / 0.18e-6 = 13.3 B tokens a month, which
+    # the two replicas carry (25.2 B each, fully busy) at 26% of their time; owning above 7.85 B, at 16%
+    rent, own = report.managed[0].break_even
+    capacity = hosted.option.capacity_rps * 768 * 3600 * 730
+    assert rent.tokens == pytest.approx(2398.0 / 0.18e-6) and own.tokens == pytest.approx(1412.5 / 0.18e-6, rel=1e-4)
+    assert rent.replicas == own.replicas == 2 and rent.tokens < capacity
+    assert rent.utilization == pytest.approx(rent.tokens / (2 * capacity))  # type: ignore[operator]
+    assert (round(rent.utilization, 2), round(own.utilization, 2)) == (0.26, 0.16)  # type: ignore[arg-type]
+    assert report.verdict == (
+        "Renting 1 x a100-80gb costs $2,398/month against $182 for llama-3.1-8b@together: self-hosting does not "
+        "pay at 1.01 B tokens a month; it would above 13.3 B, with its 2 replicas busy 26% of the time. "
+        "Owning 1 x a100-80gb costs $1,412/month against $182 for llama-3.1-8b@together: self-hosting does not "
+        "pay at 1.01 B tokens a month; it would above 7.85 B, with its 2 replicas busy 16% of the time."
+    )
+    assert cost_line_cells(report) == [
+        ["renting", "1 x a100-80gb, rented, for the load", "$949"],
+        ["renting", "1 more replica for availability (at least 2 replicas)", "$949"],
+        ["renting", "operations: 10 h a month at $50.00", "$500"],
+        ["renting", "total", "$2,398"],
+        ["owning", "1 x a100-80gb, owned (write-off and power), for the load", "$456"],
+        ["owning", "1 more replica for availability (at least 2 replicas)", "$456"],
+        ["owning", "operations: 10 h a month at $50.00", "$500"],
+        ["owning", "total", "$1,412"],
+    ]
+    # past two replicas' capacity each replica adds its own cost; the operations stay $500
+    assert self_host_cost_at(hosted, "rent", w, 2.5 * capacity, 1.0) == pytest.approx(3 * 949.0 + 500)
+    assert self_host_cost_at(hosted, "rent", w, 1.0, 1.0) == pytest.approx(2398.0)
 
 
 def test_the_cost_plot_and_report_by_hand() -> None:
@@ -451,6 +534,28 @@ def test_size_and_cost_through_the_cli(tmp_path: Path) -> None:
     assert_clean_failure(
         deploykit(tmp_path, "cost", "llama-3.1-8b-instruct", "--rps", "1", "--compare", "gpt-9"), 3, "gpt-9"
     )
+    # the overheads as flags: one replica, no operations; and the default, two and the data's 8 h
+    lean, default = (
+        json.loads(deploykit(tmp_path, "cost", "llama-3.1-8b-instruct", "--rps", "0.1", "--gpus", "l40s", *flags,
+                             "--json").stdout)
+        for flags in (("--min-replicas", "1", "--ops-hours-per-month", "0"), ())
+    )  # fmt: skip
+    assert lean["overheads"] == {
+        "min_replicas": 1,
+        "ops_hours": 0.0,
+        "ops_usd_per_hour": 43.52,
+        "ops_usd_per_month": 0.0,
+    }
+    assert default["overheads"]["min_replicas"] == 2 and default["overheads"]["ops_usd_per_month"] == 8 * 43.52
+    [one], [two] = lean["self_hosted"], default["self_hosted"]
+    assert [len(one["lines"]["rent"]), len(two["lines"]["rent"])] == [1, 3]
+    assert two["rent_usd_per_month"] == pytest.approx(2 * one["rent_usd_per_month"] + 8 * 43.52)
+    for flag, value, message in (
+        ("--min-replicas", "0", "--min-replicas 0 is below 1."),
+        ("--ops-hours-per-month", "-1", "--ops-hours-per-month -1 is negative."),
+    ):
+        refused = deploykit(tmp_path, "cost", "llama-3.1-8b-instruct", "--rps", "1", flag, value)
+        assert_clean_failure(refused, 2, message)
     assert_clean_failure(
         deploykit(tmp_path, "size", "llama-3.1-8b-instruct", "--rps", "1", "--slo", "tpot_p95=0.1ms"), 1, "No hardware"
     )

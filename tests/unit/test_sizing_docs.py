@@ -18,6 +18,7 @@ def test_the_data_table_counts_what_the_files_hold() -> None:
         "GPU prices": list(prices.gpu_prices.values()),
         "managed pay-as-you-go prices": list(prices.services.values()),
         "provisioned offer": list(prices.provisioned.values()),
+        "operations rate": [prices.operations] if prices.operations else [],
         "published measurements": list(prices.measurements),
     }
     row = re.compile(rf"\| (\d+) ({'|'.join(kinds)})\b")

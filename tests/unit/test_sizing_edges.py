@@ -6,6 +6,7 @@ error (what a user reads to fix the command). The arithmetic itself is worked by
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from deploykit.sizing.calibration import calibrate, calibration_at
 from deploykit.sizing.cost import (
     BreakEven,
     CostReport,
+    Overheads,
+    SelfHosted,
     blended_price_per_token,
     break_even_cells,
     cheapest,
@@ -124,6 +127,17 @@ def test_a_tensor_parallel_replica_is_rented_as_one_host_never_as_single_gpus() 
     assert option.to_json(w)["rented_as"] == "1 x box8 (acme)"
     # more replicas: one size of host for all, whichever comes cheapest (five: three hosts of 4, not two of 8)
     assert [option.rent_per_hour(n) for n in (1, 2, 3, 4, 5, 8)] == pytest.approx([4.0, 4.0, 7.2, 7.2, 12.0, 14.4])
+
+
+def test_a_replica_for_availability_can_cost_nothing_more_in_a_host_already_paid() -> None:
+    w = TargetLoad(2.0, 512, 256, tuple(parse_slos("tpot_p95=50ms")))
+    option = size_option(LLAMA8, gpu("l4"), 2, w, 0.8, None, [_rent(0.9, (8,), "box8")])
+    assert isinstance(option, Option) and option.replicas == 3  # one 8-GPU host, room for a fourth
+    hosted = SelfHosted(option, Overheads(min_replicas=4), replica_own_usd=None)
+    [load, spare] = hosted.lines("rent")
+    assert spare.item == "1 more replica for availability (at least 4 replicas)" and spare.usd == 0.0
+    assert hosted.rent_usd == load.usd == pytest.approx(8 * 0.9 * 730) and hosted.lines("own") == []
+    assert SelfHosted(option, Overheads(min_replicas=5), None).rent_usd == pytest.approx(2 * 8 * 0.9 * 730)
 
 
 def test_the_cheapest_rental_fills_instances_with_whole_replicas() -> None:
@@ -431,9 +445,7 @@ def test_a_rival_that_self_hosting_never_beats_and_one_it_beats() -> None:
         BreakEven("rent", "1 x l40s", None, None),
         BreakEven("own", "1 x l40s", None, None),
     )
-    assert (
-        report.verdict.count("self-hosting does not pay at any volume; a fully busy replica costs more per token") == 2
-    )
+    assert report.verdict.count("self-hosting does not pay at any volume; fully busy replicas cost more per token") == 2
     assert break_even_cells(report.managed[0]) == ["never", "never"]
     # at 5 req/s gpt-4o costs more than renting or owning: both lines say so
     pays, _ = _costed(["gpt-4o"], TargetLoad(5.0, 512, 256), gpus=("l40s",))
@@ -462,11 +474,7 @@ def test_a_provisioned_rival_cheaper_than_self_hosting_has_no_volume_to_name() -
 def test_without_rentals_the_owning_line_stands_alone() -> None:
     report, _ = _costed(["llama-3.1-8b@together"], provider="nobody", gpus=("l40s", "a10g"))
     [hosted] = report.self_hosted  # the A10G can be neither rented from nobody nor bought
-    assert (
-        hosted.rent_usd is None
-        and hosted.replica_rent_usd is None
-        and hosted.own_usd == pytest.approx(344.96, abs=0.01)
-    )
+    assert hosted.rent_usd is None and hosted.lines("rent") == [] and hosted.own_usd == pytest.approx(344.96, abs=0.01)
     assert report.verdict.startswith("Owning 1 x l40s costs $345/month") and "Renting" not in report.verdict
     assert [b.way for b in report.managed[0].break_even] == ["own"]
     page = report_html(replace(report, warnings=["Prices <old>"]), "<svg>chart</svg>")
@@ -483,10 +491,11 @@ def test_several_replicas_are_priced_one_by_one() -> None:
     report, _ = _costed(["gpt-4o-mini"], TargetLoad(40.0, 512, 256), gpus=("l40s",))
     [hosted] = report.self_hosted
     replicas = hosted.option.replicas
-    assert replicas > 1 and hosted.replica_rent_usd == pytest.approx(hosted.rent_usd / replicas)  # type: ignore[operator]
+    one = hosted.gpus_usd("rent", 1)
+    assert replicas > 1 and one == pytest.approx(hosted.rent_usd / replicas)  # type: ignore[operator]
     # at half the utilization the same volume needs twice the replicas' capacity
     volume = monthly_tokens_capacity(hosted, report.load) * 3
-    assert self_host_cost_at(hosted, "rent", report.load, volume, 0.5) == pytest.approx(6 * hosted.replica_rent_usd)  # type: ignore[operator]
+    assert self_host_cost_at(hosted, "rent", report.load, volume, 0.5) == pytest.approx(6 * one)  # type: ignore[operator]
 
 
 def test_a_calibrated_option_says_so_in_the_cost_report() -> None:
@@ -557,11 +566,16 @@ def test_cost_model_is_size_model_at_the_peak_then_compare(engine_here: str) -> 
         "llama-3.1-8b-instruct", LLAMA8, replace(load, rps=4.0), PRICES, hardware=["l40s", "a100-80gb"],
         provider="hyperscaler", max_utilization=1.0, today=later,
     )  # fmt: skip
-    by_hand = compare(peak, PRICES, offers, 0.25, load)
+    # by default: two replicas at least, and the data's operations hours at its rate
+    overheads = Overheads(2, PRICES.operations.hours_per_month, PRICES.operations.usd_per_hour)  # type: ignore[union-attr]
+    by_hand = compare(peak, PRICES, offers, 0.25, load, overheads)
     assert report.self_hosted == by_hand.self_hosted and report.managed == by_hand.managed
     assert report.model == "llama-3.1-8b-instruct" and report.verdict == by_hand.verdict
+    assert report.overheads == overheads == Overheads(2, 8.0, 43.52)
     [stale] = report.warnings
-    assert "power of" in stale and "gpt-4o-mini" in stale and "a100-80gb (hyperscaler)" in stale
+    assert stale.startswith("6 prices used are older than 90 days (the oldest: operations of 2022-05-31);")
+    named = {p["price"] for p in report.stale_prices}
+    assert {"power", "gpt-4o-mini (openai)", "a100-80gb (hyperscaler)", "operations"} <= named and len(named) == 6
 
 
 def test_nothing_priced_and_no_power_table() -> None:
@@ -629,6 +643,8 @@ def test_a_cost_report_keeps_the_sizing_s_warnings_and_one_price_line(tmp_path: 
     )  # fmt: skip
     lengths, *_, prices = report.warnings
     assert lengths.startswith("The load test ran 64/32 tokens in/out, this load 256/32")
-    assert prices.startswith("Prices older than 90 days:") and "gpt-4o-mini" in prices and "power" in prices
-    assert "l4 (purchase)" in prices  # the purchase price owning is priced at
-    assert sum(w.startswith("Prices older") for w in report.warnings) == 1
+    assert re.match(r"\d+ prices used are older than 90 days \(the oldest: ", prices)
+    named = [p["price"] for p in report.stale_prices]  # --json lists each
+    assert {"gpt-4o-mini (openai)", "power", "l4 (purchase)"} <= set(named)  # the purchase price owning uses
+    assert prices.startswith(f"{len(named)} prices") and report.to_json()["stale_prices"] == report.stale_prices
+    assert sum("older than 90 days" in w for w in report.warnings) == 1
