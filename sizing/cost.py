@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -57,8 +58,8 @@ class SelfHosted:
 
     @property
     def label(self) -> str:
-        o = self.option
-        return f"{o.replicas * o.tp} x {o.hardware.name}" + (f" (tp {o.tp})" if o.tp > 1 else "")
+        """Its GPUs, the replicas kept for availability included."""
+        return _devices(self.option, self.replicas)
 
     @property
     def rented_as(self) -> str:
@@ -88,7 +89,7 @@ class SelfHosted:
         if needed is None:
             return []
         verb = "rented" if way == "rent" else "owned (write-off and power)"
-        out = [CostLine(f"{self.label}, {verb}, for the load", needed)]
+        out = [CostLine(f"{_devices(self.option, self.option.replicas)}, {verb}, for the load", needed)]
         if (extra := self.replicas - self.option.replicas) > 0:
             more = (self.gpus_usd(way, self.replicas) or 0) - needed
             at_least = f"at least {self.overheads.min_replicas} replicas"
@@ -114,6 +115,10 @@ class SelfHosted:
     def best_usd(self) -> float | None:
         costs = [c for c in (self.rent_usd, self.own_usd) if c is not None]
         return min(costs) if costs else None
+
+
+def _devices(o: Option, replicas: int) -> str:
+    return f"{replicas * o.tp} x {o.hardware.name}" + (f" (tp {o.tp})" if o.tp > 1 else "")
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,7 @@ class CostReport:
     overheads: Overheads
     warnings: list[str] = field(default_factory=list)
     stale_prices: list[dict[str, object]] = field(default_factory=list)  # the old prices the warnings count
+    basis: str = ""  # which offers were chosen, and why, when the user named none
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -173,6 +179,7 @@ class CostReport:
             ],
             "managed": [{**m.__dict__, "break_even": [b.__dict__ for b in m.break_even]} for m in self.managed],
             "verdict": self.verdict,
+            "default_offers": self.basis or None,  # which offers and why, when --compare named none
             "warnings": self.warnings,
             "stale_prices": self.stale_prices,
         }
@@ -416,7 +423,8 @@ def report_html(report: CostReport, chart_svg: str) -> str:
     managed = [["offer", "cost", "renting pays above", "owning pays above"]] + [
         [m.name, _usd(m.monthly_usd), *break_even_cells(m)] for m in report.managed
     ]
-    blocks = [table(tested), paragraph(report.verdict), chart_svg, "<h2>Self-hosting, per month</h2>"]
+    blocks = [table(tested), *([paragraph(report.basis)] if report.basis else []), paragraph(report.verdict)]
+    blocks += [chart_svg, "<h2>Self-hosting, per month</h2>"]
     blocks += [table(hosted, header=True), "<h2>The cheapest each way, line by line</h2>"]
     blocks += [table([["", "line", "per month"], *cost_line_cells(report)], header=True)]
     blocks += ["<h2>Managed, per month at the same traffic</h2>"]
@@ -482,6 +490,9 @@ def cost_model(
     """Self-hosting sized for the load's peaks (the mean over `utilization`) against each managed offer at
     the mean load, with at least `min_replicas` replicas and `ops_hours` of a person's time a month (default:
     the data's [operations] hours) at the data's rate."""
+    basis = ""
+    if not compare_with:
+        compare_with, basis = default_offers(name, config, prices)
     offers = [prices.offer(n) for n in compare_with]  # an unknown name fails before any work
     if not 0 < utilization <= 1:
         raise UsageError(f"--utilization {utilization} is not in (0, 1].", "For example --utilization 0.5.")
@@ -498,6 +509,7 @@ def cost_model(
     # the sizing's own (a calibration's), then one line for every price used that is old
     report.warnings = [*sizing.warnings, *stale_summary(used, today or dt.date.today())]
     report.stale_prices = stale_list(used, today or dt.date.today())
+    report.basis = basis
     return report, offers
 
 
@@ -509,3 +521,27 @@ def _overheads(prices: Prices, min_replicas: int, ops_hours: float | None) -> Ov
     ops = prices.operations
     hours = ops_hours if ops_hours is not None else (ops.hours_per_month if ops else 0.0)
     return Overheads(min_replicas, hours, ops.usd_per_hour if ops else 0.0)
+
+
+# With no --compare, a model is compared with OpenAI's small general-purpose API below this many
+# parameters and with its flagship above: the APIs a model of that class is usually weighed against.
+SMALL_API_BELOW_PARAMS = 30_000_000_000
+
+
+def default_offers(name: str, config: ModelConfig, prices: Prices) -> tuple[list[str], str]:
+    """The managed offers `cost` compares with when none are named: every pay-as-you-go offer of the same
+    model (an offer `llama-3.1-8b@together` serves `llama-3.1-8b-instruct`: the alias less its -instruct,
+    -chat or -it) and the general-purpose API nearest the model's size; and a sentence saying which and why."""
+    base = re.sub(r"-(instruct|chat|it)$", "", name)
+    same = sorted(n for n in prices.services if n.partition("@")[0] == base and "@" in n)
+    small = config.params < SMALL_API_BELOW_PARAMS
+    general = "gpt-4o-mini" if small else "gpt-4o"
+    threshold = f"{SMALL_API_BELOW_PARAMS / 1e9:.0f} B"
+    rule = f"under {threshold}: OpenAI's small model" if small else f"{threshold} or more: OpenAI's flagship"
+    size = f"{config.params / 1e9:.3g} B parameters"
+    why = f"{general}: the general-purpose API deploykit weighs a model of {size} against ({rule})"
+    if same:
+        why = f"{', '.join(same)}: the same model, managed; {why}"
+    else:
+        why = f"no managed offer of {name} in the price data; {why}"
+    return [*same, general], f"No --compare given. Compared with {why}."

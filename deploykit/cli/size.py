@@ -135,7 +135,10 @@ def cost(
     input_tokens: int = InputOpt,
     output_tokens: int = OutputOpt,
     compare: str = typer.Option(
-        "", "--compare", help="Managed offers to price the same traffic on, e.g. gpt-4o-mini,llama-3.1-8b@together."
+        "",
+        "--compare",
+        help="Managed offers to price the same traffic on, e.g. gpt-4o-mini,llama-3.1-8b@together (default: the "
+        "same model's managed offers and the general-purpose API nearest its size).",
     ),
     utilization: float = typer.Option(
         0.5, "--utilization", help="How busy the self-hosted GPUs are on average (the rest is headroom for peaks)."
@@ -200,6 +203,8 @@ def _names(gpus: str) -> list[str] | None:
 
 
 def _print_cost(report: CostReport) -> None:
+    if report.basis:
+        out.print(report.basis, highlight=False)
     title = f"Self-hosting {report.model}, per month at {report.utilization:.0%} utilization, every line included"
     hosted = Table(title=title)
     for column in ("option", "rented as", "rent", "own", "source"):

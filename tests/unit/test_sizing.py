@@ -411,6 +411,7 @@ def test_break_even_and_the_utilization_it_needs() -> None:
         "does not pay at 1.01 B tokens a month; it would above 5.27 B, with its replica busy 21% of the time. "
         "Owning 1 x a100-80gb costs $456/month against $182 for llama-3.1-8b@together: self-hosting does not pay "
         "at 1.01 B tokens a month; it would above 2.53 B, with its replica busy 10% of the time.",
+        "default_offers": None,
         "warnings": [],
         "stale_prices": [],
     }
@@ -442,9 +443,9 @@ def test_a_verdict_with_every_cost_line_by_hand() -> None:
     assert rent.utilization == pytest.approx(rent.tokens / (2 * capacity))  # type: ignore[operator]
     assert (round(rent.utilization, 2), round(own.utilization, 2)) == (0.26, 0.16)  # type: ignore[arg-type]
     assert report.verdict == (
-        "Renting 1 x a100-80gb costs $2,398/month against $182 for llama-3.1-8b@together: self-hosting does not "
+        "Renting 2 x a100-80gb costs $2,398/month against $182 for llama-3.1-8b@together: self-hosting does not "
         "pay at 1.01 B tokens a month; it would above 13.3 B, with its 2 replicas busy 26% of the time. "
-        "Owning 1 x a100-80gb costs $1,412/month against $182 for llama-3.1-8b@together: self-hosting does not "
+        "Owning 2 x a100-80gb costs $1,412/month against $182 for llama-3.1-8b@together: self-hosting does not "
         "pay at 1.01 B tokens a month; it would above 7.85 B, with its 2 replicas busy 16% of the time."
     )
     assert cost_line_cells(report) == [

@@ -20,6 +20,7 @@ from deploykit.models.prices import GpuPrice, Provisioned, ServicePrice, load_pr
 from deploykit.sizing import ranking
 from deploykit.sizing.calibration import calibrate, calibration_at
 from deploykit.sizing.cost import (
+    SMALL_API_BELOW_PARAMS,
     BreakEven,
     CostReport,
     Overheads,
@@ -30,6 +31,7 @@ from deploykit.sizing.cost import (
     compare,
     cost_figure,
     cost_model,
+    default_offers,
     monthly_tokens_capacity,
     own_monthly_usd,
     plot_png,
@@ -576,6 +578,26 @@ def test_cost_model_is_size_model_at_the_peak_then_compare(engine_here: str) -> 
     assert stale.startswith("6 prices used are older than 90 days (the oldest: operations of 2022-05-31);")
     named = {p["price"] for p in report.stale_prices}
     assert {"power", "gpt-4o-mini (openai)", "a100-80gb (hyperscaler)", "operations"} <= named and len(named) == 6
+
+
+def test_with_no_offer_named_cost_picks_the_same_model_managed_and_the_nearest_general_api() -> None:
+    names, why = default_offers("llama-3.1-8b-instruct", LLAMA8, PRICES)
+    same = ["llama-3.1-8b@azure", "llama-3.1-8b@bedrock", "llama-3.1-8b@fireworks", "llama-3.1-8b@groq"]
+    assert names == [*same, "llama-3.1-8b@together", "gpt-4o-mini"]
+    assert why == (
+        f"No --compare given. Compared with {', '.join(same)}, llama-3.1-8b@together: the same model, managed; "
+        "gpt-4o-mini: the general-purpose API deploykit weighs a model of 8.03 B parameters against (under 30 B: "
+        "OpenAI's small model)."
+    )
+    big = replace(LLAMA8, params=SMALL_API_BELOW_PARAMS)
+    assert default_offers("acme-30b-chat", big, PRICES) == (
+        ["gpt-4o"],
+        "No --compare given. Compared with no managed offer of acme-30b-chat in the price data; gpt-4o: the "
+        "general-purpose API deploykit weighs a model of 30 B parameters against (30 B or more: OpenAI's flagship).",
+    )
+    report, offers = cost_model("smollm2-135m", SMOL, TargetLoad(0.2, 64, 32), PRICES, [], 0.5, hardware=["l4"])
+    assert [o.name for o in offers] == ["gpt-4o-mini"] and report.basis.startswith("No --compare given.")
+    assert report.to_json()["default_offers"] == report.basis and "gpt-4o-mini" in report.verdict
 
 
 def test_nothing_priced_and_no_power_table() -> None:
