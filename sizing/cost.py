@@ -302,17 +302,27 @@ def _verdict(hosted: list[SelfHosted], managed: list[Managed], tokens: float) ->
             continue
         rival = min(managed, key=lambda m: m.monthly_usd)
         head = f"{verb} {best.label} costs ${cost:,.0f}/month against ${rival.monthly_usd:,.0f} for {rival.name}"
-        if cost <= rival.monthly_usd:
-            lines.append(f"{head}: self-hosting pays at {tokens_text(tokens)} tokens a month.")
-            continue
         b = next((b for b in rival.break_even if b.way == way), None)
+        if cost <= rival.monthly_usd:
+            above = (
+                f" (it does above {tokens_text(b.tokens)}, with {_replicas(b.replicas)} busy {_share(b.utilization)} "
+                "of the time)"
+                if b is not None and b.tokens is not None and b.utilization is not None
+                else ""
+            )
+            lines.append(f"{head}: self-hosting pays at {tokens_text(tokens)} tokens a month{above}.")
+            continue
         lines.append(
             f"{head}: self-hosting does not pay at {tokens_text(tokens)} tokens a month; it would above "
-            f"{tokens_text(b.tokens)}, with {_replicas(b.replicas)} busy {b.utilization:.0%} of the time."
+            f"{tokens_text(b.tokens)}, with {_replicas(b.replicas)} busy {_share(b.utilization)} of the time."
             if b is not None and b.tokens is not None and b.utilization is not None
             else f"{head}: self-hosting does not pay at any volume; fully busy replicas cost more per token."
         )
     return " ".join(lines)
+
+
+def _share(u: float) -> str:
+    return f"{u:.0%}" if u >= 0.005 else "under 1%"
 
 
 def _replicas(n: int) -> str:

@@ -451,7 +451,12 @@ def test_a_rival_that_self_hosting_never_beats_and_one_it_beats() -> None:
     assert break_even_cells(report.managed[0]) == ["never", "never"]
     # at 5 req/s gpt-4o costs more than renting or owning: both lines say so
     pays, _ = _costed(["gpt-4o"], TargetLoad(5.0, 512, 256), gpus=("l40s",))
-    assert pays.verdict.count("self-hosting pays at 10.1 B tokens a month.") == 2
+    assert pays.verdict == (
+        "Renting 1 x l40s costs $635/month against $50,458 for gpt-4o: self-hosting pays at 10.1 B tokens a month "
+        "(it does above 127 M, with its replica busy 1% of the time). Owning 1 x l40s costs $345/month "
+        "against $50,458 for gpt-4o: self-hosting pays at 10.1 B tokens a month (it does above 69 M, with its "
+        "replica busy under 1% of the time)."
+    )
 
 
 def test_a_provisioned_rival_has_no_break_even_volume() -> None:
