@@ -22,7 +22,7 @@ from deploykit.core.html import CHART_STYLE, page, paragraph, svg, table
 from deploykit.models.config import ModelConfig
 from deploykit.models.prices import Power, Prices, Provisioned, ServicePrice, Sourced, stale_list, stale_summary
 from deploykit.sizing.load import HOURS_PER_MONTH, TargetLoad
-from deploykit.sizing.ranking import Option, Sizing, size_model
+from deploykit.sizing.ranking import Option, Rental, Sizing, cheapest_rental, size_model
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -62,9 +62,13 @@ class SelfHosted:
         return _devices(self.option, self.replicas)
 
     @property
+    def rental(self) -> Rental | None:
+        """The instances its replicas (the availability ones included) rent as; None: nobody rents such a host."""
+        return cheapest_rental(self.option.offers, self.option.tp, self.replicas)
+
+    @property
     def rented_as(self) -> str:
-        """The instances a rental takes, or "-" where no provider in the data rents such a host."""
-        return self.option.rental.label if self.option.rental else "-"
+        return self.rental.label if self.rental else "-"
 
     @property
     def replicas(self) -> int:
@@ -168,7 +172,7 @@ class CostReport:
                     "option": s.label,
                     "hardware": s.option.hardware.name,
                     "devices": s.option.devices,
-                    "rented_as": s.option.rental.label if s.option.rental else None,
+                    "rented_as": s.rental.label if s.rental else None,
                     "replicas": s.replicas,
                     "rent_usd_per_month": s.rent_usd,
                     "own_usd_per_month": s.own_usd,

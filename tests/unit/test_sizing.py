@@ -426,7 +426,10 @@ def test_a_verdict_with_every_cost_line_by_hand() -> None:
     report = compare(sizing, PRICES, [together], 1.0, w, Overheads(min_replicas=2, ops_hours=10, ops_usd_per_hour=50))
     [hosted] = report.self_hosted
     # the load needs one replica ($949 rented, $456.25 owned); the second is for availability; $500 of a person
-    assert (hosted.option.replicas, hosted.replicas) == (1, 2)
+    assert (hosted.option.replicas, hosted.replicas) == (
+        1,
+        2,
+    ) and hosted.rented_as == "2 x 1-GPU instance (cheaper-cloud)"
     assert hosted.lines("rent") == [
         CostLine("1 x a100-80gb, rented, for the load", pytest.approx(949.0)),  # type: ignore[arg-type]
         CostLine("1 more replica for availability (at least 2 replicas)", pytest.approx(949.0)),  # type: ignore[arg-type]
