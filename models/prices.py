@@ -10,6 +10,7 @@ source or date: they are the user's own, dated by the file.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,13 @@ class Operations(Sourced):
     note: str = ""
 
 
+class RentalExtras(Sourced):
+    """What a cloud bill adds to the GPU instances: egress, storage, load balancing, monitoring."""
+
+    share: float = Field(ge=0)  # of the instances' price
+    note: str = ""
+
+
 class GpuSpec(Sourced):
     name: str
     label: str
@@ -124,6 +132,7 @@ class _DataFile(BaseModel):
     provisioned: list[Provisioned] = []
     power: Power | None = None
     operations: Operations | None = None
+    rental_extras: RentalExtras | None = None
     gpu: list[GpuSpec] = []
     gpu_price: list[GpuPrice] = []
     efficiency: Efficiency | None = None
@@ -139,6 +148,7 @@ class Prices:
     measurements: list[Measurement] = field(default_factory=list)
     power: Power | None = None
     operations: Operations | None = None
+    rental_extras: RentalExtras | None = None
     efficiency: Efficiency | None = None
 
     def find(self, name: str) -> ServicePrice:
@@ -204,7 +214,8 @@ def _stale(entries: Sequence[Sourced], today: dt.date) -> list[Sourced]:
 
 
 def _label(e: Sourced) -> str:
-    what = getattr(e, "name", None) or getattr(e, "gpu", None) or type(e).__name__.lower()
+    kind = re.sub(r"(?<!^)(?=[A-Z])", " ", type(e).__name__).lower()  # RentalExtras: "rental extras"
+    what = getattr(e, "name", None) or getattr(e, "gpu", None) or kind
     provider = getattr(e, "provider", None)
     return f"{what} ({provider})" if provider and provider != what else str(what)
 
@@ -247,7 +258,7 @@ def _with_user_defaults(raw: dict[str, Any], shipped: Prices, path: Path) -> dic
     for key, value in raw.items():
         if isinstance(value, list):
             out[key] = [{**mine, **entry} if isinstance(entry, dict) else entry for entry in value]
-        elif key in ("power", "operations", "efficiency") and isinstance(value, dict):
+        elif key in ("power", "operations", "rental_extras", "efficiency") and isinstance(value, dict):
             base = getattr(shipped, key)
             out[key] = {**(base.model_dump() if base else {}), **mine, **value}
         else:
@@ -263,4 +274,5 @@ def _merge(prices: Prices, data: _DataFile) -> None:
     prices.measurements += data.measurement
     prices.power = data.power or prices.power
     prices.operations = data.operations or prices.operations
+    prices.rental_extras = data.rental_extras or prices.rental_extras
     prices.efficiency = data.efficiency or prices.efficiency

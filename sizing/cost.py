@@ -35,6 +35,7 @@ class Overheads:
     min_replicas: int = 1  # replicas kept running whatever the load (2: one can fail, restart or be upgraded)
     ops_hours: float = 0.0  # a person's time a month: upgrades, incidents, on-call
     ops_usd_per_hour: float = 0.0
+    rental_extras: float = 0.0  # a cloud bill's egress, storage and management, as a share of the instances
 
     @property
     def ops_usd(self) -> float:
@@ -83,9 +84,14 @@ class SelfHosted:
         return replicas * self.replica_own_usd if self.replica_own_usd is not None else None
 
     def cost_for(self, way: str, replicas: int) -> float | None:
-        """A month with `replicas` replicas the load needs (more if the minimum says so), operations included."""
+        """A month with `replicas` replicas the load needs (more if the minimum says so), every line included."""
         gpus = self.gpus_usd(way, max(replicas, self.overheads.min_replicas))
-        return gpus + self.overheads.ops_usd if gpus is not None else None
+        if gpus is None:
+            return None
+        return gpus * (1 + self._extras(way)) + self.overheads.ops_usd
+
+    def _extras(self, way: str) -> float:
+        return self.overheads.rental_extras if way == "rent" else 0.0
 
     def lines(self, way: str) -> list[CostLine]:
         """What a month costs this way, line by line (none when it is not priced this way)."""
@@ -98,6 +104,9 @@ class SelfHosted:
             more = (self.gpus_usd(way, self.replicas) or 0) - needed
             at_least = f"at least {self.overheads.min_replicas} replicas"
             out.append(CostLine(f"{extra} more replica{'s' if extra > 1 else ''} for availability ({at_least})", more))
+        if extras := self._extras(way):
+            rented = self.gpus_usd(way, self.replicas) or 0
+            out.append(CostLine(f"egress, storage and management: {extras:.0%} of the instances", rented * extras))
         if self.overheads.ops_usd > 0:
             o = self.overheads
             out.append(CostLine(f"operations: {o.ops_hours:g} h a month at ${o.ops_usd_per_hour:,.2f}", o.ops_usd))
@@ -518,6 +527,8 @@ def cost_model(
     used: list[Sourced] = [*offers, *([prices.power] if prices.power else [])]
     if prices.operations is not None and overheads.ops_usd > 0:
         used.append(prices.operations)
+    if prices.rental_extras is not None and overheads.rental_extras > 0:
+        used.append(prices.rental_extras)
     for s in report.self_hosted:
         used += [p for p in (s.option.price, *prices.prices_for(s.option.hardware.name, "buy")[:1]) if p]
     # the sizing's own (a calibration's), then one line for every price used that is old
@@ -534,7 +545,8 @@ def _overheads(prices: Prices, min_replicas: int, ops_hours: float | None) -> Ov
         raise UsageError(f"--ops-hours-per-month {ops_hours:g} is negative.", "Use 0 to leave operations out.")
     ops = prices.operations
     hours = ops_hours if ops_hours is not None else (ops.hours_per_month if ops else 0.0)
-    return Overheads(min_replicas, hours, ops.usd_per_hour if ops else 0.0)
+    extras = prices.rental_extras.share if prices.rental_extras else 0.0
+    return Overheads(min_replicas, hours, ops.usd_per_hour if ops else 0.0, extras)
 
 
 # With no --compare, a model is compared with OpenAI's small general-purpose API below this many

@@ -362,7 +362,13 @@ def test_break_even_and_the_utilization_it_needs() -> None:
         "output_tokens": 256,
         "utilization": 1.0,
         "tokens_per_month": 0.5 * 768 * 3600 * 730,
-        "overheads": {"min_replicas": 1, "ops_hours": 0.0, "ops_usd_per_hour": 0.0, "ops_usd_per_month": 0.0},
+        "overheads": {
+            "min_replicas": 1,
+            "ops_hours": 0.0,
+            "ops_usd_per_hour": 0.0,
+            "rental_extras": 0.0,
+            "ops_usd_per_month": 0.0,
+        },
         "self_hosted": [
             {
                 "option": "1 x a100-80gb",
@@ -419,51 +425,55 @@ def test_break_even_and_the_utilization_it_needs() -> None:
 
 
 def test_a_verdict_with_every_cost_line_by_hand() -> None:
-    """The case above with the overheads on: two replicas at least, 10 h of operations a month at $50."""
+    """The case above with every overhead on: two replicas at least, a quarter of the rental for egress,
+    storage and management, 10 h of operations a month at $50."""
     w = TargetLoad(0.5, 512, 256)
     sizing = size("llama-3.1-8b-instruct", LLAMA8, w, [gpu("a100-80gb")], PRICES, max_utilization=1.0)
     together = PRICES.find("llama-3.1-8b@together")
-    report = compare(sizing, PRICES, [together], 1.0, w, Overheads(min_replicas=2, ops_hours=10, ops_usd_per_hour=50))
+    overheads = Overheads(min_replicas=2, ops_hours=10, ops_usd_per_hour=50, rental_extras=0.25)
+    report = compare(sizing, PRICES, [together], 1.0, w, overheads)
     [hosted] = report.self_hosted
-    # the load needs one replica ($949 rented, $456.25 owned); the second is for availability; $500 of a person
-    assert (hosted.option.replicas, hosted.replicas) == (
-        1,
-        2,
-    ) and hosted.rented_as == "2 x 1-GPU instance (cheaper-cloud)"
+    # the load needs one replica ($949 rented, $456.25 owned), the second is for availability; renting adds
+    # 25% of $1,898 = $474.50; $500 of a person either way
+    assert (hosted.option.replicas, hosted.replicas) == (1, 2)
+    assert hosted.rented_as == "2 x 1-GPU instance (cheaper-cloud)"
     assert hosted.lines("rent") == [
         CostLine("1 x a100-80gb, rented, for the load", pytest.approx(949.0)),  # type: ignore[arg-type]
         CostLine("1 more replica for availability (at least 2 replicas)", pytest.approx(949.0)),  # type: ignore[arg-type]
+        CostLine("egress, storage and management: 25% of the instances", pytest.approx(474.5)),  # type: ignore[arg-type]
         CostLine("operations: 10 h a month at $50.00", 500.0),
     ]
     assert [line.usd for line in hosted.lines("own")] == pytest.approx([456.25, 456.25, 500.0], abs=0.01)
-    assert hosted.rent_usd == pytest.approx(2398.0) and hosted.own_usd == pytest.approx(1412.5, abs=0.01)
-    # together bills $0.18 per M tokens: renting pays above $2,398 / 0.18e-6 = 13.3 B tokens a month, which
-    # the two replicas carry (25.2 B each, fully busy) at 26% of their time; owning above 7.85 B, at 16%
+    assert hosted.rent_usd == pytest.approx(2872.5) and hosted.own_usd == pytest.approx(1412.5, abs=0.01)
+    # together bills $0.18 per M tokens: renting pays above $2,872.50 / 0.18e-6 = 16.0 B tokens a month,
+    # which the two replicas carry (25.2 B each, fully busy) at 32% of their time; owning above 7.85 B, 16%
     rent, own = report.managed[0].break_even
     capacity = hosted.option.capacity_rps * 768 * 3600 * 730
-    assert rent.tokens == pytest.approx(2398.0 / 0.18e-6) and own.tokens == pytest.approx(1412.5 / 0.18e-6, rel=1e-4)
+    assert capacity == pytest.approx(25.21e9, rel=1e-3)
+    assert rent.tokens == pytest.approx(2872.5 / 0.18e-6) and own.tokens == pytest.approx(1412.5 / 0.18e-6, rel=1e-4)
     assert rent.replicas == own.replicas == 2 and rent.tokens < capacity
     assert rent.utilization == pytest.approx(rent.tokens / (2 * capacity))  # type: ignore[operator]
-    assert (round(rent.utilization, 2), round(own.utilization, 2)) == (0.26, 0.16)  # type: ignore[arg-type]
+    assert (round(rent.utilization, 2), round(own.utilization, 2)) == (0.32, 0.16)  # type: ignore[arg-type]
     assert report.verdict == (
-        "Renting 2 x a100-80gb costs $2,398/month against $182 for llama-3.1-8b@together: self-hosting does not "
-        "pay at 1.01 B tokens a month; it would above 13.3 B, with its 2 replicas busy 26% of the time. "
+        "Renting 2 x a100-80gb costs $2,872/month against $182 for llama-3.1-8b@together: self-hosting does not "
+        "pay at 1.01 B tokens a month; it would above 16 B, with its 2 replicas busy 32% of the time. "
         "Owning 2 x a100-80gb costs $1,412/month against $182 for llama-3.1-8b@together: self-hosting does not "
         "pay at 1.01 B tokens a month; it would above 7.85 B, with its 2 replicas busy 16% of the time."
     )
     assert cost_line_cells(report) == [
         ["renting", "1 x a100-80gb, rented, for the load", "$949"],
         ["renting", "1 more replica for availability (at least 2 replicas)", "$949"],
+        ["renting", "egress, storage and management: 25% of the instances", "$474"],
         ["renting", "operations: 10 h a month at $50.00", "$500"],
-        ["renting", "total", "$2,398"],
+        ["renting", "total", "$2,872"],
         ["owning", "1 x a100-80gb, owned (write-off and power), for the load", "$456"],
         ["owning", "1 more replica for availability (at least 2 replicas)", "$456"],
         ["owning", "operations: 10 h a month at $50.00", "$500"],
         ["owning", "total", "$1,412"],
     ]
-    # past two replicas' capacity each replica adds its own cost; the operations stay $500
-    assert self_host_cost_at(hosted, "rent", w, 2.5 * capacity, 1.0) == pytest.approx(3 * 949.0 + 500)
-    assert self_host_cost_at(hosted, "rent", w, 1.0, 1.0) == pytest.approx(2398.0)
+    # past two replicas' capacity each replica adds its instance and its share of extras; operations stay $500
+    assert self_host_cost_at(hosted, "rent", w, 2.5 * capacity, 1.0) == pytest.approx(3 * 949.0 * 1.25 + 500)
+    assert self_host_cost_at(hosted, "rent", w, 1.0, 1.0) == pytest.approx(2872.5)
 
 
 def test_the_cost_plot_and_report_by_hand() -> None:
@@ -548,11 +558,12 @@ def test_size_and_cost_through_the_cli(tmp_path: Path) -> None:
         "min_replicas": 1,
         "ops_hours": 0.0,
         "ops_usd_per_hour": 43.52,
+        "rental_extras": 0.3,
         "ops_usd_per_month": 0.0,
     }
     assert default["overheads"]["min_replicas"] == 2 and default["overheads"]["ops_usd_per_month"] == 8 * 43.52
     [one], [two] = lean["self_hosted"], default["self_hosted"]
-    assert [len(one["lines"]["rent"]), len(two["lines"]["rent"])] == [1, 3]
+    assert [len(one["lines"]["rent"]), len(two["lines"]["rent"])] == [2, 4]  # the extras line in both
     assert two["rent_usd_per_month"] == pytest.approx(2 * one["rent_usd_per_month"] + 8 * 43.52)
     for flag, value, message in (
         ("--min-replicas", "0", "--min-replicas 0 is below 1."),

@@ -573,16 +573,19 @@ def test_cost_model_is_size_model_at_the_peak_then_compare(engine_here: str) -> 
         "llama-3.1-8b-instruct", LLAMA8, replace(load, rps=4.0), PRICES, hardware=["l40s", "a100-80gb"],
         provider="hyperscaler", max_utilization=1.0, today=later,
     )  # fmt: skip
-    # by default: two replicas at least, and the data's operations hours at its rate
-    overheads = Overheads(2, PRICES.operations.hours_per_month, PRICES.operations.usd_per_hour)  # type: ignore[union-attr]
+    # by default: two replicas at least, the data's operations hours at its rate, and its rental extras
+    ops, extras = PRICES.operations, PRICES.rental_extras
+    assert ops is not None and extras is not None
+    overheads = Overheads(2, ops.hours_per_month, ops.usd_per_hour, extras.share)
     by_hand = compare(peak, PRICES, offers, 0.25, load, overheads)
     assert report.self_hosted == by_hand.self_hosted and report.managed == by_hand.managed
     assert report.model == "llama-3.1-8b-instruct" and report.verdict == by_hand.verdict
-    assert report.overheads == overheads == Overheads(2, 8.0, 43.52)
+    assert report.overheads == overheads == Overheads(2, 8.0, 43.52, 0.3)
     [stale] = report.warnings
-    assert stale.startswith("6 prices used are older than 90 days (the oldest: operations of 2022-05-31);")
+    assert stale.startswith("7 prices used are older than 90 days (the oldest: operations of 2022-05-31);")
     named = {p["price"] for p in report.stale_prices}
-    assert {"power", "gpt-4o-mini (openai)", "a100-80gb (hyperscaler)", "operations"} <= named and len(named) == 6
+    assert {"power", "gpt-4o-mini (openai)", "a100-80gb (hyperscaler)", "operations", "rental extras"} <= named
+    assert len(named) == 7
 
 
 def test_with_no_offer_named_cost_picks_the_same_model_managed_and_the_nearest_general_api() -> None:
