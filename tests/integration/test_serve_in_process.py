@@ -141,6 +141,7 @@ def test_a_replica_becomes_ready_dies_is_restarted_with_backoff_and_is_given_up(
                 assert re.match(said, recorder.warnings()[-1]), recorder.warnings()[-1]
                 await step_until(supervisor, lambda: replica.backend.status == "starting")
                 assert replica.started_at - died_at >= FAST.delay_s(death)  # restarted after the back-off, not before
+                assert recorder.warnings()[-1] == "Restarting the engine for fake-model."
                 await step_until(supervisor, lambda: replica.backend.status == "ready")
                 assert replica.engine.pid != first_pid
                 assert time.monotonic() - died_at >= FAST.delay_s(death)  # waited out the back-off
