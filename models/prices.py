@@ -117,7 +117,7 @@ class Measurement(Sourced):
     concurrency: int = Field(ge=1)
     input_tokens: int = Field(ge=0)  # 0: not stated
     output_tokens: int = Field(ge=0)
-    metric: Literal["tpot_ms", "output_tps"]
+    metric: Literal["tpot_ms", "ttft_ms", "output_tps"]
     value: float = Field(gt=0)
     note: str = ""
     fitted: bool = False  # an efficiency factor was fitted on this point: a check of the fit, not of the model

@@ -148,6 +148,8 @@ def predict_measurement(config: ModelConfig, dev: Accelerator, m: Measurement) -
     p = point(config, dev, 1, m.concurrency, i, o)
     if m.metric == "tpot_ms":
         return p.tpot_s * 1000
-    if not m.input_tokens:  # a batch-1 "tokens/s" without lengths: the decode rate
-        return m.concurrency / p.tpot_s
+    if m.metric == "ttft_ms":
+        return p.ttft_s * 1000
+    if not m.input_tokens and m.concurrency == 1:  # a batch-1 "tokens/s" without lengths: the decode rate
+        return 1 / p.tpot_s
     return m.concurrency * o / p.e2e_s(o)
