@@ -84,37 +84,34 @@ class SelfHosted:
         return replicas * self.replica_own_usd if self.replica_own_usd is not None else None
 
     def cost_for(self, way: str, replicas: int) -> float | None:
-        """A month with `replicas` replicas the load needs (more if the minimum says so), every line included."""
-        gpus = self.gpus_usd(way, max(replicas, self.overheads.min_replicas))
+        """A month when the load needs `replicas` replicas, every line included; None: not priced this way."""
+        lines = self.lines(way, replicas)
+        return sum(line.usd for line in lines) if lines else None
+
+    def lines(self, way: str, replicas: int | None = None) -> list[CostLine]:
+        """What a month costs this way, line by line, when the load needs `replicas` replicas (default: the
+        sized load's); none when it is not priced this way."""
+        needed = self.option.replicas if replicas is None else replicas
+        running = max(needed, self.overheads.min_replicas)
+        gpus = self.gpus_usd(way, needed)
         if gpus is None:
-            return None
-        return gpus * (1 + self._extras(way)) + self.overheads.ops_usd
-
-    def _extras(self, way: str) -> float:
-        return self.overheads.rental_extras if way == "rent" else 0.0
-
-    def lines(self, way: str) -> list[CostLine]:
-        """What a month costs this way, line by line (none when it is not priced this way)."""
-        needed = self.gpus_usd(way, self.option.replicas)
-        if needed is None:
             return []
         verb = "rented" if way == "rent" else "owned (write-off and power)"
-        out = [CostLine(f"{_devices(self.option, self.option.replicas)}, {verb}, for the load", needed)]
-        if (extra := self.replicas - self.option.replicas) > 0:
-            more = (self.gpus_usd(way, self.replicas) or 0) - needed
-            at_least = f"at least {self.overheads.min_replicas} replicas"
+        out = [CostLine(f"{_devices(self.option, needed)}, {verb}, for the load", gpus)]
+        if running > needed:
+            more = (self.gpus_usd(way, running) or 0) - gpus
+            extra, at_least = running - needed, f"at least {self.overheads.min_replicas} replicas"
             out.append(CostLine(f"{extra} more replica{'s' if extra > 1 else ''} for availability ({at_least})", more))
-        if extras := self._extras(way):
-            rented = self.gpus_usd(way, self.replicas) or 0
-            out.append(CostLine(f"egress, storage and management: {extras:.0%} of the instances", rented * extras))
+        if way == "rent" and (share := self.overheads.rental_extras):
+            rented = self.gpus_usd(way, running) or 0
+            out.append(CostLine(f"egress, storage and management: {share:.0%} of the instances", rented * share))
         if self.overheads.ops_usd > 0:
             o = self.overheads
             out.append(CostLine(f"operations: {o.ops_hours:g} h a month at ${o.ops_usd_per_hour:,.2f}", o.ops_usd))
         return out
 
     def monthly(self, way: str) -> float | None:
-        lines = self.lines(way)
-        return sum(line.usd for line in lines) if lines else None
+        return self.cost_for(way, self.option.replicas)
 
     @property
     def rent_usd(self) -> float | None:
