@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +24,7 @@ from deploykit.serve.accounting.database import Database, connect
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import Gateway
 from deploykit.serve.gateway.proxy import engine_session
-from tests.fakes.threaded import raw_server, serve_in_thread
+from tests.fakes.threaded import raw_server, read_request_head, serve_in_thread
 
 BODY = {"model": "m1", "prompt": "x", "max_tokens": 400, "stream": True}
 
@@ -70,7 +72,9 @@ def _engine_stats(url: str) -> dict[str, int]:
     return stats
 
 
-def test_a_client_that_leaves_mid_stream_is_a_499_and_an_abort(served: Served) -> None:
+def test_a_client_that_leaves_mid_stream_is_a_499_and_an_abort(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
     before = _engine_stats(served.engine_url)
     with httpx.stream("POST", served.url + "/v1/completions", json=BODY, timeout=10) as response:
         assert response.status_code == 200
@@ -83,6 +87,7 @@ def test_a_client_that_leaves_mid_stream_is_a_499_and_an_abort(served: Served) -
     assert (status, error) == (499, "client disconnected") and 1 <= tokens < 400  # type: ignore[operator]
     assert served.backend is not None and served.backend.outstanding == 0
     assert _engine_stats(served.engine_url)["finished"] == before["finished"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text  # a client leaving is no error
 
 
 def test_the_drain_deadline_cuts_a_stream_with_an_error_event_and_a_503(served: Served) -> None:
@@ -110,6 +115,33 @@ def test_the_drain_deadline_cuts_a_stream_with_an_error_event_and_a_503(served: 
     served.wait_for(lambda: _engine_stats(served.engine_url)["aborted"] == before["aborted"] + 1, "no abort")
     [(status, error, tokens)] = served.ledger()  # stop() committed it
     assert (status, error) == (503, "gateway shut down mid-stream") and 1 <= tokens < 400  # type: ignore[operator]
+    assert served.backend is not None and served.backend.outstanding == 0
+
+
+def test_the_drain_deadline_cuts_an_answer_still_awaited_with_a_503(served: Served) -> None:
+    """A non-streamed answer sends nothing until the engine is done: at the deadline the client gets the
+    shutting-down error in full, the engine an abort, the ledger its row."""
+    before = _engine_stats(served.engine_url)
+    answers: list[httpx.Response] = []
+    client = threading.Thread(
+        target=lambda: answers.append(httpx.post(served.url + "/v1/completions", json={**BODY, "stream": False}))
+    )
+    client.start()
+    served.wait_for(lambda: _engine_stats(served.engine_url)["in_flight"] == before["in_flight"] + 1, "not sent")
+    assert served.loop is not None and served.gateway is not None
+    asyncio.run_coroutine_threadsafe(served.gateway.stop(timeout_s=5), served.loop).result(10)
+    client.join(10)
+    [answer] = answers
+    assert answer.status_code == 503 and answer.json() == {
+        "error": {
+            "message": "The gateway is shutting down; the request was cut short.",
+            "type": "service_unavailable",
+            "param": None,
+            "code": "shutting_down",
+        }
+    }
+    served.wait_for(lambda: _engine_stats(served.engine_url)["aborted"] == before["aborted"] + 1, "no abort")
+    assert [row[:2] for row in served.ledger()] == [(503, "shutting_down")]
     assert served.backend is not None and served.backend.outstanding == 0
 
 
@@ -235,6 +267,44 @@ def test_a_client_that_leaves_before_the_engine_answers_is_a_499_and_an_abort(se
     served.wait_for(lambda: len(served.ledger()) == 1, "no ledger row")
     assert served.ledger() == [(499, "client disconnected", 0)]
     assert served.backend is not None and served.backend.outstanding == 0
+
+
+def test_a_client_that_leaves_while_the_answer_arrives_is_a_499_and_a_closed_engine_connection(
+    tmp_path: Path,
+) -> None:
+    """The engine sent its status and headers, the body is slow: the client leaving now is a 499 too, and
+    the engine connection is closed (how vLLM learns to abort), not handed back to the pool."""
+    closed = threading.Event()
+
+    async def half_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{")
+        await writer.drain()
+        await reader.read()  # until the gateway closes the connection
+        closed.set()
+
+    with raw_server(half_answer) as engine, _served_over(engine, tmp_path) as served:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(served.url + "/v1/completions", json={**BODY, "stream": False}, timeout=0.5)
+        assert closed.wait(5), "the engine connection was kept"
+        served.wait_for(lambda: len(served.ledger()) == 1, "no ledger row")
+        assert served.ledger() == [(499, "client disconnected", 0)]
+        assert served.backend is not None and served.backend.outstanding == 0
+
+
+def test_an_answer_without_a_content_type_goes_back_as_json(tmp_path: Path) -> None:
+    body = b'{"choices": [{"index": 0, "text": "hi"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}'
+
+    async def bare(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        writer.close()
+
+    with raw_server(bare) as engine, _served_over(engine, tmp_path) as served:
+        answer = httpx.post(served.url + "/v1/completions", json={**BODY, "stream": False})
+    assert answer.status_code == 200 and answer.content == body
+    assert answer.headers["content-type"] == "application/json"
 
 
 def test_inter_token_latency_is_measured_between_tokens(served: Served) -> None:
