@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 
+import aiohttp
 import httpx
 import pytest
 
@@ -14,6 +15,7 @@ from deploykit.core.ports import free_port
 from deploykit.serve.accounting.database import Database
 from deploykit.serve.gateway import Backend
 from deploykit.serve.gateway.app import Gateway, GatewayOptions
+from deploykit.serve.gateway.proxy import engine_session
 from tests.fakes.engine import ANSWER, create_fake_engine
 from tests.fakes.threaded import serve_in_thread
 from tests.unit.gateway_support import assert_openai_error, chat
@@ -66,6 +68,15 @@ async def test_completions_streaming_relays_every_event(gateway: httpx.AsyncClie
     assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == ANSWER
 
 
+async def test_the_engine_session_caps_no_connections_and_bounds_connects_and_reads_only() -> None:
+    async with engine_session() as session:
+        assert session.connector is not None and session.connector.limit == 0  # aiohttp's default is 100
+        # a generation may run for minutes: no total bound, a bounded connect, a read bound (serve's option)
+        assert session.timeout == aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=600.0)
+    async with engine_session(30.0) as session:
+        assert session.timeout.sock_read == 30.0
+
+
 async def test_malformed_json_is_a_400_in_openai_shape(gateway: httpx.AsyncClient) -> None:
     response = await gateway.post(
         "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
@@ -77,7 +88,8 @@ async def test_malformed_json_is_a_400_in_openai_shape(gateway: httpx.AsyncClien
 
 @pytest.mark.parametrize("body", [b"[]", b'"text"', b"null"])
 async def test_a_body_that_is_not_an_object_is_a_400(gateway: httpx.AsyncClient, body: bytes) -> None:
-    assert_openai_error(await gateway.post("/v1/completions", content=body), 400)
+    response = await gateway.post("/v1/completions", content=body)
+    assert_openai_error(response, 400, None, "The request body must be a JSON object.")
 
 
 async def test_unknown_model_is_a_404_that_names_what_is_served(gateway: httpx.AsyncClient) -> None:

@@ -183,7 +183,7 @@ def test_the_nesting_bound_is_exact_whatever_the_stack(depth: int, accepted: boo
     else:
         with pytest.raises(GatewayError, match=f"nested more than {MAX_JSON_DEPTH} levels") as refused:
             parse_body(raw)
-        assert refused.value.status == 400
+        assert (refused.value.status, refused.value.type) == (400, "invalid_request_error")
         with pytest.raises(GatewayError, match=f"nested more than {MAX_JSON_DEPTH} levels"):
             parse_body(scalar_last)
 
