@@ -16,7 +16,15 @@ from deploykit.core.errors import DeploykitError, NotFoundError, UsageError
 from deploykit.core.slo import parse_slos
 from deploykit.models.config import ModelConfig
 from deploykit.models.fit import GIB, weight_bytes
-from deploykit.models.prices import GpuPrice, Provisioned, ServicePrice, load_prices, stale_summary
+from deploykit.models.prices import (
+    GpuPrice,
+    Prices,
+    Provisioned,
+    RentalExtras,
+    ServicePrice,
+    load_prices,
+    stale_summary,
+)
 from deploykit.sizing import ranking
 from deploykit.sizing.calibration import calibrate, calibration_at
 from deploykit.sizing.cost import (
@@ -586,6 +594,57 @@ def test_cost_model_is_size_model_at_the_peak_then_compare(engine_here: str) -> 
     named = {p["price"] for p in report.stale_prices}
     assert {"power", "gpt-4o-mini (openai)", "a100-80gb (hyperscaler)", "operations", "rental extras"} <= named
     assert len(named) == 7
+
+
+def test_the_overheads_come_from_the_flags_and_the_data_and_are_checked() -> None:
+    later = TODAY.replace(year=TODAY.year + 3)  # every price is old: the stale list shows which were used
+    load, mini = TargetLoad(0.5, 512, 256), ["gpt-4o-mini"]
+
+    def costed(prices: Prices = PRICES, **overheads: object) -> CostReport:
+        report, _ = cost_model("llama-3.1-8b-instruct", LLAMA8, load, prices, mini, 1.0, hardware=["l40s"],
+                               today=later, **overheads)  # type: ignore[arg-type]  # fmt: skip
+        return report
+
+    lean = costed(min_replicas=1, ops_hours=0)  # the least either flag allows
+    assert lean.overheads == Overheads(1, 0.0, 43.52, 0.3) and lean.basis == ""
+    assert lean.to_json()["default_offers"] is None  # the offers were named
+    names = {p["price"] for p in lean.stale_prices}
+    assert "operations" not in names and "rental extras" in names  # no operations line: its rate unused
+    # the data without [operations] and [rental_extras], or with a share of 0: those lines are gone
+    bare = load_prices()
+    bare.operations, bare.rental_extras = None, None
+    assert costed(bare, min_replicas=3).overheads == Overheads(3, 0.0, 0.0, 0.0)
+    bare.rental_extras = RentalExtras(share=0, as_of=TODAY, source="t", confidence="user")
+    assert "rental extras" not in {p["price"] for p in costed(bare).stale_prices}
+    [hosted] = costed(min_replicas=3, ops_hours=0).self_hosted  # one replica carries the load
+    assert hosted.lines("own")[1].item == "2 more replicas for availability (at least 3 replicas)"
+    for flags, message, hint in (
+        ({"min_replicas": 0}, "--min-replicas 0 is below 1.", "Use 2 to survive a replica's failure, or 1."),
+        ({"ops_hours": -1.0}, "--ops-hours-per-month -1 is negative.", "Use 0 to leave operations out."),
+    ):
+        with pytest.raises(UsageError) as refused:
+            costed(**flags)
+        assert (refused.value.message, refused.value.hint) == (message, hint)
+
+
+def test_a_break_even_past_the_sized_replicas_counts_the_replicas_it_needs() -> None:
+    """The A100 case of test_sizing.py against $0.10 per M tokens, with $5,000 of operations a month: one
+    replica ($949) pays at (949 n + 5,000) / 0.1e-6 tokens, which n fully busy replicas (25.2 B tokens each)
+    carry from n = 4: 88.0 B tokens a month, the four 87% busy."""
+    w = TargetLoad(0.5, 512, 256)
+    sizing = size("llama-3.1-8b-instruct", LLAMA8, w, [gpu("a100-80gb")], PRICES, max_utilization=1.0)
+    cheap = ServicePrice(
+        name="cheap", provider="acme", input_per_mtok=0.1, output_per_mtok=0.1, as_of=TODAY, source="t",
+        confidence="user",
+    )  # fmt: skip
+    report = compare(sizing, PRICES, [cheap], 1.0, w, Overheads(ops_hours=100, ops_usd_per_hour=50))
+    rent, _ = report.managed[0].break_even
+    [hosted] = report.self_hosted
+    capacity = monthly_tokens_capacity(hosted, w)
+    assert hosted.option.replicas == 1 and rent.replicas == 4
+    assert rent.tokens == pytest.approx((4 * 949 + 5000) / 0.1e-6)
+    assert rent.utilization == pytest.approx(rent.tokens / (4 * capacity))  # type: ignore[operator]
+    assert 3 * capacity < rent.tokens <= 4 * capacity  # type: ignore[operator]
 
 
 def test_with_no_offer_named_cost_picks_the_same_model_managed_and_the_nearest_general_api() -> None:
