@@ -69,7 +69,8 @@ class SelfHosted:
 
     @property
     def rented_as(self) -> str:
-        return self.rental.label if self.rental else "-"
+        rental = self.rental
+        return rental.label if rental else "-"
 
     @property
     def replicas(self) -> int:
@@ -98,13 +99,13 @@ class SelfHosted:
             return []
         verb = "rented" if way == "rent" else "owned (write-off and power)"
         out = [CostLine(f"{_devices(self.option, needed)}, {verb}, for the load", gpus)]
+        all_gpus = self.gpus_usd(way, running) or 0  # the availability replicas' too
         if running > needed:
-            more = (self.gpus_usd(way, running) or 0) - gpus
+            more = all_gpus - gpus
             extra, at_least = running - needed, f"at least {self.overheads.min_replicas} replicas"
             out.append(CostLine(f"{extra} more replica{'s' if extra > 1 else ''} for availability ({at_least})", more))
         if way == "rent" and (share := self.overheads.rental_extras):
-            rented = self.gpus_usd(way, running) or 0
-            out.append(CostLine(f"egress, storage and management: {share:.0%} of the instances", rented * share))
+            out.append(CostLine(f"egress, storage and management: {share:.0%} of the instances", all_gpus * share))
         if self.overheads.ops_usd > 0:
             o = self.overheads
             out.append(CostLine(f"operations: {o.ops_hours:g} h a month at ${o.ops_usd_per_hour:,.2f}", o.ops_usd))
@@ -293,9 +294,9 @@ def _break_even(best: SelfHosted, way: str, offer: ServicePrice, w: TargetLoad) 
 
     if volume(_MAX_REPLICAS) > _MAX_REPLICAS * capacity:  # even that many, fully busy, cost more per token
         return BreakEven(way, best.label, None, None)
-    n = next(n for n in range(1, _MAX_REPLICAS + 1) if volume(n) <= n * capacity)
+    n, tokens = next((n, v) for n in range(1, _MAX_REPLICAS + 1) if (v := volume(n)) <= n * capacity)
     running = max(n, best.overheads.min_replicas)
-    return BreakEven(way, best.label, volume(n), volume(n) / (running * capacity), running)
+    return BreakEven(way, best.label, tokens, tokens / (running * capacity), running)
 
 
 def _verdict(hosted: list[SelfHosted], managed: list[Managed], tokens: float) -> str:
@@ -312,23 +313,23 @@ def _verdict(hosted: list[SelfHosted], managed: list[Managed], tokens: float) ->
             continue
         rival = min(managed, key=lambda m: m.monthly_usd)
         head = f"{verb} {best.label} costs ${cost:,.0f}/month against ${rival.monthly_usd:,.0f} for {rival.name}"
-        b = next((b for b in rival.break_even if b.way == way), None)
+        above = _above(next((b for b in rival.break_even if b.way == way), None))
         if cost <= rival.monthly_usd:
-            above = (
-                f" (it does above {tokens_text(b.tokens)}, with {_replicas(b.replicas)} busy {_share(b.utilization)} "
-                "of the time)"
-                if b is not None and b.tokens is not None and b.utilization is not None
-                else ""
-            )
-            lines.append(f"{head}: self-hosting pays at {tokens_text(tokens)} tokens a month{above}.")
-            continue
-        lines.append(
-            f"{head}: self-hosting does not pay at {tokens_text(tokens)} tokens a month; it would above "
-            f"{tokens_text(b.tokens)}, with {_replicas(b.replicas)} busy {_share(b.utilization)} of the time."
-            if b is not None and b.tokens is not None and b.utilization is not None
-            else f"{head}: self-hosting does not pay at any volume; fully busy replicas cost more per token."
-        )
+            paid = f" (it does {above})" if above else ""
+            lines.append(f"{head}: self-hosting pays at {tokens_text(tokens)} tokens a month{paid}.")
+        elif above:
+            now = tokens_text(tokens)
+            lines.append(f"{head}: self-hosting does not pay at {now} tokens a month; it would {above}.")
+        else:
+            lines.append(f"{head}: self-hosting does not pay at any volume; fully busy replicas cost more per token.")
     return " ".join(lines)
+
+
+def _above(b: BreakEven | None) -> str | None:
+    """'above VOLUME, with its N replicas busy U% of the time' for a break-even there is, else None."""
+    if b is None or b.tokens is None or b.utilization is None:
+        return None
+    return f"above {tokens_text(b.tokens)}, with {_replicas(b.replicas)} busy {_share(b.utilization)} of the time"
 
 
 def _share(u: float) -> str:
@@ -529,8 +530,9 @@ def cost_model(
     for s in report.self_hosted:
         used += [p for p in (s.option.price, *prices.prices_for(s.option.hardware.name, "buy")[:1]) if p]
     # the sizing's own (a calibration's), then one line for every price used that is old
-    report.warnings = [*sizing.warnings, *stale_summary(used, today or dt.date.today())]
-    report.stale_prices = stale_list(used, today or dt.date.today())
+    day = today or dt.date.today()
+    report.warnings = [*sizing.warnings, *stale_summary(used, day)]
+    report.stale_prices = stale_list(used, day)
     report.basis = basis
     return report, offers
 

@@ -317,6 +317,7 @@ def size_model(
         )
     if price_warnings:
         used: list[Sourced] = [o.price for o in sizing.options if o.price is not None]
-        sizing.warnings += stale_summary(used, today or dt.date.today())
-        sizing.stale_prices = stale_list(used, today or dt.date.today())
+        day = today or dt.date.today()
+        sizing.warnings += stale_summary(used, day)
+        sizing.stale_prices = stale_list(used, day)
     return sizing

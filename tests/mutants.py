@@ -87,7 +87,8 @@ def stage(patterns: list[str]) -> None:
                 f"pytest_add_cli_args_test_selection = {json.dumps(list(TESTS))}",
                 # A mutant that spins the event loop (a `while` whose exit never comes) would run until
                 # mutmut's CPU limit, thirty times the tests' own time: minutes. Caught either way; pytest's
-                # per-test timeout catches it sooner.
+                # per-test timeout catches it sooner in the test's own thread (not in a thread serving the
+                # gateway: the process cannot exit while that spins).
                 f'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x", "--timeout", "{TEST_TIMEOUT_S}"]',
             ]
         )
