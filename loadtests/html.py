@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import zlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,11 +27,13 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from deploykit.core.errors import UsageError
-from deploykit.core.html import CHART_STYLE, page, svg, table, write_page
+from deploykit.core.html import CHART_STYLE, page, paragraph, svg, table, write_page
 from deploykit.core.slo import parse_slos
+from deploykit.loadtests.curve import knee_load, knee_sentence, level_rows, unit
 from deploykit.loadtests.records import per_token_gaps
 
 Series = tuple[str, Sequence[tuple[float, float]]]
+_HOVER_POINTS = 250  # a series longer than this keeps plain markers: a hover target per point would bloat the page
 _METRICS = (("TTFT", "ttft"), ("ITL (per token)", "itl"), ("TPOT", "tpot"), ("end to end", "e2e"))
 
 
@@ -41,38 +44,58 @@ def line_chart(
     y_label: str,
     hlines: Sequence[tuple[str, float]] = (),
     labels: Sequence[str] = (),
+    vlines: Sequence[tuple[str, float]] = (),
 ) -> str:
-    """An SVG line chart with markers; `hlines` are labelled horizontal lines (SLO limits), `labels` name
-    the points of every series in order (a sweep's levels)."""
+    """An SVG line chart with markers; `hlines` are labelled horizontal lines (SLO limits), `vlines` labelled
+    vertical ones (a knee), `labels` name the points of every series in order (a sweep's levels). Each point
+    of a series short enough to read shows its values on hover."""
     if not any(points for _, points in series):
         return f"<p>{html.escape(title)}: no data</p>"
+    hovers: dict[str, str] = {}
     with rc_context(CHART_STYLE):
         figure, axes = _figure(title, x_label, y_label)
         for name, points in series:
             xs, ys = [x for x, _ in points], [y for _, y in points]
-            axes.plot(xs, ys, marker="o", label=name)
+            hover = len(points) <= _HOVER_POINTS
+            (line,) = axes.plot(xs, ys, marker=None if hover else "o", label=name)
+            for i, (x, y) in enumerate(points if hover else ()):
+                gid = f"dk-{zlib.crc32(title.encode()):x}-{len(hovers)}"
+                size = 6 if len(points) <= 40 else 3  # a distribution's many points stay a line
+                axes.plot([x], [y], marker="o", markersize=size, linestyle="none", color=line.get_color(), gid=gid)
+                level = f"{labels[i]}: " if i < len(labels) else ""
+                hovers[gid] = f"{name}, {level}{x:.4g} {x_label}, {y:.4g} {y_label}"
             for label, x, y in zip(labels, xs, ys, strict=False):
                 axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         for name, value in hlines:
             axes.axhline(value, color="#555", linestyle="--", linewidth=1)
             where = {"xycoords": ("axes fraction", "data"), "textcoords": "offset points"}
             axes.annotate(name, (0, value), xytext=(4, -11), **where)  # under the line: points sit on it
+        for name, value in vlines:
+            axes.axvline(value, color="#b22", linestyle=":", linewidth=1.5)
+            where = {"xycoords": ("data", "axes fraction"), "textcoords": "offset points"}
+            axes.annotate(name, (value, 1), xytext=(4, -12), color="#b22", **where)
         axes.set_ylim(bottom=0)
         if len(series) > 1:
             axes.legend(loc="best")
-        return svg(figure)
+        return svg(figure, hovers)
 
 
 def histogram(title: str, values: Sequence[float], x_label: str, bins: int = 30) -> str:
+    """A histogram; each bar shows its range and count on hover."""
     if not values:
         return f"<p>{html.escape(title)}: no data</p>"
+    hovers: dict[str, str] = {}
     with rc_context(CHART_STYLE):
         figure, axes = _figure(title, x_label, "count")
         lo, hi = min(values), max(values)
         if hi - lo < 1e-6 * max(1.0, abs(hi)):  # all alike (to float precision): one bar, centred
             lo, hi = lo - 0.5, hi + 0.5
-        axes.hist(values, bins=bins, range=(lo, hi))
-        return svg(figure)
+        counts, edges, bars = axes.hist(values, bins=bins, range=(lo, hi))
+        for i, bar in enumerate(bars):
+            gid = f"dk-{zlib.crc32(title.encode()):x}-{i}"
+            bar.set_gid(gid)
+            hovers[gid] = f"{edges[i]:.4g} to {edges[i + 1]:.4g} {x_label}: {counts[i]:.0f}"
+        return svg(figure, hovers)
 
 
 def run_page(report: dict[str, Any], written: datetime | None = None) -> str:
@@ -108,53 +131,61 @@ def run_page(report: dict[str, Any], written: datetime | None = None) -> str:
             )
         )
     tables = [summary_table(report["summary"])] if report.get("summary") else []
-    tested = table(_header(report.get("config") or {}, written))
+    tested = table(_header(report.get("config") or {}, report.get("finished_at"), written))
     return page("Load test", [tested, *tables, *_validity(report), *body])
 
 
 def curve_page(curve: dict[str, Any], written: datetime | None = None) -> str:
-    """A sweep or a find-max search: latency against throughput across the levels with the SLO lines,
-    goodput against offered load, and a table of every level."""
-    runs: list[dict[str, Any]] = curve["runs"]
-    kind = curve.get("sweep") or curve.get("search")
-    unit = "streams" if kind == "concurrency" else "req/s"
+    """A sweep or a find-max search: latency against throughput and against load across the levels, with the
+    SLO lines and the knee; goodput against offered load; and a table of every level (a search's in the order
+    tried)."""
+    runs: list[dict[str, Any]] = sorted(curve["runs"], key=lambda r: r["load"])
+    kind, what = curve.get("sweep") or curve.get("search"), "search" if "search" in curve else "sweep"
     labels = [f"{run['load']:g}" for run in runs]
-    series: list[Series] = []
-    for label, metric, pct in (("TTFT p50", "ttft", "p50"), ("TTFT p95", "ttft", "p95"), ("TPOT p50", "tpot", "p50")):
-        points = [
-            (run["summary"]["output_tokens_per_s"], run["summary"][metric][pct] * 1000)
-            for run in runs
-            if run["summary"].get(metric)
+    measured = [r for r in runs if r["summary"].get("ttft") and r["summary"].get("tpot")]  # a level all errors: none
+    latencies = (("TTFT p50", "ttft", "p50"), ("TTFT p95", "ttft", "p95"), ("TPOT p50", "tpot", "p50"))
+
+    def latency(x: str) -> list[Series]:
+        """The latencies of the measured levels against their load or a figure of their summary."""
+        return [
+            (name, [(r[x] if x == "load" else r["summary"][x], r["summary"][m][p] * 1000) for r in measured])
+            for name, m, p in latencies
         ]
-        series.append((label, points))
-    slo_text = curve.get("slos")
-    if not slo_text and runs:
-        slo_text = (runs[0].get("config") or {}).get("slos", "")
+
+    slo_text = curve.get("slos") or (runs[0].get("config") or {}).get("slos", "") if runs else ""
     lines = [(f"SLO {s.metric} p{s.pct}", s.limit * 1000) for s in parse_slos(str(slo_text or ""))]
-    charts = [
-        line_chart(
-            f"Latency against throughput (points labelled by load, {unit})",
-            series,
-            "output tokens / s",
-            "ms",
-            lines,
-            labels,
-        ),
-        line_chart(
-            "Goodput against offered load",
-            [
-                ("completed req/s", [(r["summary"]["offered_rps"], r["summary"]["rps"]) for r in runs]),
-                ("goodput req/s", [(r["summary"]["offered_rps"], r["summary"]["goodput_rps"]) for r in runs]),
-            ],
-            "offered req/s",
-            "req/s",
-            labels=labels,
-        ),
+    at = knee_load(curve)
+    knee = next((r for r in runs if r["load"] == at), None)
+
+    def mark(x: str) -> list[tuple[str, float]]:
+        """The knee as a vertical line at its level's `x` (load, or a figure of its summary)."""
+        if knee is None:
+            return []
+        return [(f"knee: {at:g}", knee[x] if x == "load" else knee["summary"][x])]
+
+    throughput = f"Latency against throughput (points labelled by load, {unit(curve)})"
+    by_level = [f"{r['load']:g}" for r in measured]
+    goodput = [
+        ("completed req/s", [(r["summary"]["offered_rps"], r["summary"]["rps"]) for r in runs]),
+        ("goodput req/s", [(r["summary"]["offered_rps"], r["summary"]["goodput_rps"]) for r in runs]),
     ]
-    title = f"Load test: {kind} {'search' if 'search' in curve else 'sweep'}"
-    tables = [_levels_table(runs, unit, curve)]
+    charts = [
+        line_chart(throughput, latency("output_tokens_per_s"), "output tokens / s", "ms", lines, by_level,
+                   mark("output_tokens_per_s")),
+        line_chart(f"Latency against load ({unit(curve)})", latency("load"), f"load ({unit(curve)})", "ms", lines,
+                   vlines=mark("load")),
+        line_chart("Goodput against offered load", goodput, "offered req/s", "req/s", labels=labels,
+                   vlines=mark("offered_rps")),
+    ]  # fmt: skip
+    best = curve.get("best")
+    facts = [paragraph(f"Highest load that met every SLO: {best:g} {unit(curve)}")] if best is not None else []
+    facts.append(paragraph(knee_sentence(curve)))
     config = runs[0].get("config") or {} if runs else {}
-    return page(title, [table(_header(config, written)), *tables, *charts])
+    finished = max((r.get("finished_at") or "" for r in runs), default="")
+    first = labels[0] if labels else "-"
+    levels = f"sweep: {', '.join(labels)} {unit(curve)}" if what == "sweep" else f"search from {first} {unit(curve)} up"
+    tested = table(_header(config, finished, written, levels))
+    return page(f"Load test: {kind} {what}", [tested, *facts, table(level_rows(curve), header=True), *charts])
 
 
 def compare_page(names: tuple[str, str], a: dict[str, Any], b: dict[str, Any], rows: Sequence[Any]) -> str:
@@ -163,7 +194,9 @@ def compare_page(names: tuple[str, str], a: dict[str, Any], b: dict[str, Any], r
     tested = [["", *names]] + [
         [field, x, y]
         for (field, x), (_, y) in zip(
-            _header(a.get("config") or {}, None), _header(b.get("config") or {}, None), strict=True
+            _header(a.get("config") or {}, a.get("finished_at"), None),
+            _header(b.get("config") or {}, b.get("finished_at"), None),
+            strict=True,
         )
     ]
     differences = [["metric", *names, "B / A"]] + [r.cells() for r in rows]
@@ -222,36 +255,6 @@ def cdf(values: Sequence[float]) -> list[tuple[float, float]]:
     return [(v, (i + 1) / len(ordered)) for i, v in enumerate(ordered) if i % step == 0 or i == len(ordered) - 1]
 
 
-def _levels_table(runs: list[dict[str, Any]], unit: str, curve: dict[str, Any]) -> str:
-    rows = [
-        [
-            f"load ({unit})",
-            "req/s",
-            "output tok/s",
-            "TTFT p50 ms",
-            "TTFT p95 ms",
-            "TPOT p50 ms",
-            "goodput req/s",
-            "errors",
-        ]
-    ]
-    if "search" in curve:
-        rows[0].append("passed")
-    for run in runs:
-        s = run["summary"]
-
-        def ms(metric: str, pct: str, s: dict[str, Any] = s) -> str:
-            return f"{s[metric][pct] * 1000:.1f}" if s.get(metric) else "-"
-
-        row = [f"{run['load']:g}", f"{s['rps']:.2f}", f"{s['output_tokens_per_s']:.1f}", ms("ttft", "p50")]
-        row += [ms("ttft", "p95"), ms("tpot", "p50"), f"{s['goodput_rps']:.2f}", str(sum(s["errors"].values()))]
-        if "search" in curve:
-            row.append({True: "yes", False: "no", None: "-"}[run.get("passed")])
-        rows.append(row)
-    best = f"<p>Highest load that met every SLO: {curve['best']:g} {unit}</p>" if curve.get("best") is not None else ""
-    return best + table(rows, header=True)
-
-
 def _validity(report: dict[str, Any]) -> list[str]:
     reasons = report.get("invalid_reasons") or []
     if not reasons:
@@ -259,9 +262,14 @@ def _validity(report: dict[str, Any]) -> list[str]:
     return ["<p><b>This run is not valid:</b> " + html.escape("; ".join(reasons)) + "</p>"]
 
 
-def _header(config: dict[str, Any], written: datetime | None) -> list[list[str]]:
-    load = (
-        f"{config['concurrency']} streams"
+def _header(
+    config: dict[str, Any], finished: str | None, written: datetime | None, levels: str | None = None
+) -> list[list[str]]:
+    """What was tested: the endpoint, its model, engine and hardware, the API, the load (`levels`: a curve's)
+    and the workload, and when (`finished`: the run's end, ISO 8601; `written`: the report file's time, for a
+    page rebuilt later)."""
+    load = levels or (
+        f"{config['concurrency']} stream{'s' if config['concurrency'] != 1 else ''}"
         if config.get("concurrency")
         else f"trace {config['trace']}"
         if config.get("trace")
@@ -277,11 +285,15 @@ def _header(config: dict[str, Any], written: datetime | None) -> list[list[str]]
     rows = [
         ["endpoint", str(config.get("url", "-"))],
         ["model", str(config.get("model", "-"))],
+        ["engine", str(config.get("engine_version") or "not reported by the server")],
+        ["hardware", str(config.get("hardware") or "not given (loadtest run --hardware)")],
         ["API", f"{config.get('api', '-')}, {'streamed' if config.get('stream', True) else 'not streamed'}"],
         ["load", load],
         ["workload", workload],
     ]
-    if written is not None:
+    if finished:
+        rows.append(["run ended", datetime.fromisoformat(finished).strftime("%Y-%m-%d %H:%M:%S UTC")])
+    elif written is not None:  # a report from before runs kept their time: the file's
         rows.append(["written", written.strftime("%Y-%m-%d %H:%M UTC")])
     return rows
 

@@ -56,7 +56,8 @@ def find_max(config: LoadTestConfig, out: Path, csv: Path | None = None, limit: 
     def passes(point: float) -> bool:
         run = run_level(config, point, out, csv)
         s = run.summary
-        run = run.model_copy(update={"passed": bool(s.ok) and not s.errors and all(s.slos_met.values())})
+        passed = bool(s.ok) and not s.errors and all(s.slos_met.values())
+        run = run.model_copy(update={"passed": passed, "tried": len(runs) + 1})
         runs.append(run)
         return bool(run.passed)
 

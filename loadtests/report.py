@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from deploykit.loadtests.config import LoadTestConfig
@@ -38,6 +39,7 @@ class LoadTestReport:
     ended: float = 0.0
     server: list[ServerSample] = field(default_factory=list)  # the server's /metrics, once a second
     server_notes: list[str] = field(default_factory=list)  # why there are none, or why they stopped
+    finished_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))  # wall clock
 
     @property
     def valid(self) -> bool:
@@ -55,6 +57,7 @@ class LoadTestReport:
             "ended": self.ended,
             "server_metrics": [s.to_json() for s in self.server],
             "server_notes": self.server_notes,
+            "finished_at": self.finished_at,
         }
         if with_records:
             data["records"] = [r.to_json() for r in self.records]

@@ -28,6 +28,7 @@ class RunResult(BaseModel):
     ended: float = 0.0
     server_metrics: list[dict[str, float | None]] = []  # the server's /metrics once a second (server_view.py)
     server_notes: list[str] = []
+    finished_at: str = ""  # when the run ended, UTC (ISO 8601); empty in reports written before it was kept
 
     @classmethod
     def read(cls, path: Path) -> RunResult:
@@ -40,6 +41,7 @@ class LevelResult(RunResult):
     load: float
     report: str
     passed: bool | None = None  # a search: every SLO met and nothing failed
+    tried: int | None = None  # a search: this level was the n-th tried, from 1
 
 
 class Curve(BaseModel):

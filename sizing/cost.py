@@ -364,6 +364,7 @@ class Series:
     tokens: list[float]
     usd: list[float]
     managed: bool  # a managed offer (dashed) rather than self-hosting (a step: whole replicas)
+    at_volume: float  # the monthly cost at the report's own volume
 
 
 def plot_series(report: CostReport, offers: list[ServicePrice | Provisioned]) -> list[Series]:
@@ -376,14 +377,15 @@ def plot_series(report: CostReport, offers: list[ServicePrice | Provisioned]) ->
         best = cheapest(report.self_hosted, way)
         if best is not None:
             hosted = [self_host_cost_at(best, way, w, x, u) for x in xs]
-            lines.append(Series(f"{way} {best.label} (whole replicas)", xs, hosted, managed=False))
+            here = self_host_cost_at(best, way, w, report.tokens_per_month, u)
+            lines.append(Series(f"{way} {best.label} (whole replicas)", xs, hosted, False, here))
     for offer in offers:
         scale = [x / report.tokens_per_month for x in xs]
         if isinstance(offer, ServicePrice):
             bills = [managed_monthly_usd(offer, w, u) * k for k in scale]
         else:
             bills = [managed_monthly_usd(offer, _scaled(w, k), u) for k in scale]
-        lines.append(Series(offer.name, xs, bills, managed=True))
+        lines.append(Series(offer.name, xs, bills, True, managed_monthly_usd(offer, w, u)))
     return lines
 
 
@@ -398,9 +400,12 @@ def plot_png(report: CostReport, offers: list[ServicePrice | Provisioned]) -> by
     return buffer.getvalue()
 
 
-def cost_figure(report: CostReport, offers: list[ServicePrice | Provisioned]) -> Figure:
+def cost_figure(
+    report: CostReport, offers: list[ServicePrice | Provisioned], hovers: dict[str, str] | None = None
+) -> Figure:
     """The figure plot_png draws (880 x 550 pixels): managed offers dashed, self-hosting
-    as steps (whole replicas), a grey line at the report's volume."""
+    as steps (whole replicas), a grey line at the report's volume. With `hovers`, each line gets a point at
+    that volume, and `hovers` maps the point's gid to its monthly bill there (shown on hover in a page)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -410,9 +415,15 @@ def cost_figure(report: CostReport, offers: list[ServicePrice | Provisioned]) ->
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for line in plot_series(report, offers):
         if line.managed:
-            ax.plot(line.tokens, line.usd, linestyle="--", label=line.label)
+            (drawn,) = ax.plot(line.tokens, line.usd, linestyle="--", label=line.label)
         else:
-            ax.step(line.tokens, line.usd, where="post", label=line.label)
+            (drawn,) = ax.step(line.tokens, line.usd, where="post", label=line.label)
+        if hovers is not None:
+            gid = f"dk-cost-{len(hovers)}"
+            ax.plot([report.tokens_per_month], [line.at_volume], marker="o", color=drawn.get_color(), gid=gid)
+            hovers[gid] = (
+                f"{line.label}: {_usd(line.at_volume)} a month at {tokens_text(report.tokens_per_month)} tokens"
+            )
     ax.axvline(report.tokens_per_month, color="grey", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -458,9 +469,10 @@ def plot_svg(report: CostReport, offers: list[ServicePrice | Provisioned]) -> st
     import matplotlib.pyplot as plt
     from matplotlib import rc_context
 
+    hovers: dict[str, str] = {}
     with rc_context(CHART_STYLE):
-        fig = cost_figure(report, offers)
-        text = svg(fig)
+        fig = cost_figure(report, offers, hovers)
+        text = svg(fig, hovers)
     plt.close(fig)
     return text
 

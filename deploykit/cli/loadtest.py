@@ -4,7 +4,7 @@ by side."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import typer
 from rich.markup import escape
@@ -15,7 +15,7 @@ from deploykit.cli.options import JsonOpt
 from deploykit.core.errors import DeploykitError, UsageError
 
 if TYPE_CHECKING:
-    from deploykit.loadtests.results import LevelResult, RunResult
+    from deploykit.loadtests.results import RunResult
 
 
 app = typer.Typer(
@@ -172,7 +172,7 @@ def run(
         if json_:
             print_json(search.model_dump(mode="json"))
             return
-        _print_curve(search.search, search.runs)
+        _print_curve(search.model_dump(mode="json"))
         if search.best is not None:
             err.print(f"Highest {search.search} meeting {slo}: {search.best:g}", highlight=False, markup=False)
         else:
@@ -188,7 +188,7 @@ def run(
         if json_:
             print_json(curve.model_dump(mode="json"))
             return
-        _print_curve(curve.sweep, curve.runs)
+        _print_curve(curve.model_dump(mode="json"))
         err.print(f"Curve: {out_path}; each run's report beside it.", markup=False)
         return
     result = run_in_own_process(config, out_path, csv_path)
@@ -243,24 +243,19 @@ def _print(result: RunResult) -> None:
     out.print(table)
 
 
-def _print_curve(kind: str, runs: list[LevelResult]) -> None:
-    table = Table(title=f"Sweep over {kind}")
-    for column in ("load", "req/s", "output tok/s", "goodput", "TTFT p50", "TTFT p95", "TPOT p50", "errors", "SLOs"):
+def _print_curve(curve: dict[str, Any]) -> None:
+    """Every level (a search's in the order tried), then the knee."""
+    from deploykit.loadtests.curve import knee_sentence, level_rows
+
+    header, *rows = level_rows(curve)
+    what = f"Search over {curve['search']}" if "search" in curve else f"Sweep over {curve['sweep']}"
+    table = Table(title=what)
+    for column in header:
         table.add_column(column)
-    for run in runs:
-        s = run.summary
-        table.add_row(
-            f"{run.load:g}",
-            f"{s.rps:.2f}",
-            f"{s.output_tokens_per_s:.1f}",
-            f"{s.goodput_rps:.2f}",
-            f"{s.ttft.p50 * 1000:.0f} ms" if s.ttft else "-",
-            f"{s.ttft.p95 * 1000:.0f} ms" if s.ttft else "-",
-            f"{s.tpot.p50 * 1000:.1f} ms" if s.tpot else "-",
-            str(sum(s.errors.values())),
-            "yes" if run.valid else "no",
-        )
+    for row in rows:
+        table.add_row(*row)
     out.print(table)
+    out.print(knee_sentence(curve), highlight=False, markup=False)
 
 
 @app.command("report")

@@ -1,6 +1,7 @@
 """The one style of every HTML page the kit writes (load tests, sweeps, comparisons, cost): a title, tables,
 then charts drawn by matplotlib as inline SVG with their text kept as text. A page needs no network and no
-JavaScript (on-prem and air-gapped users can open it anywhere), and its text can be searched and tested."""
+JavaScript (on-prem and air-gapped users can open it anywhere), and its text can be searched and tested.
+A chart's points and bars carry SVG <title>s: the browser shows each one's values on hover, without script."""
 
 from __future__ import annotations
 
@@ -57,9 +58,13 @@ def paragraph(text: str) -> str:
     return f"<p>{html.escape(text)}</p>"
 
 
-def svg(figure: Figure) -> str:
-    """A figure as inline SVG (no XML prologue, no date: the same data draws the same page)."""
+def svg(figure: Figure, hovers: dict[str, str] | None = None) -> str:
+    """A figure as inline SVG (no XML prologue, no date: the same data draws the same page). `hovers` maps
+    the gid of an artist to the text a browser shows when the pointer rests on it."""
     buffer = io.StringIO()
     figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
     text = buffer.getvalue()
+    for gid, hover in (hovers or {}).items():
+        opening = f'<g id="{gid}">'
+        text = text.replace(opening, f"{opening}<title>{html.escape(hover)}</title>", 1)
     return text[text.index("<svg") :]

@@ -125,7 +125,7 @@ def test_open_loop_counts_latency_from_the_schedule(tmp_path: Path, url: str) ->
 
 def test_sweep_writes_a_curve_and_one_report_per_level(tmp_path: Path, url: str) -> None:
     out = tmp_path / "sweep.json"
-    cli(
+    printed = cli(
         "run",
         url,
         "--html",
@@ -145,12 +145,13 @@ def test_sweep_writes_a_curve_and_one_report_per_level(tmp_path: Path, url: str)
     )
     curve = json.loads(out.read_text())
     assert curve["sweep"] == "concurrency" and [r["load"] for r in curve["runs"]] == [1, 4]
+    assert "No knee in the levels tried" in printed and "Sweep over concurrency" in printed
     one, four = (r["summary"] for r in curve["runs"])
     assert four["output_tokens_per_s"] > 2.5 * one["output_tokens_per_s"]  # the server has no queue
     for run in curve["runs"]:
         assert json.loads(Path(run["report"]).read_text())["records"]
     page = (tmp_path / "sweep.html").read_text()
-    assert page.count("<svg") == 2 and "<th>load (streams)</th>" in page  # the two curves and the levels' table
+    assert page.count("<svg") == 3 and "<th>load (streams)</th>" in page  # three charts and the levels' table
     for run in curve["runs"]:
         assert f"<td>{run['summary']['output_tokens_per_s']:.1f}</td>" in page
 
@@ -188,6 +189,7 @@ def test_find_max_finds_the_servers_capacity(tmp_path: Path, url: str) -> None:
     tried = [r["load"] for r in found["runs"]]
     assert tried == [1, 2, 4, 5, 6, 8]  # doubling to the first miss, then bisecting
     assert [r["passed"] for r in found["runs"]] == [True, True, True, False, False, False]
+    assert [r["tried"] for r in found["runs"]] == [1, 2, 3, 6, 5, 4]  # 8 failed, then 6, then 5
     assert json.loads(out.read_text())["best"] == QUEUE_SLOTS
 
 

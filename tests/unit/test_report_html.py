@@ -12,6 +12,7 @@ from xml.etree import ElementTree
 import pytest
 
 from deploykit.loadtests.compare import compare
+from deploykit.loadtests.curve import knee
 from deploykit.loadtests.html import cdf, compare_page, curve_page, run_page, summary_table
 from deploykit.loadtests.records import per_token_gaps
 from tests.unit.test_cli import assert_clean_failure, deploykit
@@ -81,6 +82,15 @@ def test_a_run_page_says_what_was_tested_and_tabulates_the_summary() -> None:
     rows = cells(page)
     assert ["endpoint", "http://gpu-1:8000/v1"] in rows and ["model", "smollm2-135m"] in rows
     assert ["load", "4 streams"] in rows and ["workload", "128 tokens in, 64 out"] in rows
+    assert ["engine", "not reported by the server"] in rows
+    assert ["hardware", "not given (loadtest run --hardware)"] in rows
+    told = report()
+    told["config"] |= {"engine_version": "0.32.0", "hardware": "l4"}
+    told["finished_at"] = "2026-12-07T05:01:02+00:00"
+    rows = cells(run_page(told, datetime(2027, 1, 1, tzinfo=UTC)))
+    assert ["engine", "0.32.0"] in rows and ["hardware", "l4"] in rows
+    assert ["run ended", "2026-12-07 05:01:02 UTC"] in rows and "written" not in str(rows)
+    assert ["written", "2027-01-01 00:00 UTC"] in cells(run_page(report(), datetime(2027, 1, 1, tzinfo=UTC)))
     assert ["", "p50", "p90", "p95", "p99", "n"] in rows
     assert ["TTFT (ms)", "120.4", "200.0", "250.0", "300.0", "10"] in rows
     assert ["ITL (per token) (ms)", "10.0", "12.0", "13.0", "20.0", "600"] in rows
@@ -138,7 +148,9 @@ def test_a_sweep_page_labels_every_level_and_tables_them() -> None:
         for load, rps, tps in ((1, 0.5, 32.0), (4, 1.8, 115.0), (16, 2.0, 128.0))
     ]
     page = curve_page({"sweep": "concurrency", "runs": runs})
-    latency, goodput = svgs(page)
+    latency, by_load, goodput = svgs(page)
+    assert ["load", "sweep: 1, 4, 16 streams"] in cells(page)
+    assert {"Latency against load (streams)", "load (streams)", "SLO ttft p95"} <= set(texts(by_load))
     words = texts(latency)
     assert "Latency against throughput (points labelled by load, streams)" in words
     assert words.count("1") >= 3 and words.count("16") >= 3  # each of the three series labels its levels
@@ -152,13 +164,64 @@ def test_a_sweep_page_labels_every_level_and_tables_them() -> None:
     assert rows[-2] == ["4", "1.80", "115.0", "120.4", "250.0", "11.0", "1.80", "2"]
 
 
-def test_a_search_page_says_which_levels_passed_and_the_answer() -> None:
-    runs = [{"load": load, "summary": summary(), "passed": passed} for load, passed in ((2, True), (4, False))]
-    page = curve_page({"search": "rate", "best": 2.0, "limit_reached": False, "slos": "ttft_p95=250ms", "runs": runs})
-    assert "Highest load that met every SLO: 2 req/s" in page
+def test_a_search_page_says_which_levels_passed_in_the_order_tried_and_the_answer() -> None:
+    tried = ((2, True, 1), (4, True, 2), (8, False, 3), (6, False, 4), (5, True, 5))
+    runs = [{"load": load, "summary": summary(), "passed": passed, "tried": n} for load, passed, n in tried]
+    runs.sort(key=lambda r: r["load"])  # as find_max writes them
+    page = curve_page({"search": "rate", "best": 5.0, "limit_reached": False, "slos": "ttft_p95=250ms", "runs": runs})
+    assert "Highest load that met every SLO: 5 req/s" in page
     rows = cells(page)
-    assert rows[-3][0] == "load (req/s)" and rows[-3][-1] == "passed"
-    assert [(r[0], r[-1]) for r in rows[-2:]] == [("2", "yes"), ("4", "no")]
+    assert rows[-6][:2] == ["tried", "load (req/s)"] and rows[-6][-1] == "passed"
+    assert [(r[0], r[1], r[-1]) for r in rows[-5:]] == [
+        ("1", "2", "yes"),
+        ("2", "4", "yes"),
+        ("3", "8", "no"),
+        ("4", "6", "no"),
+        ("5", "5", "yes"),
+    ]
+    assert ["load", "search from 2 req/s up"] in cells(page)
+    latency, _, _ = svgs(page)
+    labels = texts(latency)
+    assert labels.index("2") < labels.index("4") < labels.index("5") < labels.index("6") < labels.index("8")
+
+
+def test_the_knee_is_where_throughput_stops_growing_with_load() -> None:
+    assert knee([(1, 10.0), (2, 19.0), (4, 34.0), (8, 36.0), (16, 36.5)]) == 2  # saturates at 4 streams
+    assert knee([(1, 10.0), (2, 19.0), (4, 34.0), (8, 45.0)]) == 2  # 2x the load for 1.3x: bent at 4
+    assert knee([(1, 10.0), (2, 20.0), (4, 40.0), (8, 80.0)]) is None  # still linear: no knee in range
+    assert knee([(1, 10.0), (2, 19.0), (4, 34.0), (8, 55.0)]) is None  # bends by 0.1 only: still growing
+    assert knee([(1, 10.0), (2, 30.0), (4, 30.0), (8, 20.0)]) == 1  # past saturation throughput falls
+    assert knee([(1, 10.0), (2, 20.0)]) is None and knee([(1, 5.0), (2, 5.0), (4, 5.0)]) is None
+    assert knee([(1, 10.0), (1, 20.0), (1, 30.0)]) is None
+
+
+def test_a_sweep_page_marks_the_knee_and_says_where_it_is() -> None:
+    levels = ((1, 32.0), (2, 61.0), (4, 109.0), (8, 115.0), (16, 117.0))
+    runs = [
+        {"load": load, "summary": summary(output_tokens_per_s=tps, offered_rps=tps / 60, rps=tps / 60)}
+        for load, tps in levels
+    ]
+    page = curve_page({"sweep": "concurrency", "runs": runs})
+    assert "Knee at 4 streams: past it, more load buys little more throughput." in page
+    charts = svgs(page)
+    assert len(charts) == 3 and all("knee: 4" in texts(chart) for chart in charts)
+    flat = curve_page({"sweep": "concurrency", "runs": runs[:3]})
+    assert "No knee in the levels tried" in flat and "knee:" not in flat
+
+
+def test_every_point_and_bar_shows_its_values_on_hover() -> None:
+    runs = [
+        {"load": load, "summary": summary(output_tokens_per_s=tps, offered_rps=load / 2, rps=load / 2)}
+        for load, tps in ((1, 32.0), (4, 115.0))
+    ]
+    latency, _, _ = svgs(curve_page({"sweep": "concurrency", "runs": runs}))
+    hovers = ["".join(t.itertext()) for t in latency.iter(f"{SVG}title")]
+    assert len(hovers) == 6  # two levels on each of three series
+    assert "TTFT p95, 4: 115 output tokens / s, 250 ms" in hovers
+    ttft = svgs(run_page(report()))[0]
+    bars = ["".join(t.itertext()) for t in ttft.iter(f"{SVG}title")]
+    assert len(bars) == 30 and sum(int(b.rsplit(": ", 1)[1]) for b in bars) == 8  # every answer in one bar
+    assert bars[0].startswith("99.5 to ") and bars[0].endswith(" ms: 0")
 
 
 def test_the_summary_table_skips_what_was_not_measured() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from deploykit.sizing.cost import (
     own_monthly_usd,
     plot_png,
     plot_series,
+    plot_svg,
     report_html,
     self_host_cost_at,
 )
@@ -514,6 +516,16 @@ def test_the_cost_plot_and_report_by_hand() -> None:
     )
     assert "<tr><td>gpt-4o@azure-ptu</td><td>$27,740</td><td>-</td><td>-</td></tr>" in page
     assert plot_png(report, offers).startswith(b"\x89PNG")
+    # at the report's own volume each line is the bill the tables give, and the page's chart says so on hover
+    assert (rent.at_volume, own.at_volume) == (pytest.approx(949.0), pytest.approx(456.25, abs=0.01))
+    assert together.at_volume == pytest.approx(182.0, abs=0.5) and ptu.at_volume == pytest.approx(27_740, abs=1)
+    hovers = re.findall(r"<title>(.*?)</title>", plot_svg(report, offers))
+    assert hovers == [
+        "rent 1 x a100-80gb (whole replicas): $949 a month at 1.01 B tokens",
+        "own 1 x a100-80gb (whole replicas): $456 a month at 1.01 B tokens",
+        "llama-3.1-8b@together: $182 a month at 1.01 B tokens",
+        "gpt-4o@azure-ptu: $27,740 a month at 1.01 B tokens",
+    ]
 
 
 def test_cost_model_sizes_for_the_peak_and_prices_the_mean() -> None:
