@@ -15,19 +15,16 @@ level and the SLO lines, goodput against offered load, and a table of every leve
 from __future__ import annotations
 
 import html
-import json
 import math
 import zlib
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from pathlib import Path
+from datetime import datetime
 from typing import Any
 
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
-from deploykit.core.errors import UsageError
-from deploykit.core.html import CHART_STYLE, page, paragraph, svg, table, write_page
+from deploykit.core.html import CHART_STYLE, page, paragraph, svg, table
 from deploykit.core.slo import parse_slos
 from deploykit.loadtests.curve import knee_load, knee_sentence, level_rows, unit
 from deploykit.loadtests.records import per_token_gaps
@@ -229,16 +226,11 @@ def summary_table(summary: dict[str, Any]) -> str:
     return percentiles + table(facts)
 
 
-def write_html(path: Path, source: Path) -> None:
-    """The page for a report or a curve JSON file written by `deploykit loadtest`."""
-    try:
-        data = json.loads(source.read_text())
-        written = datetime.fromtimestamp(source.stat().st_mtime, UTC)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"Cannot read the report {source}: {e}.", "Pass a JSON file written by `--out`.") from e
-    if not isinstance(data, dict) or not ("runs" in data or "summary" in data):
-        raise UsageError(f"{source} is not a load-test report or curve.", "Pass a JSON file written by `--out`.")
-    write_page(path, curve_page(data, written) if "runs" in data else run_page(data, written))
+def report_page(data: dict[str, Any], written: datetime | None = None) -> str | None:
+    """The page of a load-test report or curve (its JSON), or None for JSON that is neither."""
+    if "runs" in data:
+        return curve_page(data, written)
+    return run_page(data, written) if "summary" in data else None
 
 
 def _ttfts(report: dict[str, Any]) -> list[float]:

@@ -164,6 +164,7 @@ class CostReport:
     warnings: list[str] = field(default_factory=list)
     stale_prices: list[dict[str, object]] = field(default_factory=list)  # the old prices the warnings count
     basis: str = ""  # which offers were chosen, and why, when the user named none
+    plot: list[Series] = field(default_factory=list)  # the cost chart's lines (plot_series)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -193,6 +194,7 @@ class CostReport:
             "default_offers": self.basis or None,  # which offers and why, when --compare named none
             "warnings": self.warnings,
             "stale_prices": self.stale_prices,
+            "plot": [line.__dict__ for line in self.plot],
         }
 
 
@@ -275,7 +277,9 @@ def compare(
                 breaks.append(_break_even(best, way, offer, w))
         managed.append(Managed(offer.name, offer.provider, managed_monthly_usd(offer, w, utilization), tuple(breaks)))
     verdict = _verdict(hosted, managed, tokens)
-    return CostReport(sizing.model, w, utilization, tokens, hosted, managed, verdict, overheads)
+    report = CostReport(sizing.model, w, utilization, tokens, hosted, managed, verdict, overheads)
+    report.plot = plot_series(report, offers)
+    return report
 
 
 # Past this many replicas a break-even is reported as none: no single deployment runs that many.
@@ -389,21 +393,19 @@ def plot_series(report: CostReport, offers: list[ServicePrice | Provisioned]) ->
     return lines
 
 
-def plot_png(report: CostReport, offers: list[ServicePrice | Provisioned]) -> bytes:
-    """Monthly cost against monthly token volume, log-log: plot_series drawn, the report's volume marked."""
+def plot_png(data: dict[str, Any]) -> bytes:
+    """Monthly cost against monthly token volume, log-log: a report's plot (its JSON) drawn, its volume marked."""
     import matplotlib.pyplot as plt
 
-    fig = cost_figure(report, offers)
+    fig = cost_figure(data)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
 
 
-def cost_figure(
-    report: CostReport, offers: list[ServicePrice | Provisioned], hovers: dict[str, str] | None = None
-) -> Figure:
-    """The figure plot_png draws (880 x 550 pixels): managed offers dashed, self-hosting
+def cost_figure(data: dict[str, Any], hovers: dict[str, str] | None = None) -> Figure:
+    """The figure plot_png draws (880 x 550 pixels) from a report's JSON: managed offers dashed, self-hosting
     as steps (whole replicas), a grey line at the report's volume. With `hovers`, each line gets a point at
     that volume, and `hovers` maps the point's gid to its monthly bill there (shown on hover in a page)."""
     import matplotlib
@@ -411,25 +413,24 @@ def cost_figure(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    w, u = report.load, report.utilization
+    volume = data["tokens_per_month"]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for line in plot_series(report, offers):
-        if line.managed:
-            (drawn,) = ax.plot(line.tokens, line.usd, linestyle="--", label=line.label)
+    for line in data["plot"]:
+        if line["managed"]:
+            (drawn,) = ax.plot(line["tokens"], line["usd"], linestyle="--", label=line["label"])
         else:
-            (drawn,) = ax.step(line.tokens, line.usd, where="post", label=line.label)
+            (drawn,) = ax.step(line["tokens"], line["usd"], where="post", label=line["label"])
         if hovers is not None:
             gid = f"dk-cost-{len(hovers)}"
-            ax.plot([report.tokens_per_month], [line.at_volume], marker="o", color=drawn.get_color(), gid=gid)
-            hovers[gid] = (
-                f"{line.label}: {_usd(line.at_volume)} a month at {tokens_text(report.tokens_per_month)} tokens"
-            )
-    ax.axvline(report.tokens_per_month, color="grey", linewidth=0.8)
+            ax.plot([volume], [line["at_volume"]], marker="o", color=drawn.get_color(), gid=gid)
+            hovers[gid] = f"{line['label']}: {_usd(line['at_volume'])} a month at {tokens_text(volume)} tokens"
+    ax.axvline(volume, color="grey", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("tokens per month (prompt + completion)")
     ax.set_ylabel("USD per month")
-    ax.set_title(f"{report.model}: {w.input_tokens} in / {w.output_tokens} out per request, utilization {u:.0%}")
+    per_request = f"{data['input_tokens']} in / {data['output_tokens']} out per request"
+    ax.set_title(f"{data['model']}: {per_request}, utilization {data['utilization']:.0%}")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -440,66 +441,71 @@ def _scaled(w: TargetLoad, k: float) -> TargetLoad:
     return TargetLoad(w.rps * k, w.input_tokens, w.output_tokens, w.slos)
 
 
-def report_html(report: CostReport, chart_svg: str) -> str:
-    """The page in the kit's one report style: what was priced, the verdict, the chart, both tables."""
-    w = report.load
+def report_html(data: dict[str, Any]) -> str:
+    """The page in the kit's one report style, from a report's JSON (`cost --json` rebuilds it): what was
+    priced, the verdict, the chart, the tables."""
     tested = [
-        ["model", report.model],
-        ["traffic", f"{w.rps:g} req/s, {w.input_tokens} tokens in and {w.output_tokens} out per request"],
-        ["volume", f"{report.tokens_per_month:,.0f} tokens a month, at {report.utilization:.0%} utilization"],
+        ["model", data["model"]],
+        [
+            "traffic",
+            f"{data['rps']:g} req/s, {data['input_tokens']} tokens in and {data['output_tokens']} out per request",
+        ],
+        ["volume", f"{data['tokens_per_month']:,.0f} tokens a month, at {data['utilization']:.0%} utilization"],
     ]
     hosted = [["option", "rented as", "rent", "own", "basis"]] + [
-        [s.label, s.rented_as, _usd(s.rent_usd), _usd(s.own_usd), "calibrated" if s.option.calibrated else "estimated"]
-        for s in report.self_hosted
+        [s["option"], s["rented_as"] or "-", _usd(s["rent_usd_per_month"]), _usd(s["own_usd_per_month"]), s["source"]]
+        for s in data["self_hosted"]
     ]
     managed = [["offer", "cost", "renting pays above", "owning pays above"]] + [
-        [m.name, _usd(m.monthly_usd), *break_even_cells(m)] for m in report.managed
+        [m["name"], _usd(m["monthly_usd"]), *break_even_cells(m)] for m in data["managed"]
     ]
-    blocks = [table(tested), *([paragraph(report.basis)] if report.basis else []), paragraph(report.verdict)]
-    blocks += [chart_svg, "<h2>Self-hosting, per month</h2>"]
+    basis = [paragraph(data["default_offers"])] if data.get("default_offers") else []
+    blocks = [table(tested), *basis, paragraph(data["verdict"]), plot_svg(data), "<h2>Self-hosting, per month</h2>"]
     blocks += [table(hosted, header=True), "<h2>The cheapest each way, line by line</h2>"]
-    blocks += [table([["", "line", "per month"], *cost_line_cells(report)], header=True)]
+    blocks += [table([["", "line", "per month"], *cost_line_cells(data)], header=True)]
     blocks += ["<h2>Managed, per month at the same traffic</h2>"]
-    blocks += [table(managed, header=True), *(paragraph(x) for x in report.warnings)]
-    return page(f"deploykit cost: {report.model}", blocks)
+    blocks += [table(managed, header=True), *(paragraph(x) for x in data["warnings"])]
+    return page(f"deploykit cost: {data['model']}", blocks)
 
 
-def plot_svg(report: CostReport, offers: list[ServicePrice | Provisioned]) -> str:
-    """The same figure as plot_png, as inline SVG for the HTML page."""
+def plot_svg(data: dict[str, Any]) -> str:
+    """The same figure as plot_png, as inline SVG for the HTML page, each line's bill at the volume on hover."""
     import matplotlib.pyplot as plt
     from matplotlib import rc_context
 
     hovers: dict[str, str] = {}
     with rc_context(CHART_STYLE):
-        fig = cost_figure(report, offers, hovers)
+        fig = cost_figure(data, hovers)
         text = svg(fig, hovers)
     plt.close(fig)
     return text
 
 
-def cost_line_cells(report: CostReport) -> list[list[str]]:
-    """[way, line, $/month] for the cheapest option each way, then its total: what drives the verdict."""
+def cost_line_cells(data: dict[str, Any]) -> list[list[str]]:
+    """[way, line, $/month] for the cheapest option each way (in a report's JSON), then its total: what drives
+    the verdict."""
     rows = []
     for way, verb in (("rent", "renting"), ("own", "owning")):
-        best = cheapest(report.self_hosted, way)
-        if best is None:
+        priced = [s for s in data["self_hosted"] if s[f"{way}_usd_per_month"] is not None]
+        if not priced:
             continue
-        rows += [[verb, line.item, _usd(line.usd)] for line in best.lines(way)]
-        rows.append([verb, "total", _usd(best.monthly(way))])
+        best = min(priced, key=lambda s: s[f"{way}_usd_per_month"])  # the first of equals, as cheapest()
+        rows += [[verb, line["item"], _usd(line["usd"])] for line in best["lines"][way]]
+        rows.append([verb, "total", _usd(best[f"{way}_usd_per_month"])])
     return rows
 
 
-def break_even_cells(m: Managed) -> list[str]:
-    """'tokens a month (replica busy %)' for renting and for owning, as table cells."""
+def break_even_cells(managed: dict[str, Any]) -> list[str]:
+    """'tokens a month (replica busy %)' for renting and for owning, as table cells, from a managed offer's JSON."""
     cells = []
     for way in ("rent", "own"):
-        b = next((b for b in m.break_even if b.way == way), None)
+        b = next((b for b in managed["break_even"] if b["way"] == way), None)
         if b is None:
             cells.append("-")
-        elif b.tokens is None or b.utilization is None:
+        elif b["tokens"] is None or b["utilization"] is None:
             cells.append("never")
         else:
-            cells.append(f"{tokens_text(b.tokens)} ({b.utilization:.0%} busy)")
+            cells.append(f"{tokens_text(b['tokens'])} ({b['utilization']:.0%} busy)")
     return cells
 
 

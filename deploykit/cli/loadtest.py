@@ -1,5 +1,5 @@
 """`deploykit loadtest run|compare`: measure any OpenAI-compatible endpoint with locust, and put two runs side
-by side."""
+by side (`deploykit report` rebuilds a page from a report's JSON)."""
 
 from __future__ import annotations
 
@@ -258,20 +258,6 @@ def _print_curve(curve: dict[str, Any]) -> None:
     out.print(knee_sentence(curve), highlight=False, markup=False)
 
 
-@app.command("report")
-def report(
-    source: Path = typer.Argument(..., help="A report or a sweep's curve written by `deploykit loadtest run --out`."),
-    html_path: Path = typer.Option(..., "--html", help="Where to write the page."),
-) -> None:
-    """Rebuild the HTML page of a run, a sweep or a search from its JSON (the JSON is the source of truth).
-
-    Examples:
-
-      deploykit loadtest report run.json --html run.html
-    """
-    _html(html_path, source)
-
-
 @app.command("compare")
 def compare(
     a: Path = typer.Argument(..., help="A report written by `deploykit loadtest run --out` (e.g. self-hosted)."),
@@ -310,8 +296,8 @@ def compare(
 
 
 def _html(html_path: Path | None, source: Path) -> None:
+    """The page of the report just written to `source`, if --html asked for one: `deploykit report` on it."""
     if html_path is not None:
-        from deploykit.loadtests.html import write_html
+        from deploykit.cli.report import report
 
-        write_html(html_path, source)
-        err.print(f"HTML report: {html_path}", markup=False)
+        report(source, html_path)

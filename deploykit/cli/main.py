@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "loadtest": ("deploykit.cli.loadtest", "app", "Load-test OpenAI-compatible endpoints and compare runs.", {}),
     "size": ("deploykit.cli.size", "size", "Rank the hardware that serves a model at a load.", {}),
     "cost": ("deploykit.cli.size", "cost", "Self-hosting against managed offers: monthly cost, break-even.", {}),
+    "report": ("deploykit.cli.report", "report", "Rebuild a load-test or cost page from its JSON.", {}),
     "deploy": ("deploykit.cli.deploy", "app", "Docker compose and Kubernetes projects from launch plans.", {}),
     "doctor": ("deploykit.cli.doctor", "doctor", "What this machine has for serving, and what is missing.", {}),
 }

@@ -4,6 +4,7 @@ paying a managed API per token."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -19,7 +20,7 @@ from deploykit.models.prices import Prices, load_prices
 from deploykit.models.resolve import resolve
 from deploykit.models.store import ModelStore
 from deploykit.sizing import TargetLoad, cost_model, size_model
-from deploykit.sizing.cost import CostReport, break_even_cells, cost_line_cells, plot_png, plot_svg, report_html
+from deploykit.sizing.cost import CostReport, break_even_cells, cost_line_cells, plot_png, report_html
 
 ModelArg = typer.Argument(..., help="Model alias (catalog or local), e.g. llama-3.1-8b-instruct.")
 RpsOpt = typer.Option(None, "--rps", help="Target load: requests per second (mean).")
@@ -173,7 +174,7 @@ def cost(
       deploykit cost llama-3.1-70b-instruct --rps 2 --compare gpt-4o@azure-ptu,gpt-4o --plot cost.png --html cost.html
     """
     config, prices = _inputs(model)
-    report, offers = cost_model(
+    report, _ = cost_model(
         model,
         config,
         TargetLoad.parse(rps, tokens_per_day, input_tokens, output_tokens, slo),
@@ -188,21 +189,22 @@ def cost(
         ops_hours=ops_hours,
     )
     _warn(report.warnings)
+    data = report.to_json()  # what --json prints is what the chart and the page are drawn from
     if plot:
-        plot.write_bytes(plot_png(report, offers))
+        plot.write_bytes(plot_png(data))
     if html_path:
-        write_page(html_path, report_html(report, plot_svg(report, offers)))
+        write_page(html_path, report_html(data))
     if json_:
-        print_json(report.to_json())
+        print_json(data)
         return
-    _print_cost(report)
+    _print_cost(report, data)
 
 
 def _names(gpus: str) -> list[str] | None:
     return [g.strip() for g in gpus.split(",") if g.strip()] or None
 
 
-def _print_cost(report: CostReport) -> None:
+def _print_cost(report: CostReport, data: dict[str, Any]) -> None:
     if report.basis:
         out.print(report.basis, highlight=False)
     title = f"Self-hosting {report.model}, per month at {report.utilization:.0%} utilization, every line included"
@@ -216,15 +218,15 @@ def _print_cost(report: CostReport) -> None:
     lines = Table(title="The cheapest each way, line by line")
     for column in ("", "line", "per month"):
         lines.add_column(column, justify="right" if column == "per month" else "left")
-    for row in cost_line_cells(report):
+    for row in cost_line_cells(data):
         lines.add_row(*row)
     out.print(lines)
     if report.managed:
         managed = Table(title="Managed, per month at the same traffic")
         for column in ("offer", "cost", "renting pays above (tokens/month)", "owning pays above"):
             managed.add_column(column, justify="left" if column == "offer" else "right")
-        for m in report.managed:
-            managed.add_row(m.name, _usd(m.monthly_usd, 0), *break_even_cells(m))
+        for m in data["managed"]:
+            managed.add_row(m["name"], _usd(m["monthly_usd"], 0), *break_even_cells(m))
         out.print(managed)
     out.print(report.verdict, highlight=False)
 

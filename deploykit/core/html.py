@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import html
 import io
+import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,19 @@ def write_page(path: Path, text: str) -> None:
         path.write_text(text)
     except OSError as e:
         raise UsageError(f"Cannot write {path}: {e}.", "Choose a writable path for --html.") from e
+
+
+def read_report(source: Path) -> tuple[dict[str, Any], datetime]:
+    """A report's JSON (the source of truth every page is drawn from) and the time it was written."""
+    hint = "Pass a JSON file written by `deploykit loadtest run --out` or `deploykit cost --json`."
+    try:
+        data = json.loads(source.read_text())
+        written = datetime.fromtimestamp(source.stat().st_mtime, UTC)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"Cannot read the report {source}: {e}.", hint) from e
+    if not isinstance(data, dict):
+        raise UsageError(f"{source} is not a report: its JSON is not an object.", hint)
+    return data, written
 
 
 def paragraph(text: str) -> str:

@@ -256,14 +256,25 @@ def test_a_comparison_page_overlays_the_two_runs_and_tables_the_differences() ->
 def test_the_page_is_rebuilt_from_the_json_and_a_wrong_file_is_refused(tmp_path: Path) -> None:
     source, out = tmp_path / "run.json", tmp_path / "run.html"
     source.write_text(json.dumps(report()))
-    result = deploykit(tmp_path, "loadtest", "report", str(source), "--html", str(out))
+    result = deploykit(tmp_path, "report", str(source), "--html", str(out))
     assert result.returncode == 0, result.stderr
     assert out.read_text() == run_page(report(), datetime.fromtimestamp(source.stat().st_mtime, UTC))
+    curve = tmp_path / "sweep.json"
+    curve.write_text(json.dumps({"sweep": "rate", "runs": [{"load": 2, "summary": summary()}]}))
+    assert deploykit(tmp_path, "report", str(curve), "--html", str(out)).returncode == 0
+    assert out.read_text() == curve_page(
+        json.loads(curve.read_text()), datetime.fromtimestamp(curve.stat().st_mtime, UTC)
+    )
     (tmp_path / "bad.json").write_text("{not json")
-    for bad, needle in ((tmp_path / "bad.json", "Cannot read the report"), (tmp_path / "missing.json", "Cannot read")):
-        assert_clean_failure(deploykit(tmp_path, "loadtest", "report", str(bad), "--html", str(out)), 2, needle)
+    (tmp_path / "list.json").write_text("[1]")
+    for bad, needle in (
+        (tmp_path / "bad.json", "Cannot read the report"),
+        (tmp_path / "missing.json", "Cannot read"),
+        (tmp_path / "list.json", "its JSON is not an object"),
+    ):
+        assert_clean_failure(deploykit(tmp_path, "report", str(bad), "--html", str(out)), 2, needle, "cost --json")
     (tmp_path / "other.json").write_text('{"model": "x"}')
-    refused = deploykit(tmp_path, "loadtest", "report", str(tmp_path / "other.json"), "--html", str(out))
-    assert_clean_failure(refused, 2, "is not a load-test report or curve", "--out")
-    unwritable = deploykit(tmp_path, "loadtest", "report", str(source), "--html", str(tmp_path))  # a folder
+    refused = deploykit(tmp_path, "report", str(tmp_path / "other.json"), "--html", str(out))
+    assert_clean_failure(refused, 2, "is not a report deploykit writes", "--out")
+    unwritable = deploykit(tmp_path, "report", str(source), "--html", str(tmp_path))  # a folder
     assert_clean_failure(unwritable, 2, f"Cannot write {tmp_path}", "writable path for --html")

@@ -425,7 +425,13 @@ def test_break_even_and_the_utilization_it_needs() -> None:
         "default_offers": None,
         "warnings": [],
         "stale_prices": [],
+        "plot": [line.__dict__ for line in report.plot],  # its lines: test_the_cost_plot_and_report_by_hand
     }
+    assert [line["label"] for line in report.to_json()["plot"]] == [  # type: ignore[index, union-attr]
+        "rent 1 x a100-80gb (whole replicas)",
+        "own 1 x a100-80gb (whole replicas)",
+        "llama-3.1-8b@together",
+    ]
     assert 0 < own.utilization < rent.utilization < 1  # type: ignore[operator]
 
 
@@ -465,7 +471,7 @@ def test_a_verdict_with_every_cost_line_by_hand() -> None:
         "Owning 2 x a100-80gb costs $1,412/month against $182 for llama-3.1-8b@together: self-hosting does not "
         "pay at 1.01 B tokens a month; it would above 7.85 B, with its 2 replicas busy 16% of the time."
     )
-    assert cost_line_cells(report) == [
+    assert cost_line_cells(report.to_json()) == [
         ["renting", "1 x a100-80gb, rented, for the load", "$949"],
         ["renting", "1 more replica for availability (at least 2 replicas)", "$949"],
         ["renting", "egress, storage and management: 25% of the instances", "$474"],
@@ -505,9 +511,9 @@ def test_the_cost_plot_and_report_by_hand() -> None:
     # 15 units, $2 a unit-hour x 730 h: 15 units at 10^6 tokens, 19 at 10^9 (k = 0.991), 18,265 at 10^12
     assert ptu.usd[0] == pytest.approx(15 * 1460) and ptu.usd[24] == pytest.approx(19 * 1460)
     assert ptu.usd[-1] == pytest.approx(18_265 * 1460)
-    page = report_html(report, "<svg>chart</svg>")
+    page = report_html(report.to_json())
     assert "<title>deploykit cost: llama-3.1-8b-instruct</title>" in page
-    assert f"<p>{report.verdict}</p>" in page and "<div><svg>chart</svg></div>" in page
+    assert f"<p>{report.verdict}</p>" in page and page.count("<svg") == 1
     rented = "1 x 1-GPU instance (cheaper-cloud)"
     assert f"<tr><td>1 x a100-80gb</td><td>{rented}</td><td>$949</td><td>$456</td><td>estimated</td></tr>" in page
     assert (
@@ -515,11 +521,12 @@ def test_the_cost_plot_and_report_by_hand() -> None:
         in page
     )
     assert "<tr><td>gpt-4o@azure-ptu</td><td>$27,740</td><td>-</td><td>-</td></tr>" in page
-    assert plot_png(report, offers).startswith(b"\x89PNG")
+    assert plot_png(report.to_json()).startswith(b"\x89PNG")
     # at the report's own volume each line is the bill the tables give, and the page's chart says so on hover
     assert (rent.at_volume, own.at_volume) == (pytest.approx(949.0), pytest.approx(456.25, abs=0.01))
     assert together.at_volume == pytest.approx(182.0, abs=0.5) and ptu.at_volume == pytest.approx(27_740, abs=1)
-    hovers = re.findall(r"<title>(.*?)</title>", plot_svg(report, offers))
+    assert report.plot == [rent, own, together, ptu]  # what the page and --json carry
+    hovers = re.findall(r"<title>(.*?)</title>", plot_svg(report.to_json()))
     assert hovers == [
         "rent 1 x a100-80gb (whole replicas): $949 a month at 1.01 B tokens",
         "own 1 x a100-80gb (whole replicas): $456 a month at 1.01 B tokens",
@@ -558,6 +565,12 @@ def test_size_and_cost_through_the_cli(tmp_path: Path) -> None:
     assert png.read_bytes().startswith(b"\x89PNG")
     text = page.read_text()  # the chart inline, its text as text: the axis says what it counts
     assert "<svg" in text and "USD per month" in text and "tokens per month (prompt + completion)" in text
+    # the page is drawn from what --json prints: `deploykit report` rebuilds it from that alone
+    flags = ("--tokens-per-day", "5e7", "--gpus", "l40s", "--compare", "llama-3.1-8b@together,gpt-4o-mini")
+    (tmp_path / "cost.json").write_text(deploykit(tmp_path, "cost", "llama-3.1-8b-instruct", *flags, "--json").stdout)
+    rebuilt = deploykit(tmp_path, "report", str(tmp_path / "cost.json"), "--html", str(tmp_path / "again.html"))
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert (tmp_path / "again.html").read_text() == text
     assert_clean_failure(deploykit(tmp_path, "size", "llama-3.1-8b-instruct"), 2, "exactly one of --rps")
     assert_clean_failure(deploykit(tmp_path, "size", "nope-7b", "--rps", "1"), 3, "nope-7b")
     assert_clean_failure(
