@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import httpx
@@ -31,7 +31,7 @@ from deploykit.core.errors import (
     PortInUseError,
     UsageError,
 )
-from deploykit.core.ports import bind, free_port, is_loopback
+from deploykit.core.ports import bind, free_port, is_loopback, join
 from deploykit.core.settings import Settings
 from deploykit.models.catalog import load_catalog
 from deploykit.models.resolve import resolve
@@ -49,6 +49,7 @@ from deploykit.serve.hardware import Hardware, detect_hardware
 from deploykit.serve.plan import Adapter, LaunchPlan, plan_launch, with_adapters
 from deploykit.serve.remote import RemoteEngine, RemoteWatch
 from deploykit.serve.supervisor import Failure, Ready, Replica, RestartPolicy, Supervisor
+from deploykit.serve.workers import Peers, Workers, serve_own_figures, spec
 
 _POLL_S = 0.5
 _HEARTBEAT_S = 60.0  # how often the deployment's last-seen time is written
@@ -69,10 +70,27 @@ class ServeOptions:
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     max_concurrent: int | None = None  # requests in flight to the engines, shared fairly between keys
     queue_timeout_s: float = 30.0
+    workers: int = 1  # gateway processes on the one listening socket (serve/workers.py)
 
     @property
     def auth_required(self) -> bool:
         return self.auth if self.auth is not None else not is_loopback(self.host)
+
+    @property
+    def max_concurrent_each(self) -> int | None:
+        """The cap on requests in flight is the deployment's: each gateway process holds its share (at least 1)."""
+        return max(1, self.max_concurrent // self.workers) if self.max_concurrent else None
+
+    @classmethod
+    def from_dict(cls, given: dict[str, Any]) -> ServeOptions:
+        """The options as dataclasses.asdict wrote them (a worker's, from its standard input)."""
+        return cls(
+            **{
+                **given,
+                "spills": tuple(SpillTarget(**s) for s in given["spills"]),
+                "limits": ConnectionLimits(**given["limits"]),
+            }
+        )
 
 
 class ServeReporter:
@@ -197,6 +215,22 @@ def run_remote(
     _run_gateway(settings, options, reporter, names, "remote", 0, watch)
 
 
+def serve_worker(settings: Settings, given: dict[str, Any]) -> None:
+    """One of `serve --workers N`'s other gateway processes (serve/workers.py), until it is told to stop."""
+
+    def watch(session: aiohttp.ClientSession) -> tuple[Watch, list[Backend]]:
+        backends = [
+            Backend(e["model"], e["url"], session, adapters=tuple(e["adapters"]), context=e["context"])
+            for e in given["engines"]
+        ]
+        return RemoteWatch(backends, ServeReporter()), backends
+
+    peers = Peers(given["peers"]["secret"], tuple(given["peers"]["ports"]))
+    options = ServeOptions.from_dict(given["options"])
+    listener = join(options.host, options.port)
+    _run_gateway(settings, options, ServeReporter(), [], "remote", 0, watch, listener, given["index"], peers)
+
+
 class Watch(Protocol):
     """Who keeps the engines' status current: the supervisor of local engines, or a watch on remote ones."""
 
@@ -221,21 +255,29 @@ def _run_gateway(
     device: str,
     gpus: int,
     engines: Callable[[aiohttp.ClientSession], tuple[Watch, list[Backend]]],
+    listener: socket.socket | None = None,
+    index: int = 0,
+    peers: Peers | None = None,
 ) -> Failure | None:
+    """Serve the gateway: as the first process (index 0: it binds the port, keeps the deployment's record and
+    starts the other workers) or as one of the others (given the listening socket and the peers)."""
     db = connect(settings.database)
-    listener = bind(options.host, options.port)
-    deployment = DeploymentLog(db, names, device, gpus)
+    listener = listener or bind(options.host, options.port, shared=options.workers > 1)
+    if peers is None and options.workers > 1:
+        peers = Peers.pick(options.workers)
+    deployment = DeploymentLog(db, names, device, gpus) if index == 0 else None
     stop_signals = _StopSignals()
     try:
-        if options.auth_required and not KeyVerifier(db).any_keys():
+        if index == 0 and options.auth_required and not KeyVerifier(db).any_keys():
             reporter.warn("API keys are required but none exist: every request gets 401. Run `deploykit keys create`.")
-        serving = _serve(listener, db, deployment, options, reporter, stop_signals, engines)
+        serving = _serve(listener, db, deployment, options, reporter, stop_signals, engines, index, peers)
         quiet_gc()
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(serving)
     finally:
         listener.close()
-        deployment.stop()
+        if deployment is not None:
+            deployment.stop()
         db.close()
         stop_signals.restore()
 
@@ -243,11 +285,13 @@ def _run_gateway(
 async def _serve(
     listener: socket.socket,
     db: Database,
-    deployment: DeploymentLog,
+    deployment: DeploymentLog | None,
     options: ServeOptions,
     reporter: ServeReporter,
     stop_signals: _StopSignals,
     engines: Callable[[aiohttp.ClientSession], tuple[Watch, list[Backend]]],
+    index: int,
+    peers: Peers | None,
 ) -> Failure | None:
     async with engine_session(options.read_timeout_s) as session:
         watch, backends = engines(session)
@@ -258,20 +302,33 @@ async def _serve(
             options.spills,
             options.metrics_token,
             options.limits.body_timeout_s,
-            options.max_concurrent,
+            options.max_concurrent_each,
             options.queue_timeout_s,
-            shared_quotas=isinstance(db, PostgresDatabase),  # every gateway on it counts against the same quotas
+            # every gateway on one database counts against the same quotas: on PostgreSQL (several hosts), and
+            # for the workers of one host (SQLite's write lock spans processes)
+            shared_quotas=isinstance(db, PostgresDatabase) or options.workers > 1,
+            peers=peers.others(index) if peers else (),
         )
         app = create_app(backends, db, gateway_options)
         gateway: Gateway = app.state.gateway
         server = uvicorn.Server(server_config(app, options.limits, drain_timeout_s=options.drain_timeout_s))
+        figures = await serve_own_figures(gateway.metrics, peers, index) if peers else None
+        workers = None
+        if peers and index == 0:
+            workers = Workers(spec(options, backends, peers), options.workers - 1)
+            workers.start()
         try:
             watch.start_all()
+            if index:  # a worker learns the engines' state before it answers the connections queued for it
+                async with httpx.AsyncClient(timeout=2.0) as probe:
+                    await watch.step(probe)
             serving = asyncio.create_task(server.serve(sockets=[listener]))
-            heartbeat = asyncio.create_task(_heartbeat(deployment))
+            heartbeat = asyncio.create_task(_heartbeat(deployment)) if deployment else None
             deadline: asyncio.Task[None] | None = None
             try:
-                failure = await _watch(watch, server, stop_signals)
+                failure = await _watch(watch, server, stop_signals, workers, reporter)
+                if workers is not None:
+                    workers.stop()  # they drain as this process does
                 if failure is not None:
                     server.should_exit = True
                 else:
@@ -279,24 +336,39 @@ async def _serve(
                 deadline = asyncio.create_task(_cut_after(gateway, options.drain_timeout_s))
                 await serving
             finally:
-                heartbeat.cancel()
+                if heartbeat is not None:
+                    heartbeat.cancel()
                 if deadline is not None:
                     deadline.cancel()
                 # past the deadline, or a second signal: cut what is left, commit every ledger row
                 await gateway.stop()
+                if workers is not None:
+                    await asyncio.to_thread(workers.wait, options.drain_timeout_s + 5)
+                if figures is not None:
+                    await figures.cleanup()
         finally:
-            reporter.stopping("stopping the engines")
+            if index == 0:
+                reporter.stopping("stopping the engines")
             watch.stop_all()
         return failure
 
 
-async def _watch(watch: Watch, server: uvicorn.Server, stop_signals: _StopSignals) -> Failure | None:
-    """Supervise the engines until one fails for good or a signal stops the gateway."""
+async def _watch(
+    watch: Watch,
+    server: uvicorn.Server,
+    stop_signals: _StopSignals,
+    workers: Workers | None = None,
+    reporter: ServeReporter | None = None,
+) -> Failure | None:
+    """Supervise the engines (and the other gateway workers) until one fails for good or a signal stops the
+    gateway."""
     async with httpx.AsyncClient(timeout=2.0) as probe:
         while not server.should_exit:
             if stop_signals.received:  # a signal that came before uvicorn took over the handlers
                 server.should_exit = True
                 break
+            if workers is not None and reporter is not None:
+                workers.step(reporter.warn)
             failure = await watch.step(probe)
             if failure is not None:
                 return failure

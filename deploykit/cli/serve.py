@@ -91,6 +91,13 @@ def serve(
     ),
     spill_queue: int | None = typer.Option(None, help="Spill when ready replicas average this many requests."),
     spill_ttft: float | None = typer.Option(None, help="Spill when the model's recent TTFT exceeds this (s)."),
+    workers: int = typer.Option(
+        1,
+        min=1,
+        max=64,
+        help="Gateway processes answering on the one port (one per core the gateway may use); keys' quotas, "
+        "the ledger, --max-concurrent-streams and /metrics stay the deployment's.",
+    ),
     engine: list[str] = typer.Option(
         [],
         help="NAME=URL: front an engine that runs elsewhere (a container, a pod) instead of starting one; once "
@@ -131,6 +138,8 @@ def serve(
       deploykit serve --spill smollm2-135m=gpt-4o-mini@https://api.openai.com/v1 --spill-queue 8
 
       deploykit serve --engine llama=http://engine-0:8000 --engine llama=http://engine-1:8000   # gateway only
+
+      deploykit serve llama-3.1-8b-instruct --workers 4    # the gateway on 4 cores
     """
     models, engine_args = _split_engine_args(models or [], [*ctx.args])
     settings = Settings()
@@ -151,6 +160,7 @@ def serve(
         limits=ConnectionLimits(max_header_bytes, header_timeout, idle_timeout, max_connections, body_timeout),
         max_concurrent=max_concurrent_streams,
         queue_timeout_s=queue_timeout,
+        workers=workers,
     )
     if engine:
         if models or engine_args or lora or replicas != 1 or engine_port or locked:
@@ -259,7 +269,9 @@ def _show_gateway(o: ServeOptions) -> None:
     """What the gateway in front will enforce, as the flags and defaults make it."""
     limits = o.limits
     lines = [
-        f"Gateway on http://{o.host}:{o.port}: API keys {'required' if o.auth_required else 'not required'}",
+        f"Gateway on http://{o.host}:{o.port}"
+        + (f" ({o.workers} processes)" if o.workers > 1 else "")
+        + f": API keys {'required' if o.auth_required else 'not required'}",
         f"  request body at most {o.max_body_bytes:,} B in {limits.body_timeout_s:g} s; "
         f"headers at most {limits.max_header_bytes:,} B in {limits.header_timeout_s:g} s",
         f"  max_tokens at most {o.max_tokens if o.max_tokens is not None else 'the engine allows'}; "

@@ -28,11 +28,29 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """Bind the public port now, so that a port in use fails before a minute of engine start-up."""
+def bind(host: str, port: int, shared: bool = False) -> socket.socket:
+    """Bind the public port now, so that a port in use fails before a minute of engine start-up. `shared`: the
+    first of several gateway processes; the others `join` it (SO_REUSEPORT: the kernel spreads new connections
+    over their sockets by address, where one shared socket hands a burst to whichever process wakes first)."""
+    sock = _bound(host, port, reuse_port=False)  # any holder, our own kind included, makes this a port in use
+    if not shared:
+        return sock
+    port = sock.getsockname()[1]  # the one the kernel chose, for port 0
+    sock.close()
+    return join(host, port)
+
+
+def join(host: str, port: int) -> socket.socket:
+    """Listen on a port that the first of several gateway processes bound with `bind(..., shared=True)`."""
+    return _bound(host, port, reuse_port=True)
+
+
+def _bound(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as e:

@@ -65,6 +65,9 @@ class GatewayOptions:
     queue_timeout_s: float = 30.0  # how long a request may wait for one of those slots (503 after)
     # Keys' quotas kept in the database, shared with every gateway using it (on for PostgreSQL in `serve`)
     shared_quotas: bool = False
+    # The private addresses of the other gateway processes of `serve --workers N`, whose own figures /metrics
+    # adds to this one's (serve/workers.py)
+    peers: tuple[str, ...] = field(default=(), repr=False)
 
 
 class Gateway:
@@ -74,6 +77,7 @@ class Gateway:
         self.router = Router(backends)
         session = backends[0].session
         self.spills = {s.model: (s, Backend(s.model, s.url, session, status="ready")) for s in options.spills}
+        self.peers = [Backend("gateway worker", url, session, status="ready") for url in options.peers]
         self.options = options
         self.verifier = KeyVerifier(db)
         self.limiter: RateLimiter | SharedRateLimiter = (
@@ -241,10 +245,12 @@ def create_app(backends: Sequence[Backend], db: Database, options: GatewayOption
         backends = gateway.router.replicas
         for b in backends:
             gateway.metrics.replica_up.labels(b.model, b.replica).set(1 if b.status == "ready" else 0)
-        texts = await asyncio.gather(*(get_text(b, "/metrics") for b in backends if b.status == "ready"))
         ready = [b for b in backends if b.status == "ready"]
+        texts = await asyncio.gather(*(get_text(b, "/metrics") for b in ready))
         engines = [(b.replica, text) for b, text in zip(ready, texts, strict=True) if text is not None]
-        return Response(gateway.metrics.render(engines), media_type="text/plain; version=0.0.4; charset=utf-8")
+        peers = [t for t in await asyncio.gather(*(get_text(p, "") for p in gateway.peers)) if t is not None]
+        page = gateway.metrics.render(engines, peers)
+        return Response(page, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models(request: Request, gateway: GatewayDep) -> dict[str, object]:

@@ -5,9 +5,11 @@ engines' queue and KV-cache figures, scraped from each vLLM's /metrics and re-ex
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 # Seconds; TTFT and duration span a CPU engine's seconds, ITL a GPU's milliseconds.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -77,12 +79,51 @@ class GatewayMetrics:
             registry=r,
         )
 
-    def render(self, engine_texts: Iterable[tuple[str, str]] = ()) -> bytes:
-        """The exposition text: ours, then each (replica, engine /metrics text) re-labelled."""
-        lines = [generate_latest(self.registry).decode()]
+    def own(self) -> bytes:
+        """This process's own figures, for the other gateway workers of one `serve --workers N` to add up."""
+        return generate_latest(self.registry)
+
+    def render(self, engine_texts: Iterable[tuple[str, str]] = (), peers: Sequence[str] = ()) -> bytes:
+        """The exposition text: ours (added up with the `peers`' own, the other workers of one deployment),
+        then each (replica, engine /metrics text) re-labelled."""
+        ours = self.own().decode()
+        lines = [summed([ours, *peers]) if peers else ours]
         for replica, text in engine_texts:
             lines += relabel_engine_metrics(text, replica)
         return ("".join(lines[:1]) + "".join(f"{line}\n" for line in lines[1:])).encode()
+
+
+def summed(texts: Sequence[str]) -> str:
+    """Several gateway processes' own figures as one process's: every sample added up over the processes
+    (requests, tokens and spend; histogram buckets, sums and counts; requests in flight and queued), except
+    whether each replica is up, which the first process's own watch says. Creation times are left out."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for i, text in enumerate(texts):
+        for family in text_string_to_metric_families(text):
+            if family.name.endswith("_created") or (i and family.name == "deploykit_replica_up"):
+                continue
+            families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            samples = values.setdefault(family.name, {})
+            for sample in family.samples:
+                key = (sample.name, tuple(sample.labels.items()))
+                samples[key] = samples.get(key, 0.0) + sample.value
+    registry = CollectorRegistry(auto_describe=False)
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    registry.register(_Fixed(list(families.values())))
+    return generate_latest(registry).decode()
+
+
+class _Fixed:
+    """A collector of families already made (the sums above)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
 
 
 def relabel_engine_metrics(text: str, replica: str) -> list[str]:
