@@ -1,5 +1,7 @@
-"""The load generator's own process: `python -m deploykit.loadtests CONFIG_JSON OUT_JSON [OUT_CSV]`, or one of
-its locust workers: `python -m deploykit.loadtests --worker CONFIG_JSON MASTER_PORT`.
+"""The load generator's own process: `python -m deploykit.loadtests CONFIG_JSON OUT_JSON [OUT_CSV]` (CONFIG_JSON `-`:
+on standard input, which keeps an API key off the command line), or one of
+its locust workers: `python -m deploykit.loadtests --worker MASTER_HOST MASTER_PORT` (the config comes from the
+master, the API key from OPENAI_API_KEY).
 
 locust monkey-patches the process for gevent, which must happen before ssl, requests or urllib3 are
 imported; `deploykit loadtest` therefore runs the load here, in a process of its own, never in the
@@ -25,9 +27,9 @@ from deploykit.loadtests.runner import run_load  # noqa: E402
 
 def main() -> None:
     if sys.argv[1] == "--worker":
-        serve_worker(LoadTestConfig.model_validate_json(sys.argv[2]), int(sys.argv[3]))
+        serve_worker(sys.argv[2], int(sys.argv[3]))
         return
-    config = LoadTestConfig.model_validate_json(sys.argv[1])
+    config = LoadTestConfig.model_validate_json(sys.stdin.read() if sys.argv[1] == "-" else sys.argv[1])
     out, csv = Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None
     console = Console(stderr=True)
     with Progress(
@@ -45,7 +47,8 @@ def main() -> None:
             bar.refresh()
 
         try:
-            report = run_distributed(config, show) if config.processes > 1 else run_load(config, show)
+            distributed = config.processes > 1 or config.master_port is not None
+            report = run_distributed(config, show) if distributed else run_load(config, show)
         except DeploykitError as e:
             bar.stop()
             _print_error(e)

@@ -48,6 +48,9 @@ class LoadTestConfig(BaseModel):
     slos: str = ""  # e.g. "ttft_p95=1s,tpot_p95=50ms"
     max_schedule_lag_s: float = 0.010  # a generator later than this at p99 makes the run invalid
     processes: int = Field(1, ge=1)  # load-generator processes; their records are merged into one report
+    # the processes run elsewhere (`deploykit loadtest worker HOST:PORT`, e.g. pods) and connect to this master
+    # on every interface at this port, instead of being started here
+    master_port: int | None = Field(None, ge=1, le=65535)
     seed: int = 0
     hardware: str | None = None  # what the server runs on ("cpu", "l4", "h100-sxm:2"), for sizing calibration
     engine_version: str | None = None  # the server's engine version, as its /version said before the run

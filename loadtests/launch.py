@@ -18,8 +18,10 @@ def run_in_own_process(config: LoadTestConfig, out: Path, csv: Path | None = Non
     """Run the load test in a process of its own (with `config.processes` > 1, the master of that many locust
     workers). Returns the result without its per-request records (they are in `out`)."""
     out.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "deploykit.loadtests", config.model_dump_json(), str(out)]
-    code = subprocess.run([*command, str(csv)] if csv else command).returncode
+    command = [sys.executable, "-m", "deploykit.loadtests", "-", str(out)]  # the config (and its key) on stdin
+    code = subprocess.run(
+        [*command, str(csv)] if csv else command, input=config.model_dump_json(), text=True
+    ).returncode
     if code or not out.exists():
         raise LoadTestError(f"The load generator failed (exit {code}).", "Its output is above.")
     return RunResult.read(out)

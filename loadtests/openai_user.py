@@ -1,4 +1,4 @@
-"""A locust user for OpenAI-compatible endpoints (streaming by default), and the shared state of a run.
+"""A locust user for OpenAI-compatible endpoints (streaming by default), bound to one run's state (state.py).
 
 `deploykit loadtest` drives it headless. It also works as a plain locustfile (web UI, distributed runs):
 
@@ -15,55 +15,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 
 import gevent
-from locust import User, events, task
+from locust import User, task
 
 from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.records import RequestRecord
-from deploykit.loadtests.request import Endpoint, load_token_counter, request_body, send
-from deploykit.loadtests.schedule import Schedule
-from deploykit.loadtests.workload import Prompt
-
-
-@dataclass
-class RunState:
-    """What the users of one run share: the config, the schedule, and the records."""
-
-    config: LoadTestConfig
-    records: list[RequestRecord] = field(default_factory=list)
-    in_flight: dict[int, RequestRecord] = field(default_factory=dict)  # each user's request under way
-    started: float = field(default_factory=time.monotonic)
-    stopping: bool = False
-
-    def __post_init__(self) -> None:
-        self._begin(self.config, self.started)
-
-    def reset(self, config: LoadTestConfig) -> None:
-        """Start the run now, with this config (a worker's share of the whole one)."""
-        self._begin(config, time.monotonic())
-
-    def _begin(self, config: LoadTestConfig, now: float) -> None:
-        self.config, self.started = config, now
-        self.schedule = Schedule(config, now)
-        self.count_tokens = load_token_counter(config.tokenizer) if config.tokenizer else None
-
-    def take(self) -> tuple[float, Prompt] | None:
-        """The next request and when it is due; at a trace's end the run stops."""
-        taken = self.schedule.take(time.monotonic())
-        if taken is None:
-            self.stopping = True
-        return taken
-
-    def unfinished(self, ended: float) -> list[RequestRecord]:
-        """The requests a run that ended at `ended` cut off: still in flight (a user's entry goes as its request
-        ends, before the record is kept), or finished after it."""
-        return [*self.in_flight.values(), *(r for r in self.records if r.end > ended)]
-
-    def full(self) -> bool:
-        limit = self.config.max_requests
-        return self.stopping or (limit is not None and len(self.records) >= limit)
+from deploykit.loadtests.request import Endpoint, request_body, send
+from deploykit.loadtests.state import RunState
 
 
 class OpenAIUser(User):
@@ -105,7 +64,7 @@ class OpenAIUser(User):
         if answer is not None:
             self.history += [body["messages"][-1], {"role": "assistant", "content": "".join(answer)}]
         state.records.append(record)
-        events.request.fire(  # type: ignore[no-untyped-call]
+        self.environment.events.request.fire(  # type: ignore[no-untyped-call]
             request_type="POST",
             name=cfg.api,
             response_time=record.e2e * 1000,

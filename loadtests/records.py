@@ -69,6 +69,13 @@ class RequestRecord:
     def to_json(self) -> dict[str, object]:
         return asdict(self)
 
+    def shift(self, seconds: float) -> None:
+        """Move every time by `seconds`: onto another process's monotonic clock (a worker on another host)."""
+        self.scheduled, self.sent, self.end = self.scheduled + seconds, self.sent + seconds, self.end + seconds
+        self.headers_at = None if self.headers_at is None else self.headers_at + seconds
+        self.first_answer = None if self.first_answer is None else self.first_answer + seconds
+        self.events = [(t + seconds, k) for t, k in self.events]
+
 
 def per_token_gaps(events: Sequence[tuple[float, int]]) -> list[float]:
     """Per-token inter-token latencies: an event carrying k tokens spreads its gap over k tokens."""

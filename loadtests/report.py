@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.metrics import Distribution, Summary
@@ -110,6 +111,18 @@ class LoadTestReport:
                             len(r.events),
                         ]
                     )
+
+
+def shifted(part: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """A worker's part of a run (its records and unfinished requests, as JSON) with every time moved by
+    `seconds`: onto the master's clock, for a worker on another host."""
+    moved = {}
+    for kind in ("records", "unfinished"):
+        records = records_from_json(part[kind])
+        for record in records:
+            record.shift(seconds)
+        moved[kind] = [r.to_json() for r in records]
+    return part | moved
 
 
 def records_from_json(data: list[dict[str, object]]) -> list[RequestRecord]:

@@ -19,9 +19,10 @@ from locust.env import Environment
 from deploykit.core.slo import parse_slos
 from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.metrics import Distribution, summarize
-from deploykit.loadtests.openai_user import RunState, user_for
+from deploykit.loadtests.openai_user import user_for
 from deploykit.loadtests.report import LoadTestReport, health_problems
 from deploykit.loadtests.server_view import ServerSample, read_sample
+from deploykit.loadtests.state import RunState
 
 _TICK_S = 0.01  # the generator-health probe: how late a 10 ms sleep wakes up (100 samples a second, so that
 # p99 means something on a run of a few seconds rather than being its one worst hiccup)

@@ -1,4 +1,4 @@
-"""`deploykit loadtest run|compare`: measure any OpenAI-compatible endpoint with locust, and put two runs side
+"""`deploykit loadtest run|worker|compare`: measure any OpenAI-compatible endpoint with locust, and put two runs side
 by side (`deploykit report` rebuilds a page from a report's JSON)."""
 
 from __future__ import annotations
@@ -73,6 +73,11 @@ def run(
     processes: int = typer.Option(
         1, help="Locust worker processes (under a master), for more load than one process can drive."
     ),
+    master_port: int = typer.Option(
+        None,
+        help="Run the --processes workers elsewhere: wait for them to connect on this port (every interface), "
+        "each started with `deploykit loadtest worker THIS_HOST:PORT` (other hosts, the pods of a Job).",
+    ),
     tokenizer: str = typer.Option(
         None, help="A tokenizer.json (or its folder) to count tokens when the server reports no usage."
     ),
@@ -131,6 +136,7 @@ def run(
             shared_prefix_tokens=shared_prefix,
             turns=turns,
             processes=processes,
+            master_port=master_port,
             tokenizer=tokenizer,
             prompts=prompts,
             concurrency=concurrency,
@@ -256,6 +262,33 @@ def _print_curve(curve: dict[str, Any]) -> None:
         table.add_row(*row)
     out.print(table)
     out.print(knee_sentence(curve), highlight=False, markup=False)
+
+
+@app.command("worker")
+def worker(
+    master: str = typer.Argument(..., help="HOST:PORT of a `deploykit loadtest run ... --master-port PORT`."),
+    api_key: str = typer.Option(None, envvar="OPENAI_API_KEY", help="API key (default: OPENAI_API_KEY)."),
+) -> None:
+    """One load-generator worker of a run on another host: it takes the run's config from the master (the API
+    key from here) and sends its records back when the run ends.
+
+    Examples:
+
+      deploykit loadtest worker loadtest-master:5557
+    """
+    import os
+    import subprocess
+    import sys
+
+    host, _, port = master.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"{master!r} is not HOST:PORT.", "For example: deploykit loadtest worker 10.0.0.5:5557")
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"} | (
+        {"OPENAI_API_KEY": api_key} if api_key else {}
+    )
+    code = subprocess.run([sys.executable, "-m", "deploykit.loadtests", "--worker", host, port], env=env).returncode
+    if code:
+        raise DeploykitError(f"The load-generator worker exited with status {code}.", "Its output is above.")
 
 
 @app.command("compare")

@@ -9,8 +9,8 @@ engines' queue (vLLM's `vllm:num_requests_waiting`, served to the HPA by the Pro
 is a stateless Deployment of several replicas (`deploykit serve --engine MODEL=http://engine-MODEL:8000`)
 with its own Service and budget; keys, the ledger and the keys' quotas are in PostgreSQL (a StatefulSet),
 shared by every gateway pod. Monitoring, for clusters that run the Prometheus operator: ServiceMonitors, the
-alert rules as a PrometheusRule, and the Grafana dashboard as a ConfigMap for Grafana's sidecar. A load-test
-Job runs `deploykit loadtest` inside the cluster.
+alert rules as a PrometheusRule, and the Grafana dashboard as a ConfigMap for Grafana's sidecar. A load test
+runs inside the cluster as locust does at scale: a master Job and a Job of worker pods that connect to it.
 
 Secrets go to `secret.yaml` (mode 0600), generated once and kept when the manifests are rendered again.
 """
@@ -40,6 +40,7 @@ from deploykit.serve.deploy.project import (
 from deploykit.serve.plan import LaunchPlan
 
 _PART_OF = {"app.kubernetes.io/part-of": "deploykit"}
+_LOCUST_PORT = 5557  # the load test's master, where its workers connect (locust's own default)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class K8sOptions:
     model_storage: str = "500Gi"
     max_engine_replicas: int = 4  # the autoscaler's ceiling per model
     queue_target: int = 8  # requests waiting per engine pod that the autoscaler aims at
+    loadtest_workers: int = 4  # load-generator pods under the load test's master
 
 
 def render(plans: Sequence[LaunchPlan], options: K8sOptions, secrets: Mapping[str, str]) -> dict[str, str]:
@@ -63,7 +65,7 @@ def render(plans: Sequence[LaunchPlan], options: K8sOptions, secrets: Mapping[st
         "gateway.yaml": _dump(_gateway(models, options)),
         "engines.yaml": _dump([o for name, plan in models.items() for o in _engine(plan, replicas[name], options)]),
         "monitoring.yaml": _dump(_monitoring(models)),
-        "loadtest.yaml": _dump([_loadtest(next(iter(models)), options)]),
+        "loadtest.yaml": _dump(_loadtest(next(iter(models)), options)),
     }
     return files
 
@@ -378,39 +380,86 @@ def _monitoring(models: Mapping[str, LaunchPlan]) -> list[dict[str, Any]]:
     return [gateway, engines, rule, dashboard]
 
 
-def _loadtest(model: str, options: K8sOptions) -> dict[str, Any]:
-    return {
+def _loadtest(model: str, options: K8sOptions) -> list[dict[str, Any]]:
+    """A load test inside the cluster: a master Job (`loadtest run --master-port`), its Service, and a Job of
+    worker pods (`loadtest worker`) that connect to it; the master merges their records into one report, kept
+    on a volume of its own (the summary is also in the master's log, as JSON)."""
+    labels = {"app.kubernetes.io/name": "loadtest-master", "app.kubernetes.io/component": "loadtest", **_PART_OF}
+    workers = options.loadtest_workers
+    # a key from `deploykit keys create`: kubectl create secret generic deploykit-loadtest --from-literal=key=dk-...
+    key = {"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "deploykit-loadtest", "key": "key"}}}
+    run = [
+        *("loadtest", "run", "http://gateway:8000", "--model", model, "-c", str(16 * workers), "--duration", "120"),
+        *("--processes", str(workers), "--master-port", str(_LOCUST_PORT)),
+        *("--out", "/results/run.json", "--html", "/results/run.html", "--json"),
+    ]
+    master = {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": "deploykit-loadtest", "labels": dict(_PART_OF)},
+        "metadata": {"name": "deploykit-loadtest-master", "labels": dict(_PART_OF)},
         "spec": {
             "backoffLimit": 0,
             "template": {
+                "metadata": {"labels": labels},
                 "spec": {
                     "restartPolicy": "Never",
                     "containers": [
                         {
-                            "name": "loadtest",
+                            "name": "master",
                             "image": options.image,
-                            "args": [
-                                *("loadtest", "run", "http://gateway:8000", "--model", model, "-c", "16"),
-                                *("--duration", "120", "--processes", "4", "--out", "/tmp/run.json"),
-                            ],
-                            # a key from `deploykit keys create`: kubectl create secret generic deploykit-loadtest
-                            # --from-literal=key=dk-...
-                            "env": [
-                                {
-                                    "name": "OPENAI_API_KEY",
-                                    "valueFrom": {"secretKeyRef": {"name": "deploykit-loadtest", "key": "key"}},
-                                }
-                            ],
-                            "resources": {"requests": {"cpu": "4", "memory": "2Gi"}},
+                            "args": run,
+                            "env": [key],
+                            "ports": [{"name": "locust", "containerPort": _LOCUST_PORT}],
+                            "volumeMounts": [{"name": "results", "mountPath": "/results"}],
+                            "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
                         }
                     ],
-                }
+                    "volumes": [
+                        {"name": "results", "persistentVolumeClaim": {"claimName": "deploykit-loadtest-results"}}
+                    ],
+                },
             },
         },
     }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "loadtest-master", "labels": dict(labels)},
+        "spec": {"selector": labels, "ports": [{"name": "locust", "port": _LOCUST_PORT, "targetPort": "locust"}]},
+    }
+    worker_labels = {**labels, "app.kubernetes.io/name": "loadtest-worker"}
+    worker = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "deploykit-loadtest-workers", "labels": dict(_PART_OF)},
+        "spec": {
+            "parallelism": workers,
+            "completions": workers,
+            "backoffLimit": workers,
+            "template": {
+                "metadata": {"labels": worker_labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": "worker",
+                            "image": options.image,
+                            "args": ["loadtest", "worker", f"loadtest-master:{_LOCUST_PORT}"],
+                            "env": [key],
+                            "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
+                        }
+                    ],
+                },
+            },
+        },
+    }
+    results = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "deploykit-loadtest-results", "labels": dict(_PART_OF)},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    return [results, master, service, worker]
 
 
 def _health(failures: int) -> dict[str, Any]:

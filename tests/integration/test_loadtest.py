@@ -245,6 +245,42 @@ def test_several_processes_merge_into_one_report(tmp_path: Path, url: str) -> No
     assert [r["scheduled"] for r in records] == sorted(r["scheduled"] for r in records)
     assert abs(s["ttft"]["p50"] - TTFT_S) < 0.003
     assert not list(tmp_path.glob("run.part*.json"))  # the per-process parts are merged and removed
+    # an open loop: each process runs its share of the schedule and of --requests (not the whole of each)
+    report = loadtest(tmp_path, url, "--model", "synth", "--rate", "40", "--processes", "2", "--requests", "30",
+                      "--duration", "20")  # fmt: skip
+    assert len(report["records"]) == 30 and report["summary"]["offered_rps"] < 60
+
+
+def test_workers_on_other_hosts_connect_to_the_master(tmp_path: Path, url: str) -> None:
+    """`loadtest run --master-port P --processes 2` waits for two `loadtest worker HOST:P` (here on this host,
+    each in its own process as a pod would be): they take the run from the master and send their records
+    back, moved onto the master's clock."""
+    port = free_port()
+    out = tmp_path / "remote.json"
+    master = subprocess.Popen(
+        [sys.executable, "-m", "deploykit", "loadtest", "run", url, "--model", "synth", "-c", "4", "--processes", "2",
+         "--master-port", str(port), "--duration", "3", "--output-tokens", str(OUTPUT_TOKENS), "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    worker = [sys.executable, "-m", "deploykit", "loadtest", "worker", f"127.0.0.1:{port}"]
+    workers = [subprocess.Popen(worker, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    try:
+        _, err = master.communicate(timeout=120)
+        assert master.returncode == 0, err
+        for w in workers:
+            assert w.wait(30) == 0
+    finally:
+        for process in (master, *workers):
+            if process.poll() is None:
+                process.kill()
+    report = json.loads(out.read_text())
+    s = report["summary"]
+    assert report["config"]["master_port"] == port and report["config"]["processes"] == 2
+    assert s["ok"] == s["requests"] >= 20 and s["errors"] == {}
+    assert abs(s["ttft"]["p50"] - TTFT_S) < 0.003  # the shifted records still time the known schedule
+    assert all(r["sent"] >= report["started"] - 0.01 for r in report["records"])  # on the master's clock
+    refused = subprocess.run([*worker[:-1], "nohost"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "is not HOST:PORT" in refused.stderr
 
 
 def test_a_server_without_usage_is_counted_with_a_tokenizer_and_flagged(tmp_path: Path, url: str) -> None:

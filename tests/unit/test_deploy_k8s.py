@@ -85,6 +85,9 @@ def test_manifests_validate_and_hold_together(
         assert f"--engine={m}=http://{engine_name(m)}:8000" in gateway_args and engine_name(m) in services
     pods = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in deployments.items()}
     pods["postgres"] = by_kind["StatefulSet"][0]["spec"]["template"]["metadata"]["labels"]
+    for job in by_kind["Job"]:  # the load test's master and workers: pods named by their label
+        labels = job["spec"]["template"]["metadata"]["labels"]
+        pods[labels["app.kubernetes.io/name"]] = labels
     for service in services.values():
         [target] = [n for n, labels in pods.items() if _matches(service["spec"]["selector"], labels)]
         assert service["metadata"]["name"] == target
@@ -99,6 +102,20 @@ def test_manifests_validate_and_hold_together(
             if _matches(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
         ]
         assert watched and all(any(p["name"] == "http" for p in s["spec"]["ports"]) for s in watched)
+    # the load test: workers connect to the master's Service and port, as many as it waits for
+    jobs_by_name = {j["metadata"]["name"]: j for j in by_kind["Job"]}
+    master, workers = jobs_by_name["deploykit-loadtest-master"], jobs_by_name["deploykit-loadtest-workers"]
+    [run] = master["spec"]["template"]["spec"]["containers"]
+    [work] = workers["spec"]["template"]["spec"]["containers"]
+    assert run["args"][:4] == ["loadtest", "run", "http://gateway:8000", "--model"] and run["args"][4] == models[0]
+    port = int(run["args"][run["args"].index("--master-port") + 1])
+    assert work["args"] == ["loadtest", "worker", f"loadtest-master:{port}"]
+    assert services["loadtest-master"]["spec"]["ports"][0]["port"] == port == run["ports"][0]["containerPort"]
+    processes = int(run["args"][run["args"].index("--processes") + 1])
+    assert workers["spec"]["parallelism"] == workers["spec"]["completions"] == processes
+    assert run["env"] == work["env"]  # each takes the key from the secret: none crosses the wire
+    claims = {c["metadata"]["name"] for c in by_kind["PersistentVolumeClaim"]}
+    assert master["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] in claims
     jobs = {m["spec"]["endpoints"][0]["relabelings"][0]["replacement"] for m in by_kind["ServiceMonitor"]}
     assert jobs == {"deploykit-gateway", "vllm"}  # the jobs the dashboard and the rules select on
 

@@ -11,8 +11,9 @@ from deploykit.core.slo import Slo, parse_slos
 from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.metrics import Distribution, meets, percentile, summarize
 from deploykit.loadtests.records import RequestRecord
-from deploykit.loadtests.report import health_problems
+from deploykit.loadtests.report import health_problems, records_from_json, shifted
 from deploykit.loadtests.request import spread
+from deploykit.loadtests.state import RunState
 from deploykit.loadtests.workload import Lengths, Prompt, Workload, load_prompts
 
 
@@ -242,3 +243,28 @@ def test_an_objective_met_exactly_and_an_empty_window() -> None:
 )
 def test_a_usage_total_is_spread_by_weight(total: int, weights: list[int], expected: list[int]) -> None:
     assert spread(total, weights) == expected and sum(expected) == total
+
+
+def test_requests_bounds_the_arrivals_handed_out_not_the_answers_back() -> None:
+    """`--requests 3`: a fourth request is never sent, however many users wait and however few answers are
+    back (counting answers would let every waiting user send one more)."""
+    state = RunState(LoadTestConfig(url="http://h", model="m", rate=1000.0, max_requests=3))
+    taken = [state.take() for _ in range(3)]
+    assert all(t is not None for t in taken) and state.records == [] and state.full()
+    state.reset(LoadTestConfig(url="http://h", model="m", rate=1000.0, max_requests=3))
+    assert state.taken == 0 and not state.full()
+    assert not RunState(LoadTestConfig(url="http://h", model="m", concurrency=1)).full()
+
+
+def test_a_remote_workers_records_move_onto_the_masters_clock() -> None:
+    record = RequestRecord(scheduled=10.0, sent=10.5, end=12.0, headers_at=10.6, events=[(10.7, 1), (11.0, 2)])
+    record.first_answer, record.reasoning = 10.9, True
+    part = {"records": [record.to_json()], "unfinished": [RequestRecord(1.0, 2.0, 3.0).to_json()], "cpu": 5.0}
+    moved = shifted(part, -10.0)
+    [back] = records_from_json(moved["records"])
+    assert (back.scheduled, back.sent, back.end, back.headers_at, back.first_answer) == pytest.approx(
+        (0.0, 0.5, 2.0, 0.6, 0.9)
+    )
+    assert back.events == [(pytest.approx(0.7), 1), (pytest.approx(1.0), 2)]
+    assert back.ttft == pytest.approx(record.ttft) and back.e2e == pytest.approx(record.e2e)  # durations unchanged
+    assert records_from_json(moved["unfinished"])[0].sent == pytest.approx(-8.0) and moved["cpu"] == 5.0
