@@ -60,6 +60,9 @@ class LaunchPlan:
     kv_cache_tokens: int  # predicted; the engine logs its own figure at start-up
     gpu_indices: tuple[int, ...] = field(default_factory=tuple)
     adapters: tuple[str, ...] = ()  # LoRA adapters the engine serves as model names of their own
+    # hosts one engine spans: tensor parallel on each host's GPUs (gpu_indices), one pipeline stage per host,
+    # the other hosts' workers run as Ray actors (deploy k8s renders a Ray cluster for it)
+    nodes: int = 1
 
     @property
     def url(self) -> str:
@@ -77,9 +80,11 @@ def plan_launch(
     environ: Mapping[str, str] | None = None,
     python: str = sys.executable,
     sampling: Mapping[str, float] | None = None,
+    nodes: int = 1,
 ) -> LaunchPlan:
     """Decide how to start the engine for this model on this hardware; `sampling` (the model card's
-    recommended temperature, top_p...) becomes the engine's default for requests that set none."""
+    recommended temperature, top_p...) becomes the engine's default for requests that set none. A model
+    larger than the hardware's GPUs may span up to `nodes` hosts like it (pipeline stages across them)."""
     environ = {} if environ is None else environ
     user_flags = _flag_names(extra_args)
     reserved = user_flags & _RESERVED_FLAGS
@@ -91,7 +96,7 @@ def plan_launch(
     sampling_flag = {_SAMPLING_FLAG: json.dumps(dict(sampling), separators=(",", ":"))} if sampling else {}
     if hardware.has_gpu:
         return _plan_gpu(
-            model_dir, served_name, config, hardware.gpus, port, extra_args, user_flags, python, sampling_flag
+            model_dir, served_name, config, hardware.gpus, port, extra_args, user_flags, python, sampling_flag, nodes
         )
     return _plan_cpu(
         model_dir, served_name, config, hardware, port, extra_args, user_flags, environ, python, sampling_flag
@@ -186,6 +191,7 @@ def _plan_gpu(
     user_flags: set[str],
     python: str,
     sampling_flag: Mapping[str, str],
+    nodes: int = 1,
 ) -> LaunchPlan:
     choices: list[Choice] = []
     smallest = min(gpus, key=lambda g: g.memory_bytes)
@@ -200,6 +206,8 @@ def _plan_gpu(
     budget = gpu_budget(smallest)
     sizes = tensor_parallel_sizes(config, len(gpus))
     fits = [fit_on(config, dtype, tp, budget, MIN_CONTEXT) for tp in sizes]
+    if nodes > 1:  # only where one host is not enough: a pipeline stage per host, each host's GPUs in tensor parallel
+        fits.append(fit_on(config, dtype, sizes[-1] * nodes, budget, MIN_CONTEXT))
     fit = next((f for f in fits if f.fits), None)
     if fit is None:
         largest = fits[-1]
@@ -209,16 +217,26 @@ def _plan_gpu(
             f"The model does not fit: {_gib(weights)} of {dtype} weights plus KV cache for {largest.min_context} "
             f"tokens need about {_gib(need / GPU_MEMORY_UTILIZATION)} per GPU across "
             f"{largest.devices} x {smallest.name} ({_gib(smallest.memory_bytes)} each).",
-            "Use more or larger GPUs, or a quantized or smaller model; "
+            "Use more or larger GPUs (`deploy k8s --nodes N` spans several nodes), or a quantized or smaller model; "
             + _largest_fit_hint(budget * largest.devices, dtype),
         )
-    tp, tokens = fit.devices, fit.kv_cache_tokens
+    pp = nodes if fit.devices > sizes[-1] else 1
+    tp, tokens = fit.devices // pp, fit.kv_cache_tokens
     why = (
         f"{_gib(weights)} of weights fit on 1 GPU with room for KV cache"
         if tp == 1
         else f"{_gib(weights)} of weights need {tp} GPUs ({_gib(weights / tp)} each) to leave room for KV cache"
+        if pp == 1
+        else f"{_gib(weights)} of weights need {tp * pp} GPUs ({_gib(weights / (tp * pp))} each): {tp} on each host"
     )
     choices.append(Choice("--tensor-parallel-size", str(tp), why))
+    spanning: dict[str, str] = {}
+    if pp > 1:
+        spanning = {"--pipeline-parallel-size": str(pp), "--distributed-executor-backend": "ray"}
+        why = f"more than one host's {len(gpus)} GPUs: a pipeline stage on each of {pp} hosts (vLLM's rule)"
+        choices.append(Choice("--pipeline-parallel-size", str(pp), why))
+        why = "the other hosts' workers run as Ray actors, in the Ray cluster the hosts form"
+        choices.append(Choice("--distributed-executor-backend", "ray", why))
     choices.append(
         Choice(
             "--gpu-memory-utilization",
@@ -235,6 +253,7 @@ def _plan_gpu(
     flags = {
         "--dtype": dtype,
         "--tensor-parallel-size": str(tp),
+        **spanning,
         "--gpu-memory-utilization": f"{GPU_MEMORY_UTILIZATION:.2f}",
         "--max-model-len": str(max_len),
         **sampling_flag,
@@ -252,6 +271,7 @@ def _plan_gpu(
         max_model_len=max_len,
         kv_cache_tokens=tokens,
         gpu_indices=indices,
+        nodes=pp,
     )
 
 

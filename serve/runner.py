@@ -113,9 +113,11 @@ def prepare(
     engine_port: int | None = None,
     hardware: Hardware | None = None,
     environ: Mapping[str, str] | None = None,
+    nodes: int = 1,
 ) -> list[LaunchPlan]:
     """Plan every engine: `replicas` of each model, each on its share of the machine (its own GPUs, or
-    its part of the RAM); the LoRA `adapters` go with the first model. A catalog model not yet pulled is
+    its part of the RAM; a model larger than that may span `nodes` such machines); the LoRA `adapters` go
+    with the first model. A catalog model not yet pulled is
     planned from the catalog's numbers (for --dry-run: its weights must be pulled before it can start)."""
     if replicas < 1:
         raise UsageError(f"--replicas must be at least 1 (got {replicas}).")
@@ -142,6 +144,7 @@ def prepare(
                 extra_args=engine_args,
                 environ=os.environ if environ is None else environ,
                 sampling=model.sampling,
+                nodes=nodes,
             )
             plans.append(with_adapters(plan, adapters if i == 0 else ()))
     return plans

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -74,6 +75,12 @@ def k8s(
     gpus: str = typer.Option(..., help="One node's GPUs as GPU:COUNT, e.g. h100-sxm:8 (names as in `size`)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write the manifests into."),
     replicas: int = typer.Option(1, help="Engine pods per model to start with (the autoscaler adds more)."),
+    nodes: int = typer.Option(
+        1,
+        min=1,
+        help="Nodes one replica of a model larger than one node may span: a KubeRay RayCluster of that many "
+        "pods, tensor parallel within each node and a pipeline stage per node.",
+    ),
     image: str = typer.Option("deploykit", help="The image built from the Dockerfile, as the cluster pulls it."),
     gateway_replicas: int = typer.Option(2, help="Gateway pods (stateless; quotas are shared in PostgreSQL)."),
     storage_class: str | None = typer.Option(None, help="Storage class of the model volume (ReadWriteMany)."),
@@ -82,22 +89,28 @@ def k8s(
 ) -> None:
     """Write Kubernetes manifests: an engine Deployment per model (GPUs per pod from its plan, weights
     pulled into a shared volume by an init container, probes sized for slow starts, an autoscaler on its
-    queue), the gateway, PostgreSQL, monitoring for the Prometheus operator, and a load-test Job.
+    queue), the gateway, PostgreSQL, monitoring for the Prometheus operator, and a load test (a locust master
+    Job and a Job of workers). A model larger than one node runs on a KubeRay RayCluster of --nodes pods.
 
     Examples:
 
       deploykit deploy k8s llama-3.1-70b-instruct --gpus h100-sxm:8 --replicas 2 -o k8s/
 
+      deploykit deploy k8s llama-3.1-405b-instruct --gpus h100-sxm:8 --nodes 2 -o k8s/   # needs KubeRay
+
       kubectl apply -f k8s/
     """
     options = K8sOptions(image=image, gateway_replicas=gateway_replicas, storage_class=storage_class)
-    plans = k8s_project(Settings(), models, gpus=gpus, output=output, replicas=replicas, force=force, options=options)
-    engines = [
+    plans = k8s_project(
+        Settings(), models, gpus=gpus, output=output, replicas=replicas, force=force, options=options, nodes=nodes
+    )
+    engines: list[dict[str, Any]] = [
         {
             "deployment": engine_name(p.served_name),
             "model": p.served_name,
             "gpus_per_pod": len(p.gpu_indices),
-            "pods": replicas,
+            "pods": replicas * p.nodes,
+            "nodes_per_replica": p.nodes,
         }
         for p in plans[::replicas]
     ]
@@ -105,7 +118,10 @@ def k8s(
         print_json({"output": str(output), "engines": engines})
         return
     for e in engines:
-        out.print(f"{e['deployment']}: {e['model']}, {e['pods']} pod(s) of {e['gpus_per_pod']} GPU(s)", highlight=False)
+        ray = f" (Ray clusters of {e['nodes_per_replica']} nodes)" if e["nodes_per_replica"] > 1 else ""
+        out.print(
+            f"{e['deployment']}: {e['model']}, {e['pods']} pod(s) of {e['gpus_per_pod']} GPU(s){ray}", highlight=False
+        )
     err.print(
         f"Wrote {output}/ (secrets in {output}/secret.yaml). Next: kubectl apply -f {output}/",
         highlight=False,

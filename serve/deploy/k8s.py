@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,13 @@ def render(plans: Sequence[LaunchPlan], options: K8sOptions, secrets: Mapping[st
         "storage.yaml": _dump([_models_volume(options)]),
         "postgres.yaml": _dump(_postgres()),
         "gateway.yaml": _dump(_gateway(models, options)),
-        "engines.yaml": _dump([o for name, plan in models.items() for o in _engine(plan, replicas[name], options)]),
+        "engines.yaml": _dump(
+            [
+                o
+                for name, plan in models.items()
+                for o in (_ray_engine if plan.nodes > 1 else _engine)(plan, replicas[name], options)
+            ]
+        ),
         "monitoring.yaml": _dump(_monitoring(models)),
         "loadtest.yaml": _dump(_loadtest(next(iter(models)), options)),
     }
@@ -79,9 +86,11 @@ def k8s_project(
     replicas: int = 1,
     force: bool = False,
     options: K8sOptions | None = None,
+    nodes: int = 1,
 ) -> list[LaunchPlan]:
-    """Plan MODELS on one node of the named GPUs, render the manifests, and write them to `output`."""
-    plans = [plan for plan in plan_models(settings, models, gpus, 1) for _ in range(replicas)]  # a pod a replica
+    """Plan MODELS on one node of the named GPUs (a model larger than that on up to `nodes` of them), render
+    the manifests, and write them to `output`."""
+    plans = [plan for plan in plan_models(settings, models, gpus, 1, nodes) for _ in range(replicas)]
     secrets = with_secrets(_read_secrets(output / "secret.yaml"))
     write_project(render(plans, options or K8sOptions(), secrets), output, force, private=("secret.yaml",))
     return plans
@@ -185,6 +194,101 @@ def _engine(plan: LaunchPlan, replicas: int, options: K8sOptions) -> list[dict[s
         },
     }
     return [deployment, service, budget, autoscaler]
+
+
+def _ray_engine(plan: LaunchPlan, replicas: int, options: K8sOptions) -> list[dict[str, Any]]:
+    """A model larger than one node: per replica a KubeRay RayCluster of `plan.nodes` pods, each asking for one
+    node's GPUs; vLLM's pipeline stages run on them as Ray actors (the GPU image's vLLM brings Ray: its CUDA
+    requirements do). KubeRay joins the Ray container's own command and arguments into one bash line that
+    runs before its `ray start --block`, so the head's arguments start, in the background, a wait for the
+    whole cluster's GPUs and then `vllm serve` (whose driver needs the head's GPUs too). A Service in front
+    of the head pods; no autoscaler (a replica is several nodes at once)."""
+    name, tp = engine_name(plan.served_name), len(plan.gpu_indices)
+    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "engine", **_PART_OF}
+    worker_labels = {**labels, "app.kubernetes.io/name": f"{name}-ray-worker"}
+    gpus = {"limits": {"nvidia.com/gpu": tp}, "requests": {"nvidia.com/gpu": tp}}
+    mounts = [{"name": "data", "mountPath": "/data"}, {"name": "shm", "mountPath": "/dev/shm"}]
+    volumes = [
+        {"name": "data", "persistentVolumeClaim": {"claimName": "deploykit-data"}},
+        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+    ]
+    every_gpu = tp * plan.nodes
+    wait = f"import ray, sys; ray.init(); sys.exit(ray.cluster_resources().get('GPU', 0) < {every_gpu})"
+    start = (
+        f'(until python -c "{wait}" >/dev/null 2>&1; do sleep 10; done; exec vllm {shlex.join(container_argv(plan))})'
+        f' & echo "vllm serve starts once the Ray cluster has its {every_gpu} GPUs"'
+    )
+    env = [{"name": k, "value": v} for k, v in container_env(plan).items()]
+    pod = {"securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000}, "volumes": volumes}
+    head = {
+        **pod,
+        "initContainers": [
+            {
+                "name": "pull",
+                "image": options.image,
+                "args": ["pull", plan.served_name],
+                "env": [_from_secret("HF_TOKEN", "hf-token", optional=True)],
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            }
+        ],
+        "containers": [
+            {
+                "name": "ray-head",
+                "image": options.image,
+                "args": [start],  # KubeRay runs it in bash before its own `ray start --head --block`
+                **({"env": env} if env else {}),
+                "ports": [
+                    {"name": "http", "containerPort": ENGINE_PORT},
+                    {"name": "gcs", "containerPort": 6379},
+                    {"name": "dashboard", "containerPort": 8265},
+                ],
+                "resources": gpus,
+                # the whole cluster starts, then the weights load over every node: up to 30 minutes
+                "startupProbe": _health(failures=180),
+                "readinessProbe": _health(failures=3),
+                "livenessProbe": _health(failures=6),
+                "volumeMounts": mounts,
+            }
+        ],
+    }
+    worker = {
+        **pod,
+        "containers": [{"name": "ray-worker", "image": options.image, "resources": gpus, "volumeMounts": mounts}],
+    }
+    clusters = [
+        {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayCluster",
+            "metadata": {"name": f"{name}-{i + 1}" if replicas > 1 else name, "labels": labels},
+            "spec": {
+                "headGroupSpec": {
+                    "rayStartParams": {"dashboard-host": "0.0.0.0"},
+                    "template": {"metadata": {"labels": labels}, "spec": head},
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "gpu-nodes",
+                        "replicas": plan.nodes - 1,
+                        "minReplicas": plan.nodes - 1,
+                        "maxReplicas": plan.nodes - 1,
+                        "rayStartParams": {},
+                        "template": {"metadata": {"labels": worker_labels}, "spec": worker},
+                    }
+                ],
+            },
+        }
+        for i in range(replicas)
+    ]
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "selector": {"app.kubernetes.io/name": name},
+            "ports": [{"name": "http", "port": ENGINE_PORT, "targetPort": "http"}],
+        },
+    }
+    return [*clusters, service]
 
 
 def _gateway(models: Mapping[str, LaunchPlan], options: K8sOptions) -> list[dict[str, Any]]:
@@ -479,6 +583,13 @@ def _from_secret(name: str, key: str, optional: bool = False) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": ref}}
 
 
+class _Plain(yaml.SafeDumper):  # type: ignore[misc]
+    """A part used in two places is written twice: no YAML anchors, which some tools read badly."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def _dump(objects: Sequence[Mapping[str, Any]]) -> str:
     header = "# Written by `deploykit deploy k8s`.\n"
-    return header + "---\n".join(yaml.safe_dump(dict(o), sort_keys=False, width=120) for o in objects)
+    return header + "---\n".join(yaml.dump(dict(o), Dumper=_Plain, sort_keys=False, width=120) for o in objects)

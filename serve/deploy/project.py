@@ -52,14 +52,18 @@ def container_argv(plan: LaunchPlan) -> list[str]:
     return ["serve", *args]
 
 
-def plan_models(settings: Settings, models: Sequence[str], gpus: str, replicas: int) -> list[LaunchPlan]:
+def plan_models(
+    settings: Settings, models: Sequence[str], gpus: str, replicas: int, nodes: int = 1
+) -> list[LaunchPlan]:
     """The launch plans `serve` would make for MODELS (`replicas` of each) on a machine with the GPUs named
-    GPU:COUNT. Each model must have a hub repo: the deployment pulls it there."""
+    GPU:COUNT (a model larger than that spanning up to `nodes` of them). Each model must have a hub repo: the
+    deployment pulls it there."""
     prices = load_prices(settings.home / "prices.toml")
     store, catalog = ModelStore(settings.models_dir), load_catalog()
     for name in models:
         resolve(name, store, catalog).hub_repo()
-    return prepare(settings, models, replicas=replicas, hardware=planned_machine(gpus, prices), environ={})
+    hardware = planned_machine(gpus, prices)
+    return prepare(settings, models, replicas=replicas, hardware=hardware, environ={}, nodes=nodes)
 
 
 def with_secrets(existing: Mapping[str, str]) -> dict[str, str]:

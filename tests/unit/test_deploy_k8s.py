@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shlex
 import stat
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from deploykit.core.errors import NotEnoughMemoryError
 from deploykit.core.settings import Settings
 from deploykit.models.prices import load_prices
 from deploykit.serve.deploy.k8s import k8s_project
@@ -140,3 +142,58 @@ def test_secrets_are_generated_once_private_and_kept(settings: Settings, tmp_pat
     assert not any(v in (output / "gateway.yaml").read_text() for v in data.values())
     k8s_project(settings, ["smollm2-135m"], gpus="l4:2", output=output, replicas=2, force=True)
     assert [o for o in yaml.safe_load_all(path.read_text()) if o] == [secret]  # the database knows that password
+
+
+def test_a_model_larger_than_one_node_runs_on_a_ray_cluster(settings: Settings, tmp_path: Path) -> None:
+    """Llama 3.1 405B in 16 bits (756 GiB of weights) does not fit 8 x H100: with --nodes 2 each replica is a
+    KubeRay RayCluster of two 8-GPU pods, tensor parallel within a node and a pipeline stage per node."""
+    with pytest.raises(NotEnoughMemoryError, match="does not fit") as refused:
+        k8s_project(settings, ["llama-3.1-405b-instruct"], gpus="h100-sxm:8", output=tmp_path / "one")
+    assert "--nodes N" in str(refused.value.hint)
+    output = tmp_path / "k8s"
+    [plan, _] = k8s_project(settings, ["llama-3.1-405b-instruct"], gpus="h100-sxm:8", output=output, replicas=2,
+                            nodes=2)  # fmt: skip
+    assert plan.nodes == 2 and len(plan.gpu_indices) == 8
+    flags = " ".join(plan.argv)
+    assert "--tensor-parallel-size 8 --pipeline-parallel-size 2 --distributed-executor-backend ray" in flags
+    validator = str(Path(sys.executable).with_name("kubernetes-validate"))
+    checked = subprocess.run([validator, "--strict", *map(str, sorted(output.glob("*.yaml")))], capture_output=True,
+                             text=True)  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    unknown = {line.split("kind ")[1].split(" ")[0] for line in checked.stdout.splitlines() if "Couldn't find" in line}
+    assert unknown == {"ServiceMonitor", "PrometheusRule", "RayCluster"}
+
+    objects = _objects(output)
+    clusters = [o for o in objects if o["kind"] == "RayCluster"]
+    assert [c["metadata"]["name"] for c in clusters] == [f"{engine_name(plan.served_name)}-{i}" for i in (1, 2)]
+    assert not [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].startswith("engine-")]
+    cluster = clusters[0]["spec"]
+    head, [workers] = cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"]
+    # the pods KubeRay makes from these templates are Kubernetes pods: their templates pass its schema strictly
+    templates = tmp_path / "templates.yaml"
+    templates.write_text("---\n".join(
+        yaml.safe_dump({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": t})
+        for name, t in (("head", head), ("workers", workers["template"]))
+    ))  # fmt: skip
+    pods = subprocess.run([validator, "--strict", str(templates)], capture_output=True, text=True)
+    assert pods.returncode == 0 and "passed" in pods.stdout, pods.stdout + pods.stderr
+    [ray_head] = head["spec"]["containers"]
+    [ray_worker] = workers["template"]["spec"]["containers"]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == plan.nodes - 1
+    for container in (ray_head, ray_worker):  # each pod one node's GPUs
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+        assert "command" not in container  # KubeRay's own: bash, our arguments, then `ray start --block`
+    [start] = ray_head["args"]
+    assert f"exec vllm {shlex.join(container_argv(plan))})" in start and "< 16)" in start  # waits for all 16
+    # KubeRay runs "<our arguments> && ulimit -n 65536; ray start --head ... --block" in bash: valid shell
+    joined = f" {start}  && ulimit -n 65536; ray start --head --dashboard-host=0.0.0.0 --block"
+    assert subprocess.run(["bash", "-n", "-c", joined], capture_output=True).returncode == 0
+    [service] = [
+        o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == engine_name(plan.served_name)
+    ]
+    assert _matches(service["spec"]["selector"], head["metadata"]["labels"])  # the head serves vLLM's API
+    assert not _matches(service["spec"]["selector"], workers["template"]["metadata"]["labels"])
+    gateway = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "gateway")
+    engine_arg = f"--engine={plan.served_name}=http://{engine_name(plan.served_name)}:8000"
+    assert engine_arg in gateway["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "&id" not in (output / "engines.yaml").read_text()  # parts used twice are written out, not aliased
