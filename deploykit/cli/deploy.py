@@ -98,7 +98,7 @@ def k8s(
 
       deploykit deploy k8s llama-3.1-405b-instruct --gpus h100-sxm:8 --nodes 2 -o k8s/   # needs KubeRay
 
-      kubectl apply -f k8s/
+      helm install llm k8s/     # or: kubectl apply -f k8s/manifests/
     """
     options = K8sOptions(image=image, gateway_replicas=gateway_replicas, storage_class=storage_class)
     plans = k8s_project(
@@ -123,7 +123,8 @@ def k8s(
             f"{e['deployment']}: {e['model']}, {e['pods']} pod(s) of {e['gpus_per_pod']} GPU(s){ray}", highlight=False
         )
     err.print(
-        f"Wrote {output}/ (secrets in {output}/secret.yaml). Next: kubectl apply -f {output}/",
+        f"Wrote the chart {output}/ (secrets in {output}/manifests/secret.yaml). Next: helm install NAME {output}/ "
+        f"or kubectl apply -f {output}/manifests/",
         highlight=False,
         markup=False,
     )

@@ -12,7 +12,9 @@ shared by every gateway pod. Monitoring, for clusters that run the Prometheus op
 alert rules as a PrometheusRule, and the Grafana dashboard as a ConfigMap for Grafana's sidecar. A load test
 runs inside the cluster as locust does at scale: a master Job and a Job of worker pods that connect to it.
 
-Secrets go to `secret.yaml` (mode 0600), generated once and kept when the manifests are rendered again.
+The output folder is a Helm chart (infra/helm/deploykit, whose one template emits the manifests as written)
+with the manifests in manifests/: `helm install` it, or `kubectl apply -f` its manifests/. Secrets go to
+`manifests/secret.yaml` (mode 0600), generated once and kept when the manifests are rendered again.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from deploykit.serve.plan import LaunchPlan
 
 _PART_OF = {"app.kubernetes.io/part-of": "deploykit"}
 _LOCUST_PORT = 5557  # the load test's master, where its workers connect (locust's own default)
+_CHART = ("Chart.yaml", "templates/manifests.yaml", "README.md")  # infra/helm/deploykit: emits manifests/
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,8 @@ class K8sOptions:
 
 
 def render(plans: Sequence[LaunchPlan], options: K8sOptions, secrets: Mapping[str, str]) -> dict[str, str]:
-    """Every manifest, by file name; each file holds the objects of one part of the deployment."""
+    """Every manifest, by file name (under manifests/); each file holds the objects of one part of the
+    deployment."""
     models = {p.served_name: p for p in plans}  # one Deployment per model: replicas are pods of it
     replicas = {name: sum(p.served_name == name for p in plans) for name in models}
     files = {
@@ -74,7 +78,7 @@ def render(plans: Sequence[LaunchPlan], options: K8sOptions, secrets: Mapping[st
         "monitoring.yaml": _dump(_monitoring(models)),
         "loadtest.yaml": _dump(_loadtest(next(iter(models)), options)),
     }
-    return files
+    return {f"manifests/{name}": text for name, text in files.items()}
 
 
 def k8s_project(
@@ -91,8 +95,10 @@ def k8s_project(
     """Plan MODELS on one node of the named GPUs (a model larger than that on up to `nodes` of them), render
     the manifests, and write them to `output`."""
     plans = [plan for plan in plan_models(settings, models, gpus, 1, nodes) for _ in range(replicas)]
-    secrets = with_secrets(_read_secrets(output / "secret.yaml"))
-    write_project(render(plans, options or K8sOptions(), secrets), output, force, private=("secret.yaml",))
+    secrets = with_secrets(_read_secrets(output / "manifests" / "secret.yaml"))
+    chart = {name: infra_file(f"helm/deploykit/{name}") for name in _CHART}
+    files = {**chart, **render(plans, options or K8sOptions(), secrets)}
+    write_project(files, output, force, private=("manifests/secret.yaml",))
     return plans
 
 

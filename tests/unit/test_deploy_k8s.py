@@ -35,7 +35,7 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
 
 
 def _objects(output: Path) -> list[dict[str, Any]]:
-    return [o for f in sorted(output.glob("*.yaml")) for o in yaml.safe_load_all(f.read_text()) if o]
+    return [o for f in sorted((output / "manifests").glob("*.yaml")) for o in yaml.safe_load_all(f.read_text()) if o]
 
 
 def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -52,7 +52,9 @@ def test_manifests_validate_and_hold_together(
     plans = k8s_project(settings, models, gpus="h100-sxm:8", output=output, replicas=2)
     validator = Path(sys.executable).with_name("kubernetes-validate")
     checked = subprocess.run(
-        [str(validator), "--strict", *map(str, sorted(output.glob("*.yaml")))], capture_output=True, text=True
+        [str(validator), "--strict", *map(str, sorted((output / "manifests").glob("*.yaml")))],
+        capture_output=True,
+        text=True,
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     # only the Prometheus operator's kinds have no schema in Kubernetes' own: they are checked below
@@ -134,12 +136,12 @@ def test_manifests_validate_and_hold_together(
 def test_secrets_are_generated_once_private_and_kept(settings: Settings, tmp_path: Path) -> None:
     output = tmp_path / "k8s"
     k8s_project(settings, ["smollm2-135m"], gpus="l4:1", output=output)
-    path = output / "secret.yaml"
+    path = output / "manifests" / "secret.yaml"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     [secret] = [o for o in yaml.safe_load_all(path.read_text()) if o]
     data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
     assert data["database-url"] == f"postgresql://deploykit:{data['postgres-password']}@postgres:5432/deploykit"
-    assert not any(v in (output / "gateway.yaml").read_text() for v in data.values())
+    assert not any(v in (output / "manifests" / "gateway.yaml").read_text() for v in data.values())
     k8s_project(settings, ["smollm2-135m"], gpus="l4:2", output=output, replicas=2, force=True)
     assert [o for o in yaml.safe_load_all(path.read_text()) if o] == [secret]  # the database knows that password
 
@@ -157,8 +159,8 @@ def test_a_model_larger_than_one_node_runs_on_a_ray_cluster(settings: Settings, 
     flags = " ".join(plan.argv)
     assert "--tensor-parallel-size 8 --pipeline-parallel-size 2 --distributed-executor-backend ray" in flags
     validator = str(Path(sys.executable).with_name("kubernetes-validate"))
-    checked = subprocess.run([validator, "--strict", *map(str, sorted(output.glob("*.yaml")))], capture_output=True,
-                             text=True)  # fmt: skip
+    manifests = sorted((output / "manifests").glob("*.yaml"))
+    checked = subprocess.run([validator, "--strict", *map(str, manifests)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     unknown = {line.split("kind ")[1].split(" ")[0] for line in checked.stdout.splitlines() if "Couldn't find" in line}
     assert unknown == {"ServiceMonitor", "PrometheusRule", "RayCluster"}
@@ -196,4 +198,25 @@ def test_a_model_larger_than_one_node_runs_on_a_ray_cluster(settings: Settings, 
     gateway = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "gateway")
     engine_arg = f"--engine={plan.served_name}=http://{engine_name(plan.served_name)}:8000"
     assert engine_arg in gateway["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "&id" not in (output / "engines.yaml").read_text()  # parts used twice are written out, not aliased
+    assert (
+        "&id" not in (output / "manifests" / "engines.yaml").read_text()
+    )  # parts used twice are written out, not aliased
+
+
+def test_the_project_is_a_helm_chart_whose_template_emits_the_manifests(settings: Settings, tmp_path: Path) -> None:
+    """No Helm renderer installs here (README of the chart): what its one template emits is checked instead.
+    It joins manifests/*.yaml in lexical order (text/template ranges over a map's sorted keys), each after a
+    `---`; joined so, they must read back as the same objects, every one of which passed the schemas above."""
+    output = tmp_path / "chart"
+    k8s_project(settings, ["smollm2-135m"], gpus="l4:1", output=output)
+    chart = yaml.safe_load((output / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["name"] == "deploykit" and chart["type"] == "application"
+    assert all(part.isdigit() for part in chart["version"].split("."))  # SemVer 2, which Helm requires
+    template = (output / "templates" / "manifests.yaml").read_text()
+    assert template == infra_file("helm/deploykit/templates/manifests.yaml")
+    assert '.Files.Glob "manifests/*.yaml"' in template and "$.Files.Get $path" in template
+    assert sorted(p.name for p in output.iterdir()) == ["Chart.yaml", "README.md", "manifests", "templates"]
+    files = sorted((output / "manifests").glob("*.yaml"))
+    emitted = "".join(f"\n---\n{f.read_text()}" for f in files)  # what the template's range writes
+    assert [o for o in yaml.safe_load_all(emitted) if o] == _objects(output)
+    assert stat.S_IMODE((output / "manifests" / "secret.yaml").stat().st_mode) == 0o600
