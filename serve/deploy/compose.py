@@ -5,7 +5,8 @@ Each engine is a container of its own, started with the plan's vLLM flags on the
 tensor-parallel size); the gateway is `deploykit serve --engine NAME=URL` in front of them, keeping keys and
 the ledger in PostgreSQL; a one-shot `pull` service fills the shared volume first. Prometheus scrapes the
 gateway and every engine and evaluates infra/prometheus/alerts.yml; Grafana shows infra/grafana/deploykit.json.
-An optional `loadtest` profile runs `deploykit loadtest` against the gateway from inside the project.
+An optional `loadtest` profile runs `deploykit loadtest` against the gateway from inside the project: a master
+and its workers (`loadtest worker`), which connect to it.
 
 Secrets are not written into compose.yaml: they are generated once into `.env` (mode 0600) and kept when the
 project is rendered again, so that a database volume made with one password is not locked out by the next.
@@ -38,6 +39,8 @@ from deploykit.serve.plan import LaunchPlan
 POSTGRES_IMAGE = "postgres:16.6-bookworm"
 PROMETHEUS_IMAGE = "prom/prometheus:v2.53.3"
 GRAFANA_IMAGE = "grafana/grafana:11.3.1"
+_LOCUST_PORT = 5557  # where the load test's workers reach its master
+_API_KEY = "${DEPLOYKIT_API_KEY:?create a key and set DEPLOYKIT_API_KEY in .env}"
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class ComposeOptions:
     image: str = "deploykit"  # built from the repository's Dockerfile (vLLM's CUDA build)
     port: int = 8000  # the gateway's port on the host
     loadtest_concurrency: int = 16
+    loadtest_workers: int = 2  # load-generator processes under the load test's master
 
 
 def render(plans: Sequence[LaunchPlan], options: ComposeOptions, env: Mapping[str, str]) -> dict[str, str]:
@@ -127,25 +131,27 @@ def render(plans: Sequence[LaunchPlan], options: ComposeOptions, env: Mapping[st
             "depends_on": ["prometheus"],
             "restart": "unless-stopped",
         },
+        # the load test as locust runs it at scale: a master and its workers, which take the run from it
         "loadtest": {
             "image": image,
             "profiles": ["loadtest"],
             "command": [
-                "loadtest",
-                "run",
-                "http://gateway:8000",
-                "--model",
-                models[0],
-                "-c",
-                str(options.loadtest_concurrency),
-                "--duration",
-                "120",
-                "--out",
-                "/data/loadtests/run.json",
+                *("loadtest", "run", "http://gateway:8000", "--model", models[0]),
+                *("-c", str(options.loadtest_concurrency), "--duration", "120"),
+                *("--processes", str(options.loadtest_workers), "--master-port", str(_LOCUST_PORT)),
+                *("--out", "/data/loadtests/run.json", "--html", "/data/loadtests/run.html"),
             ],
-            "environment": {"OPENAI_API_KEY": "${DEPLOYKIT_API_KEY:?create a key and set DEPLOYKIT_API_KEY in .env}"},
+            "environment": {"OPENAI_API_KEY": _API_KEY},
             "volumes": ["data:/data"],
             "depends_on": ["gateway"],
+        },
+        "loadtest-worker": {
+            "image": image,
+            "profiles": ["loadtest"],
+            "command": ["loadtest", "worker", f"loadtest:{_LOCUST_PORT}"],
+            "environment": {"OPENAI_API_KEY": _API_KEY},  # each its own: no key crosses the wire
+            "deploy": {"replicas": options.loadtest_workers},
+            "depends_on": ["loadtest"],
         },
     }
     project = {

@@ -104,6 +104,13 @@ def test_a_project_for_an_eight_gpu_server_validates_and_follows_the_plans(
     assert [t for c in scraped[1]["static_configs"] for t in c["targets"]] == [f"{n}:8000" for n in engines]
     dashboard = json.loads((output / "grafana" / "dashboards" / "deploykit.json").read_text())
     assert dashboard["uid"] == "deploykit" and len(dashboard["panels"]) == 10
+    # the load test's workers reach its master by service name and port, as many as it waits for
+    master, worker = services["loadtest"]["command"], services["loadtest-worker"]["command"]
+    port = master[master.index("--master-port") + 1]  # type: ignore[union-attr,index]
+    assert worker == ["loadtest", "worker", f"loadtest:{port}"]
+    processes = int(master[master.index("--processes") + 1])  # type: ignore[union-attr,index,call-overload]
+    assert services["loadtest-worker"]["deploy"] == {"replicas": processes}
+    assert services["loadtest"]["environment"] == services["loadtest-worker"]["environment"]  # each its own key
 
 
 def test_secrets_live_in_env_only_and_survive_a_second_render(settings: Settings, tmp_path: Path) -> None:
