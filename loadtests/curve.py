@@ -49,13 +49,19 @@ def knee_sentence(curve: dict[str, Any]) -> str:
     return f"Knee at {load:g} {unit(curve)}: past it, more load buys little more throughput."
 
 
+def queue_state(run: dict[str, Any]) -> str:
+    """A run's queue, as the saturation test judged it: growing (the server did not keep up), steady, or -."""
+    verdict = (run.get("saturation") or {}).get("saturated")
+    return {True: "growing", False: "steady", None: "-"}[verdict]
+
+
 def level_rows(curve: dict[str, Any]) -> list[list[str]]:
     """A header and a row per level: a sweep's in the order run, a search's in the order tried (numbered, with
     whether each passed)."""
     search = "search" in curve
     runs = sorted(curve["runs"], key=lambda r: r.get("tried") or 0) if search else curve["runs"]
     header = [f"load ({unit(curve)})", "req/s", "output tok/s", "TTFT p50 ms", "TTFT p95 ms", "TPOT p50 ms"]
-    header += ["goodput req/s", "errors"]
+    header += ["goodput req/s", "errors", "queue"]
     rows = [["tried", *header, "passed"] if search else header]
     for run in runs:
         s = run["summary"]
@@ -65,6 +71,7 @@ def level_rows(curve: dict[str, Any]) -> list[list[str]]:
 
         row = [f"{run['load']:g}", f"{s['rps']:.2f}", f"{s['output_tokens_per_s']:.1f}", ms("ttft", "p50")]
         row += [ms("ttft", "p95"), ms("tpot", "p50"), f"{s['goodput_rps']:.2f}", str(sum(s["errors"].values()))]
+        row.append(queue_state(run))
         if search:
             row = [str(run.get("tried") or "-"), *row, {True: "yes", False: "no", None: "-"}[run.get("passed")]]
         rows.append(row)

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 
 from deploykit.core.html import CHART_STYLE, page, paragraph, svg, table
 from deploykit.core.slo import parse_slos
-from deploykit.loadtests.curve import knee_load, knee_sentence, level_rows, unit
+from deploykit.loadtests.curve import knee_load, knee_sentence, level_rows, queue_state, unit
 from deploykit.loadtests.records import per_token_gaps
 
 Series = tuple[str, Sequence[tuple[float, float]]]
@@ -128,6 +128,11 @@ def run_page(report: dict[str, Any], written: datetime | None = None) -> str:
             )
         )
     tables = [summary_table(report["summary"])] if report.get("summary") else []
+    if report.get("saturation"):  # did the server keep up: the queue over the run
+        kept = report["saturation"]
+        rows = [["queue", f"{queue_state(report)}: {kept['why']}"]]
+        rows += [["stopped early", report["stopped_early"]]] if report.get("stopped_early") else []
+        tables.append(table(rows))
     tested = table(_header(report.get("config") or {}, report.get("finished_at"), written))
     return page("Load test", [tested, *tables, *_validity(report), *body])
 
@@ -177,6 +182,9 @@ def curve_page(curve: dict[str, Any], written: datetime | None = None) -> str:
     best = curve.get("best")
     facts = [paragraph(f"Highest load that met every SLO: {best:g} {unit(curve)}")] if best is not None else []
     facts.append(paragraph(knee_sentence(curve)))
+    if curve.get("skipped"):
+        skipped = ", ".join(f"{x:g}" for x in curve["skipped"])
+        facts.append(paragraph(f"Not run: {skipped} {unit(curve)}, past a level whose queue grew."))
     config = runs[0].get("config") or {} if runs else {}
     finished = max((r.get("finished_at") or "" for r in runs), default="")
     first = labels[0] if labels else "-"

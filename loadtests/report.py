@@ -12,6 +12,7 @@ from typing import Any
 from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.metrics import Distribution, Summary
 from deploykit.loadtests.records import RequestRecord
+from deploykit.loadtests.saturation import Saturation, judge
 from deploykit.loadtests.server_view import ServerSample
 
 
@@ -41,10 +42,17 @@ class LoadTestReport:
     server: list[ServerSample] = field(default_factory=list)  # the server's /metrics, once a second
     server_notes: list[str] = field(default_factory=list)  # why there are none, or why they stopped
     finished_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))  # wall clock
+    stopped_early: str | None = None  # why the run ended before its duration (a server past saturation)
 
     @property
     def valid(self) -> bool:
         return not self.invalid_reasons
+
+    @property
+    def saturation(self) -> Saturation:
+        """Whether the server kept up: a growing queue of waits (open loop) or at the server (closed loop)."""
+        window = (self.started + self.config.warmup_s, self.ended - self.config.cooldown_s)
+        return judge(self.config, self.records, window, [(s.at, s.waiting) for s in self.server])
 
     def to_json(self, with_records: bool = True) -> dict[str, object]:
         data: dict[str, object] = {
@@ -59,6 +67,8 @@ class LoadTestReport:
             "server_metrics": [s.to_json() for s in self.server],
             "server_notes": self.server_notes,
             "finished_at": self.finished_at,
+            "saturation": self.saturation.to_json(),
+            "stopped_early": self.stopped_early,
         }
         if with_records:
             data["records"] = [r.to_json() for r in self.records]

@@ -29,6 +29,12 @@ class RunResult(BaseModel):
     server_metrics: list[dict[str, float | None]] = []  # the server's /metrics once a second (server_view.py)
     server_notes: list[str] = []
     finished_at: str = ""  # when the run ended, UTC (ISO 8601); empty in reports written before it was kept
+    saturation: dict[str, object] | None = None  # loadtests/saturation.py: did the server keep up
+    stopped_early: str | None = None  # why the run ended before its duration
+
+    @property
+    def saturated(self) -> bool:
+        return bool(self.saturation and self.saturation.get("saturated"))
 
     @classmethod
     def read(cls, path: Path) -> RunResult:
@@ -45,10 +51,11 @@ class LevelResult(RunResult):
 
 
 class Curve(BaseModel):
-    """A sweep: one run per load level, in order."""
+    """A sweep: one run per load level, in order (an open loop's stop after the first saturated one)."""
 
     sweep: Literal["concurrency", "rate"]
     runs: list[LevelResult]
+    skipped: list[float] = []  # levels not run: past one the server could not keep up with
 
 
 class Search(BaseModel):

@@ -21,6 +21,7 @@ from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.metrics import Distribution, summarize
 from deploykit.loadtests.openai_user import user_for
 from deploykit.loadtests.report import LoadTestReport, health_problems
+from deploykit.loadtests.saturation import past_saturation
 from deploykit.loadtests.server_view import ServerSample, read_sample
 from deploykit.loadtests.state import RunState
 
@@ -83,11 +84,17 @@ def run_load(config: LoadTestConfig, on_progress: Callable[[Progress], None] = l
     state.reset(config)
     runner.start(config.users, spawn_rate=100)
     deadline = state.started + config.duration_s
+    stopped_early, looked = None, state.started
     while time.monotonic() < deadline and not (config.max_requests and len(state.records) >= config.max_requests):
         gevent.sleep(0.25)
         done = len(state.records)
         errors = sum(1 for r in state.records if r.error)
         on_progress(Progress(time.monotonic() - state.started, config.duration_s, done, errors))
+        if config.concurrency is None and time.monotonic() - looked >= 1.0:  # an open loop past saturation
+            looked = time.monotonic()
+            stopped_early = past_saturation(state.records, (state.started + config.warmup_s, looked))
+            if stopped_early:
+                break
     ended = time.monotonic()
     state.stopping = True
     runner.quit()  # requests in flight are cut off: not counted as requests, but their tokens so far are
@@ -109,4 +116,5 @@ def run_load(config: LoadTestConfig, on_progress: Callable[[Progress], None] = l
         ended=ended,
         server=server,
         server_notes=notes,
+        stopped_early=stopped_early,
     )

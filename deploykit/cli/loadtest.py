@@ -236,6 +236,10 @@ def _print(result: RunResult) -> None:
         )
     elif result.server_notes:
         out.print(f"server metrics: none ({'; '.join(result.server_notes)})", markup=False)
+    if result.saturation and result.saturation.get("saturated") is not None:
+        out.print(f"queue: {result.saturation['why']}", markup=False, highlight=False)
+    if result.stopped_early:
+        out.print(f"stopped early, {result.stopped_early}", markup=False, highlight=False)
     if set(s.counted_by) != {"server"}:  # say how output tokens were counted when not event by event
         counts = ", ".join(f"{how}: {n}" for how, n in s.counted_by.items())
         out.print(f"output tokens counted by {counts} (requests)", markup=False)
@@ -262,6 +266,9 @@ def _print_curve(curve: dict[str, Any]) -> None:
         table.add_row(*row)
     out.print(table)
     out.print(knee_sentence(curve), highlight=False, markup=False)
+    if curve.get("skipped"):
+        skipped = ", ".join(f"{x:g}" for x in curve["skipped"])
+        out.print(f"Not run: {skipped}, past a level whose queue grew.", highlight=False, markup=False)
 
 
 @app.command("worker")

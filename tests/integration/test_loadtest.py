@@ -193,6 +193,25 @@ def test_find_max_finds_the_servers_capacity(tmp_path: Path, url: str) -> None:
     assert json.loads(out.read_text())["best"] == QUEUE_SLOTS
 
 
+def test_find_max_over_rates_stops_at_the_servers_capacity(tmp_path: Path, url: str) -> None:
+    """An open-loop search with an SLO loose enough that overload meets it for a while: the answer is the
+    capacity (measured here: a closed loop keeping the 4 slots busy) within 10%, because levels whose queue
+    grew fail, although they met the SLO; each of those stopped early."""
+    capacity = loadtest(tmp_path, url, "--model", "queue", "-c", "8", "--duration", "5")["summary"]["rps"]
+    out = tmp_path / "rates.json"
+    search = ("--rate", "8", "--find-max", "--slo", "ttft_p95=30s", "--duration", "20")
+    run = ("--output-tokens", str(OUTPUT_TOKENS), "--out", str(out), "--json")
+    found = json.loads(cli("run", url, "--model", "queue", *search, *run))
+    assert 0.9 * capacity <= found["best"] <= 1.1 * capacity, (found["best"], capacity)
+    over = [r for r in found["runs"] if r["load"] > 1.1 * capacity]
+    assert over and all(r["summary"]["slos_met"] == {"ttft_p95": True} for r in over)  # the SLO alone: passed
+    assert all(r["saturation"]["saturated"] and not r["passed"] for r in over)
+    assert all(r["stopped_early"].startswith("past saturation") for r in over)
+    assert all(r["summary"]["window_s"] < 20 for r in over)
+    calm = [r for r in found["runs"] if r["load"] < 0.9 * capacity]
+    assert calm and all(r["saturation"]["saturated"] is False and r["passed"] for r in calm)
+
+
 def test_bundled_prompts_set_each_answers_length(tmp_path: Path, url: str) -> None:
     report = loadtest(tmp_path, url, "--model", "synth", "-c", "2", "--duration", "3", "--prompts", "bundled")
     wanted = {p.max_tokens for p in load_prompts("bundled", 64)}

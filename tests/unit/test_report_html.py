@@ -159,9 +159,9 @@ def test_a_sweep_page_labels_every_level_and_tables_them() -> None:
     assert "Goodput against offered load" in texts(goodput)
     rows = cells(page)
     header = ["load (streams)", "req/s", "output tok/s", "TTFT p50 ms", "TTFT p95 ms", "TPOT p50 ms"]
-    assert rows[-4] == [*header, "goodput req/s", "errors"]
+    assert rows[-4] == [*header, "goodput req/s", "errors", "queue"]
     assert [r[0] for r in rows[-3:]] == ["1", "4", "16"]
-    assert rows[-2] == ["4", "1.80", "115.0", "120.4", "250.0", "11.0", "1.80", "2"]
+    assert rows[-2] == ["4", "1.80", "115.0", "120.4", "250.0", "11.0", "1.80", "2", "-"]
 
 
 def test_a_search_page_says_which_levels_passed_in_the_order_tried_and_the_answer() -> None:
