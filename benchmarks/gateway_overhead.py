@@ -183,11 +183,11 @@ def serve_gateway(port: int, upstream_port: int, db_url: str) -> None:
     import uvicorn
     import uvloop
 
+    from deploykit.core.quiet import quiet_gc
     from deploykit.serve.accounting.database import connect
     from deploykit.serve.gateway import Backend, create_app
     from deploykit.serve.gateway.app import GatewayOptions
     from deploykit.serve.gateway.proxy import engine_session
-    from deploykit.serve.runner import quiet_gc
 
     async def main() -> None:
         async with engine_session() as session:

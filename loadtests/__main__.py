@@ -19,6 +19,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
 from deploykit.core.errors import DeploykitError  # noqa: E402
+from deploykit.core.quiet import quiet_gc  # noqa: E402
 from deploykit.loadtests.config import LoadTestConfig  # noqa: E402
 from deploykit.loadtests.distributed import run_distributed, serve_worker  # noqa: E402
 from deploykit.loadtests.runner import Progress as RunProgress  # noqa: E402
@@ -26,6 +27,7 @@ from deploykit.loadtests.runner import run_load  # noqa: E402
 
 
 def main() -> None:
+    quiet_gc()  # a collector pause stalls every stream's timestamps at once
     if sys.argv[1] == "--worker":
         serve_worker(sys.argv[2], int(sys.argv[3]))
         return

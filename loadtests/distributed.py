@@ -31,7 +31,7 @@ from deploykit.core.slo import parse_slos
 from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.metrics import Distribution, summarize
 from deploykit.loadtests.openai_user import user_for
-from deploykit.loadtests.report import LoadTestReport, health_problems, records_from_json, shifted
+from deploykit.loadtests.report import LoadTestReport, health_problems, records_from_json, shifted, stalled
 from deploykit.loadtests.runner import Progress, probe_lag, scrape_server
 from deploykit.loadtests.server_view import ServerSample
 from deploykit.loadtests.state import RunState
@@ -110,6 +110,7 @@ def _merge(config: LoadTestConfig, parts: list[dict[str, Any]], started: float, 
     lags = [Distribution(**part["lag"]) for part in parts if part["lag"]]
     lag = max(lags, key=lambda d: d.p99) if lags else None  # the worst worker
     cpu = max(float(part["cpu"]) for part in parts)  # each worker has its own core's worth; the busiest counts
+    stall = max(float(part.get("stalled", 0.0)) for part in parts)
     return LoadTestReport(
         config=config,
         summary=summarize(
@@ -118,7 +119,7 @@ def _merge(config: LoadTestConfig, parts: list[dict[str, Any]], started: float, 
         records=records,
         schedule_lag=lag,
         generator_cpu_percent=cpu,
-        invalid_reasons=health_problems(config, lag, cpu),
+        invalid_reasons=health_problems(config, lag, cpu, stall),
         started=started,
         ended=ended,
     )
@@ -138,26 +139,34 @@ def serve_worker(master_host: str, master_port: int) -> None:
     def configure(environment: Environment, msg: Any, **_kw: object) -> None:
         given.append(LoadTestConfig.model_validate({**msg.data, "api_key": os.environ.get("OPENAI_API_KEY")}))
 
+    run_lags: list[float] = []  # the probe's samples while the run ran, not while it started or stopped
+
     def start(**_kw: object) -> None:
         config = given[-1]  # the master's config message comes before its start, on the same connection
         share = config.split()[runner.worker_index % config.processes]
         state.reset(share)
         process.cpu_percent()
+        lags.clear()
+
+    def stop(**_kw: object) -> None:
+        run_lags[:] = lags
 
     def report(client_id: str, data: dict[str, Any], **_kw: object) -> None:
         data["deploykit_progress"] = (len(state.records), sum(1 for r in state.records if r.error))
 
     # this Environment's own hooks: locust's module-level `events` are only the ones its own CLI wires up
     env.events.test_start.add_listener(start)  # type: ignore[no-untyped-call]
+    env.events.test_stopping.add_listener(stop)  # type: ignore[no-untyped-call]  # before the users stop
     env.events.report_to_master.add_listener(report)  # type: ignore[no-untyped-call]
 
     def flush(environment: Environment, msg: object, **_kw: object) -> None:
-        lag = Distribution.of(lags)
+        lag = Distribution.of(run_lags)
         payload = {
             "records": [r.to_json() for r in state.records],
             "unfinished": [r.to_json() for r in state.unfinished(float("inf"))],
             "lag": None if lag is None else lag.__dict__,
             "cpu": process.cpu_percent(),
+            "stalled": stalled(run_lags, state.config.max_schedule_lag_s, time.monotonic() - state.started),
             "clock": time.time() - time.monotonic(),  # for a master on another host
         }
         runner.send_message(_RECORDS, payload)

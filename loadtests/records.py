@@ -31,6 +31,7 @@ class RequestRecord:
     counted_by: str = "server"
     reasoning: bool = False  # some output was a reasoning model's thinking (reasoning_content)
     first_answer: float | None = None  # when the first answer token (after any thinking) arrived
+    response_id: str | None = None  # the server's id for the answer ("id" of its chunks): to match its logs
 
     @property
     def ok(self) -> bool:

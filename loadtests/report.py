@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,14 +16,31 @@ from deploykit.loadtests.records import RequestRecord
 from deploykit.loadtests.saturation import Saturation, judge
 from deploykit.loadtests.server_view import ServerSample
 
+STALL_SHARE = 0.005  # of the run spent in stalls past the lag limit: more, and the p99 of timestamps is theirs
 
-def health_problems(config: LoadTestConfig, lag: Distribution | None, cpu_percent: float) -> list[str]:
+
+def stalled(lags: Sequence[float], limit_s: float, duration_s: float) -> float:
+    """The share of a run the generator spent stalled past `limit_s` (its probe's late wake-ups added up):
+    every stream's events in a stall are timed late by it, so a run's timestamps are late past the limit at
+    about that share of its events (calibrated with benchmarks/timing.py)."""
+    return sum(lag for lag in lags if lag > limit_s) / duration_s if duration_s > 0 else 0.0
+
+
+def health_problems(
+    config: LoadTestConfig, lag: Distribution | None, cpu_percent: float, stalled_share: float = 0.0
+) -> list[str]:
     """Why the load generator, not the server, may have been the bottleneck (an empty list: a valid run)."""
     problems = []
     if lag is not None and lag.p99 > config.max_schedule_lag_s:
         problems.append(
             f"the load generator ran {lag.p99 * 1000:.1f} ms late at p99 (limit "
             f"{config.max_schedule_lag_s * 1000:.0f} ms): it, not the server, may be the bottleneck"
+        )
+    if stalled_share > STALL_SHARE:
+        problems.append(
+            f"the load generator stalled for {stalled_share:.1%} of the run in pauses over "
+            f"{config.max_schedule_lag_s * 1000:.0f} ms: events it timed then were late by that much, enough to "
+            "make its p99 latencies its own"
         )
     if cpu_percent > 90:
         problems.append(f"the load generator used {cpu_percent:.0f}% of a core")

@@ -160,6 +160,8 @@ def _read_stream(
                 done = True
                 continue
             event = json.loads(payload)
+            if record.response_id is None and isinstance(event.get("id"), str):
+                record.response_id = event["id"]
             if "error" in event:
                 record.error = "cut"
                 continue
@@ -217,6 +219,7 @@ def spread(total: int, weights: Sequence[int]) -> list[int]:
 
 
 def _read_whole(data: dict[str, Any], record: RequestRecord, now: float) -> None:
+    record.response_id = data["id"] if isinstance(data.get("id"), str) else None
     usage = data.get("usage") or {}
     record.output_tokens = usage.get("completion_tokens") or 0
     record.input_tokens = usage.get("prompt_tokens") or 0

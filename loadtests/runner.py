@@ -20,7 +20,7 @@ from deploykit.core.slo import parse_slos
 from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.metrics import Distribution, summarize
 from deploykit.loadtests.openai_user import user_for
-from deploykit.loadtests.report import LoadTestReport, health_problems
+from deploykit.loadtests.report import LoadTestReport, health_problems, stalled
 from deploykit.loadtests.saturation import past_saturation
 from deploykit.loadtests.server_view import ServerSample, read_sample
 from deploykit.loadtests.state import RunState
@@ -96,9 +96,9 @@ def run_load(config: LoadTestConfig, on_progress: Callable[[Progress], None] = l
             if stopped_early:
                 break
     ended = time.monotonic()
+    prober.kill()  # before stopping the users, which stalls the process for tens of ms: not the run's timing
     state.stopping = True
     runner.quit()  # requests in flight are cut off: not counted as requests, but their tokens so far are
-    prober.kill()
     scraper.kill()
     cpu = process.cpu_percent()
     window = (state.started + config.warmup_s, ended - config.cooldown_s)
@@ -111,7 +111,9 @@ def run_load(config: LoadTestConfig, on_progress: Callable[[Progress], None] = l
         records=records,
         schedule_lag=lag,
         generator_cpu_percent=cpu,
-        invalid_reasons=health_problems(config, lag, cpu),
+        invalid_reasons=health_problems(
+            config, lag, cpu, stalled(lags, config.max_schedule_lag_s, ended - state.started)
+        ),
         started=state.started,
         ended=ended,
         server=server,

@@ -9,7 +9,6 @@ each engine's whole process group.
 from __future__ import annotations
 
 import asyncio
-import gc
 import importlib.util
 import os
 import signal
@@ -32,6 +31,7 @@ from deploykit.core.errors import (
     UsageError,
 )
 from deploykit.core.ports import bind, free_port, is_loopback, join
+from deploykit.core.quiet import quiet_gc
 from deploykit.core.settings import Settings
 from deploykit.models.catalog import load_catalog
 from deploykit.models.resolve import resolve
@@ -383,15 +383,6 @@ async def _cut_after(gateway: Gateway, drain_timeout_s: float) -> None:
     """At the drain deadline, every request still running ends with an error and an engine abort."""
     await asyncio.sleep(drain_timeout_s)
     gateway.stopping.set()
-
-
-def quiet_gc() -> None:
-    """Fewer, shorter garbage-collector pauses in the gateway: what is alive after start-up is frozen out of
-    every collection, and the youngest generation is collected after 100,000 allocations instead of 700.
-    Memory is freed by reference counting as before; only cycles wait longer. It roughly halves the
-    gateway's added TTFT p99 at 256 streams (docs/PERFORMANCE.md)."""
-    gc.freeze()
-    gc.set_threshold(100_000, 10, 10)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,9 +39,15 @@ def chunk_plan(max_tokens: int) -> list[int]:
     raise AssertionError("unreachable")
 
 
-def serve_sse(ttft_s: float = TTFT_S, gap_s: float = GAP_S, port: int = 0) -> ThreadingHTTPServer:
+def serve_sse(
+    ttft_s: float = TTFT_S, gap_s: float = GAP_S, port: int = 0, log: str | None = None
+) -> ThreadingHTTPServer:
+    """Serve on `port` (0: a free one). `log`: a JSONL file where each streamed answer, when it ends, writes its
+    id, when it arrived and when each content event left (time.monotonic(), the clock every process on the
+    machine shares): the truth a load generator's timestamps are checked against (benchmarks/timing.py)."""
     counter = itertools.count()
     lock = threading.Lock()
+    log_file = open(log, "a", buffering=1) if log else None  # noqa: SIM115 - open for the server's life
     slots = threading.Semaphore(QUEUE_SLOTS)
 
     class Handler(BaseHTTPRequestHandler):
@@ -84,6 +91,7 @@ def serve_sse(ttft_s: float = TTFT_S, gap_s: float = GAP_S, port: int = 0) -> Th
             if body["model"] in ("lastusage", "reasoning"):
                 options = {"include_usage": True}  # usage in the last chunk only, as OpenAI and Azure send it
             running = options.get("continuous_usage_stats", False)
+            self.response_id, sends = f"cmpl-{n}", []
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
@@ -102,6 +110,7 @@ def serve_sse(ttft_s: float = TTFT_S, gap_s: float = GAP_S, port: int = 0) -> Th
                 if running:
                     event["usage"] = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
                 self._event(event)
+                sends.append(time.monotonic())
                 if cut and i == 2:  # the connection drops mid-body, as when a server dies
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -110,6 +119,9 @@ def serve_sse(ttft_s: float = TTFT_S, gap_s: float = GAP_S, port: int = 0) -> Th
                 self._event({"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": done}})
             self._chunk(b"data: [DONE]\n\n")
             self.wfile.write(b"0\r\n\r\n")
+            if log_file is not None:
+                with lock:
+                    log_file.write(json.dumps({"id": self.response_id, "arrived": arrived, "sends": sends}) + "\n")
 
         def _wait_until(self, t: float) -> None:
             delay = t - time.monotonic()
@@ -117,7 +129,7 @@ def serve_sse(ttft_s: float = TTFT_S, gap_s: float = GAP_S, port: int = 0) -> Th
                 time.sleep(delay)
 
         def _event(self, data: dict[str, object]) -> None:
-            self._chunk(f"data: {json.dumps(data)}\n\n".encode())
+            self._chunk(f"data: {json.dumps({'id': self.response_id, **data})}\n\n".encode())
 
         def _chunk(self, data: bytes) -> None:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -132,15 +144,20 @@ def serve_sse(ttft_s: float = TTFT_S, gap_s: float = GAP_S, port: int = 0) -> Th
             self.end_headers()
             self.wfile.write(raw)
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server = _Server(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # hundreds of streams connect at once (the standard library's 5 resets them)
+
+
 def main() -> None:
-    """`python -m tests.fakes.sse_server`: serve on a free port, print it, run until killed."""
-    server = serve_sse()
+    """`python -m tests.fakes.sse_server [LOG]`: serve on a free port, print it, run until killed; LOG: the
+    send-time log (serve_sse)."""
+    server = serve_sse(log=sys.argv[1] if len(sys.argv) > 1 else None)
     print(server.server_address[1], flush=True)
     threading.Event().wait()
 

@@ -11,7 +11,7 @@ from deploykit.core.slo import Slo, parse_slos
 from deploykit.loadtests.config import LoadTestConfig
 from deploykit.loadtests.metrics import Distribution, meets, percentile, summarize
 from deploykit.loadtests.records import RequestRecord
-from deploykit.loadtests.report import health_problems, records_from_json, shifted
+from deploykit.loadtests.report import health_problems, records_from_json, shifted, stalled
 from deploykit.loadtests.request import spread
 from deploykit.loadtests.state import RunState
 from deploykit.loadtests.workload import Lengths, Prompt, Workload, load_prompts
@@ -152,6 +152,22 @@ def test_a_late_or_busy_generator_makes_the_run_invalid() -> None:
         "the load generator ran 21.8 ms late at p99 (limit 10 ms): it, not the server, may be the bottleneck"
     ]
     assert health_problems(config, on_time, cpu_percent=95) == ["the load generator used 95% of a core"]
+
+
+def test_a_generator_that_stalls_now_and_then_makes_the_run_invalid() -> None:
+    """A 100 ms collector pause every few seconds is one probe sample in a thousand: invisible at p99, yet every
+    stream's events in it are late by up to 100 ms (benchmarks/timing.py found a 113 ms TTFT error p99 at 128
+    streams in a run marked valid). Stalls past the limit, added up, must stay under 0.5% of the run."""
+    config = LoadTestConfig(url="http://x", model="m", concurrency=1)
+    lags = [0.001] * 998 + [0.110, 0.105]  # 10 s of 10 ms ticks, two pauses
+    assert stalled(lags, 0.010, 10.0) == pytest.approx(0.0215)
+    assert stalled([0.001] * 1000, 0.010, 10.0) == 0.0 and stalled([0.5], 0.010, 0.0) == 0.0
+    assert stalled([0.010, 0.011], 0.010, 1.0) == pytest.approx(0.011)  # only what is past the limit counts
+    on_time = Distribution.of(lags)
+    assert on_time is not None and on_time.p99 < 0.010
+    [problem] = health_problems(config, on_time, 50, stalled(lags, 0.010, 10.0))
+    assert problem.startswith("the load generator stalled for 2.1% of the run in pauses over 10 ms")
+    assert health_problems(config, on_time, 50, 0.005) == []  # at the bound: still valid
 
 
 def test_every_figure_of_a_summary_by_hand() -> None:
