@@ -118,15 +118,7 @@ def _engine(plan: LaunchPlan, replicas: int, options: K8sOptions) -> list[dict[s
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
-                    "initContainers": [
-                        {
-                            "name": "pull",
-                            "image": options.image,
-                            "args": ["pull", plan.served_name],
-                            "env": [_from_secret("HF_TOKEN", "hf-token", optional=True)],
-                            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-                        }
-                    ],
+                    "initContainers": [_pull(plan, options)],
                     "containers": [
                         {
                             "name": "vllm",
@@ -228,15 +220,7 @@ def _ray_engine(plan: LaunchPlan, replicas: int, options: K8sOptions) -> list[di
     pod = {"securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000}, "volumes": volumes}
     head = {
         **pod,
-        "initContainers": [
-            {
-                "name": "pull",
-                "image": options.image,
-                "args": ["pull", plan.served_name],
-                "env": [_from_secret("HF_TOKEN", "hf-token", optional=True)],
-                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-            }
-        ],
+        "initContainers": [_pull(plan, options)],
         "containers": [
             {
                 "name": "ray-head",
@@ -570,6 +554,17 @@ def _loadtest(model: str, options: K8sOptions) -> list[dict[str, Any]]:
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
     }
     return [results, master, service, worker]
+
+
+def _pull(plan: LaunchPlan, options: K8sOptions) -> dict[str, Any]:
+    """The init container that fills the shared model volume: `deploykit pull` (a no-op once the weights are)."""
+    return {
+        "name": "pull",
+        "image": options.image,
+        "args": ["pull", plan.served_name],
+        "env": [_from_secret("HF_TOKEN", "hf-token", optional=True)],
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+    }
 
 
 def _health(failures: int) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,6 +21,7 @@ import yaml
 
 from deploykit.core.ports import free_port
 from deploykit.serve.deploy.project import infra_file
+from tests.waiting import until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,13 +43,6 @@ def _tool(name: str) -> str:
             pytest.fail(f"{name} is missing: `make test` installs Debian's prometheus package")
         pytest.skip(f"{name} is not installed (apt-get install prometheus)")
     return found
-
-
-def _until(check: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
 
 
 def _up(url: str) -> bool:
@@ -112,7 +106,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
         f"--spill=m2=gpt-4o-mini@http://127.0.0.1:{engines['gpt-4o-mini']}/v1", "--spill-queue", "0",
     )  # fmt: skip
     url = f"http://127.0.0.1:{gateway}"
-    _until(lambda: _up(url + "/health"), "the gateway did not start")
+    until(lambda: _up(url + "/health"), "the gateway did not start")
 
     (tmp_path / "prom").mkdir()
     shutil.copy(infra / "prometheus" / "alerts.yml", tmp_path / "prom" / "alerts.yml")
@@ -136,7 +130,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
         f"--web.listen-address=127.0.0.1:{port}",
     )  # fmt: skip
     api = f"http://127.0.0.1:{port}/api/v1"
-    _until(lambda: _up(f"http://127.0.0.1:{port}/-/ready"), "Prometheus did not start")
+    until(lambda: _up(f"http://127.0.0.1:{port}/-/ready"), "Prometheus did not start")
 
     # traffic of every kind the dashboard shows: answers local and spilled, streamed and not, and errors
     headers = {"Authorization": f"Bearer {secret}"}
@@ -160,7 +154,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     assert len(expressions) == 16
     for expr in expressions:
-        _until(lambda expr=expr: bool(query(expr)), f"no data for {expr}", timeout_s=30)
+        until(lambda expr=expr: bool(query(expr)), f"no data for {expr}", timeout_s=30)
     # the per-key panels name the key; the spend panel is what the ledger priced for m2's spilled requests
     assert {r["metric"]["key"] for r in query("sum by (key) (rate(deploykit_tokens_total[20s]))")} == {"web"}  # type: ignore[index]
     rules = httpx.get(api + "/rules").json()["data"]["groups"][0]["rules"]

@@ -24,6 +24,7 @@ from deploykit.serve.gateway.app import GatewayOptions
 from deploykit.serve.gateway.proxy import engine_session
 from tests.fakes.engine import PROMPT_TOKENS
 from tests.integration.test_lifecycle import REPO, start, wait_ready
+from tests.waiting import ready, until
 
 
 def test_migrations_apply_once_in_order(postgres_url: str) -> None:
@@ -127,10 +128,7 @@ def test_two_gateways_hold_one_key_to_one_limit_under_concurrent_load(postgres_u
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     try:
         for url in urls:
-            deadline = time.monotonic() + 60
-            while not _ready(url):
-                assert time.monotonic() < deadline, f"{url} not ready"
-                time.sleep(0.2)
+            until(lambda url=url: ready(url), f"{url} not ready", timeout_s=60)
 
         async def burst() -> list[int]:
             body = {"model": "m1", "prompt": "x", "max_tokens": 1}
@@ -162,10 +160,3 @@ def test_two_gateways_hold_one_key_to_one_limit_under_concurrent_load(postgres_u
             process.send_signal(signal.SIGTERM)
         for process in (*gateways, engine):
             process.wait(30)
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/ready", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False

@@ -9,14 +9,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from deploykit.core.ports import free_port
+from tests.waiting import until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,13 +28,6 @@ def _engine(port: int) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-
-
-def _until(check: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 def _get(url: str) -> httpx.Response | None:
@@ -70,7 +63,7 @@ def test_the_gateway_alone_fronts_engines_it_did_not_start(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _until(lambda: (r := _get(url + "/ready")) is not None and r.status_code == 200, "never ready")
+        until(lambda: (r := _get(url + "/ready")) is not None and r.status_code == 200, "never ready")
         ask = {"model": "m1", "prompt": "x", "max_tokens": 3}
         for _ in range(8):
             assert httpx.post(url + "/v1/completions", json=ask, timeout=10).status_code == 200
@@ -87,10 +80,10 @@ def test_the_gateway_alone_fronts_engines_it_did_not_start(
             status: dict[str, str] = httpx.get(url + "/ready").json()["replicas"]["m1"]
             return status
 
-        _until(lambda: replicas() == {urls[0]: "stopped", urls[1]: "ready"}, "the dead engine is still ready")
+        until(lambda: replicas() == {urls[0]: "stopped", urls[1]: "ready"}, "the dead engine is still ready")
         assert httpx.get(url + "/ready").status_code == 200  # the model still has a ready replica
         engines[0] = _engine(int(urls[0].rsplit(":", 1)[1]))
-        _until(lambda: replicas() == {urls[0]: "ready", urls[1]: "ready"}, "the engine did not rejoin")
+        until(lambda: replicas() == {urls[0]: "ready", urls[1]: "ready"}, "the engine did not rejoin")
     finally:
         gateway.send_signal(signal.SIGTERM)
         out, _ = gateway.communicate(timeout=30)

@@ -11,8 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,22 +19,9 @@ import psutil
 import pytest
 
 from deploykit.core.ports import free_port
+from tests.waiting import ready, until
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _until(check: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/ready", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _workers(gateway: subprocess.Popen[str]) -> list[psutil.Process]:
@@ -72,11 +58,11 @@ def test_three_workers_share_the_port_the_quotas_and_the_metrics(tmp_path: Path,
     url = f"http://127.0.0.1:{port}"
     gateway = _serve(tmp_path, engine, port, "--auth", "--workers", "3")
     try:
-        _until(lambda: _ready(url), "never ready")
+        until(lambda: ready(url), "never ready")
         workers = _workers(gateway)
         assert len(workers) == 2
         for process in (psutil.Process(gateway.pid), *workers):  # each one listens on the port, a socket its own
-            _until(lambda p=process: any(c.status == "LISTEN" and c.laddr.port == port for c in p.net_connections()),
+            until(lambda p=process: any(c.status == "LISTEN" and c.laddr.port == port for c in p.net_connections()),
                    f"{process.pid} does not listen")  # fmt: skip
 
         holders: list[int] = []  # per process, the client connections it holds after the burst
@@ -120,12 +106,12 @@ def test_three_workers_share_the_port_the_quotas_and_the_metrics(tmp_path: Path,
 
         dead = workers[0]
         dead.kill()
-        _until(lambda: len(_workers(gateway)) == 2 and dead.pid not in [w.pid for w in _workers(gateway)], "no restart")
-        _until(lambda: _ready(url), "not ready after a worker's restart")
+        until(lambda: len(_workers(gateway)) == 2 and dead.pid not in [w.pid for w in _workers(gateway)], "no restart")
+        until(lambda: ready(url), "not ready after a worker's restart")
         gateway.send_signal(signal.SIGTERM)
         assert gateway.wait(40) == 0
         assert "Gateway worker 1 exited" in (gateway.stdout.read() if gateway.stdout else "")
-        _until(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers[1:]), "left")
+        until(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers[1:]), "left")
     finally:
         if gateway.poll() is None:
             gateway.kill()
@@ -136,7 +122,7 @@ def test_workers_end_when_the_first_process_is_killed(tmp_path: Path, engine: st
     port = free_port()
     gateway = _serve(tmp_path, engine, port, "--workers", "2")
     try:
-        _until(lambda: _ready(f"http://127.0.0.1:{port}"), "never ready")
+        until(lambda: ready(f"http://127.0.0.1:{port}"), "never ready")
         [worker] = _workers(gateway)
         gateway.kill()  # no signal handler runs: the worker learns it from its standard input's end
         gateway.wait()
