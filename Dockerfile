@@ -38,7 +38,7 @@ WORKDIR /opt/deploykit
 # import): they go.
 COPY pyproject.toml ./
 RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-extras = p['optional-dependencies']; print('\n'.join(p['dependencies'] + extras[sys.argv[1]] + extras['postgres']))" \
+extras = p['optional-dependencies']; print('\n'.join(p['dependencies'] + extras[sys.argv[1]] + extras['postgres'] + extras['otel']))" \
         "${ENGINE}" > /tmp/requirements.txt \
     && echo "vllm==${VLLM_VERSION}" > /tmp/constraints.txt \
     && { pip install -r /tmp/requirements.txt -c /tmp/constraints.txt \

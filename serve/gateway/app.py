@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -49,6 +50,7 @@ from deploykit.serve.gateway.schema import install_openapi
 from deploykit.serve.gateway.shared_limits import SharedRateLimiter
 from deploykit.serve.gateway.spill import SpillTarget
 from deploykit.serve.gateway.tokens import TokenBudget, budget_tokens
+from deploykit.serve.gateway.tracing import from_environment
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class Gateway:
         )
         self.ledger = Ledger(db)
         self.metrics = GatewayMetrics()
+        self.tracer = from_environment()  # None unless an OTLP endpoint is set: then spans per request
         self.queue = (
             FairQueue(options.max_concurrent, max_wait_s=options.queue_timeout_s) if options.max_concurrent else None
         )
@@ -150,6 +153,8 @@ class Gateway:
         if isinstance(self.limiter, SharedRateLimiter):
             self.limiter.close()
         self.ledger.close()
+        if self.tracer is not None:
+            self.tracer.shutdown()  # the spans still batched go out
 
 
 async def _gateway(request: Request) -> Gateway:
@@ -284,6 +289,7 @@ def create_app(backends: Sequence[Backend], db: Database, options: GatewayOption
 
 
 async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
+    arrived = time.monotonic()
     exchange: Exchange | None = None
     key: ApiKey | None = None
     name = ""
@@ -301,7 +307,16 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
         if key is not None:
             admission = await gateway.admit(key, _reservation(budget, key))
         exchange = Exchange(
-            gateway.ledger, gateway.metrics, gateway.limiter, path, model.name, key, admission, route=model
+            gateway.ledger,
+            gateway.metrics,
+            gateway.limiter,
+            path,
+            model.name,
+            key,
+            admission,
+            route=model,
+            tracer=gateway.tracer,
+            arrived=arrived,
         )
         rewritten = budget.inject is not None
         if rewritten:
@@ -319,15 +334,16 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
             )
         if gateway.queue is not None:
             exchange.slot = await gateway.queue.acquire(key.id if key is not None else "")
+            exchange.queued = time.monotonic()
         return await forward(model, path, raw, request, exchange, gateway.stopping)
     except GatewayError as e:
         if exchange is None:
-            exchange = _rejected(gateway, path, name, key)
+            exchange = _rejected(gateway, path, name, key, arrived)
         await exchange.finish(e.status, e.code or e.type)
         raise
     except ClientDisconnect:  # the client left while sending its body: nobody hears an answer
         if exchange is None:
-            exchange = _rejected(gateway, path, name, key)
+            exchange = _rejected(gateway, path, name, key, arrived)
         exchange.finish_nowait(CLIENT_CLOSED_REQUEST, "client disconnected")
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     except BaseException as e:  # the client went away, or a bug: the request is still settled and recorded
@@ -337,11 +353,21 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
         raise
 
 
-def _rejected(gateway: Gateway, path: str, name: str, key: ApiKey | None) -> Exchange:
+def _rejected(gateway: Gateway, path: str, name: str, key: ApiKey | None, arrived: float) -> Exchange:
     """The accounting of a request refused before it was routed: its metrics say "unknown" unless it named
     a served model (labels never carry what a client made up), its ledger row what it asked for."""
     label = name if name in gateway.router.models else "unknown"
-    return Exchange(gateway.ledger, gateway.metrics, gateway.limiter, path, name[:64], key, label=label)
+    return Exchange(
+        gateway.ledger,
+        gateway.metrics,
+        gateway.limiter,
+        path,
+        name[:64],
+        key,
+        label=label,
+        tracer=gateway.tracer,
+        arrived=arrived,
+    )
 
 
 def _reservation(budget: TokenBudget, key: ApiKey) -> int:

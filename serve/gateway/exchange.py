@@ -20,6 +20,7 @@ from deploykit.serve.gateway.ratelimit import Admission, RateLimiter
 from deploykit.serve.gateway.routing import Model
 from deploykit.serve.gateway.shared_limits import SharedRateLimiter
 from deploykit.serve.gateway.spill import SpillTarget
+from deploykit.serve.gateway.tracing import Tracer
 
 # An SSE event that carries generated text (a role-only first chunk has "content":"" and does not count).
 _CONTENT = re.compile(rb'"(?:content|text)":\s*"[^"]')
@@ -50,6 +51,9 @@ class Exchange:
     finished: bool = False
     label: str = ""  # the metrics' model label: a served name or "unknown", never what a client made up
     slot: Slot | None = None  # its place under the gateway's concurrency cap, if there is one
+    tracer: Tracer | None = None  # OpenTelemetry spans when the request ends (tracing.py), if exporting
+    arrived: float | None = None  # time.monotonic() as the request came in (before its body, key and quota)
+    queued: float | None = None  # when it got its slot under the concurrency cap
 
     def __post_init__(self) -> None:
         self.label = self.label or self.model
@@ -99,13 +103,18 @@ class Exchange:
         """Settle and record the request, returning once its ledger row is committed."""
         record = self._close(status, error)
         if record is not None:
+            ended = time.monotonic()
             await self.ledger.record(record)
+            if self.tracer is not None:
+                self.tracer.record(self, status, error, ended, time.monotonic())
 
     def finish_nowait(self, status: int, error: str | None = None) -> None:
         """Settle and record a request whose client has gone (nobody waits for the row)."""
         record = self._close(status, error)
         if record is not None:
             self.ledger.record_nowait(record)
+            if self.tracer is not None:
+                self.tracer.record(self, status, error, time.monotonic(), None)
 
     def _close(self, status: int, error: str | None) -> UsageRecord | None:
         if self.finished:

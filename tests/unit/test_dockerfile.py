@@ -67,7 +67,7 @@ def test_the_requirements_script_reads_pyproject_as_pip_would_install_the_extra(
     ).stdout
     project = PYPROJECT["project"]
     extras = project["optional-dependencies"]
-    assert out.splitlines() == project["dependencies"] + extras[engine] + extras["postgres"]
+    assert out.splitlines() == project["dependencies"] + extras[engine] + extras["postgres"] + extras["otel"]
 
 
 def test_the_gpu_image_pins_the_vllm_version_the_cpu_build_runs_here() -> None:
