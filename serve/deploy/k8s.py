@@ -92,9 +92,11 @@ def k8s_project(
     options: K8sOptions | None = None,
     nodes: int = 1,
 ) -> list[LaunchPlan]:
-    """Plan MODELS on one node of the named GPUs (a model larger than that on up to `nodes` of them), render
-    the manifests, and write them to `output`."""
-    plans = [plan for plan in plan_models(settings, models, gpus, 1, nodes) for _ in range(replicas)]
+    """Plan each of MODELS on one node of the named GPUs (a model larger than that on up to `nodes` of them),
+    render the manifests, and write them to `output`."""
+    # each model's pods are scheduled on nodes of their own: each is planned on a whole node, not a share of one
+    every = [plan for model in models for plan in plan_models(settings, [model], gpus, 1, nodes)]
+    plans = [plan for plan in every for _ in range(replicas)]
     secrets = with_secrets(_read_secrets(output / "manifests" / "secret.yaml"))
     chart = {name: infra_file(f"helm/deploykit/{name}") for name in _CHART}
     files = {**chart, **render(plans, options or K8sOptions(), secrets)}

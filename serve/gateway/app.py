@@ -317,6 +317,7 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
             route=model,
             tracer=gateway.tracer,
             arrived=arrived,
+            traceparent=request.headers.get("traceparent") if gateway.tracer is not None else None,
         )
         rewritten = budget.inject is not None
         if rewritten:

@@ -54,6 +54,7 @@ class Exchange:
     tracer: Tracer | None = None  # OpenTelemetry spans when the request ends (tracing.py), if exporting
     arrived: float | None = None  # time.monotonic() as the request came in (before its body, key and quota)
     queued: float | None = None  # when it got its slot under the concurrency cap
+    traceparent: str | None = None  # the client's W3C trace context, which its span joins (when tracing)
 
     def __post_init__(self) -> None:
         self.label = self.label or self.model

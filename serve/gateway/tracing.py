@@ -7,8 +7,9 @@ own path does no tracing work: the request span "{operation} {model}" (chat, tex
 from its arrival to its end, and under it, where they happened, `admission` (body read, key checked, quota
 taken), `queue` (a slot under --max-concurrent-streams), `engine` (forwarded to the first content event:
 the engine's TTFT as the gateway sees it), `stream` (first to last content event) and `ledger` (its row
-committed). Attributes: gen_ai.operation.name, gen_ai.provider.name (vllm, or the managed endpoint a request
-spilled to), gen_ai.request.model, gen_ai.usage.input_tokens / output_tokens, server.address (the replica),
+committed); a request that carries a W3C `traceparent` is a span of the client's trace. Attributes:
+gen_ai.operation.name, gen_ai.provider.name (vllm, or the managed endpoint a request spilled to),
+gen_ai.request.model, gen_ai.usage.input_tokens / output_tokens, server.address (the replica),
 http.response.status_code, error.type, and deploykit.key (the key's name).
 """
 
@@ -37,6 +38,7 @@ class Tracer:
     def record(self, x: Exchange, status: int, error: str | None, ended: float, committed: float | None) -> None:
         """The spans of one request; times are time.monotonic() seconds, as the Exchange keeps them."""
         from opentelemetry import trace
+        from opentelemetry.propagate import extract
 
         offset = time.time_ns() - time.monotonic_ns()
 
@@ -62,8 +64,14 @@ class Tracer:
             attributes["error.type"] = error
         start = x.arrived if x.arrived is not None else x.started
         end = committed if committed is not None else ended
+        # a client that sent its trace context (traceparent) sees the request inside its own trace
+        parent = extract({"traceparent": x.traceparent}) if x.traceparent else None
         span = self.tracer.start_span(
-            f"{operation} {x.model}", kind=trace.SpanKind.SERVER, start_time=ns(start), attributes=attributes
+            f"{operation} {x.model}",
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            start_time=ns(start),
+            attributes=attributes,
         )
         if error:
             span.set_status(trace.Status(trace.StatusCode.ERROR, error))

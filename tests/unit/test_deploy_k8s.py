@@ -68,7 +68,8 @@ def test_manifests_validate_and_hold_together(
     for o in objects:
         by_kind.setdefault(o["kind"], []).append(o)
     deployments = {d["metadata"]["name"]: d for d in by_kind["Deployment"]}
-    again = prepare(settings, models, hardware=planned_machine("h100-sxm:8", load_prices()), environ={})
+    node = planned_machine("h100-sxm:8", load_prices())
+    again = [p for m in models for p in prepare(settings, [m], hardware=node, environ={})]  # a whole node each
     for plan, gpus in zip(again, groups, strict=True):
         engine = deployments[engine_name(plan.served_name)]
         assert engine["spec"]["replicas"] == 2
@@ -201,6 +202,10 @@ def test_a_model_larger_than_one_node_runs_on_a_ray_cluster(settings: Settings, 
     assert (
         "&id" not in (output / "manifests" / "engines.yaml").read_text()
     )  # parts used twice are written out, not aliased
+    # each model is planned on whole nodes of its own (pods are scheduled apart), not on a share of one
+    both = k8s_project(settings, ["llama-3.1-405b-instruct", "smollm2-135m"], gpus="h100-sxm:8", output=tmp_path / "b",
+                       nodes=2)  # fmt: skip
+    assert [(p.nodes, len(p.gpu_indices)) for p in both] == [(2, 8), (1, 1)]
 
 
 def test_the_project_is_a_helm_chart_whose_template_emits_the_manifests(settings: Settings, tmp_path: Path) -> None:

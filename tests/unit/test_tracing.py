@@ -33,7 +33,12 @@ async def test_a_streamed_request_is_one_span_with_its_parts(make_app: Callable[
     app = make_app(max_concurrent=2)
     exporter = traced(app)
     body = chat(max_tokens=6, stream=True)
-    async with client_of(app) as gateway, gateway.stream("POST", "/v1/chat/completions", json=body) as response:
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    caller = {"traceparent": f"00-{trace_id}-{parent_id}-01"}  # the client's own trace (W3C trace context)
+    async with (
+        client_of(app) as gateway,
+        gateway.stream("POST", "/v1/chat/completions", json=body, headers=caller) as response,
+    ):
         assert response.status_code == 200
         await response.aread()
     spans = {s.name: s for s in exporter.get_finished_spans()}
@@ -46,6 +51,7 @@ async def test_a_streamed_request_is_one_span_with_its_parts(make_app: Callable[
     assert attributes["server.address"].startswith("http://127.0.0.1:")
     assert all(s.parent is not None and s.parent.span_id == request.context.span_id for s in spans.values())
     assert all(s.context.trace_id == request.context.trace_id for s in spans.values())
+    assert f"{request.context.trace_id:032x}" == trace_id and f"{request.parent.span_id:016x}" == parent_id
     order = [spans[n] for n in ("admission", "queue", "engine", "stream", "ledger")]
     for earlier, later in itertools.pairwise(order):
         assert earlier.start_time <= later.start_time and earlier.end_time <= later.end_time  # type: ignore[operator]
