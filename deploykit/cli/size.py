@@ -165,7 +165,8 @@ def cost(
     """Monthly cost of self-hosting MODEL (rented GPUs, or owned ones written off with power) against each
     managed offer at the same traffic, the break-even volume and the utilization it needs. Self-hosting
     counts, each as its own line: the GPUs the load needs, the replicas kept for availability
-    (--min-replicas) and a person's time (--ops-hours-per-month).
+    (--min-replicas), a cloud bill's egress, storage and management on rented instances (the [rental_extras]
+    share of the price data) and a person's time (--ops-hours-per-month).
 
     Examples:
 
