@@ -70,7 +70,7 @@ class ServeOptions:
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     max_concurrent: int | None = None  # requests in flight to the engines, shared fairly between keys
     queue_timeout_s: float = 30.0
-    workers: int = 1  # gateway processes on the one listening socket (serve/workers.py)
+    workers: int = 1  # gateway processes on the one port (serve/workers.py)
 
     @property
     def auth_required(self) -> bool:
@@ -117,8 +117,8 @@ def prepare(
 ) -> list[LaunchPlan]:
     """Plan every engine: `replicas` of each model, each on its share of the machine (its own GPUs, or
     its part of the RAM; a model larger than that may span `nodes` such machines); the LoRA `adapters` go
-    with the first model. A catalog model not yet pulled is
-    planned from the catalog's numbers (for --dry-run: its weights must be pulled before it can start)."""
+    with the first model. A catalog model not yet pulled is planned from the catalog's numbers (for
+    --dry-run: its weights must be pulled before it can start)."""
     if replicas < 1:
         raise UsageError(f"--replicas must be at least 1 (got {replicas}).")
     if len(set(models)) != len(models):
@@ -263,7 +263,7 @@ def _run_gateway(
     peers: Peers | None = None,
 ) -> Failure | None:
     """Serve the gateway: as the first process (index 0: it binds the port, keeps the deployment's record and
-    starts the other workers) or as one of the others (given the listening socket and the peers)."""
+    starts the other workers) or as one of the others (given its own socket on that port, and the peers)."""
     db = connect(settings.database)
     listener = listener or bind(options.host, options.port, shared=options.workers > 1)
     if peers is None and options.workers > 1:

@@ -1,10 +1,10 @@
-"""`deploykit serve --workers N`: N gateway processes answering on one listening socket, so that the
-gateway uses N cores of a machine.
+"""`deploykit serve --workers N`: N gateway processes answering on one port, so that the gateway uses N
+cores of a machine.
 
 The first process (the one `serve` runs) binds the public port, starts and watches the engines, and starts
 the N - 1 others. Each of those listens on the same port with a socket of its own (SO_REUSEPORT: the kernel
-spreads new connections over the processes by their address; one socket shared by all would hand a burst
-of connections to whichever process woke first, measured so in tests/integration/test_workers.py), gets the
+spreads new connections over the processes by their address; one socket shared by all handed a burst of
+20 connections all to whichever process woke first, when this was measured), gets the
 engines' addresses and the options on its standard input (secrets never appear on a command line), watches
 the engines' health as a gateway in front of remote engines does, and exits when its standard input
 closes: the first process is gone.
