@@ -36,6 +36,7 @@ from deploykit.core.settings import Settings
 from deploykit.models.catalog import load_catalog
 from deploykit.models.resolve import resolve
 from deploykit.models.store import ModelStore
+from deploykit.serve.accounting.budgets import Price
 from deploykit.serve.accounting.database import Database, PostgresDatabase, connect
 from deploykit.serve.accounting.ledger import DeploymentLog
 from deploykit.serve.engine import EngineProgress
@@ -71,6 +72,7 @@ class ServeOptions:
     max_concurrent: int | None = None  # requests in flight to the engines, shared fairly between keys
     queue_timeout_s: float = 30.0
     workers: int = 1  # gateway processes on the one port (serve/workers.py)
+    token_prices: dict[str, Price] = field(default_factory=dict)  # serve --token-price, by served model
 
     @property
     def auth_required(self) -> bool:
@@ -89,6 +91,7 @@ class ServeOptions:
                 **given,
                 "spills": tuple(SpillTarget(**s) for s in given["spills"]),
                 "limits": ConnectionLimits(**given["limits"]),
+                "token_prices": {m: Price(**p) for m, p in given["token_prices"].items()},
             }
         )
 
@@ -159,7 +162,7 @@ def run(
 ) -> None:
     """Serve until a signal stops it; raises if an engine fails its first start, or a model loses every replica."""
     require_engine(plans[0].device)
-    _require_spill_models(options, {p.served_name for p in plans})
+    require_served(options, {p.served_name for p in plans})
     for plan in plans:
         require_free_engine_port(plan)
 
@@ -208,7 +211,7 @@ def run_remote(
 ) -> None:
     """Serve the gateway alone, in front of engines that run elsewhere, until a signal stops it."""
     names = list(dict.fromkeys(e.model for e in engines))
-    _require_spill_models(options, set(names))
+    require_served(options, set(names))
 
     def watch(session: aiohttp.ClientSession) -> tuple[Watch, list[Backend]]:
         backends = [Backend(e.model, e.url, session) for e in engines]
@@ -242,12 +245,13 @@ class Watch(Protocol):
     async def step(self, probe: httpx.AsyncClient) -> Failure | None: ...
 
 
-def _require_spill_models(options: ServeOptions, served: set[str]) -> None:
-    for spill in options.spills:
-        if spill.model not in served:
-            raise UsageError(
-                f"--spill names '{spill.model}', which is not served here.", f"Served: {', '.join(sorted(served))}."
-            )
+def require_served(options: ServeOptions, served: set[str]) -> None:
+    """--spill and --token-price name models served here."""
+    named = [("--spill", s.model) for s in options.spills] + [("--token-price", m) for m in options.token_prices]
+    for flag, model in named:
+        if model not in served:
+            served_list = ", ".join(sorted(served))
+            raise UsageError(f"{flag} names '{model}', which is not served here.", f"Served: {served_list}.")
 
 
 def _run_gateway(
@@ -311,6 +315,7 @@ async def _serve(
             # for the workers of one host (SQLite's write lock spans processes)
             shared_quotas=isinstance(db, PostgresDatabase) or options.workers > 1,
             peers=peers.others(index) if peers else (),
+            token_prices=options.token_prices,
         )
         app = create_app(backends, db, gateway_options)
         gateway: Gateway = app.state.gateway

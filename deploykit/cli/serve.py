@@ -23,12 +23,13 @@ from deploykit.models.lock import Lock, check_models
 from deploykit.models.prices import load_prices
 from deploykit.models.resolve import resolve
 from deploykit.models.store import ModelStore
+from deploykit.serve.accounting.budgets import parse_price
 from deploykit.serve.engine import EngineProgress
 from deploykit.serve.gateway.server import ConnectionLimits
 from deploykit.serve.gateway.spill import parse_spill
 from deploykit.serve.plan import LaunchPlan, read_adapter
 from deploykit.serve.remote import RemoteEngine, parse_engine
-from deploykit.serve.runner import ServeOptions, ServeReporter, prepare, run, run_remote
+from deploykit.serve.runner import ServeOptions, ServeReporter, prepare, require_served, run, run_remote
 from deploykit.serve.supervisor import Ready
 
 
@@ -91,6 +92,12 @@ def serve(
     ),
     spill_queue: int | None = typer.Option(None, help="Spill when ready replicas average this many requests."),
     spill_ttft: float | None = typer.Option(None, help="Spill when the model's recent TTFT exceeds this (s)."),
+    token_price: list[str] = typer.Option(
+        [],
+        help="MODEL=IN/OUT: what a million prompt / completion tokens of MODEL cost on this deployment, in USD "
+        "(e.g. `deploykit size`'s $/Mtok). The ledger records each request's cost at it, and keys' spend budgets "
+        "(`deploykit keys budget`) are held to it.",
+    ),
     workers: int = typer.Option(
         1,
         min=1,
@@ -140,6 +147,8 @@ def serve(
       deploykit serve --engine llama=http://engine-0:8000 --engine llama=http://engine-1:8000   # gateway only
 
       deploykit serve llama-3.1-8b-instruct --workers 4    # the gateway on 4 cores
+
+      deploykit serve smollm2-135m --token-price smollm2-135m=0.02/0.08   # price requests for budgets
     """
     models, engine_args = _split_engine_args(models or [], [*ctx.args])
     settings = Settings()
@@ -161,6 +170,7 @@ def serve(
         max_concurrent=max_concurrent_streams,
         queue_timeout_s=queue_timeout,
         workers=workers,
+        token_prices=dict(parse_price(p) for p in token_price),
     )
     if engine:
         if models or engine_args or lora or replicas != 1 or engine_port or locked:
@@ -170,6 +180,7 @@ def serve(
                 "Give each replica its own --engine NAME=URL, and set the engine's flags where it runs.",
             )
         remotes = [parse_engine(e) for e in engine]
+        require_served(options, {e.model for e in remotes})
         if dry_run:
             _show_dry_run(lambda: _show_remotes(remotes, json_), options, json_)
             return
@@ -189,6 +200,7 @@ def serve(
     plans = prepare(
         settings, models, replicas=replicas, adapters=adapters, engine_args=engine_args, engine_port=engine_port or None
     )
+    require_served(options, {p.served_name for p in plans})
     if dry_run:
         _show_dry_run(lambda: _show_plans(plans, json_), options, json_)
         return
@@ -288,6 +300,10 @@ def _show_gateway(o: ServeOptions) -> None:
             + (f" past {t.max_queue} queued" if t.max_queue else "")
             + (f" or TTFT over {t.max_ttft_s:g} s" if t.max_ttft_s else "")
             for t in o.spills
+        ),
+        *(
+            f"  {model} priced at ${p.input_per_mtok:g} / ${p.output_per_mtok:g} per million prompt / completion tokens"
+            for model, p in o.token_prices.items()
         ),
     ]
     for line in lines:

@@ -19,7 +19,7 @@ from deploykit.serve.accounting.usage import parse_since, usage_report
 
 def usage(
     since: str = typer.Option("30d", help="How far back: 24h, 7d, 2w, or a date such as 2026-11-01 (UTC)."),
-    by: str = typer.Option("model", help="Group by model, key or day."),
+    by: str = typer.Option("model", help="Group by model, key, day or budget (with each budget's caps and spend)."),
     compare: str = typer.Option("", help="Comma-separated managed services to price the same traffic on."),
     hourly_cost: float | None = typer.Option(
         None, help="What one GPU-hour (machine-hour on CPU) of this deployment costs you, in USD."
@@ -29,13 +29,17 @@ def usage(
     """Show what the gateway served, and what it would have cost on managed pay-as-you-go APIs.
 
     Prices come from the dated data shipped with deploykit ($DEPLOYKIT_HOME/prices.toml adds or
-    overrides entries); the self-hosted side is the deployment's GPU-hours times --hourly-cost.
+    overrides entries); the self-hosted side is the deployment's GPU-hours times --hourly-cost. The
+    "priced" column is what the ledger recorded: spilled requests at the managed price, local ones at
+    `serve --token-price` when it was set; spend budgets are held to the same figures.
 
     Examples:
 
       deploykit usage --since 7d --by key
 
       deploykit usage --by day --compare gpt-4o-mini,gpt-4o --hourly-cost 1.20
+
+      deploykit usage --by budget --since 30d
     """
     settings = Settings()
     with opened(settings.database) as db:
@@ -54,14 +58,26 @@ def usage(
         return
     start = dt.datetime.fromtimestamp(report.since, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     table = Table(title=f"Usage since {start}")
-    for column in (by, "requests", "errors", "prompt tokens", "completion tokens", *report.managed):
+    for column in (by, "requests", "errors", "prompt tokens", "completion tokens", "priced", *report.managed):
         table.add_column(column, justify="left" if column == by else "right")
     for i, row in enumerate(report.rows):
         costs = [f"${c[i]:,.4f}" for c in report.managed.values()]
-        table.add_row(escape(row.group), *_counts(row), *costs)
+        table.add_row(escape(row.group), *_counts(row), f"${row.cost_usd:,.4f}", *costs)
     total = report.total
-    table.add_row("[bold]total[/bold]", *_counts(total), *(f"${c:,.4f}" for c in report.managed_total.values()))
+    managed_total = (f"${c:,.4f}" for c in report.managed_total.values())
+    table.add_row("[bold]total[/bold]", *_counts(total), f"${total.cost_usd:,.4f}", *managed_total)
     out.print(table)
+    if report.budgets:
+        caps = Table(title="Budgets now (UTC windows)")
+        for column in ("budget", "kind", "window", "cap", "spent", "held", "left", "resets"):
+            caps.add_column(column, justify="right" if column in ("cap", "spent", "held", "left") else "left")
+        for b in report.budgets:
+            cap, spent, held = (float(b[k]) for k in ("cap_usd", "spent_usd", "held_usd"))  # type: ignore[arg-type]
+            resets = dt.datetime.fromtimestamp(float(b["resets_at"]), dt.UTC).strftime("%Y-%m-%d %H:%M")  # type: ignore[arg-type]
+            kind = "hard" if b["hard"] else "soft"
+            money = (f"${v:,.4f}" for v in (cap, spent, held, cap - spent - held))
+            caps.add_row(escape(str(b["budget"])), kind, f"{b['window']} {b['period']}", *money, resets)
+        out.print(caps)
     if not report.hours:
         out.print("Self-hosted: no deployment recorded in this period.")
         return

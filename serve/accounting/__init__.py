@@ -4,6 +4,7 @@ and change it.
 
     database.py  connect(url), the migrations
     keys.py      ApiKey: create, list, revoke, find
+    budgets.py   spend budgets: caps per UTC day and month, held before a request and settled with its row
     ledger.py    UsageRecord rows, written in groups off the event loop; deployments (GPU-hours)
     usage.py     usage_report: the ledger summed and priced
 """

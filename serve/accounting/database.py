@@ -99,6 +99,34 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         CREATE INDEX quota_leases_key ON quota_leases (key_id, expires_at);
         """,
     ),
+    (
+        "m006_budgets",
+        """
+        CREATE TABLE budgets (
+            name TEXT PRIMARY KEY,
+            daily_usd DOUBLE PRECISION,
+            monthly_usd DOUBLE PRECISION,
+            hard INTEGER NOT NULL,
+            webhook TEXT,
+            created_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE TABLE budget_spend (
+            budget TEXT NOT NULL,
+            period TEXT NOT NULL,
+            spent_usd DOUBLE PRECISION NOT NULL,
+            notified INTEGER NOT NULL,
+            PRIMARY KEY (budget, period)
+        );
+        CREATE TABLE budget_holds (
+            id TEXT PRIMARY KEY,
+            budget TEXT NOT NULL,
+            usd DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX budget_holds_budget ON budget_holds (budget, expires_at);
+        ALTER TABLE api_keys ADD COLUMN budget TEXT
+        """,
+    ),
 )
 
 

@@ -36,6 +36,7 @@ class ApiKey:
     created_at: float = 0.0
     expires_at: float | None = None
     revoked_at: float | None = None
+    budget: str | None = None  # the spend budget it counts against (budgets.py), shared or its own
 
     def status(self, now: float) -> str:
         if self.revoked_at is not None:
@@ -59,6 +60,7 @@ class ApiKey:
             "created_at": self.created_at,
             "expires_at": self.expires_at,
             "revoked_at": self.revoked_at,
+            "budget": self.budget,
             "status": self.status(now),
         }
 
@@ -72,15 +74,12 @@ def create_key(
     tpm: int | None = None,
     max_concurrent: int | None = None,
     expires_at: float | None = None,
+    budget: str | None = None,
     now: float | None = None,
 ) -> tuple[ApiKey, str]:
     """Store a new key; returns it with its full secret token, which is never stored and cannot be shown again."""
     now = time.time() if now is None else now
-    if not _NAME.fullmatch(name):
-        raise UsageError(
-            f"'{name[:80]}' is not a valid key name.",
-            "Use 1 to 64 letters, digits and . _ @ : - (starting with a letter or digit), e.g. team-a.",
-        )
+    check_name(name, "key")
     if models is not None and not models:
         raise UsageError("--models names no model.", "Name at least one, or leave --models out for every model.")
     for label, value in (("--rpm", rpm), ("--tpm", tpm), ("--max-concurrent", max_concurrent)):
@@ -88,6 +87,10 @@ def create_key(
             raise UsageError(f"{label} must be at least 1 (got {value}).", "Leave it out for no limit.")
     if expires_at is not None and expires_at <= now:
         raise UsageError("The expiry date is in the past.", "Give a future date, e.g. --expires 2027-01-31.")
+    if budget is not None and not db.query("SELECT 1 FROM budgets WHERE name = ?", (budget,)):
+        raise NotFoundError(
+            f"No budget named '{budget}'.", f"Create it first: deploykit keys budget {budget} --monthly USD."
+        )
     if db.query("SELECT 1 FROM api_keys WHERE name = ?", (name,)):
         raise UsageError(f"A key named '{name}' exists already.", "Choose another --name, or revoke that key first.")
     key_id, secret = secrets.token_hex(6), secrets.token_hex(24)
@@ -101,9 +104,19 @@ def create_key(
         max_concurrent=max_concurrent,
         created_at=now,
         expires_at=expires_at,
+        budget=budget,
     )
     db.execute(f"INSERT INTO api_keys ({_SELECT}) VALUES ({', '.join('?' * len(_FIELDS))})", _row(key))
     return key, f"{PREFIX}{key_id}-{secret}"
+
+
+def check_name(name: str, what: str) -> None:
+    """Key and budget names appear in metrics labels, logs and tables: plain, short, printable."""
+    if not _NAME.fullmatch(name):
+        raise UsageError(
+            f"'{name[:80]}' is not a valid {what} name.",
+            "Use 1 to 64 letters, digits and . _ @ : - (starting with a letter or digit), e.g. team-a.",
+        )
 
 
 def list_keys(db: Database) -> list[ApiKey]:

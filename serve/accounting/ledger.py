@@ -4,7 +4,8 @@ A writer thread commits rows in groups (one transaction for whatever queued up m
 busy gateway pays one commit per group, not per request, and the event loop never waits on the disk.
 `record` returns once the row is committed: the proxy awaits it before it sends a stream's final
 `[DONE]` event or a whole response, so anything a client received is in the ledger even if the gateway
-is killed right after.
+is killed right after. Work that must commit with a row (a spend budget's settlement) rides along in the
+same transaction.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Protocol
 
-from deploykit.serve.accounting.database import Database
+from deploykit.serve.accounting.database import Database, Run
 
 log = logging.getLogger("deploykit.gateway")
 
@@ -36,7 +38,7 @@ class UsageRecord:
     duration_ms: float
     replica: str | None
     error: str | None = None
-    cost_usd: float | None = None  # what a spilled request cost at the managed API's price
+    cost_usd: float | None = None  # at the managed API's price when spilled, else at serve --token-price (if set)
 
 
 # The requests table's columns are UsageRecord's fields, by name, and the UTC day (for grouping).
@@ -48,7 +50,16 @@ def _values(record: UsageRecord) -> tuple[object, ...]:
     return (*(getattr(record, name) for name in _FIELDS), _day(record.at))
 
 
-_Pending = tuple[UsageRecord, asyncio.AbstractEventLoop | None, "asyncio.Future[None] | None"]
+class Work(Protocol):
+    """Writes that commit with a row, all or none (budgets.Settlement)."""
+
+    def apply(self, run: Run) -> None: ...
+
+    def committed(self) -> None:
+        """Called once the transaction has committed."""
+
+
+_Pending = tuple[UsageRecord, Work | None, asyncio.AbstractEventLoop | None, "asyncio.Future[None] | None"]
 
 
 class Ledger:
@@ -59,16 +70,16 @@ class Ledger:
         self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
         self._writer.start()
 
-    async def record(self, record: UsageRecord) -> None:
-        """Queue the row and return once it is committed."""
+    async def record(self, record: UsageRecord, work: Work | None = None) -> None:
+        """Queue the row (and `work`, which commits with it) and return once it is committed."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._queue.put((record, loop, done))
+        self._queue.put((record, work, loop, done))
         await done
 
-    def record_nowait(self, record: UsageRecord) -> None:
+    def record_nowait(self, record: UsageRecord, work: Work | None = None) -> None:
         """Queue the row without waiting (for requests whose client has gone)."""
-        self._queue.put((record, None, None))
+        self._queue.put((record, work, None, None))
 
     def close(self) -> None:
         """Commit everything queued, then stop the writer."""
@@ -96,14 +107,29 @@ class Ledger:
 
     def _commit(self, batch: Sequence[_Pending]) -> None:
         error: Exception | None = None
+        rows = [_values(record) for record, _, _, _ in batch]
+        works = [work for _, work, _, _ in batch if work is not None]
         try:
-            self.db.executemany(_INSERT, [_values(record) for record, _, _ in batch])
+            if works:
+                self.db.exclusive(lambda run: _insert_with(run, rows, works))
+            else:
+                self.db.executemany(_INSERT, rows)
         except Exception as e:  # a full disk must not kill the writer; the requests still get their answer
             log.exception("could not write %d ledger rows", len(batch))
             error = e
-        for _, loop, done in batch:
+        else:
+            for work in works:
+                work.committed()
+        for _, _, loop, done in batch:
             if loop is not None and done is not None:
                 loop.call_soon_threadsafe(_settle, done, error)
+
+
+def _insert_with(run: Run, rows: Sequence[tuple[object, ...]], works: Sequence[Work]) -> None:
+    for row in rows:
+        run(_INSERT, row)
+    for work in works:
+        work.apply(run)
 
 
 def _settle(done: asyncio.Future[None], error: Exception | None) -> None:
@@ -122,29 +148,29 @@ class UsageRow:
     errors: int
     prompt_tokens: int
     completion_tokens: int
+    cost_usd: float = 0.0  # what the ledger priced (spilled requests; local ones under serve --token-price)
 
 
 _GROUPS = {
     "model": "r.model",
     "key": "COALESCE(k.name, r.key_id, '(no key)')",
     "day": "r.day",
+    "budget": "COALESCE(k.budget, '(no budget)')",
 }
 
 
 def usage_by(db: Database, by: str, since: float = 0.0) -> list[UsageRow]:
-    """Requests and tokens since `since` (unix seconds), grouped by model, key or UTC day."""
+    """Requests, tokens and priced cost since `since` (unix seconds), grouped by model, key, UTC day or the
+    keys' budget (as each key is attached now)."""
     group = _GROUPS[by]
     rows = db.query(
         f"SELECT {group}, COUNT(*), SUM(CASE WHEN r.status >= 400 THEN 1 ELSE 0 END), "
-        "SUM(r.prompt_tokens), SUM(r.completion_tokens) "
+        "SUM(r.prompt_tokens), SUM(r.completion_tokens), SUM(COALESCE(r.cost_usd, 0)) "
         "FROM requests r LEFT JOIN api_keys k ON k.id = r.key_id "
         f"WHERE r.at >= ? GROUP BY {group} ORDER BY {group}",
         (since,),
     )
-    return [
-        UsageRow(group=str(g), requests=int(n), errors=int(e), prompt_tokens=int(p), completion_tokens=int(c))
-        for g, n, e, p, c in rows
-    ]
+    return [UsageRow(str(g), int(n), int(e), int(p), int(c), float(u)) for g, n, e, p, c, u in rows]
 
 
 def deployment_hours(db: Database, since: float = 0.0, now: float | None = None) -> dict[str, float]:

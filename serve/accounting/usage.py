@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from deploykit.core.errors import UsageError
 from deploykit.models.prices import Prices, stale_warnings
+from deploykit.serve.accounting.budgets import WindowState, budget_states
 from deploykit.serve.accounting.database import Database
 from deploykit.serve.accounting.ledger import UsageRow, deployment_hours, usage_by
 
@@ -29,6 +30,7 @@ class UsageReport:
     hourly_cost: float | None = None
     self_hosted_cost: float | None = None
     warnings: list[str] = field(default_factory=list)
+    budgets: list[dict[str, object]] = field(default_factory=list)  # with --by budget: each window's cap and spend
 
 
 def parse_since(value: str, now: float | None = None) -> float:
@@ -55,8 +57,10 @@ def usage_report(
     hourly_cost: float | None = None,
     today: dt.date | None = None,
 ) -> UsageReport:
-    if by not in ("model", "key", "day"):
-        raise UsageError(f"--by '{by}' is not one of model, key, day.", "Use --by model, --by key or --by day.")
+    if by not in ("model", "key", "day", "budget"):
+        raise UsageError(
+            f"--by '{by}' is not one of model, key, day, budget.", "Use --by model, --by key, --by day or --by budget."
+        )
     compare = compare or []
     services = [prices.find(name) for name in compare]  # an unknown name fails before any work
     rows = usage_by(db, by, since)
@@ -66,6 +70,7 @@ def usage_report(
         sum(r.errors for r in rows),
         sum(r.prompt_tokens for r in rows),
         sum(r.completion_tokens for r in rows),
+        sum(r.cost_usd for r in rows),
     )
     hours = deployment_hours(db, since)
     warnings = stale_warnings(services, today or dt.date.today())
@@ -80,4 +85,18 @@ def usage_report(
         hourly_cost=hourly_cost,
         self_hosted_cost=None if hourly_cost is None else hourly_cost * sum(hours.values()),
         warnings=warnings,
+        budgets=[_window(s) for s in budget_states(db)] if by == "budget" else [],
     )
+
+
+def _window(state: WindowState) -> dict[str, object]:
+    return {
+        "budget": state.budget.name,
+        "hard": state.budget.hard,
+        "window": state.window.kind,
+        "period": state.window.period,
+        "cap_usd": state.cap,
+        "spent_usd": state.spent,
+        "held_usd": state.held,
+        "resets_at": state.window.resets_at,
+    }

@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import hmac
 import json
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -22,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from deploykit import __version__
 from deploykit.core.ports import is_loopback
+from deploykit.serve.accounting.budgets import BudgetExceeded, BudgetKeeper, Hold, Price
 from deploykit.serve.accounting.database import Database
 from deploykit.serve.accounting.keys import ApiKey
 from deploykit.serve.accounting.ledger import Ledger
@@ -70,6 +72,9 @@ class GatewayOptions:
     # The private addresses of the other gateway processes of `serve --workers N`, whose own figures /metrics
     # adds to this one's (serve/workers.py)
     peers: tuple[str, ...] = field(default=(), repr=False)
+    # What a million prompt / completion tokens of each local model cost (serve --token-price): the ledger's
+    # cost column and the keys' spend budgets use it
+    token_prices: Mapping[str, Price] = field(default_factory=dict)
 
 
 class Gateway:
@@ -86,6 +91,7 @@ class Gateway:
             SharedRateLimiter(db) if options.shared_quotas else RateLimiter()
         )
         self.ledger = Ledger(db)
+        self.budgets = BudgetKeeper(db)
         self.metrics = GatewayMetrics()
         self.tracer = from_environment()  # None unless an OTLP endpoint is set: then spans per request
         self.queue = (
@@ -147,6 +153,42 @@ class Gateway:
         if isinstance(self.limiter, SharedRateLimiter):
             return await asyncio.to_thread(self.limiter.admit, key, tokens)
         return self.limiter.admit(key, tokens)
+
+    async def hold(self, key: ApiKey, model: str, budget: TokenBudget, body_bytes: int) -> Hold | None:
+        """Hold the request's worst-case cost against its key's spend budget (if it has one), or raise its 429."""
+        if key.budget is None:
+            return None
+        price = self.price(model)
+        if price is None:
+            raise GatewayError(
+                403,
+                f"The API key '{key.name}' has a spend budget, and this gateway has no price for '{model}' to hold "
+                f"it to; the operator sets one with `deploykit serve --token-price {model}=IN/OUT`.",
+                "permission_error",
+                "budget_unpriced",
+                "model",
+            )
+        if budget.reserve is None:
+            raise _needs_max_tokens(f"The API key '{key.name}' has a spend budget")
+        output = 0 if budget.max_tokens == 0 else budget.reserve  # no prompt token is shorter than a byte
+        try:
+            return await asyncio.to_thread(self.budgets.hold, key.budget, price.cost(body_bytes, output))
+        except BudgetExceeded as e:
+            raise GatewayError(
+                429,
+                f"{e} This request could cost up to ${e.usd:,.4f}; a lower max_tokens may fit.",
+                "insufficient_quota",
+                "budget_exceeded",
+                headers={"Retry-After": str(max(1, math.ceil(e.state.window.resets_at - time.time())))},
+            ) from e
+
+    def price(self, model: str) -> Price | None:
+        """The dearest a request to `model` can be priced at: here, or at its spill-over endpoint."""
+        local = self.options.token_prices.get(model)
+        spill = self.spills.get(model)
+        if local is None:
+            return None  # an unpriced local model: its requests cannot be held to a budget
+        return local.dearer(spill[0].price if spill is not None else None)
 
     def close(self) -> None:
         """Commit every ledger row queued so far (and settle shared quotas), then stop the writers."""
@@ -254,7 +296,8 @@ def create_app(backends: Sequence[Backend], db: Database, options: GatewayOption
         texts = await asyncio.gather(*(get_text(b, "/metrics") for b in ready))
         engines = [(b.replica, text) for b, text in zip(ready, texts, strict=True) if text is not None]
         peers = [t for t in await asyncio.gather(*(get_text(p, "") for p in gateway.peers)) if t is not None]
-        page = gateway.metrics.render(engines, peers)
+        shared = await asyncio.to_thread(gateway.budgets.exposition) if gateway.options.auth else ""
+        page = gateway.metrics.render(engines, peers, shared)
         return Response(page, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
@@ -303,9 +346,15 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
             require_model_access(key, model.name)
         budget = budget_tokens(body, path, len(raw), limit=gateway.options.max_tokens, context=model.context)
         _check_stream(body)
-        admission = None
+        admission = hold = None
         if key is not None:
-            admission = await gateway.admit(key, _reservation(budget, key))
+            hold = await gateway.hold(key, model.name, budget, len(raw))
+            try:
+                admission = await gateway.admit(key, _reservation(budget, key))
+            except BaseException:
+                if hold is not None:
+                    await asyncio.to_thread(gateway.budgets.release, hold)
+                raise
         exchange = Exchange(
             gateway.ledger,
             gateway.metrics,
@@ -318,6 +367,9 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
             tracer=gateway.tracer,
             arrived=arrived,
             traceparent=request.headers.get("traceparent") if gateway.tracer is not None else None,
+            price=gateway.options.token_prices.get(model.name),
+            hold=hold,
+            budgets=gateway.budgets,
         )
         rewritten = budget.inject is not None
         if rewritten:
@@ -373,14 +425,13 @@ def _rejected(gateway: Gateway, path: str, name: str, key: ApiKey | None, arrive
 
 def _reservation(budget: TokenBudget, key: ApiKey) -> int:
     if budget.reserve is None and key.tpm is not None:
-        raise GatewayError(
-            400,
-            f"The API key '{key.name}' has a tokens-per-minute limit, and this request sets no max_tokens.",
-            "invalid_request_error",
-            "max_tokens_required",
-            "max_tokens",
-        )
+        raise _needs_max_tokens(f"The API key '{key.name}' has a tokens-per-minute limit")
     return budget.reserve or 0
+
+
+def _needs_max_tokens(why: str) -> GatewayError:
+    message = f"{why}, and this request sets no max_tokens."
+    return GatewayError(400, message, "invalid_request_error", "max_tokens_required", "max_tokens")
 
 
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:

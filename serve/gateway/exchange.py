@@ -12,8 +12,9 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from deploykit.serve.accounting.budgets import BudgetKeeper, Hold, Price
 from deploykit.serve.accounting.keys import ApiKey
-from deploykit.serve.accounting.ledger import Ledger, UsageRecord
+from deploykit.serve.accounting.ledger import Ledger, UsageRecord, Work
 from deploykit.serve.gateway.fairness import Slot
 from deploykit.serve.gateway.metrics import GatewayMetrics
 from deploykit.serve.gateway.ratelimit import Admission, RateLimiter
@@ -55,6 +56,9 @@ class Exchange:
     arrived: float | None = None  # time.monotonic() as the request came in (before its body, key and quota)
     queued: float | None = None  # when it got its slot under the concurrency cap
     traceparent: str | None = None  # the client's W3C trace context, which its span joins (when tracing)
+    price: Price | None = None  # what the local model's tokens cost (serve --token-price), if set
+    hold: Hold | None = None  # its worst case held against its key's spend budget, settled with its ledger row
+    budgets: BudgetKeeper | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.label = self.label or self.model
@@ -105,7 +109,7 @@ class Exchange:
         record = self._close(status, error)
         if record is not None:
             ended = time.monotonic()
-            await self.ledger.record(record)
+            await self.ledger.record(record, self._settlement(record))
             if self.tracer is not None:
                 self.tracer.record(self, status, error, ended, time.monotonic())
 
@@ -113,9 +117,14 @@ class Exchange:
         """Settle and record a request whose client has gone (nobody waits for the row)."""
         record = self._close(status, error)
         if record is not None:
-            self.ledger.record_nowait(record)
+            self.ledger.record_nowait(record, self._settlement(record))
             if self.tracer is not None:
                 self.tracer.record(self, status, error, time.monotonic(), None)
+
+    def _settlement(self, record: UsageRecord) -> Work | None:
+        if self.hold is None or self.budgets is None:
+            return None
+        return self.budgets.settlement(self.hold, record.cost_usd or 0.0)
 
     def _close(self, status: int, error: str | None) -> UsageRecord | None:
         if self.finished:
@@ -141,7 +150,8 @@ class Exchange:
             m.ttft.labels(self.label).observe(ttft)
             if self.route is not None and self.spill is None:
                 self.route.observe_ttft(ttft)
-        cost = None if self.spill is None else self.spill.cost(prompt, completion)
+        price = self.spill.price if self.spill is not None else self.price
+        cost = None if price is None else price.cost(prompt, completion)
         if cost is not None:
             m.spend.labels(self.label, key).inc(cost)
         return UsageRecord(

@@ -41,7 +41,8 @@ class GatewayMetrics:
         )
         self.spend = Counter(
             "deploykit_spend_usd",
-            "Dollars owed to managed endpoints for spilled requests, by model and key (at their token prices).",
+            "Dollars the ledger priced, by model and key: spilled requests at the managed endpoint's token prices, "
+            "local ones at serve --token-price (when set).",
             ["model", "key"],
             registry=r,
         )
@@ -83,11 +84,14 @@ class GatewayMetrics:
         """This process's own figures, for the other gateway workers of one `serve --workers N` to add up."""
         return generate_latest(self.registry)
 
-    def render(self, engine_texts: Iterable[tuple[str, str]] = (), peers: Sequence[str] = ()) -> bytes:
+    def render(
+        self, engine_texts: Iterable[tuple[str, str]] = (), peers: Sequence[str] = (), shared: str = ""
+    ) -> bytes:
         """The exposition text: ours (added up with the `peers`' own, the other workers of one deployment),
-        then each (replica, engine /metrics text) re-labelled."""
+        the figures every gateway reads alike from the database (`shared`: budgets), then each (replica, engine
+        /metrics text) re-labelled."""
         ours = self.own().decode()
-        lines = [summed([ours, *peers]) if peers else ours]
+        lines = [(summed([ours, *peers]) if peers else ours) + shared]
         for replica, text in engine_texts:
             lines += relabel_engine_metrics(text, replica)
         return ("".join(lines[:1]) + "".join(f"{line}\n" for line in lines[1:])).encode()

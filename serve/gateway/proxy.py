@@ -139,6 +139,8 @@ async def _forward_to(
         relayed = {k: v for k in _RESPONSE_HEADERS if (v := upstream.headers.get(k))}
         if exchange.admission is not None:
             relayed |= exchange.admission.headers
+        if exchange.hold is not None:
+            relayed |= exchange.hold.headers
         media_type = upstream.headers.get("content-type", "application/json")
         if media_type.startswith("text/event-stream"):
             streaming = True  # the stream releases the replica when it ends

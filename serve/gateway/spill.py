@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from deploykit.core.errors import UsageError
 from deploykit.models.prices import Prices
+from deploykit.serve.accounting.budgets import Price
 from deploykit.serve.gateway.routing import Model
 
 KEY_ENV = "DEPLOYKIT_SPILL_API_KEY"
@@ -45,8 +46,9 @@ class SpillTarget:
         clean = {k: v for k, v in body.items() if k not in ("ignore_eos",)}
         return json.dumps({**clean, "model": self.remote_model}).encode()
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+    @property
+    def price(self) -> Price:
+        return Price(self.input_per_mtok, self.output_per_mtok)
 
     def takes(self, model: Model) -> str | None:
         """Why this request should spill over (None: serve it locally)."""

@@ -158,6 +158,6 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     # the per-key panels name the key; the spend panel is what the ledger priced for m2's spilled requests
     assert {r["metric"]["key"] for r in query("sum by (key) (rate(deploykit_tokens_total[20s]))")} == {"web"}  # type: ignore[index]
     rules = httpx.get(api + "/rules").json()["data"]["groups"][0]["rules"]
-    assert len(rules) == 7 and all(r["health"] == "ok" for r in rules), rules
+    assert len(rules) == 8 and all(r["health"] == "ok" for r in rules), rules
     up = query('up{job="deploykit-gateway"}')
     assert [r["value"][1] for r in up] == ["1"], up  # type: ignore[index]  # scraped with the metrics token

@@ -4,21 +4,25 @@ DEPLOYKIT_DATABASE_URL), the shared database several gateways use."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 
 from deploykit.core.ports import free_port
+from deploykit.serve.accounting.budgets import BudgetExceeded, BudgetKeeper, Hold, set_budget
 from deploykit.serve.accounting.database import MIGRATIONS, connect, migrate
 from deploykit.serve.accounting.keys import create_key, list_keys, revoke_key
-from deploykit.serve.accounting.ledger import DeploymentLog, deployment_hours, usage_by
+from deploykit.serve.accounting.ledger import DeploymentLog, Ledger, UsageRecord, deployment_hours, usage_by
 from deploykit.serve.gateway import Backend, create_app
 from deploykit.serve.gateway.app import GatewayOptions
 from deploykit.serve.gateway.proxy import engine_session
@@ -160,3 +164,41 @@ def test_two_gateways_hold_one_key_to_one_limit_under_concurrent_load(postgres_u
             process.send_signal(signal.SIGTERM)
         for process in (*gateways, engine):
             process.wait(30)
+
+
+def test_spend_budgets_hold_on_postgres_across_connections(postgres_url: str) -> None:
+    """Eight connections (as eight gateways would hold) race to hold $0.07 each against a $1 hard cap: the
+    budget's row lock lets exactly 14 through; settling one with its ledger row moves it to spend."""
+    db = connect(postgres_url)
+    name = f"team-{uuid.uuid4().hex[:8]}"
+    set_budget(db, name, daily_usd=1.0, hard=True)
+    won: list[Hold] = []
+
+    def race() -> None:
+        own = connect(postgres_url)
+        keeper = BudgetKeeper(own)
+        for _ in range(10):
+            with contextlib.suppress(BudgetExceeded):
+                if (hold := keeper.hold(name, 0.07)) is not None:
+                    won.append(hold)
+        own.close()
+
+    threads = [threading.Thread(target=race) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 14
+    ledger = Ledger(db)
+    row = UsageRecord(won[0].at, None, "m1", "/v1/completions", 200, 5, 6, None, 1.0, None, cost_usd=0.05)
+
+    async def settle() -> None:
+        await ledger.record(row, BudgetKeeper(db).settlement(won[0], 0.05))
+
+    asyncio.run(settle())
+    ledger.close()
+    spent = db.query("SELECT period, spent_usd FROM budget_spend WHERE budget = ? ORDER BY period", (name,))
+    held = db.query("SELECT COUNT(*), SUM(usd) FROM budget_holds WHERE budget = ?", (name,))
+    db.close()
+    assert [s for _, s in spent] == [0.05, 0.05] and len({p for p, _ in spent}) == 2  # the month and the day
+    assert held[0][0] == 13 and held[0][1] == pytest.approx(0.91)

@@ -132,3 +132,46 @@ def test_workers_end_when_the_first_process_is_killed(tmp_path: Path, engine: st
         if gateway.poll() is None:
             gateway.kill()
             gateway.wait()
+
+
+def test_a_hard_budget_holds_across_workers_under_concurrent_load(tmp_path: Path, engine: str) -> None:
+    env = {**os.environ, "DEPLOYKIT_HOME": str(tmp_path)}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "deploykit", *args], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    token = json.loads(cli("keys", "create", "--name", "alice", "--json"))["key"]
+    body = json.dumps({"model": "m1", "prompt": "x", "max_tokens": 4}).encode()
+    # $0.001 a prompt token, $0.002 a completion token; a request holds its body's bytes as prompt tokens and
+    # its reservation (a token per 4 bytes, plus max_tokens) as completion tokens: room for five at once
+    worst = (len(body) * 1000 + (-(-len(body) // 4) + 4) * 2000) / 1e6
+    cap = 5 * worst + 1e-6
+    cli("keys", "budget", "team", "--daily", str(cap), "--hard", "--keys", "alice")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    gateway = _serve(tmp_path, engine, port, "--auth", "--workers", "2", "--token-price", "m1=1000/2000")
+    try:
+        until(lambda: ready(url), "never ready")
+
+        async def burst() -> list[httpx.Response]:
+            headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+            async with httpx.AsyncClient(timeout=30, headers=headers) as client:
+                return list(await asyncio.gather(*(client.post(url + "/v1/completions", content=body)
+                                                   for _ in range(40))))  # fmt: skip
+
+        answers = asyncio.run(burst()) + asyncio.run(burst())
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        gateway.wait(40)
+    codes = [a.status_code for a in answers]
+    refused = [a.json()["error"]["code"] for a in answers if a.status_code == 429]
+    assert codes.count(200) >= 5 and refused and set(refused) == {"budget_exceeded"}
+    usage = json.loads(cli("usage", "--by", "budget", "--json"))
+    [team] = [r for r in usage["rows"] if r["group"] == "team"]
+    assert team["requests"] == 80 and team["errors"] == len(refused)
+    [daily] = usage["budgets"]
+    assert daily["spent_usd"] == pytest.approx(team["cost_usd"])  # the budget's spend is the ledger's
+    assert daily["spent_usd"] <= cap and daily["held_usd"] == 0  # never past the cap; every hold settled
+    assert team["cost_usd"] == pytest.approx(codes.count(200) * (5 * 1000 + 4 * 2000) / 1e6)

@@ -162,6 +162,8 @@ def test_the_gateway_flags_reach_the_gateway_plan(home: Path, monkeypatch: pytes
         "smollm2-135m=gpt-4o-mini@https://api.openai.com/v1",
         "--spill-queue",
         "8",
+        "--token-price",
+        "smollm2-135m=0.02/0.08",
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -169,6 +171,7 @@ def test_the_gateway_flags_reach_the_gateway_plan(home: Path, monkeypatch: pytes
     assert "request body at most 1,000 B" in out and "max_tokens at most 50" in out
     assert "requests in flight at most 4 (fair between keys" in out
     assert "spill smollm2-135m -> gpt-4o-mini at https://api.openai.com/v1 past 8 queued" in out
+    assert "smollm2-135m priced at $0.02 / $0.08 per million prompt / completion tokens" in out
     default = deploykit(home, "serve", "smollm2-135m", "--dry-run").stdout
     assert "API keys not required" in default and "request body at most 4,194,304 B" in default
 
@@ -177,6 +180,9 @@ def test_a_spill_to_a_model_not_served_or_without_a_key_is_refused(home: Path, m
     monkeypatch.delenv("DEPLOYKIT_SPILL_API_KEY", raising=False)
     spill = ["--spill", "smollm2-135m=gpt-4o-mini@https://api.openai.com/v1"]
     assert_clean_failure(deploykit(home, "serve", "smollm2-135m", "--dry-run", *spill), 2, "DEPLOYKIT_SPILL_API_KEY")
+    price = ["--token-price", "llama-2-7b=1/2"]
+    assert_clean_failure(deploykit(home, "serve", "smollm2-135m", "--dry-run", *price), 2, "'llama-2-7b', which is not")
+    assert_clean_failure(deploykit(home, "serve", "--dry-run", "--token-price", "x"), 2, "MODEL=IN/OUT")
 
 
 def test_debug_shows_the_traceback_and_keeps_the_exit_code(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:

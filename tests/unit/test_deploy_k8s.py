@@ -128,7 +128,7 @@ def test_manifests_validate_and_hold_together(
     rules = tmp_path / "rules.yml"
     rules.write_text(yaml.safe_dump(rule["spec"]))
     promtool = subprocess.run([_promtool(), "check", "rules", str(rules)], capture_output=True, text=True)
-    assert promtool.returncode == 0 and "SUCCESS: 7 rules found" in promtool.stdout, promtool.stdout + promtool.stderr
+    assert promtool.returncode == 0 and "SUCCESS: 8 rules found" in promtool.stdout, promtool.stdout + promtool.stderr
     [dashboard] = by_kind["ConfigMap"]
     assert json.loads(dashboard["data"]["deploykit.json"]) == json.loads(infra_file("grafana/deploykit.json"))
     assert len(plans) == 2 * len(models)

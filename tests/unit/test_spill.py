@@ -39,7 +39,7 @@ def test_a_spill_spec_names_the_model_the_remote_model_and_the_url() -> None:
     assert (t.model, t.remote_model, t.azure) == ("m1", "gpt-4o-mini", False)
     assert t.endpoint("/v1/chat/completions") == "https://api.openai.com/v1/chat/completions"
     assert t.headers() == {"authorization": f"Bearer {KEY}"}
-    assert t.cost(1_000_000, 1_000_000) == pytest.approx(0.15 + 0.60)
+    assert t.price.cost(1_000_000, 1_000_000) == pytest.approx(0.15 + 0.60)
     azure = target("https://res.openai.azure.com/openai/deployments/mini?api-version=2024-06-01")
     assert azure.azure and azure.headers() == {"api-key": KEY}
     assert azure.endpoint("/v1/chat/completions") == (
@@ -83,7 +83,7 @@ async def test_with_no_local_replica_ready_requests_spill_at_their_price(
     assert streamed.status_code == 200 and b"[DONE]" in streamed.content and b'"usage"' not in streamed.content
     [first, second] = rows(db)
     assert first[:4] == (200, spill.url, PROMPT_TOKENS, 6)
-    assert first[4] == pytest.approx(spill.cost(PROMPT_TOKENS, 6))
+    assert first[4] == pytest.approx(spill.price.cost(PROMPT_TOKENS, 6))
     assert second[:4] == (200, spill.url, PROMPT_TOKENS, 4)
     # what /metrics says was spent is what the ledger priced, for the dashboard's spend panel
     [spent] = [line for line in metrics.splitlines() if line.startswith('deploykit_spend_usd_total{key="",model="m1"}')]
@@ -145,7 +145,7 @@ def test_a_spill_target_s_edges() -> None:
     # a URL with user info keeps its @: the spec splits at the first one
     t = target("https://user@proxy.example/v1/")
     assert (t.remote_model, t.url) == ("gpt-4o-mini", "https://user@proxy.example/v1")  # no trailing slash
-    assert t.cost(1_000_000, 0) == 0.15  # $0.15 per M prompt tokens, exactly
+    assert t.price.cost(1_000_000, 0) == 0.15  # $0.15 per M prompt tokens, exactly
     assert json.loads(t.body({"model": "m1", "ignore_eos": True, "max_tokens": 3})) == {
         "model": "gpt-4o-mini",
         "max_tokens": 3,

@@ -145,6 +145,23 @@ def test_keys_and_usage_through_the_cli(tmp_path: Path) -> None:
     assert_clean_failure(deploykit(tmp_path, "usage", "--compare", "nope"), 3, "No price for 'nope'", "[[service]]")
 
 
+def test_budgets_through_the_cli(tmp_path: Path) -> None:
+    assert deploykit(tmp_path, "keys", "create", "--name", "alice").returncode == 0
+    made = deploykit(tmp_path, "keys", "budget", "team", "--monthly", "50", "--hard", "--keys", "alice")
+    assert made.returncode == 0, made.stderr
+    assert "Budget team: hard, $50.00 a month (UTC); keys: alice." in " ".join(made.stderr.split())
+    both = json.loads(deploykit(tmp_path, "keys", "budget", "team", "--daily", "5", "--json").stdout)
+    assert (both["monthly_usd"], both["daily_usd"], both["hard"], both["keys"]) == (50, 5, True, ["alice"])
+    listed = json.loads(deploykit(tmp_path, "keys", "list", "--json").stdout)
+    assert listed[0]["budget"] == "team"
+    usage = deploykit(tmp_path, "usage", "--by", "budget")
+    assert usage.returncode == 0, usage.stderr
+    assert "team" in usage.stdout and "monthly" in usage.stdout and "$50.0000" in usage.stdout
+    assert_clean_failure(deploykit(tmp_path, "keys", "budget", "solo"), 2, "needs a cap", "--monthly USD")
+    assert_clean_failure(deploykit(tmp_path, "keys", "budget", "t", "--daily", "5", "--keys", "bob"), 3, "bob")
+    assert_clean_failure(deploykit(tmp_path, "keys", "create", "--name", "b", "--budget", "x"), 3, "No budget")
+
+
 def test_rows_are_written_and_read_by_column_name(db: Database) -> None:
     """Every field lands in the column of its own name (a reordered dataclass cannot shift them)."""
     import asyncio
@@ -194,8 +211,8 @@ def test_the_report_carries_its_window_grouping_total_and_hourly_cost(ledger_db:
     with pytest.raises(UsageError) as refused:
         usage_report(ledger_db, load_prices(), by="week")
     assert (refused.value.message, refused.value.hint) == (
-        "--by 'week' is not one of model, key, day.",
-        "Use --by model, --by key or --by day.",
+        "--by 'week' is not one of model, key, day, budget.",
+        "Use --by model, --by key, --by day or --by budget.",
     )
 
 
