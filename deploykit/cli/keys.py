@@ -35,6 +35,11 @@ def create(
     max_concurrent: int | None = typer.Option(None, help="Requests in flight at once."),
     expires: str | None = typer.Option(None, help="Expiry date (UTC), e.g. 2027-01-31 or 2027-01-31T12:00."),
     budget: str | None = typer.Option(None, help="A spend budget it shares (`deploykit keys budget` makes one)."),
+    priority: str = typer.Option(
+        "normal",
+        help="Its tier: high, normal or batch. Under --max-concurrent-streams the gateway serves tiers in that "
+        "order, keeps a quarter of the slots from batch, and sheds batch first (429); engines schedule by it.",
+    ),
     json_: JsonOpt = False,
 ) -> None:
     """Create an API key; its secret is printed once and never stored.
@@ -44,6 +49,8 @@ def create(
       deploykit keys create --name ci
 
       deploykit keys create --name team-a --models smollm2-135m --rpm 60 --tpm 100000 --expires 2027-01-31
+
+      deploykit keys create --name nightly-evals --priority batch
     """
     with opened(Settings().database) as db:
         key, token = create_key(
@@ -55,6 +62,7 @@ def create(
             max_concurrent=max_concurrent,
             expires_at=_parse_expiry(expires) if expires else None,
             budget=budget,
+            priority=priority,
         )
     if json_:
         print_json({**key.public(time.time()), "key": token})
@@ -76,7 +84,8 @@ def list_(json_: JsonOpt = False) -> None:
         err.print("No API keys yet. Create one: deploykit keys create --name NAME")
         return
     table = Table()
-    for column in ("name", "id", "models", "rpm", "tpm", "concurrent", "budget", "created", "expires", "status"):
+    columns = ("name", "id", "models", "rpm", "tpm", "concurrent", "budget", "priority", "created", "expires", "status")
+    for column in columns:
         table.add_column(column)
     for k in keys:
         table.add_row(
@@ -85,6 +94,7 @@ def list_(json_: JsonOpt = False) -> None:
             escape(", ".join(k.models)) if k.models is not None else "all",
             *(str(v) if v else "-" for v in (k.rpm, k.tpm, k.max_concurrent)),
             escape(k.budget or "-"),
+            k.priority,
             _date(k.created_at),
             _date(k.expires_at) if k.expires_at else "never",
             _status(k, now),

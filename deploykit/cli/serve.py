@@ -29,7 +29,15 @@ from deploykit.serve.gateway.server import ConnectionLimits
 from deploykit.serve.gateway.spill import parse_spill
 from deploykit.serve.plan import LaunchPlan, read_adapter
 from deploykit.serve.remote import RemoteEngine, parse_engine
-from deploykit.serve.runner import ServeOptions, ServeReporter, prepare, require_served, run, run_remote
+from deploykit.serve.runner import (
+    ServeOptions,
+    ServeReporter,
+    prepare,
+    require_served,
+    run,
+    run_remote,
+    with_tiers,
+)
 from deploykit.serve.supervisor import Ready
 
 
@@ -201,6 +209,7 @@ def serve(
         settings, models, replicas=replicas, adapters=adapters, engine_args=engine_args, engine_port=engine_port or None
     )
     require_served(options, {p.served_name for p in plans})
+    plans, options = with_tiers(settings, plans, options)
     if dry_run:
         _show_dry_run(lambda: _show_plans(plans, json_), options, json_)
         return
@@ -304,6 +313,11 @@ def _show_gateway(o: ServeOptions) -> None:
         *(
             f"  {model} priced at ${p.input_per_mtok:g} / ${p.output_per_mtok:g} per million prompt / completion tokens"
             for model, p in o.token_prices.items()
+        ),
+        *(
+            [f"  keys' priority tiers go to the engines of {', '.join(o.priority_models)} (vLLM priority scheduling)"]
+            if o.priority_models
+            else []
         ),
     ]
     for line in lines:

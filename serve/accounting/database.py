@@ -127,6 +127,7 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         ALTER TABLE api_keys ADD COLUMN budget TEXT
         """,
     ),
+    ("m007_key_priority", "ALTER TABLE api_keys ADD COLUMN priority TEXT"),
 )
 
 

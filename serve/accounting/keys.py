@@ -20,6 +20,9 @@ from deploykit.core.errors import NotFoundError, UsageError
 from deploykit.serve.accounting.database import Database, Row
 
 PREFIX = "dk-"
+# A key's priority tier, best first: the order the gateway's queue serves them in, and vLLM's request
+# `priority` (lower runs earlier) where the engines schedule by priority.
+PRIORITIES = {"high": -1, "normal": 0, "batch": 1}
 # Key names appear in metrics labels, logs and tables: plain, short, printable.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,63}")
 
@@ -37,6 +40,7 @@ class ApiKey:
     expires_at: float | None = None
     revoked_at: float | None = None
     budget: str | None = None  # the spend budget it counts against (budgets.py), shared or its own
+    priority: str = "normal"  # its tier: high | normal | batch
 
     def status(self, now: float) -> str:
         if self.revoked_at is not None:
@@ -61,6 +65,7 @@ class ApiKey:
             "expires_at": self.expires_at,
             "revoked_at": self.revoked_at,
             "budget": self.budget,
+            "priority": self.priority,
             "status": self.status(now),
         }
 
@@ -75,6 +80,7 @@ def create_key(
     max_concurrent: int | None = None,
     expires_at: float | None = None,
     budget: str | None = None,
+    priority: str = "normal",
     now: float | None = None,
 ) -> tuple[ApiKey, str]:
     """Store a new key; returns it with its full secret token, which is never stored and cannot be shown again."""
@@ -87,6 +93,8 @@ def create_key(
             raise UsageError(f"{label} must be at least 1 (got {value}).", "Leave it out for no limit.")
     if expires_at is not None and expires_at <= now:
         raise UsageError("The expiry date is in the past.", "Give a future date, e.g. --expires 2027-01-31.")
+    if priority not in PRIORITIES:
+        raise UsageError(f"--priority '{priority}' is not one of high, normal, batch.", "E.g. --priority batch.")
     if budget is not None and not db.query("SELECT 1 FROM budgets WHERE name = ?", (budget,)):
         raise NotFoundError(
             f"No budget named '{budget}'.", f"Create it first: deploykit keys budget {budget} --monthly USD."
@@ -105,6 +113,7 @@ def create_key(
         created_at=now,
         expires_at=expires_at,
         budget=budget,
+        priority=priority,
     )
     db.execute(f"INSERT INTO api_keys ({_SELECT}) VALUES ({', '.join('?' * len(_FIELDS))})", _row(key))
     return key, f"{PREFIX}{key_id}-{secret}"
@@ -140,6 +149,12 @@ def find_key(db: Database, key_id: str) -> ApiKey | None:
     return _key(rows[0]) if rows else None
 
 
+def any_tiered_keys(db: Database) -> bool:
+    """Does an active key have a tier other than normal (so the engines should schedule by priority)?"""
+    rows = db.query("SELECT 1 FROM api_keys WHERE revoked_at IS NULL AND priority IN ('high', 'batch') LIMIT 1")
+    return bool(rows)
+
+
 def any_active_keys(db: Database) -> bool:
     return bool(db.query("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1"))
 
@@ -162,4 +177,5 @@ def _row(key: ApiKey) -> tuple[object, ...]:
 def _key(row: Row) -> ApiKey:
     values = dict(zip(_FIELDS, row, strict=True))
     values["models"] = tuple(json.loads(values["models"])) if values["models"] else None
+    values["priority"] = values["priority"] or "normal"  # keys made before tiers existed
     return ApiKey(**values)

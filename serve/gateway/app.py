@@ -25,7 +25,7 @@ from deploykit import __version__
 from deploykit.core.ports import is_loopback
 from deploykit.serve.accounting.budgets import BudgetExceeded, BudgetKeeper, Hold, Price
 from deploykit.serve.accounting.database import Database
-from deploykit.serve.accounting.keys import ApiKey
+from deploykit.serve.accounting.keys import PRIORITIES, ApiKey
 from deploykit.serve.accounting.ledger import Ledger
 from deploykit.serve.gateway.auth import KeyVerifier, require_model_access
 from deploykit.serve.gateway.errors import (
@@ -75,6 +75,8 @@ class GatewayOptions:
     # What a million prompt / completion tokens of each local model cost (serve --token-price): the ledger's
     # cost column and the keys' spend budgets use it
     token_prices: Mapping[str, Price] = field(default_factory=dict)
+    # Models whose engines run with --scheduling-policy priority: requests carry their key's tier to vLLM
+    priority_models: frozenset[str] = frozenset()
 
 
 class Gateway:
@@ -374,6 +376,9 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
         rewritten = budget.inject is not None
         if rewritten:
             body = {**body, "max_tokens": budget.inject}
+        tier = key.priority if key is not None else "normal"
+        if "priority" in body or tier != "normal":  # a client never sets its own place in the engine's queue
+            body, rewritten = _with_priority(body, tier, model.name in gateway.options.priority_models), True
         if body.get("stream") is True:
             body, exchange.strip_usage = _with_usage(body)
             rewritten = rewritten or exchange.strip_usage
@@ -386,7 +391,7 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
                 spill, spill_backend, path, spill.body(body), request, exchange, gateway.stopping
             )
         if gateway.queue is not None:
-            exchange.slot = await gateway.queue.acquire(key.id if key is not None else "")
+            exchange.slot = await gateway.queue.acquire(key.id if key is not None else "", tier)
             exchange.queued = time.monotonic()
         return await forward(model, path, raw, request, exchange, gateway.stopping)
     except GatewayError as e:
@@ -469,6 +474,13 @@ def _check_stream(body: dict[str, object]) -> None:
         value = body.get(attr)
         if value is not None and not isinstance(value, kind):
             raise GatewayError(400, f"{attr} must be {name}.", "invalid_request_error", "invalid_type", attr)
+
+
+def _with_priority(body: dict[str, object], tier: str, scheduled: bool) -> dict[str, object]:
+    """The body with vLLM's `priority` set from the key's tier where the engines schedule by priority, and
+    without whatever the client sent (elsewhere a non-zero value is an engine error)."""
+    clean = {k: v for k, v in body.items() if k != "priority"}
+    return {**clean, "priority": PRIORITIES[tier]} if scheduled and tier != "normal" else clean
 
 
 def _with_usage(body: dict[str, object]) -> tuple[dict[str, object], bool]:

@@ -43,7 +43,7 @@ class SpillTarget:
 
     def body(self, body: dict[str, object]) -> bytes:
         """The request as the managed API wants it: its model name, no vLLM-only fields."""
-        clean = {k: v for k, v in body.items() if k not in ("ignore_eos",)}
+        clean = {k: v for k, v in body.items() if k not in ("ignore_eos", "priority")}
         return json.dumps({**clean, "model": self.remote_model}).encode()
 
     @property

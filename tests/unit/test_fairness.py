@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -105,6 +105,71 @@ async def test_releasing_twice_frees_one_slot() -> None:
     assert queue.total == 1 and queue.in_flight == {"b": 1}
 
 
+async def test_tiers_go_first_in_order_whatever_their_keys_have_in_flight() -> None:
+    queue = FairQueue(1)
+    held = await queue.acquire("h", "high")
+    order: list[str] = []
+
+    async def wait(key: str, tier: str) -> None:
+        (await queue.acquire(key, tier)).release()
+        order.append(key)
+
+    tasks = []
+    for key, tier in (("b1", "batch"), ("n1", "normal"), ("b2", "batch"), ("h2", "high"), ("n2", "normal")):
+        tasks.append(asyncio.create_task(wait(key, tier)))
+        await asyncio.sleep(0)
+    held.release()
+    await asyncio.gather(*tasks)
+    assert order == ["h2", "n1", "n2", "b1", "b2"]
+
+
+async def test_batch_leaves_a_quarter_of_the_slots_to_the_interactive_tiers() -> None:
+    queue = FairQueue(4)
+    assert queue.batch_limit == 3
+    batch = [await queue.acquire("b", "batch") for _ in range(3)]
+    fourth = asyncio.create_task(queue.acquire("b", "batch"))
+    await asyncio.sleep(0)
+    assert queue.total == 3 and queue.queued == 1  # the fourth batch request waits with a slot free...
+    started = time.monotonic()
+    interactive = await queue.acquire("n")  # ...which a normal request takes at once
+    assert time.monotonic() - started < 0.01 and queue.total == 4
+    interactive.release()
+    assert queue.queued == 1  # the free slot is still not batch's
+    batch[0].release()
+    (await fourth).release()  # a batch slot freed: the waiting batch request runs
+    assert FairQueue(1).batch_limit == 1  # one slot: batch may use it (nothing would run otherwise)
+
+
+async def test_a_full_queue_sheds_the_newest_batch_request_for_a_better_tier() -> None:
+    queue = FairQueue(1, max_waiting=2, max_wait_s=5)
+    held = await queue.acquire("n")
+    old, new = (asyncio.create_task(queue.acquire(k, "batch")) for k in ("b1", "b2"))
+    await asyncio.sleep(0)
+    high = asyncio.create_task(queue.acquire("h", "high"))
+    await asyncio.sleep(0)
+    with pytest.raises(GatewayError) as shed:
+        await new
+    assert (shed.value.status, shed.value.type, shed.value.code) == (429, "priority", "overloaded")
+    assert "higher-priority" in shed.value.message and shed.value.headers["Retry-After"] == "5"
+    assert not old.done() and queue.queued == 2
+    started = time.monotonic()
+    with pytest.raises(GatewayError) as refused:  # a batch newcomer finds no worse tier: refused at once, 429
+        await queue.acquire("b3", "batch")
+    assert refused.value.status == 429 and "2 requests are already waiting" in refused.value.message
+    assert time.monotonic() - started < 0.01
+    normal = asyncio.create_task(queue.acquire("n2", "normal"))  # a normal one sheds the last batch request
+    await asyncio.sleep(0)
+    with pytest.raises(GatewayError):
+        await old
+    order: list[str] = []
+    for task, name in ((high, "high"), (normal, "normal")):
+        task.add_done_callback(lambda _, name=name: order.append(name))
+    held.release()
+    (await high).release()
+    (await normal).release()
+    assert order == ["high", "normal"] and queue.total == 0 and queue.queued == 0
+
+
 @pytest.fixture
 async def slow_backend(slow_engine_url: str) -> AsyncIterator[Backend]:
     async with engine_session() as session:
@@ -153,3 +218,24 @@ async def test_without_a_cap_nothing_waits(gateway: httpx.AsyncClient, app: Fast
     assert app.state.gateway.queue is None
     results = await asyncio.gather(*(gateway.post("/v1/chat/completions", json=chat(max_tokens=2)) for _ in range(20)))
     assert {r.status_code for r in results} == {200}
+
+
+async def test_a_keys_tier_reaches_priority_scheduled_engines_and_no_client_sets_its_own(
+    make_app: Callable[..., FastAPI], db: Database, engine_url: str
+) -> None:
+    _, high = create_key(db, "interactive", priority="high")
+    _, batch = create_key(db, "evals", priority="batch")
+    _, normal = create_key(db, "web")
+
+    async def seen(app: FastAPI, token: str, **extra: object) -> object:
+        async with client_of(app, authorization=f"Bearer {token}") as client:
+            assert (await client.post("/v1/chat/completions", json=chat(max_tokens=2, **extra))).status_code == 200
+        async with httpx.AsyncClient() as engine:
+            return (await engine.get(engine_url + "/last_body")).json().get("priority", "absent")
+
+    scheduled = make_app(auth=True, priority_models=frozenset({"m1"}))
+    assert await seen(scheduled, high) == -1
+    assert await seen(scheduled, batch, priority=-100) == 1  # the key's tier, not the client's claim
+    assert await seen(scheduled, normal, priority=-100) == "absent"  # normal: vLLM's default, 0
+    plain = make_app(auth=True)  # engines without priority scheduling would refuse a non-zero priority
+    assert await seen(plain, high, priority=3) == "absent"

@@ -218,3 +218,33 @@ def test_bad_lora_specs_say_what_is_wrong(tmp_path: Path, spec: str, message: st
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(UsageError, match=message):
         read_adapter(spec.replace("{bad}", str(tmp_path)))
+
+
+def test_keys_with_tiers_make_every_engine_schedule_by_priority(tmp_path: Path) -> None:
+    from deploykit.core.settings import Settings
+    from deploykit.serve.accounting.database import opened
+    from deploykit.serve.accounting.keys import create_key, revoke_key
+    from deploykit.serve.plan import schedules_by_priority, with_priority
+    from deploykit.serve.runner import ServeOptions, with_tiers
+
+    base = plan(SMOLLM2, LAPTOP)
+    tiered = with_priority(base)
+    assert list(tiered.argv[len(base.argv) :]) == ["--scheduling-policy", "priority"]
+    assert schedules_by_priority(tiered) and not schedules_by_priority(base)
+    own = plan(SMOLLM2, LAPTOP, "--scheduling-policy", "fcfs")
+    assert with_priority(own) is own and not schedules_by_priority(own)  # the user's own policy stays
+
+    settings = Settings(home=tmp_path)
+    keys_on = ServeOptions(auth=True)
+    with opened(settings.database) as db:
+        create_key(db, "web")
+    plans, options = with_tiers(settings, [base], keys_on)
+    assert plans == [base] and options.priority_models == ()  # every key normal: first come, first served
+    with opened(settings.database) as db:
+        create_key(db, "evals", priority="batch")
+    plans, options = with_tiers(settings, [base], keys_on)
+    assert plans == [tiered] and options.priority_models == ("m",)
+    assert with_tiers(settings, [base], ServeOptions(auth=False))[0] == [base]  # no keys, no tiers
+    with opened(settings.database) as db:
+        revoke_key(db, "evals")
+    assert with_tiers(settings, [base], keys_on)[0] == [base]
