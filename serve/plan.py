@@ -332,6 +332,26 @@ def with_adapters(plan: LaunchPlan, adapters: Sequence[Adapter]) -> LaunchPlan:
     return replace(plan, argv=argv, choices=choices, adapters=tuple(a.name for a in adapters))
 
 
+RUNTIME_LORA_RANK = 64  # the largest adapter rank an engine started for adapters on demand takes
+RUNTIME_LORAS = 4  # adapters in one batch at once
+
+
+def with_runtime_lora(plan: LaunchPlan) -> LaunchPlan:
+    """The plan with vLLM's runtime LoRA API on (the gateway loads registered adapters through it): LoRA
+    enabled up to rank 64 (or its static adapters' rank), and up to 4 adapters in a batch."""
+    if plan.env.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING") == "True":
+        return plan
+    why = "adapters registered at run time (deploykit lora add) are loaded through it"
+    env = {**plan.env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    flags = ["--max-loras", str(RUNTIME_LORAS)]
+    choices = [Choice("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True", why)]
+    if "--enable-lora" not in plan.argv:
+        flags = ["--enable-lora", "--max-lora-rank", str(RUNTIME_LORA_RANK), *flags]
+        choices.append(Choice("--max-lora-rank", str(RUNTIME_LORA_RANK), "room for adapters not known yet"))
+    choices.append(Choice("--max-loras", str(RUNTIME_LORAS), "adapters that can share one batch"))
+    return replace(plan, argv=(*plan.argv, *flags), env=env, choices=(*plan.choices, *choices))
+
+
 def with_priority(plan: LaunchPlan) -> LaunchPlan:
     """The plan with vLLM's priority scheduling: a request's `priority` (its API key's tier) orders the
     engine's waiting queue, and a running request of a worse tier is preempted first when KV cache runs out.

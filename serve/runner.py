@@ -36,6 +36,7 @@ from deploykit.core.settings import Settings
 from deploykit.models.catalog import load_catalog
 from deploykit.models.resolve import resolve
 from deploykit.models.store import ModelStore
+from deploykit.serve.accounting.adapters import list_adapters
 from deploykit.serve.accounting.budgets import Price
 from deploykit.serve.accounting.database import Database, PostgresDatabase, connect, opened
 from deploykit.serve.accounting.keys import any_tiered_keys
@@ -43,6 +44,7 @@ from deploykit.serve.accounting.ledger import DeploymentLog
 from deploykit.serve.engine import EngineProgress
 from deploykit.serve.gateway.app import Gateway, GatewayOptions, create_app
 from deploykit.serve.gateway.auth import KeyVerifier
+from deploykit.serve.gateway.lora import keep_adapters
 from deploykit.serve.gateway.proxy import engine_session
 from deploykit.serve.gateway.routing import Backend
 from deploykit.serve.gateway.server import ConnectionLimits, server_config
@@ -55,6 +57,7 @@ from deploykit.serve.plan import (
     schedules_by_priority,
     with_adapters,
     with_priority,
+    with_runtime_lora,
 )
 from deploykit.serve.remote import RemoteEngine, RemoteWatch
 from deploykit.serve.supervisor import Failure, Ready, Replica, RestartPolicy, Supervisor
@@ -81,7 +84,8 @@ class ServeOptions:
     queue_timeout_s: float = 30.0
     workers: int = 1  # gateway processes on the one port (serve/workers.py)
     token_prices: dict[str, Price] = field(default_factory=dict)  # serve --token-price, by served model
-    priority_models: tuple[str, ...] = ()  # models whose engines schedule by priority (with_tiers)
+    priority_models: tuple[str, ...] = ()  # models whose engines schedule by priority (with_database)
+    lora_on_demand: bool = False  # the first model's engines ready for adapters registered at run time
 
     @property
     def auth_required(self) -> bool:
@@ -162,17 +166,21 @@ def prepare(
     return plans
 
 
-def with_tiers(
+def with_database(
     settings: Settings, plans: Sequence[LaunchPlan], options: ServeOptions
 ) -> tuple[list[LaunchPlan], ServeOptions]:
-    """With API keys on and an active key of tier high or batch, every engine schedules by priority and the
-    gateway passes each request's tier on; engines given a policy of their own keep it. A key given a tier
-    later is served by the gateway's queue in tier order at once, and by the engines after a restart."""
-    tiered = False
-    if options.auth_required:
-        with opened(settings.database) as db:
-            tiered = any_tiered_keys(db)
-    planned = [with_priority(p) for p in plans] if tiered else list(plans)
+    """What the database asks of the engines. With API keys on and an active key of tier high or batch, every
+    engine schedules by priority and the gateway passes each request's tier on (engines given a policy of
+    their own keep it; a key given a tier later is served in tier order by the gateway's queue at once, and
+    by the engines after a restart). The engines of a model with adapters registered (`deploykit lora add`),
+    and with --lora-on-demand the first model's, have vLLM's runtime LoRA API on, for the gateway to use."""
+    with opened(settings.database) as db:
+        tiered = options.auth_required and any_tiered_keys(db)
+        adapted = {a.model for a in list_adapters(db)}
+    planned = [with_priority(p) if tiered else p for p in plans]
+    if options.lora_on_demand and planned:
+        adapted.add(planned[0].served_name)  # as --lora, the first model's
+    planned = [with_runtime_lora(p) if p.served_name in adapted else p for p in planned]
     names = tuple(dict.fromkeys(p.served_name for p in planned if schedules_by_priority(p)))
     return planned, replace(options, priority_models=names)
 
@@ -357,6 +365,7 @@ async def _serve(
                     await watch.step(probe)
             serving = asyncio.create_task(server.serve(sockets=[listener]))
             heartbeat = asyncio.create_task(_heartbeat(deployment)) if deployment else None
+            adapters = asyncio.create_task(keep_adapters(gateway.router, db))
             deadline: asyncio.Task[None] | None = None
             try:
                 failure = await _watch(watch, server, stop_signals, workers, reporter)
@@ -369,6 +378,7 @@ async def _serve(
                 deadline = asyncio.create_task(_cut_after(gateway, options.drain_timeout_s))
                 await serving
             finally:
+                adapters.cancel()
                 if heartbeat is not None:
                     heartbeat.cancel()
                 if deadline is not None:

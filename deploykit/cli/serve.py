@@ -36,7 +36,7 @@ from deploykit.serve.runner import (
     require_served,
     run,
     run_remote,
-    with_tiers,
+    with_database,
 )
 from deploykit.serve.supervisor import Ready
 
@@ -47,6 +47,12 @@ def serve(
         None, help=f"Model aliases from `deploykit models list` (default: {DEFAULT_MODEL}).", show_default=False
     ),
     replicas: int = typer.Option(1, help="Engine processes per model (one GPU group each on GPU machines)."),
+    lora_on_demand: bool = typer.Option(
+        False,
+        "--lora-on-demand",
+        help="Start the first model's engines ready for LoRA adapters registered while they run (`deploykit lora "
+        "add`); the engines of a model with adapters registered already are started so anyway.",
+    ),
     lora: list[str] = typer.Option(
         [], help="NAME=PATH: a LoRA adapter (a peft directory) for the first model, served as model NAME."
     ),
@@ -179,13 +185,15 @@ def serve(
         queue_timeout_s=queue_timeout,
         workers=workers,
         token_prices=dict(parse_price(p) for p in token_price),
+        lora_on_demand=lora_on_demand,
     )
     if engine:
-        if models or engine_args or lora or replicas != 1 or engine_port or locked:
+        if models or engine_args or lora or lora_on_demand or replicas != 1 or engine_port or locked:
             raise UsageError(
-                "--engine fronts engines that run elsewhere: it takes no MODELS, --replicas, --lora, --engine-port, "
-                "--locked or engine arguments.",
-                "Give each replica its own --engine NAME=URL, and set the engine's flags where it runs.",
+                "--engine fronts engines that run elsewhere: it takes no MODELS, --replicas, --lora, --lora-on-demand, "
+                "--engine-port, --locked or engine arguments.",
+                "Give each replica its own --engine NAME=URL, and set the engine's flags where it runs (for "
+                "registered adapters: VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora).",
             )
         remotes = [parse_engine(e) for e in engine]
         require_served(options, {e.model for e in remotes})
@@ -209,7 +217,7 @@ def serve(
         settings, models, replicas=replicas, adapters=adapters, engine_args=engine_args, engine_port=engine_port or None
     )
     require_served(options, {p.served_name for p in plans})
-    plans, options = with_tiers(settings, plans, options)
+    plans, options = with_database(settings, plans, options)
     if dry_run:
         _show_dry_run(lambda: _show_plans(plans, json_), options, json_)
         return

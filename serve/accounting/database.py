@@ -128,6 +128,18 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         """,
     ),
     ("m007_key_priority", "ALTER TABLE api_keys ADD COLUMN priority TEXT"),
+    (
+        "m008_adapters",
+        """
+        CREATE TABLE adapters (
+            name TEXT PRIMARY KEY,
+            model TEXT NOT NULL,
+            path TEXT NOT NULL,
+            rank INTEGER NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )
+        """,
+    ),
 )
 
 

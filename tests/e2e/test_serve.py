@@ -96,6 +96,32 @@ def test_a_lora_adapter_answers_as_its_own_model(client: openai.OpenAI) -> None:
     assert adapted != base  # the adapter's weights change what the same engine says
 
 
+def test_an_adapter_registered_while_serving_is_loaded_by_vllms_runtime_lora_api(
+    served: Served, client: openai.OpenAI
+) -> None:
+    adapter = served.home / "smol-lora-2"
+    base_dir = served.home / "models" / MODEL / "model"
+    subprocess.run([sys.executable, "-m", "tests.fakes.lora", base_dir, adapter, "1"], check=True, timeout=300)
+    env = {**os.environ, "DEPLOYKIT_HOME": str(served.home)}
+    lora = [sys.executable, "-m", "deploykit", "lora"]
+    subprocess.run([*lora, "add", "smol-lora-2", adapter, "--model", MODEL], env=env, check=True, timeout=60)
+    deadline = time.monotonic() + 30
+    while "smol-lora-2" not in [m.id for m in client.models.list()]:
+        assert time.monotonic() < deadline, "the registered adapter was never loaded"
+        time.sleep(0.5)
+    ask = {"messages": QUESTION, "temperature": 0, "max_tokens": 12}
+    base = client.chat.completions.create(model=MODEL, **ask).choices[0].message.content  # type: ignore[call-overload]
+    adapted = client.chat.completions.create(model="smol-lora-2", **ask).choices[0].message.content  # type: ignore[call-overload]
+    assert adapted != base  # the engine applied the adapter it loaded at run time
+    subprocess.run([*lora, "remove", "smol-lora-2"], env=env, check=True, timeout=60)
+    deadline = time.monotonic() + 30
+    while "smol-lora-2" in [m["id"] for m in served.http.get(served.engine_url + "/v1/models").json()["data"]]:
+        assert time.monotonic() < deadline, "the removed adapter is still loaded in the engine"
+        time.sleep(0.5)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="smol-lora-2", **ask)  # type: ignore[call-overload]
+
+
 def test_embeddings_from_the_second_model_behind_the_same_gateway(client: openai.OpenAI) -> None:
     texts = ["The capital of France is Paris.", "Paris is France's capital city.", "I like green apples."]
     result = client.embeddings.create(model=EMBEDDING_MODEL, input=texts)

@@ -33,11 +33,15 @@ def create_fake_engine(
     api_key: str | None = None,
     gzip: str | None = None,
     adapters: tuple[str, ...] = (),
+    runtime_lora: bool = False,
 ) -> ASGIApp:
     """With `api_key`, it stands for a managed API: requests need that key (Bearer or Azure's api-key).
     `gzip`: "on_request" compresses answers for clients that accept gzip, "always" for every client (as
-    some proxies in front of managed APIs do). `adapters`: LoRA adapters' names it also answers to."""
+    some proxies in front of managed APIs do). `adapters`: LoRA adapters' names it also answers to.
+    `runtime_lora`: vLLM's runtime LoRA routes (as with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), which load
+    an adapter whose directory exists."""
     app = FastAPI()
+    app.state.adapters = {name: "" for name in adapters}  # name -> path, as vLLM lists them
     app.state.finished = 0
     app.state.aborted = 0
     app.state.in_flight = 0
@@ -82,7 +86,28 @@ def create_fake_engine(
     @app.get("/v1/models")
     async def models() -> dict[str, object]:
         entry = {"id": model, "object": "model", "owned_by": "fake", "max_model_len": CONTEXT}  # as vLLM lists it
-        return {"object": "list", "data": [entry]}
+        loras = [{"id": n, "object": "model", "root": p, "parent": model} for n, p in app.state.adapters.items()]
+        return {"object": "list", "data": [entry, *loras]}
+
+    if runtime_lora:
+
+        @app.post("/v1/load_lora_adapter")
+        async def load(request: Request) -> Response:
+            body = await request.json()
+            name, path = body.get("lora_name"), body.get("lora_path")
+            if name in app.state.adapters:
+                return JSONResponse({"error": {"message": f"The lora adapter '{name}' has already been loaded."}}, 400)
+            if not path or not os.path.isdir(path):
+                return JSONResponse({"error": {"message": f"No adapter found at {path}"}}, 404)
+            app.state.adapters[name] = path
+            return Response(f"Success: LoRA adapter '{name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload(request: Request) -> Response:
+            name = (await request.json()).get("lora_name")
+            if app.state.adapters.pop(name, None) is None:
+                return JSONResponse({"error": {"message": f"The lora adapter '{name}' cannot be found."}}, 404)
+            return Response(f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def complete(request: Request, chat: bool) -> object:
         app.state.last_headers = dict(request.headers)
@@ -93,7 +118,7 @@ def create_fake_engine(
             return JSONResponse({"error": {"message": "bad key", "type": "invalid_request_error"}}, 401)
         body = await request.json()
         app.state.last_body = body
-        if body.get("model") not in (model, *adapters):
+        if body.get("model") not in (model, *app.state.adapters):
             return JSONResponse(
                 {"error": {"message": "no such model", "type": "NotFoundError", "param": None, "code": 404}}, 404
             )
@@ -262,12 +287,16 @@ def main() -> None:
     parser.add_argument("--startup-delay", type=float, default=0.0)
     parser.add_argument("--die-after", type=float, default=0.0, help="exit (status 3) this long after start")
     parser.add_argument("--lora-modules", nargs="*", default=[], help="NAME=PATH: answer to NAME too, as vLLM does")
+    parser.add_argument("--enable-lora", action="store_true", help="ignored (as the launch plan passes it)")
+    parser.add_argument("--max-lora-rank", help="ignored")
+    parser.add_argument("--max-loras", help="ignored")
     args = parser.parse_args()
     start_up(args.port, args.startup_delay)
     if args.die_after:
         threading.Timer(args.die_after, lambda: os._exit(3)).start()
     adapters = tuple(m.split("=")[0] for m in args.lora_modules)
-    app = create_fake_engine(args.model, args.token_delay, adapters=adapters)
+    runtime = os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING") == "True"  # as vLLM reads it
+    app = create_fake_engine(args.model, args.token_delay, adapters=adapters, runtime_lora=runtime)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 

@@ -28,4 +28,4 @@ def make_adapter(base: Path, out: Path, seed: int = 0) -> Path:
 if __name__ == "__main__":
     import sys
 
-    make_adapter(Path(sys.argv[1]), Path(sys.argv[2]))
+    make_adapter(Path(sys.argv[1]), Path(sys.argv[2]), seed=int(sys.argv[3]) if len(sys.argv) > 3 else 0)

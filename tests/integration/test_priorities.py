@@ -81,6 +81,6 @@ def test_a_high_priority_key_starts_at_once_while_a_batch_key_floods_the_gateway
         gateway.send_signal(signal.SIGTERM)
         gateway.wait(60)
     # the high key never waits for a batch stream to end (1 s): a quarter of the slots is kept from batch
-    assert percentile(highs, 0.95) < 0.5, highs
+    assert percentile(sorted(highs), 95) < 0.5, highs
     assert (codes.count(200), codes.count(429)) == (35, 5)  # 3 running + 32 queued (8 x the cap); 5 shed
     assert 'deploykit_requests_total{key="app",model="m1",status="200"} 12.0' in metrics

@@ -220,12 +220,12 @@ def test_bad_lora_specs_say_what_is_wrong(tmp_path: Path, spec: str, message: st
         read_adapter(spec.replace("{bad}", str(tmp_path)))
 
 
-def test_keys_with_tiers_make_every_engine_schedule_by_priority(tmp_path: Path) -> None:
+def test_keys_with_database_make_every_engine_schedule_by_priority(tmp_path: Path) -> None:
     from deploykit.core.settings import Settings
     from deploykit.serve.accounting.database import opened
     from deploykit.serve.accounting.keys import create_key, revoke_key
     from deploykit.serve.plan import schedules_by_priority, with_priority
-    from deploykit.serve.runner import ServeOptions, with_tiers
+    from deploykit.serve.runner import ServeOptions, with_database
 
     base = plan(SMOLLM2, LAPTOP)
     tiered = with_priority(base)
@@ -238,13 +238,33 @@ def test_keys_with_tiers_make_every_engine_schedule_by_priority(tmp_path: Path) 
     keys_on = ServeOptions(auth=True)
     with opened(settings.database) as db:
         create_key(db, "web")
-    plans, options = with_tiers(settings, [base], keys_on)
+    plans, options = with_database(settings, [base], keys_on)
     assert plans == [base] and options.priority_models == ()  # every key normal: first come, first served
     with opened(settings.database) as db:
         create_key(db, "evals", priority="batch")
-    plans, options = with_tiers(settings, [base], keys_on)
+    plans, options = with_database(settings, [base], keys_on)
     assert plans == [tiered] and options.priority_models == ("m",)
-    assert with_tiers(settings, [base], ServeOptions(auth=False))[0] == [base]  # no keys, no tiers
+    assert with_database(settings, [base], ServeOptions(auth=False))[0] == [base]  # no keys, no tiers
     with opened(settings.database) as db:
         revoke_key(db, "evals")
-    assert with_tiers(settings, [base], keys_on)[0] == [base]
+    assert with_database(settings, [base], keys_on)[0] == [base]
+
+
+def test_registered_adapters_or_lora_on_demand_ready_the_engines_for_runtime_lora(tmp_path: Path) -> None:
+    from deploykit.core.settings import Settings
+    from deploykit.serve.accounting.adapters import add_adapter
+    from deploykit.serve.accounting.database import opened
+    from deploykit.serve.plan import with_runtime_lora
+    from deploykit.serve.runner import ServeOptions, with_database
+
+    settings = Settings(home=tmp_path)
+    first, second = (
+        plan(SMOLLM2, LAPTOP),
+        plan_launch(Path("/m2"), "m2", SMOLLM2, LAPTOP, port=9998, python="/venv/bin/python"),
+    )
+    assert with_database(settings, [first, second], ServeOptions())[0] == [first, second]
+    on_demand = with_database(settings, [first, second], ServeOptions(lora_on_demand=True))[0]
+    assert on_demand == [with_runtime_lora(first), second]  # the first model's, as --lora
+    with opened(settings.database) as db:
+        add_adapter(db, "support", "m2", "/a/support", 8)
+    assert with_database(settings, [first, second], ServeOptions())[0] == [first, with_runtime_lora(second)]
