@@ -6,7 +6,11 @@
 
 By default it starts its own fast upstream (benchmarks/fast_upstream.py: a known token schedule at
 almost no CPU cost) and a gateway in front of it with everything on: API key auth, quotas on that key,
-the SQLite ledger and metrics. Against a running deployment instead:
+the SQLite ledger and metrics. With --all-features, also what issue #18 added, all at once: the key has a
+hard spend budget (held and settled per request, in the database) and the high priority tier, requests are
+priced (--token-price), the fair queue is on (a cap no run reaches), prefix routing is on, and every
+request becomes an OpenTelemetry trace exported over OTLP/HTTP to a sink in this process. Against a
+running deployment instead:
     deploykit serve --engine-port 8001 ...
     python -m benchmarks.gateway_overhead --gateway http://127.0.0.1:8000 --upstream http://127.0.0.1:8001 \\
         --model smollm2-135m --key dk-...
@@ -145,16 +149,24 @@ def _wait_http(url: str, timeout: float = 30) -> None:
     raise SystemExit(f"{url} did not answer")
 
 
-def start_stack(ttft: float, gap: float) -> tuple[list[subprocess.Popen[bytes]], str, str, str]:
+def start_stack(ttft: float, gap: float, features: bool) -> tuple[list[subprocess.Popen[bytes]], str, str, str]:
     """Start the fast upstream and a gateway in front of it: (processes, upstream url, gateway url, API key)."""
     from deploykit.core.ports import free_port
+    from deploykit.serve.accounting.budgets import set_budget
     from deploykit.serve.accounting.database import opened
     from deploykit.serve.accounting.keys import create_key
 
     home = Path(tempfile.mkdtemp(prefix="deploykit-bench-"))
     db_url = f"sqlite:///{home / 'deploykit.db'}"
     with opened(db_url) as db:
-        _, token = create_key(db, "bench", rpm=10_000_000, tpm=1_000_000_000, max_concurrent=100_000)
+        limits = {"rpm": 10_000_000, "tpm": 1_000_000_000, "max_concurrent": 100_000}
+        tier = {"priority": "high"} if features else {}
+        _, token = create_key(db, "bench", **limits, **tier)  # type: ignore[arg-type]
+        if features:
+            set_budget(db, "bench", monthly_usd=1e9, hard=True)
+    env = dict(os.environ)
+    if features:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_sink()
     up_port, gw_port = free_port(), free_port()
     upstream = subprocess.Popen(
         [
@@ -169,21 +181,41 @@ def start_stack(ttft: float, gap: float) -> tuple[list[subprocess.Popen[bytes]],
             str(gap),
         ]
     )
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.gateway_overhead", "--serve-gateway", str(gw_port), str(up_port), db_url]
-    )
+    serve = ["--serve-gateway", str(gw_port), str(up_port), db_url, "all" if features else "base"]
+    gateway = subprocess.Popen([sys.executable, "-m", "benchmarks.gateway_overhead", *serve], env=env)
     up, gw = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{gw_port}"
     _wait_http(up + "/v1/models")
     _wait_http(gw + "/health")
     return [upstream, gateway], up, gw, token
 
 
-def serve_gateway(port: int, upstream_port: int, db_url: str) -> None:
-    """The gateway process: auth on, the ledger in db_url, metrics as always."""
+def otlp_sink() -> str:
+    """An OTLP/HTTP endpoint that takes every export and drops it (a thread of this process); its URL."""
+    import http.server
+    import threading
+
+    class Sink(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}"
+
+
+def serve_gateway(port: int, upstream_port: int, db_url: str, features: bool) -> None:
+    """The gateway process: auth on, the ledger in db_url, metrics as always (and with `features`, the rest)."""
     import uvicorn
     import uvloop
 
     from deploykit.core.quiet import quiet_gc
+    from deploykit.serve.accounting.budgets import Price
     from deploykit.serve.accounting.database import connect
     from deploykit.serve.gateway import Backend, create_app
     from deploykit.serve.gateway.app import GatewayOptions
@@ -192,7 +224,16 @@ def serve_gateway(port: int, upstream_port: int, db_url: str) -> None:
     async def main() -> None:
         async with engine_session() as session:
             backend = Backend("fast", f"http://127.0.0.1:{upstream_port}", session, status="ready")
-            app = create_app([backend], connect(db_url), GatewayOptions(auth=True))
+            options = GatewayOptions(auth=True)
+            if features:
+                options = GatewayOptions(
+                    auth=True,
+                    token_prices={"fast": Price(0.1, 0.4)},
+                    max_concurrent=100_000,
+                    priority_models=frozenset({"fast"}),
+                    prefix_routing=True,
+                )
+            app = create_app([backend], connect(db_url), options)
             config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
             quiet_gc()  # as deploykit serve does
             await uvicorn.Server(config).serve()
@@ -259,8 +300,8 @@ async def soak(args: argparse.Namespace, gateway: str, token: str, pid: int) -> 
 
 
 def main() -> None:
-    if len(sys.argv) == 5 and sys.argv[1] == "--serve-gateway":
-        serve_gateway(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    if len(sys.argv) == 6 and sys.argv[1] == "--serve-gateway":
+        serve_gateway(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "all")
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,64,256")
@@ -280,6 +321,11 @@ def main() -> None:
         help="start every stream at once (they then end and restart together): the worst case",
     )
     parser.add_argument(
+        "--all-features",
+        action="store_true",
+        help="spend budget, priority tier, token prices, fair queue, prefix routing and OTLP traces on too",
+    )
+    parser.add_argument(
         "--pin",
         action="store_true",
         help="give the gateway the last core to itself; the client and the upstream share the others",
@@ -290,7 +336,7 @@ def main() -> None:
         if args.gateway:
             upstream, gateway, token, pid = args.upstream, args.gateway, args.key, None
         else:
-            procs, upstream, gateway, token = start_stack(args.ttft, args.gap)
+            procs, upstream, gateway, token = start_stack(args.ttft, args.gap, args.all_features)
             pid = procs[1].pid
             if args.pin:
                 cores = sorted(os.sched_getaffinity(0))

@@ -43,8 +43,9 @@ class Hardware:
         return len(self.cpu_ids)
 
     def split(self, n: int) -> list[Hardware]:
-        """Shares for n engines: each its own equal group of GPUs, or an n-th of the available RAM (the CPU
-        cores are shared: vLLM's CPU backend binds its threads itself)."""
+        """Shares for n engines: each its own equal group of GPUs, or on the CPU an n-th of the available RAM
+        and cores of its own to bind its threads to, with the last core (which the plan leaves to the gateway)
+        in every share; with no more cores than engines, each engine gets one, in turn."""
         if n == 1:
             return [self]
         if self.gpus:
@@ -55,7 +56,16 @@ class Hardware:
                 )
             per = len(self.gpus) // n
             return [replace(self, gpus=self.gpus[i * per : (i + 1) * per]) for i in range(n)]
-        return [replace(self, ram_available_bytes=self.ram_available_bytes // n) for _ in range(n)]
+        cores = self.cpu_ids
+        if not cores:
+            return [replace(self, ram_available_bytes=self.ram_available_bytes // n) for _ in range(n)]
+        if len(cores) > n:
+            per = (len(cores) - 1) // n
+            groups = [(*cores[i * per : (i + 1) * per], cores[-1]) for i in range(n)]
+        else:
+            groups = [(cores[i % len(cores)],) for i in range(n)]
+        ram = self.ram_available_bytes // n
+        return [replace(self, ram_available_bytes=ram, cpu_ids=group) for group in groups]
 
 
 def detect_hardware() -> Hardware:

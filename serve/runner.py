@@ -86,6 +86,7 @@ class ServeOptions:
     token_prices: dict[str, Price] = field(default_factory=dict)  # serve --token-price, by served model
     priority_models: tuple[str, ...] = ()  # models whose engines schedule by priority (with_database)
     lora_on_demand: bool = False  # the first model's engines ready for adapters registered at run time
+    routing: str = "least-outstanding"  # or "prefix": requests that start alike meet on one replica
 
     @property
     def auth_required(self) -> bool:
@@ -105,6 +106,7 @@ class ServeOptions:
                 "spills": tuple(SpillTarget(**s) for s in given["spills"]),
                 "limits": ConnectionLimits(**given["limits"]),
                 "token_prices": {m: Price(**p) for m, p in given["token_prices"].items()},
+                "priority_models": tuple(given["priority_models"]),
             }
         )
 
@@ -349,6 +351,7 @@ async def _serve(
             peers=peers.others(index) if peers else (),
             token_prices=options.token_prices,
             priority_models=frozenset(options.priority_models),
+            prefix_routing=options.routing == "prefix",
         )
         app = create_app(backends, db, gateway_options)
         gateway: Gateway = app.state.gateway

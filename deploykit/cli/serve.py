@@ -112,6 +112,12 @@ def serve(
         "(e.g. `deploykit size`'s $/Mtok). The ledger records each request's cost at it, and keys' spend budgets "
         "(`deploykit keys budget`) are held to it.",
     ),
+    routing: str = typer.Option(
+        "least-outstanding",
+        help="How a model's replicas share requests: least-outstanding (the least busy), or prefix (requests whose "
+        "prompts start alike, such as a conversation's turns, go to the replica that has them in KV cache, "
+        "within a load bound).",
+    ),
     workers: int = typer.Option(
         1,
         min=1,
@@ -186,6 +192,7 @@ def serve(
         workers=workers,
         token_prices=dict(parse_price(p) for p in token_price),
         lora_on_demand=lora_on_demand,
+        routing=_routing(routing),
     )
     if engine:
         if models or engine_args or lora or lora_on_demand or replicas != 1 or engine_port or locked:
@@ -222,6 +229,12 @@ def serve(
         _show_dry_run(lambda: _show_plans(plans, json_), options, json_)
         return
     run(settings, plans, options, ConsoleReporter())
+
+
+def _routing(value: str) -> str:
+    if value not in ("least-outstanding", "prefix"):
+        raise UsageError(f"--routing '{value}' is not one of least-outstanding, prefix.", "E.g. --routing prefix.")
+    return value
 
 
 def _split_engine_args(positional: list[str], extra: list[str]) -> tuple[list[str], list[str]]:

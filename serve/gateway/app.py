@@ -47,7 +47,7 @@ from deploykit.serve.gateway.proxy import (
     parse_body,
 )
 from deploykit.serve.gateway.ratelimit import Admission, RateLimiter
-from deploykit.serve.gateway.routing import Backend, Router
+from deploykit.serve.gateway.routing import Backend, Router, prefix_key
 from deploykit.serve.gateway.schema import install_openapi
 from deploykit.serve.gateway.shared_limits import SharedRateLimiter
 from deploykit.serve.gateway.spill import SpillTarget
@@ -77,13 +77,14 @@ class GatewayOptions:
     token_prices: Mapping[str, Price] = field(default_factory=dict)
     # Models whose engines run with --scheduling-policy priority: requests carry their key's tier to vLLM
     priority_models: frozenset[str] = frozenset()
+    prefix_routing: bool = False  # send requests that start alike to the same replica (routing.py)
 
 
 class Gateway:
     """What the routes share: the engines, the keys, the quotas, the ledger and the metrics."""
 
     def __init__(self, backends: Sequence[Backend], db: Database, options: GatewayOptions) -> None:
-        self.router = Router(backends)
+        self.router = Router(backends, prefix_routing=options.prefix_routing)
         session = backends[0].session
         self.spills = {s.model: (s, Backend(s.model, s.url, session, status="ready")) for s in options.spills}
         self.peers = [Backend("gateway worker", url, session, status="ready") for url in options.peers]
@@ -393,7 +394,8 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
         if gateway.queue is not None:
             exchange.slot = await gateway.queue.acquire(key.id if key is not None else "", tier)
             exchange.queued = time.monotonic()
-        return await forward(model, path, raw, request, exchange, gateway.stopping)
+        ring_key = prefix_key(body) if model.prefix_routing else None
+        return await forward(model, path, raw, request, exchange, gateway.stopping, ring_key)
     except GatewayError as e:
         if exchange is None:
             exchange = _rejected(gateway, path, name, key, arrived)

@@ -83,18 +83,25 @@ def _deeper_than(value: object, limit: int) -> bool:
 
 
 async def forward(
-    model: Model, path: str, raw: bytes, request: Request, exchange: Exchange, stopping: asyncio.Event
+    model: Model,
+    path: str,
+    raw: bytes,
+    request: Request,
+    exchange: Exchange,
+    stopping: asyncio.Event,
+    key: int | None = None,
 ) -> Response:
-    """Send the request to the model's least busy replica and relay its answer, accounting for it in
-    `exchange`. A replica that fails before answering anything is left for the next one. When `stopping`
-    is set (the gateway's drain deadline), whatever is still running is cut short and aborted."""
+    """Send the request to the replica the model picks (by the prompt prefix's `key` with prefix routing, else
+    the least busy) and relay its answer, accounting for it in `exchange`. A replica that fails before
+    answering anything is left for the next one. When `stopping` is set (the gateway's drain deadline),
+    whatever is still running is cut short and aborted."""
     tried: list[Backend] = []
-    while (backend := model.pick(tried)) is not None:
+    while (backend := model.pick(tried, key)) is not None:
         tried.append(backend)
         try:
             return await _forward_to(backend, backend.url + path, raw, request, exchange, stopping)
         except aiohttp.ClientError as e:  # nothing reached the client yet: another replica may answer
-            if model.pick(tried) is None:
+            if model.pick(tried, key) is None:
                 raise _unreachable(backend, e) from e
     raise unavailable(model)
 

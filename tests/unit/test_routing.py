@@ -186,3 +186,96 @@ def test_prepare_gives_each_model_its_files_sampling_flags_environment_and_adapt
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "5")  # by default, the process's own environment
     [own] = prepare(settings, ["mine"], hardware=cpu)
     assert ("VLLM_CPU_KVCACHE_SPACE", "5") in {(c.setting, c.value) for c in own.choices}
+
+
+# prefix routing
+
+
+def chat_body(*contents: str) -> dict[str, object]:
+    return {"model": "m", "messages": [{"role": "user", "content": c} for c in contents]}
+
+
+def test_the_prefix_key_reads_the_prompts_first_bytes() -> None:
+    from deploykit.serve.gateway.routing import PREFIX_BYTES, prefix_key
+
+    turn1 = chat_body("Tell me about Lyon.")
+    turn2 = chat_body("Tell me about Lyon.", "And Paris?")
+    assert prefix_key(turn1) == prefix_key(turn2)  # a conversation's turns repeat its opening
+    assert prefix_key(turn1) != prefix_key(chat_body("Tell me about Nice."))
+    system = {"role": "system", "content": "x" * PREFIX_BYTES}
+    one, other = ({"model": "m", "messages": [system, {"role": "user", "content": q}]} for q in ("a?", "b?"))
+    assert prefix_key(one) == prefix_key(other)  # a long system prompt is the prefix
+    parts = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "Tell me about Lyon."}]}]}
+    assert prefix_key(parts) == prefix_key(turn1)  # text parts read as a string is
+    assert prefix_key({"model": "m", "prompt": ["abc", "def"]}) == prefix_key({"model": "m", "prompt": "abc"})
+    assert prefix_key({"model": "m", "input": "embed me"}) is None
+    assert prefix_key({"model": "m", "messages": "nonsense"}) is None
+
+
+def ring_model(*outstanding: int) -> Model:
+    model = Model("m", replicas(*outstanding))
+    model.prefix_routing = True
+    return model
+
+
+def test_a_prefix_keeps_its_replica_and_prefixes_spread_evenly() -> None:
+    import random
+
+    model = ring_model(0, 0, 0, 0)
+    keys = [random.Random(7).getrandbits(64) for _ in range(1)] + [
+        random.Random(i).getrandbits(64) for i in range(4000)
+    ]
+    picks = [model.pick(key=k) for k in keys]
+    assert all(model.pick(key=k) is p for k, p in zip(keys[:200], picks[:200], strict=True))  # the same, every time
+    shares = [sum(p is r for p in picks) / len(picks) for r in model.replicas]
+    assert all(0.15 < s < 0.35 for s in shares), shares  # 64 points each: about a quarter each
+
+
+def test_a_replica_that_goes_moves_only_its_own_prefixes() -> None:
+    import random
+
+    model = ring_model(0, 0, 0)
+    keys = [random.Random(i).getrandbits(64) for i in range(600)]
+    before = {k: model.pick(key=k) for k in keys}
+    gone = model.replicas[1]
+    gone.status = "starting"
+    after = {k: model.pick(key=k) for k in keys}
+    moved = [k for k in keys if after[k] is not before[k]]
+    assert moved and all(before[k] is gone for k in moved)
+
+
+def test_a_busy_replica_gives_its_prefixes_to_the_next_on_the_ring() -> None:
+    model = ring_model(0, 0)
+    key = 12345
+    home = model.pick(key=key)
+    assert home is not None
+    home.outstanding = 3  # capacity: ceil(1.25 x (3 + 0 + 1) / 2) = 3, which it has reached
+    other = model.pick(key=key)
+    assert other is not home
+    home.outstanding = 1  # within the bound again (capacity ceil(1.25 x 2 / 2) = 2): the prefix goes home
+    assert model.pick(key=key) is home
+    assert model.pick(exclude=[home], key=key) is other  # a failed replica is skipped for the next
+    off = Model("m", model.replicas)
+    assert off.pick(key=key) is other  # without prefix routing: the least busy
+
+
+async def test_a_conversation_stays_on_one_replica_through_the_gateway(
+    db: Database, engine_url: str, slow_engine_url: str
+) -> None:
+    from deploykit.serve.gateway.app import GatewayOptions
+
+    async with engine_session() as session:
+        two = [Backend("m1", url, session, status="ready") for url in (engine_url, slow_engine_url)]
+        app = create_app(two, db, GatewayOptions(prefix_routing=True))
+        async with client_of(app) as client:
+            for conversation in range(12):
+                history = [{"role": "user", "content": f"Conversation {conversation}: hello"}]
+                for turn in range(3):
+                    body = {"model": "m1", "messages": history, "max_tokens": 2}
+                    answer = (await client.post("/v1/chat/completions", json=body)).json()
+                    history += [answer["choices"][0]["message"], {"role": "user", "content": f"turn {turn}"}]
+        app.state.gateway.close()
+    rows = db.query("SELECT replica FROM requests ORDER BY id")
+    by_conversation = [{r for (r,) in rows[i * 3 : i * 3 + 3]} for i in range(12)]
+    assert all(len(replicas) == 1 for replicas in by_conversation)  # each conversation kept its replica
+    assert len(set().union(*by_conversation)) == 2  # and the conversations used both

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deploykit.core.errors import PortInUseError
 from deploykit.core.ports import bind, join
+from deploykit.serve.accounting.budgets import Price
 from deploykit.serve.gateway.metrics import GatewayMetrics
 from deploykit.serve.gateway.server import ConnectionLimits
 from deploykit.serve.gateway.spill import SpillTarget
@@ -62,7 +63,8 @@ def test_a_worker_reads_back_the_options_it_was_given() -> None:
     spill = SpillTarget("m", "gpt-4o-mini", "https://api.example/v1", "", "secret", False, 0.15, 0.6, max_queue=4)
     options = ServeOptions(
         host="0.0.0.0", port=9000, auth=True, spills=(spill,), metrics_token="t", max_concurrent=9, workers=4,
-        limits=ConnectionLimits(max_header_bytes=1000, body_timeout_s=5),
+        limits=ConnectionLimits(max_header_bytes=1000, body_timeout_s=5), token_prices={"m": Price(0.1, 0.4)},
+        priority_models=("m",), lora_on_demand=True, routing="prefix",
     )  # fmt: skip
     assert ServeOptions.from_dict(json.loads(json.dumps(asdict(options)))) == options
     assert options.max_concurrent_each == 2  # 9 over 4 processes: at most 8 in flight, never more than 9
