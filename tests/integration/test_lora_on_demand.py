@@ -9,27 +9,14 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from deploykit.core.ports import free_port
 from tests.waiting import ready, until
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def engine() -> Iterator[str]:
-    port = free_port()
-    fake = [sys.executable, "-m", "tests.fakes.engine", "--model", "m1", "--port", str(port)]
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    process = subprocess.Popen(fake, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    yield f"http://127.0.0.1:{port}"
-    process.kill()
-    process.wait()
 
 
 def test_an_adapter_added_and_removed_while_the_gateway_runs(tmp_path: Path, engine: str) -> None:

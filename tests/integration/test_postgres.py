@@ -4,13 +4,11 @@ DEPLOYKIT_DATABASE_URL), the shared database several gateways use."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +17,7 @@ import httpx
 import pytest
 
 from deploykit.core.ports import free_port
-from deploykit.serve.accounting.budgets import BudgetExceeded, BudgetKeeper, Hold, set_budget
+from deploykit.serve.accounting.budgets import BudgetKeeper, set_budget
 from deploykit.serve.accounting.database import MIGRATIONS, connect, migrate
 from deploykit.serve.accounting.keys import create_key, list_keys, revoke_key
 from deploykit.serve.accounting.ledger import DeploymentLog, Ledger, UsageRecord, deployment_hours, usage_by
@@ -28,6 +26,7 @@ from deploykit.serve.gateway.app import GatewayOptions
 from deploykit.serve.gateway.proxy import engine_session
 from tests.fakes.engine import PROMPT_TOKENS
 from tests.integration.test_lifecycle import REPO, start, wait_ready
+from tests.unit.test_budgets import race_for_holds
 from tests.waiting import ready, until
 
 
@@ -172,22 +171,7 @@ def test_spend_budgets_hold_on_postgres_across_connections(postgres_url: str) ->
     db = connect(postgres_url)
     name = f"team-{uuid.uuid4().hex[:8]}"
     set_budget(db, name, daily_usd=1.0, hard=True)
-    won: list[Hold] = []
-
-    def race() -> None:
-        own = connect(postgres_url)
-        keeper = BudgetKeeper(own)
-        for _ in range(10):
-            with contextlib.suppress(BudgetExceeded):
-                if (hold := keeper.hold(name, 0.07)) is not None:
-                    won.append(hold)
-        own.close()
-
-    threads = [threading.Thread(target=race) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    won = race_for_holds(postgres_url, name)
     assert len(won) == 14
     ledger = Ledger(db)
     row = UsageRecord(won[0].at, None, "m1", "/v1/completions", 200, 5, 6, None, 1.0, None, cost_usd=0.05)

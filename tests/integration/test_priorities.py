@@ -12,27 +12,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from deploykit.core.ports import free_port
 from deploykit.loadtests.metrics import percentile
 from tests.waiting import ready, until
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def engine() -> Iterator[str]:
-    port = free_port()
-    fake = [sys.executable, "-m", "tests.fakes.engine", "--model", "m1", "--token-delay", "0.05", "--port", str(port)]
-    process = subprocess.Popen(fake, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    yield f"http://127.0.0.1:{port}"
-    process.kill()
-    process.wait()
 
 
 def test_a_high_priority_key_starts_at_once_while_a_batch_key_floods_the_gateway(tmp_path: Path, engine: str) -> None:

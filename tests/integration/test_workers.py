@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,16 +25,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _workers(gateway: subprocess.Popen[str]) -> list[psutil.Process]:
     return psutil.Process(gateway.pid).children()
-
-
-@pytest.fixture
-def engine() -> Iterator[str]:
-    port = free_port()
-    fake = [sys.executable, "-m", "tests.fakes.engine", "--model", "m1", "--token-delay", "0.05", "--port", str(port)]
-    process = subprocess.Popen(fake, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    yield f"http://127.0.0.1:{port}"
-    process.kill()
-    process.wait()
 
 
 def _serve(home: Path, engine: str, port: int, *more: str) -> subprocess.Popen[str]:

@@ -4,6 +4,7 @@ engine, on a real SQLite database)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import http.server
 import json
@@ -20,6 +21,7 @@ from deploykit.models.prices import load_prices
 from deploykit.serve.accounting.budgets import (
     BudgetExceeded,
     BudgetKeeper,
+    Hold,
     Price,
     get_budget,
     keys_of,
@@ -154,32 +156,33 @@ def test_settling_with_the_ledger_row_moves_the_hold_to_spend_in_both_windows(db
     assert db.query("SELECT cost_usd FROM requests") == [(0.2,)]
 
 
-def test_concurrent_holds_never_pass_a_hard_cap(tmp_path: Path, db: Database) -> None:
-    # eight threads, each with its own connection (as separate gateway processes have), race for one cap
+def race_for_holds(url: str, budget: str, usd: float = 0.07, threads: int = 8, tries: int = 10) -> list[Hold]:
+    """`threads` threads, each with its own connection to the database at `url` (as separate gateway processes
+    have), try `tries` times each to hold `usd` against `budget`: the holds they got."""
     from deploykit.serve.accounting.database import connect
 
-    set_budget(db, "b", daily_usd=1.0, hard=True)
-    won: list[float] = []
-    lock = threading.Lock()
+    won: list[Hold] = []
 
     def race() -> None:
-        own = connect(db.url)
+        own = connect(url)
         keeper = BudgetKeeper(own)
-        for _ in range(10):
-            try:
-                if keeper.hold("b", 0.07) is not None:
-                    with lock:
-                        won.append(0.07)
-            except BudgetExceeded:
-                pass
+        for _ in range(tries):
+            with contextlib.suppress(BudgetExceeded):
+                if (hold := keeper.hold(budget, usd)) is not None:
+                    won.append(hold)  # list.append is atomic
         own.close()
 
-    threads = [threading.Thread(target=race) for _ in range(8)]
-    for t in threads:
+    running = [threading.Thread(target=race) for _ in range(threads)]
+    for t in running:
         t.start()
-    for t in threads:
+    for t in running:
         t.join()
-    assert len(won) == 14  # 14 x 0.07 = 0.98 <= 1.0 < 15 x 0.07, whatever the interleaving
+    return won
+
+
+def test_concurrent_holds_never_pass_a_hard_cap(db: Database) -> None:
+    set_budget(db, "b", daily_usd=1.0, hard=True)
+    assert len(race_for_holds(db.url, "b")) == 14  # 14 x 0.07 = 0.98 <= 1.0 < 15 x 0.07, whatever the interleaving
     [(held,)] = db.query("SELECT SUM(usd) FROM budget_holds")
     assert held == pytest.approx(0.98)
 

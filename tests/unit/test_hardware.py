@@ -23,13 +23,13 @@ def test_this_machine() -> None:
     assert 0 < hw.ram_available_bytes <= hw.ram_total_bytes
 
 
-def test_cpu_engines_get_cores_of_their_own_and_share_the_gateways() -> None:
+def test_cpu_engines_get_cores_of_their_own_where_there_are_enough() -> None:
     from deploykit.serve.hardware import Hardware
 
     eight = Hardware(cpu_ids=tuple(range(8)), ram_total_bytes=64 << 30, ram_available_bytes=60 << 30)
     assert [s.cpu_ids for s in eight.split(3)] == [(0, 1, 7), (2, 3, 7), (4, 5, 7)]  # core 6 idle, 7 the gateway's
     assert {s.ram_available_bytes for s in eight.split(3)} == {20 << 30}
     two = Hardware(cpu_ids=(0, 1), ram_total_bytes=24 << 30, ram_available_bytes=22 << 30)
-    assert [s.cpu_ids for s in two.split(2)] == [(0,), (1,)]  # no core to spare: one each
-    assert [s.cpu_ids for s in two.split(3)] == [(0,), (1,), (0,)]
+    assert [s.cpu_ids for s in two.split(2)] == [(0, 1), (0, 1)]  # no core to spare: the plan binds core 0 each
+    assert all(s.shares_cores for s in two.split(2)) and not any(s.shares_cores for s in eight.split(3))
     assert two.split(1) == [two]

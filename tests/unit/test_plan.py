@@ -268,3 +268,10 @@ def test_registered_adapters_or_lora_on_demand_ready_the_engines_for_runtime_lor
     with opened(settings.database) as db:
         add_adapter(db, "support", "m2", "/a/support", 8)
     assert with_database(settings, [first, second], ServeOptions())[0] == [first, with_runtime_lora(second)]
+
+
+def test_engines_that_share_cores_let_idle_threads_sleep() -> None:
+    first, second = LAPTOP.split(2)  # two engines on a 2-core machine: both on core 0
+    assert first.shares_cores and second.shares_cores
+    assert plan(SMOLLM2, second).env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "OMP_WAIT_POLICY" not in plan(SMOLLM2, LAPTOP).env  # one engine: its threads may spin
