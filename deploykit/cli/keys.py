@@ -33,6 +33,9 @@ def create(
     rpm: int | None = typer.Option(None, help="Requests per minute."),
     tpm: int | None = typer.Option(None, help="Tokens per minute (prompt + max_tokens reserved, then settled)."),
     max_concurrent: int | None = typer.Option(None, help="Requests in flight at once."),
+    audio_spm: int | None = typer.Option(
+        None, help="Seconds of audio a minute for /v1/audio/transcriptions and /v1/audio/translations."
+    ),
     expires: str | None = typer.Option(None, help="Expiry date (UTC), e.g. 2027-01-31 or 2027-01-31T12:00."),
     budget: str | None = typer.Option(None, help="A spend budget it shares (`deploykit keys budget` makes one)."),
     priority: str = typer.Option(
@@ -63,6 +66,7 @@ def create(
             expires_at=_parse_expiry(expires) if expires else None,
             budget=budget,
             priority=priority,
+            audio_spm=audio_spm,
         )
     if json_:
         print_json({**key.public(time.time()), "key": token})

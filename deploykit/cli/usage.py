@@ -14,6 +14,7 @@ from deploykit.cli.options import JsonOpt
 from deploykit.core.settings import Settings
 from deploykit.models.prices import load_prices
 from deploykit.serve.accounting.database import opened
+from deploykit.serve.accounting.ledger import UsageRow
 from deploykit.serve.accounting.usage import parse_since, usage_report
 
 
@@ -58,7 +59,8 @@ def usage(
         return
     start = dt.datetime.fromtimestamp(report.since, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     table = Table(title=f"Usage since {start}")
-    for column in (by, "requests", "errors", "prompt tokens", "completion tokens", "priced", *report.managed):
+    columns = (by, "requests", "errors", "prompt tokens", "completion tokens", "audio s", "priced", *report.managed)
+    for column in columns:
         table.add_column(column, justify="left" if column == by else "right")
     for i, row in enumerate(report.rows):
         costs = [f"${c[i]:,.4f}" for c in report.managed.values()]
@@ -88,5 +90,6 @@ def usage(
     out.print(line, highlight=False)
 
 
-def _counts(row: object) -> list[str]:
-    return [f"{getattr(row, f):,}" for f in ("requests", "errors", "prompt_tokens", "completion_tokens")]
+def _counts(row: UsageRow) -> list[str]:
+    counts = [f"{getattr(row, f):,}" for f in ("requests", "errors", "prompt_tokens", "completion_tokens")]
+    return [*counts, f"{row.audio_seconds:,.0f}"]

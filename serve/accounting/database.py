@@ -140,6 +140,14 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         )
         """,
     ),
+    (
+        "m009_audio",
+        """
+        ALTER TABLE api_keys ADD COLUMN audio_spm INTEGER;
+        ALTER TABLE quota_state ADD COLUMN audio DOUBLE PRECISION;
+        ALTER TABLE requests ADD COLUMN audio_seconds DOUBLE PRECISION
+        """,
+    ),
 )
 
 

@@ -41,6 +41,7 @@ class ApiKey:
     revoked_at: float | None = None
     budget: str | None = None  # the spend budget it counts against (budgets.py), shared or its own
     priority: str = "normal"  # its tier: high | normal | batch
+    audio_spm: int | None = None  # seconds of audio a minute it may have transcribed or translated
 
     def status(self, now: float) -> str:
         if self.revoked_at is not None:
@@ -66,6 +67,7 @@ class ApiKey:
             "revoked_at": self.revoked_at,
             "budget": self.budget,
             "priority": self.priority,
+            "audio_spm": self.audio_spm,
             "status": self.status(now),
         }
 
@@ -81,6 +83,7 @@ def create_key(
     expires_at: float | None = None,
     budget: str | None = None,
     priority: str = "normal",
+    audio_spm: int | None = None,
     now: float | None = None,
 ) -> tuple[ApiKey, str]:
     """Store a new key; returns it with its full secret token, which is never stored and cannot be shown again."""
@@ -88,7 +91,8 @@ def create_key(
     check_name(name, "key")
     if models is not None and not models:
         raise UsageError("--models names no model.", "Name at least one, or leave --models out for every model.")
-    for label, value in (("--rpm", rpm), ("--tpm", tpm), ("--max-concurrent", max_concurrent)):
+    limits = (("--rpm", rpm), ("--tpm", tpm), ("--max-concurrent", max_concurrent), ("--audio-spm", audio_spm))
+    for label, value in limits:
         if value is not None and value < 1:
             raise UsageError(f"{label} must be at least 1 (got {value}).", "Leave it out for no limit.")
     if expires_at is not None and expires_at <= now:
@@ -114,6 +118,7 @@ def create_key(
         expires_at=expires_at,
         budget=budget,
         priority=priority,
+        audio_spm=audio_spm,
     )
     db.execute(f"INSERT INTO api_keys ({_SELECT}) VALUES ({', '.join('?' * len(_FIELDS))})", _row(key))
     return key, f"{PREFIX}{key_id}-{secret}"

@@ -39,6 +39,7 @@ class UsageRecord:
     replica: str | None
     error: str | None = None
     cost_usd: float | None = None  # at the managed API's price when spilled, else at serve --token-price (if set)
+    audio_seconds: float | None = None  # the audio a transcription or translation took in
 
 
 # The requests table's columns are UsageRecord's fields, by name, and the UTC day (for grouping).
@@ -149,6 +150,7 @@ class UsageRow:
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float = 0.0  # what the ledger priced (spilled requests; local ones under serve --token-price)
+    audio_seconds: float = 0.0  # transcribed or translated
 
 
 _GROUPS = {
@@ -165,12 +167,13 @@ def usage_by(db: Database, by: str, since: float = 0.0) -> list[UsageRow]:
     group = _GROUPS[by]
     rows = db.query(
         f"SELECT {group}, COUNT(*), SUM(CASE WHEN r.status >= 400 THEN 1 ELSE 0 END), "
-        "SUM(r.prompt_tokens), SUM(r.completion_tokens), SUM(COALESCE(r.cost_usd, 0)) "
+        "SUM(r.prompt_tokens), SUM(r.completion_tokens), SUM(COALESCE(r.cost_usd, 0)), "
+        "SUM(COALESCE(r.audio_seconds, 0)) "
         "FROM requests r LEFT JOIN api_keys k ON k.id = r.key_id "
         f"WHERE r.at >= ? GROUP BY {group} ORDER BY {group}",
         (since,),
     )
-    return [UsageRow(str(g), int(n), int(e), int(p), int(c), float(u)) for g, n, e, p, c, u in rows]
+    return [UsageRow(str(g), int(n), int(e), int(p), int(c), float(u), float(a)) for g, n, e, p, c, u, a in rows]
 
 
 def deployment_hours(db: Database, since: float = 0.0, now: float | None = None) -> dict[str, float]:

@@ -71,6 +71,7 @@ def usage_report(
         sum(r.prompt_tokens for r in rows),
         sum(r.completion_tokens for r in rows),
         sum(r.cost_usd for r in rows),
+        sum(r.audio_seconds for r in rows),
     )
     hours = deployment_hours(db, since)
     warnings = stale_warnings(services, today or dt.date.today())

@@ -27,6 +27,7 @@ from deploykit.serve.accounting.budgets import BudgetExceeded, BudgetKeeper, Hol
 from deploykit.serve.accounting.database import Database
 from deploykit.serve.accounting.keys import PRIORITIES, ApiKey
 from deploykit.serve.accounting.ledger import Ledger
+from deploykit.serve.gateway.audio import AUDIO_PATHS, read_form
 from deploykit.serve.gateway.auth import KeyVerifier, require_model_access
 from deploykit.serve.gateway.errors import (
     GatewayError,
@@ -78,6 +79,7 @@ class GatewayOptions:
     # Models whose engines run with --scheduling-policy priority: requests carry their key's tier to vLLM
     priority_models: frozenset[str] = frozenset()
     prefix_routing: bool = False  # send requests that start alike to the same replica (routing.py)
+    max_audio_bytes: int = 25 * 1024 * 1024  # an audio upload's body (OpenAI's limit for these routes)
 
 
 class Gateway:
@@ -151,17 +153,19 @@ class Gateway:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    async def admit(self, key: ApiKey, tokens: int) -> Admission:
+    async def admit(self, key: ApiKey, tokens: int, audio_s: float = 0.0) -> Admission:
         """Take the request from the key's quotas (shared ones in the database, off the event loop)."""
         if isinstance(self.limiter, SharedRateLimiter):
-            return await asyncio.to_thread(self.limiter.admit, key, tokens)
-        return self.limiter.admit(key, tokens)
+            return await asyncio.to_thread(self.limiter.admit, key, tokens, audio_s)
+        return self.limiter.admit(key, tokens, audio_s)
 
-    async def hold(self, key: ApiKey, model: str, budget: TokenBudget, body_bytes: int) -> Hold | None:
+    async def hold(
+        self, key: ApiKey, model: str, budget: TokenBudget, body_bytes: int, audio: bool = False
+    ) -> Hold | None:
         """Hold the request's worst-case cost against its key's spend budget (if it has one), or raise its 429."""
         if key.budget is None:
             return None
-        price = self.price(model)
+        price = None if audio else self.price(model)  # budgets price tokens; audio has no price here yet
         if price is None:
             raise GatewayError(
                 403,
@@ -210,7 +214,7 @@ async def _gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(_gateway)]
 
 
-_PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+_PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", *AUDIO_PATHS)
 # The schema names the served models; the docs pages load it.
 _OPERATOR_PAGES = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
@@ -330,6 +334,14 @@ def create_app(backends: Sequence[Backend], db: Database, options: GatewayOption
     async def embeddings(request: Request, gateway: GatewayDep) -> Response:
         return await _proxy(request, gateway, "/v1/embeddings")
 
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request, gateway: GatewayDep) -> Response:
+        return await _proxy(request, gateway, "/v1/audio/transcriptions")
+
+    @app.post("/v1/audio/translations")
+    async def translations(request: Request, gateway: GatewayDep) -> Response:
+        return await _proxy(request, gateway, "/v1/audio/translations")
+
     install_openapi(app, list(app.state.gateway.router.models))
     return app
 
@@ -340,20 +352,26 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
     key: ApiKey | None = None
     name = ""
     try:
-        raw = await _read_body(request, gateway.options.max_body_bytes, gateway.options.body_timeout_s)
+        audio_path = path in AUDIO_PATHS
+        limit = gateway.options.max_audio_bytes if audio_path else gateway.options.max_body_bytes
+        raw = await _read_body(request, limit, gateway.options.body_timeout_s)
         key = gateway.authenticate(request)
-        body = parse_body(raw)
+        audio = await read_form(raw, request.headers.get("content-type")) if audio_path else None
+        body: dict[str, object] = {"model": audio.model} if audio is not None else parse_body(raw)
         name = body["model"] if isinstance(body.get("model"), str) else ""  # type: ignore[assignment]
         model = gateway.router.route(body)
         if key is not None:
             require_model_access(key, model.name)
-        budget = budget_tokens(body, path, len(raw), limit=gateway.options.max_tokens, context=model.context)
-        _check_stream(body)
+        if audio is None:
+            budget = budget_tokens(body, path, len(raw), limit=gateway.options.max_tokens, context=model.context)
+            _check_stream(body)
+        else:
+            budget = TokenBudget(0, 0)  # the audio quota counts seconds; the answer's tokens are not counted
         admission = hold = None
         if key is not None:
-            hold = await gateway.hold(key, model.name, budget, len(raw))
+            hold = await gateway.hold(key, model.name, budget, len(raw), audio is not None)
             try:
-                admission = await gateway.admit(key, _reservation(budget, key))
+                admission = await gateway.admit(key, _reservation(budget, key), audio.seconds if audio else 0.0)
             except BaseException:
                 if hold is not None:
                     await asyncio.to_thread(gateway.budgets.release, hold)
@@ -373,28 +391,30 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
             price=gateway.options.token_prices.get(model.name),
             hold=hold,
             budgets=gateway.budgets,
+            audio_seconds=audio.seconds if audio is not None else None,
         )
-        rewritten = budget.inject is not None
-        if rewritten:
-            body = {**body, "max_tokens": budget.inject}
         tier = key.priority if key is not None else "normal"
-        if "priority" in body or tier != "normal":  # a client never sets its own place in the engine's queue
-            body, rewritten = _with_priority(body, tier, model.name in gateway.options.priority_models), True
-        if body.get("stream") is True:
-            body, exchange.strip_usage = _with_usage(body)
-            rewritten = rewritten or exchange.strip_usage
-        if rewritten:
-            raw = json.dumps(body).encode()
-        spill, spill_backend = gateway.spills.get(model.name, (None, None))
-        if spill is not None and spill_backend is not None and spill.takes(model):
-            exchange.spill = spill
-            return await forward_spill(
-                spill, spill_backend, path, spill.body(body), request, exchange, gateway.stopping
-            )
+        if audio is None:  # an audio form is relayed as it came: it is the engine's to read
+            rewritten = budget.inject is not None
+            if rewritten:
+                body = {**body, "max_tokens": budget.inject}
+            if "priority" in body or tier != "normal":  # a client never sets its own place in the engine's queue
+                body, rewritten = _with_priority(body, tier, model.name in gateway.options.priority_models), True
+            if body.get("stream") is True:
+                body, exchange.strip_usage = _with_usage(body)
+                rewritten = rewritten or exchange.strip_usage
+            if rewritten:
+                raw = json.dumps(body).encode()
+            spill, spill_backend = gateway.spills.get(model.name, (None, None))
+            if spill is not None and spill_backend is not None and spill.takes(model):
+                exchange.spill = spill
+                return await forward_spill(
+                    spill, spill_backend, path, spill.body(body), request, exchange, gateway.stopping
+                )
         if gateway.queue is not None:
             exchange.slot = await gateway.queue.acquire(key.id if key is not None else "", tier)
             exchange.queued = time.monotonic()
-        ring_key = prefix_key(body) if model.prefix_routing else None
+        ring_key = prefix_key(body) if model.prefix_routing and audio is None else None
         return await forward(model, path, raw, request, exchange, gateway.stopping, ring_key)
     except GatewayError as e:
         if exchange is None:

@@ -59,6 +59,7 @@ class Exchange:
     price: Price | None = None  # what the local model's tokens cost (serve --token-price), if set
     hold: Hold | None = None  # its worst case held against its key's spend budget, settled with its ledger row
     budgets: BudgetKeeper | None = field(default=None, repr=False)
+    audio_seconds: float | None = None  # a transcription's audio: estimated from the upload, then the engine's count
 
     def __post_init__(self) -> None:
         self.label = self.label or self.model
@@ -103,6 +104,9 @@ class Exchange:
         if isinstance(usage, dict):
             self.prompt_tokens = _int(usage.get("prompt_tokens"), self.prompt_tokens)
             self.completion_tokens = _int(usage.get("completion_tokens"), self.completion_tokens)
+            seconds = usage.get("seconds")  # a transcription's: {"type": "duration", "seconds": N}
+            if usage.get("type") == "duration" and isinstance(seconds, int | float) and not isinstance(seconds, bool):
+                self.audio_seconds = float(seconds)
 
     async def finish(self, status: int, error: str | None = None) -> None:
         """Settle and record the request, returning once its ledger row is committed."""
@@ -136,7 +140,7 @@ class Exchange:
         completion = self.completion_tokens if self.completion_tokens is not None else self.content_events
         used = prompt + completion if self.prompt_tokens is not None else None
         if self.admission is not None:
-            self.limiter.finish(self.admission, used)
+            self.limiter.finish(self.admission, used, self.audio_seconds)
         if self.slot is not None:
             self.slot.release()
         m, key = self.metrics, self.key_label
@@ -151,6 +155,8 @@ class Exchange:
             if self.route is not None and self.spill is None:
                 self.route.observe_ttft(ttft)
         price = self.spill.price if self.spill is not None else self.price
+        if self.audio_seconds is not None:
+            m.audio.labels(self.label, key).inc(self.audio_seconds)
         cost = None if price is None else price.cost(prompt, completion)
         if cost is not None:
             m.spend.labels(self.label, key).inc(cost)
@@ -167,6 +173,7 @@ class Exchange:
             replica=self.replica,
             error=error,
             cost_usd=cost,
+            audio_seconds=self.audio_seconds,
         )
 
 

@@ -46,6 +46,12 @@ class GatewayMetrics:
             ["model", "key"],
             registry=r,
         )
+        self.audio = Counter(
+            "deploykit_audio_seconds",
+            "Seconds of audio transcribed or translated, by model and key.",
+            ["model", "key"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "deploykit_ttft_seconds",
             "Time to the first content event of a streamed answer.",

@@ -1,4 +1,4 @@
-"""Per-key quotas: requests per minute, tokens per minute and concurrent requests.
+"""Per-key quotas: requests per minute, tokens per minute, seconds of audio per minute and concurrent requests.
 
 Each per-minute limit is a token bucket that holds a minute's allowance and refills continuously. A
 request reserves its prompt estimate plus max_tokens before it is forwarded and is settled to the
@@ -44,9 +44,10 @@ class KeyState:
     requests: Bucket | None
     tokens: Bucket | None
     in_flight: int = 0
+    audio: Bucket | None = None  # seconds of audio
 
     def refill(self, now: float) -> KeyState:
-        for bucket in (self.requests, self.tokens):
+        for bucket in (self.requests, self.tokens, self.audio):
             if bucket is not None:
                 bucket.refill(now)
         return self
@@ -61,6 +62,7 @@ class Admission:
     headers: dict[str, str] = field(default_factory=dict)
     finished: bool = False
     lease: str | None = None  # its row in quota_leases, when the quotas are shared (SharedRateLimiter)
+    reserved_audio_s: float = 0.0
 
 
 class RateLimiter:
@@ -70,12 +72,14 @@ class RateLimiter:
         self._clock = clock
         self._state: dict[str, KeyState] = {}
 
-    def admit(self, key: ApiKey, tokens: int) -> Admission:
-        """Take one request and `tokens` from the key's quotas, or raise the 429 that says when to retry."""
-        return take(self._state_of(key, self._clock()), key, tokens)
+    def admit(self, key: ApiKey, tokens: int, audio_s: float = 0.0) -> Admission:
+        """Take one request, `tokens` and `audio_s` seconds of audio from the key's quotas, or raise the 429 that
+        says when to retry."""
+        return take(self._state_of(key, self._clock()), key, tokens, audio_s)
 
-    def finish(self, admission: Admission, used_tokens: int | None) -> None:
-        """Release the request's concurrency slot and settle its tokens to what it used (None: as reserved)."""
+    def finish(self, admission: Admission, used_tokens: int | None, used_audio_s: float | None = None) -> None:
+        """Release the request's concurrency slot and settle its tokens and audio to what it used (None: as
+        reserved)."""
         if admission.finished:
             return
         admission.finished = True
@@ -83,7 +87,7 @@ class RateLimiter:
         if state is None:
             return
         state.in_flight -= 1
-        settle(state, admission, used_tokens, self._clock())
+        settle(state, admission, used_tokens, self._clock(), used_audio_s)
 
     def _state_of(self, key: ApiKey, now: float) -> KeyState:
         state = self._state.get(key.id)
@@ -98,12 +102,13 @@ def new_state(key: ApiKey, now: float) -> KeyState:
     return KeyState(
         Bucket(key.rpm, key.rpm, now) if key.rpm else None,
         Bucket(key.tpm, key.tpm, now) if key.tpm else None,
+        audio=Bucket(key.audio_spm, key.audio_spm, now) if key.audio_spm else None,
     )
 
 
-def take(state: KeyState, key: ApiKey, tokens: int) -> Admission:
-    """Admit one request of `tokens` against `state` (refilled to now), or raise its 429. Every limit is
-    checked before any is taken from."""
+def take(state: KeyState, key: ApiKey, tokens: int, audio_s: float = 0.0) -> Admission:
+    """Admit one request of `tokens` (and `audio_s` seconds of audio) against `state` (refilled to now), or
+    raise its 429. Every limit is checked before any is taken from."""
     if key.max_concurrent is not None and state.in_flight >= key.max_concurrent:
         raise _limited(
             f"The API key '{key.name}' has {state.in_flight} requests in flight, its limit.",
@@ -120,7 +125,21 @@ def take(state: KeyState, key: ApiKey, tokens: int) -> Admission:
             "rate_limit_exceeded",
             headers=_headers(state),
         )
-    for bucket, amount, what in ((state.requests, 1, "requests"), (state.tokens, tokens, "tokens")):
+    if state.audio is not None and audio_s > state.audio.per_minute:
+        raise GatewayError(
+            429,
+            f"This audio is about {audio_s:.0f} s long, more than the API key '{key.name}' may have transcribed "
+            f"in a minute ({state.audio.per_minute} s); send it in shorter parts.",
+            "audio_seconds",
+            "rate_limit_exceeded",
+            headers=_headers(state),
+        )
+    limits = (
+        (state.requests, 1, "requests"),
+        (state.tokens, tokens, "tokens"),
+        (state.audio, audio_s, "audio_seconds"),
+    )
+    for bucket, amount, what in limits:
         if bucket is not None and bucket.wait_s(amount) > 0:
             raise _limited(
                 f"Rate limit reached for the API key '{key.name}': {bucket.per_minute} {what} per minute.",
@@ -132,15 +151,23 @@ def take(state: KeyState, key: ApiKey, tokens: int) -> Admission:
         state.requests.level -= 1
     if state.tokens is not None:
         state.tokens.level -= tokens
+    if state.audio is not None:
+        state.audio.level -= audio_s
     state.in_flight += 1
-    return Admission(key.id, tokens, _headers(state))
+    return Admission(key.id, tokens, _headers(state), reserved_audio_s=audio_s)
 
 
-def settle(state: KeyState, admission: Admission, used_tokens: int | None, now: float) -> None:
-    """Give back (or take) the difference between the tokens reserved and those used."""
-    if state.tokens is not None and used_tokens is not None:
-        state.tokens.refill(now)
-        state.tokens.level = min(state.tokens.per_minute, state.tokens.level + admission.reserved_tokens - used_tokens)
+def settle(
+    state: KeyState, admission: Admission, used_tokens: int | None, now: float, used_audio_s: float | None = None
+) -> None:
+    """Give back (or take) the difference between the tokens (and audio) reserved and those used."""
+    for bucket, reserved, used in (
+        (state.tokens, admission.reserved_tokens, used_tokens),
+        (state.audio, admission.reserved_audio_s, used_audio_s),
+    ):
+        if bucket is not None and used is not None:
+            bucket.refill(now)
+            bucket.level = min(bucket.per_minute, bucket.level + reserved - used)
 
 
 def _limited(message: str, what: str, retry_after_s: float, headers: dict[str, str]) -> GatewayError:
@@ -156,7 +183,7 @@ def _limited(message: str, what: str, retry_after_s: float, headers: dict[str, s
 def _headers(state: KeyState) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers for whichever limits the key has."""
     headers = {}
-    for bucket, what in ((state.requests, "requests"), (state.tokens, "tokens")):
+    for bucket, what in ((state.requests, "requests"), (state.tokens, "tokens"), (state.audio, "audio-seconds")):
         if bucket is not None:
             headers[f"x-ratelimit-limit-{what}"] = str(bucket.per_minute)
             headers[f"x-ratelimit-remaining-{what}"] = str(max(0, math.floor(bucket.level)))

@@ -2,7 +2,8 @@
 
 By default the least busy one. With prefix routing (`serve --routing prefix`), the one most likely to hold
 the request's prompt prefix in its KV cache: the prompt's start (a chat's messages to the first user
-message, at most PREFIX_BYTES) is hashed onto a ring of the replicas (consistent hashing, 64 points each),
+message, which every turn of a conversation repeats; a completion prompt's first PREFIX_BYTES) is hashed
+onto a ring of the replicas (consistent hashing, 64 points each),
 and the request goes to the first replica clockwise whose requests outstanding are within LOAD_BOUND of
 the fair share (bounded loads), so requests that start alike (one conversation's turns, one system
 prompt) meet on one engine until it is busier than the others. The mapping is the same in every gateway
@@ -43,7 +44,8 @@ class Backend:
         return self.url.rstrip("/")
 
 
-PREFIX_BYTES = 512  # of the prompt's text (about 128 tokens: eight of vLLM's 16-token KV blocks)
+PREFIX_BYTES = 512  # of a completion prompt (about 128 tokens: eight of vLLM's 16-token KV blocks)
+OPENING_BYTES = 64 * 1024  # of a chat's opening read at most
 LOAD_BOUND = 1.25  # a replica may hold this many times its fair share of requests outstanding (plus one)
 _POINTS = 64  # places on the ring per replica
 
@@ -54,8 +56,10 @@ def _hash(data: bytes) -> int:
 
 def prefix_key(body: Mapping[str, object]) -> int | None:
     """The ring position of the request's prompt prefix, or None when it has no prompt text. For chat, the
-    messages up to the first user message (system prompt and opening question: what a conversation's every
-    turn repeats); for completions, the prompt; either cut at PREFIX_BYTES."""
+    messages up to the first user message, whole: the system prompt and the opening question, which every
+    turn of a conversation repeats, and which tell conversations that share a long system prompt apart (each
+    replica caches that prompt once; the conversations spread). For completions, the prompt's first
+    PREFIX_BYTES."""
     parts: list[str] = []
     messages = body.get("messages")
     if isinstance(messages, list):
@@ -69,12 +73,11 @@ def prefix_key(body: Mapping[str, object]) -> int | None:
             parts += [str(message.get("role")), *texts]
             if message.get("role") == "user":
                 break
+    opening = "\n".join(parts).encode()[:OPENING_BYTES]
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         prompt = prompt[0]
-    if isinstance(prompt, str):
-        parts.append(prompt)
-    text = "\n".join(parts).encode()[:PREFIX_BYTES]
+    text = prompt.encode()[:PREFIX_BYTES] if isinstance(prompt, str) and not opening else opening
     return _hash(text) if text else None
 
 

@@ -28,17 +28,17 @@ log = logging.getLogger("deploykit.gateway")
 class SharedRateLimiter:
     def __init__(self, db: Database, lease_s: float = 900.0, clock: Callable[[], float] = time.time) -> None:
         self.db, self.lease_s, self._clock = db, lease_s, clock
-        self._settling: queue.Queue[tuple[Admission, int | None] | None] = queue.Queue()
+        self._settling: queue.Queue[tuple[Admission, int | None, float | None] | None] = queue.Queue()
         self._writer = threading.Thread(target=self._settle_loop, name="deploykit-quotas", daemon=True)
         self._writer.start()
 
-    def admit(self, key: ApiKey, tokens: int) -> Admission:
+    def admit(self, key: ApiKey, tokens: int, audio_s: float = 0.0) -> Admission:
         """As RateLimiter.admit, against the state every gateway shares (blocking: run it off the event loop)."""
 
         def work(run: Run) -> Admission:
             now = self._clock()
             state = self._load(run, key, now)
-            admission = take(state, key, tokens)  # raises the 429, and nothing is written
+            admission = take(state, key, tokens, audio_s)  # raises the 429, and nothing is written
             admission.lease = uuid.uuid4().hex
             self._store(run, key.id, state, now)
             run(
@@ -49,12 +49,12 @@ class SharedRateLimiter:
 
         return self.db.exclusive(work)
 
-    def finish(self, admission: Admission, used_tokens: int | None) -> None:
-        """Release the slot and settle the tokens, on the writer thread."""
+    def finish(self, admission: Admission, used_tokens: int | None, used_audio_s: float | None = None) -> None:
+        """Release the slot and settle the tokens and audio, on the writer thread."""
         if admission.finished:
             return
         admission.finished = True
-        self._settling.put((admission, used_tokens))
+        self._settling.put((admission, used_tokens, used_audio_s))
 
     def flush(self) -> None:
         """Wait until every request ended so far is settled."""
@@ -75,20 +75,30 @@ class SharedRateLimiter:
                 self._settling.task_done()
         self._settling.task_done()
 
-    def _settle(self, admission: Admission, used: int | None) -> None:
-        """Free the lease, and give back (or take) the tokens reserved but not used."""
+    def _settle(self, admission: Admission, used: int | None, used_audio: float | None) -> None:
+        """Free the lease, and give back (or take) the tokens and audio reserved but not used."""
 
         def work(run: Run) -> None:
             run("DELETE FROM quota_leases WHERE id = ?", (admission.lease,))
-            tpm = self._tpm(run, admission.key_id)
-            if used is None or tpm is None:
+            found = run("SELECT tpm, audio_spm FROM api_keys WHERE id = ?", (admission.key_id,))
+            tpm, aspm = found[0] if found else (None, None)
+            if not ((used is not None and tpm) or (used_audio is not None and aspm)):
                 return
             run("UPDATE quota_state SET updated = updated WHERE key_id = ?", (admission.key_id,))  # the row lock
-            [(level, updated)] = run("SELECT tokens, updated FROM quota_state WHERE key_id = ?", (admission.key_id,))
-            bucket, now = Bucket(tpm, level, updated), self._clock()
-            settle(KeyState(None, bucket), admission, used, now)
+            [(tokens, audio, updated)] = run(
+                "SELECT tokens, audio, updated FROM quota_state WHERE key_id = ?", (admission.key_id,)
+            )
+            state = KeyState(
+                None,
+                Bucket(tpm, tpm if tokens is None else tokens, updated) if tpm else None,
+                audio=Bucket(aspm, aspm if audio is None else audio, updated) if aspm else None,
+            )
+            now = self._clock()
+            settle(state, admission, used, now, used_audio)
+            levels = [b.level if b else None for b in (state.tokens, state.audio)]
             run(
-                "UPDATE quota_state SET tokens = ?, updated = ? WHERE key_id = ?", (bucket.level, now, admission.key_id)
+                "UPDATE quota_state SET tokens = ?, audio = ?, updated = ? WHERE key_id = ?",
+                (*levels, now, admission.key_id),
             )
 
         self.db.exclusive(work)
@@ -102,23 +112,19 @@ class SharedRateLimiter:
             (key.id, now),
         )
         run("UPDATE quota_state SET updated = updated WHERE key_id = ?", (key.id,))  # the row lock
-        [(requests, tokens, updated)] = run(
-            "SELECT requests, tokens, updated FROM quota_state WHERE key_id = ?", (key.id,)
+        [(requests, tokens, audio, updated)] = run(
+            "SELECT requests, tokens, audio, updated FROM quota_state WHERE key_id = ?", (key.id,)
         )
         [(in_flight,)] = run("SELECT count(*) FROM quota_leases WHERE key_id = ? AND expires_at > ?", (key.id, now))
         return KeyState(
             Bucket(key.rpm, key.rpm if requests is None else requests, updated) if key.rpm else None,
             Bucket(key.tpm, key.tpm if tokens is None else tokens, updated) if key.tpm else None,
             int(in_flight),
+            Bucket(key.audio_spm, key.audio_spm if audio is None else audio, updated) if key.audio_spm else None,
         ).refill(now)
 
     def _store(self, run: Run, key_id: str, state: KeyState, now: float) -> None:
         run(
-            "UPDATE quota_state SET requests = ?, tokens = ?, updated = ? WHERE key_id = ?",
-            (*(b.level if b else None for b in (state.requests, state.tokens)), now, key_id),
+            "UPDATE quota_state SET requests = ?, tokens = ?, audio = ?, updated = ? WHERE key_id = ?",
+            (*(b.level if b else None for b in (state.requests, state.tokens, state.audio)), now, key_id),
         )
-
-    @staticmethod
-    def _tpm(run: Run, key_id: str) -> int | None:
-        found = run("SELECT tpm FROM api_keys WHERE id = ?", (key_id,))
-        return int(found[0][0]) if found and found[0][0] else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 ANSWER = "The capital of France is Paris."
 PROMPT_TOKENS = 5  # what the fake reports for every prompt
 CONTEXT = 64  # a chat request that sets no max_tokens generates this many (vLLM: to the end of the context)
+SPEECH = "Hello from the fake speech model."  # what every transcription says
 
 
 def create_fake_engine(
@@ -88,6 +90,25 @@ def create_fake_engine(
         entry = {"id": model, "object": "model", "owned_by": "fake", "max_model_len": CONTEXT}  # as vLLM lists it
         loras = [{"id": n, "object": "model", "root": p, "parent": model} for n, p in app.state.adapters.items()]
         return {"object": "list", "data": [entry, *loras]}
+
+    async def speech(request: Request) -> Response:
+        """vLLM's answer for a Whisper-class model, without the model: a fixed text, and the file's length in
+        whole seconds (read from its WAV header) as its usage."""
+        from deploykit.serve.gateway.audio import wav_seconds
+
+        form = await request.form()
+        app.state.last_body = {k: v for k, v in form.items() if isinstance(v, str)}
+        upload = form.get("file")
+        if form.get("model") != model or upload is None or isinstance(upload, str):
+            return JSONResponse({"error": {"message": "bad form", "type": "BadRequestError", "code": 400}}, 400)
+        seconds = wav_seconds(await upload.read())
+        if seconds is None:
+            return JSONResponse({"error": {"message": "not audio", "type": "BadRequestError", "code": 400}}, 400)
+        app.state.finished += 1
+        return JSONResponse({"text": SPEECH, "usage": {"type": "duration", "seconds": math.ceil(seconds)}})
+
+    app.add_api_route("/v1/audio/transcriptions", speech, methods=["POST"])
+    app.add_api_route("/v1/audio/translations", speech, methods=["POST"])
 
     if runtime_lora:
 

@@ -202,9 +202,11 @@ def test_the_prefix_key_reads_the_prompts_first_bytes() -> None:
     turn2 = chat_body("Tell me about Lyon.", "And Paris?")
     assert prefix_key(turn1) == prefix_key(turn2)  # a conversation's turns repeat its opening
     assert prefix_key(turn1) != prefix_key(chat_body("Tell me about Nice."))
-    system = {"role": "system", "content": "x" * PREFIX_BYTES}
+    system = {"role": "system", "content": "x" * 4 * PREFIX_BYTES}
     one, other = ({"model": "m", "messages": [system, {"role": "user", "content": q}]} for q in ("a?", "b?"))
-    assert prefix_key(one) == prefix_key(other)  # a long system prompt is the prefix
+    assert prefix_key(one) != prefix_key(other)  # one long system prompt, two conversations: they may spread
+    long = "y" * PREFIX_BYTES
+    assert prefix_key({"model": "m", "prompt": long + "1"}) == prefix_key({"model": "m", "prompt": long + "2"})
     parts = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "Tell me about Lyon."}]}]}
     assert prefix_key(parts) == prefix_key(turn1)  # text parts read as a string is
     assert prefix_key({"model": "m", "prompt": ["abc", "def"]}) == prefix_key({"model": "m", "prompt": "abc"})
