@@ -161,7 +161,7 @@ def _plan_cpu(
     )
     choices.append(Choice("VLLM_CPU_OMP_THREADS_BIND", bind, why))
     passive = {"OMP_WAIT_POLICY": "PASSIVE"} if hardware.shares_cores else {}
-    if passive:  # measured: two engines on one core, 4 streams: 5.4 tokens/s spinning, 50.8 sleeping
+    if passive:  # benchmarks/shared_core.py: two engines on one core, 4 streams: 2.3 tokens/s spinning, 51.7 asleep
         choices.append(Choice("OMP_WAIT_POLICY", "PASSIVE", "engines share these cores: idle threads sleep, not spin"))
 
     cache_env, cache_choices = _cpu_start_env(environ)

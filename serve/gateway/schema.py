@@ -55,6 +55,22 @@ REQUEST_BODIES: dict[str, type[BaseModel]] = {
 }
 
 
+def _audio_form(models: list[str]) -> dict[str, Any]:
+    """OpenAI's audio form, as far as the gateway reads or vLLM takes it."""
+    return {
+        "type": "object",
+        "required": ["file", "model"],
+        "properties": {
+            "file": {"type": "string", "format": "binary", "description": "The audio (WAV, MP3, FLAC...)."},
+            "model": {"type": "string", "enum": models},
+            "language": {"type": "string"},
+            "prompt": {"type": "string"},
+            "response_format": {"type": "string", "enum": ["json", "text", "srt", "verbose_json", "vtt"]},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+        },
+    }
+
+
 def install_openapi(app: FastAPI, models: list[str]) -> None:
     """Describe each model route's body in app.openapi(), with `model` limited to what is served."""
 
@@ -70,6 +86,11 @@ def install_openapi(app: FastAPI, models: list[str]) -> None:
                 schema["paths"][path]["post"]["requestBody"] = {
                     "required": True,
                     "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body.__name__}"}}},
+                }
+            for path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+                schema["paths"][path]["post"]["requestBody"] = {
+                    "required": True,
+                    "content": {"multipart/form-data": {"schema": _audio_form(models)}},
                 }
             app.openapi_schema = schema
         return app.openapi_schema

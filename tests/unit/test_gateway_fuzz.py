@@ -66,6 +66,8 @@ def test_the_schema_describes_the_bodies_and_the_served_models(gateway_url: str)
     assert chat["properties"]["model"]["enum"] == ["m1"]
     assert {"messages", "model"} <= set(chat["required"])
     assert "requestBody" in document["paths"]["/v1/embeddings"]["post"]
+    audio = document["paths"]["/v1/audio/transcriptions"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert audio["schema"]["properties"]["model"]["enum"] == ["m1"] and audio["schema"]["required"] == ["file", "model"]
 
 
 @given(
