@@ -97,6 +97,7 @@ def test_keys_list_json_shows_everything_but_the_secret(db: Database) -> None:
         "revoked_at": None,
         "budget": None,
         "priority": "normal",
+        "audio_spm": None,
         "status": "active",
     }
     assert token.split("-")[-1] not in json.dumps(key.public(1500.0))
