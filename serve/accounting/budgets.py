@@ -285,8 +285,8 @@ def set_budget(
     )
     if budget.daily_usd is None and budget.monthly_usd is None:
         raise UsageError(f"The budget '{name}' needs a cap.", "Give --monthly USD, --daily USD, or both.")
-    own = [row[0] for row in db.query("SELECT id FROM api_keys WHERE name = ?", (name,))]
-    targets = [_key_id(db, k) for k in keys] if keys else own
+    own = "SELECT id FROM api_keys WHERE name = ?"
+    targets = [_key_id(db, k) for k in keys] if keys else [row[0] for row in db.query(own, (name,))]
     values = tuple(int(v) if isinstance(v, bool) else v for v in dataclasses.astuple(budget))
     updates = ", ".join(f"{f} = ?" for f in _FIELDS[1:-1])
     db.atomic(

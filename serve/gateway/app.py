@@ -398,8 +398,9 @@ async def _proxy(request: Request, gateway: Gateway, path: str) -> Response:
             rewritten = budget.inject is not None
             if rewritten:
                 body = {**body, "max_tokens": budget.inject}
-            if "priority" in body or tier != "normal":  # a client never sets its own place in the engine's queue
-                body, rewritten = _with_priority(body, tier, model.name in gateway.options.priority_models), True
+            scheduled = model.name in gateway.options.priority_models
+            if "priority" in body or (scheduled and tier != "normal"):  # no client sets its own place in line
+                body, rewritten = _with_priority(body, tier, scheduled), True
             if body.get("stream") is True:
                 body, exchange.strip_usage = _with_usage(body)
                 rewritten = rewritten or exchange.strip_usage

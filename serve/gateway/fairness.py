@@ -65,6 +65,8 @@ class FairQueue:
     async def acquire(self, key: str, tier: str = "normal") -> Slot:
         """A slot for one request of `key` (the key's id; "" without keys), once it is its tier's and key's turn."""
         rank = TIERS.index(tier)
+        if not self._queued and self.total < self._cap(rank):  # nobody waits, a slot is free: no queueing
+            return self._take(key)
         waiter = _Waiter(key, next(self._order), asyncio.get_running_loop().create_future(), rank)
         self._waiting.setdefault(key, deque()).append(waiter)
         self._queued += 1

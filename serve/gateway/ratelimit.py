@@ -99,11 +99,12 @@ class RateLimiter:
 
 def new_state(key: ApiKey, now: float) -> KeyState:
     """A key's quotas, full."""
-    return KeyState(
-        Bucket(key.rpm, key.rpm, now) if key.rpm else None,
-        Bucket(key.tpm, key.tpm, now) if key.tpm else None,
-        audio=Bucket(key.audio_spm, key.audio_spm, now) if key.audio_spm else None,
-    )
+    return KeyState(bucket(key.rpm, None, now), bucket(key.tpm, None, now), audio=bucket(key.audio_spm, None, now))
+
+
+def bucket(per_minute: int | None, level: float | None, updated: float) -> Bucket | None:
+    """The bucket of a limit (None when the key has no such limit) at `level`, or full when it has none yet."""
+    return Bucket(per_minute, per_minute if level is None else level, updated) if per_minute else None
 
 
 def take(state: KeyState, key: ApiKey, tokens: int, audio_s: float = 0.0) -> Admission:
@@ -116,45 +117,37 @@ def take(state: KeyState, key: ApiKey, tokens: int, audio_s: float = 0.0) -> Adm
             1.0,
             _headers(state),
         )
-    if state.tokens is not None and tokens > state.tokens.per_minute:
-        raise GatewayError(
-            429,
-            f"This request needs about {tokens} tokens, more than the API key '{key.name}' may use in a "
-            f"minute ({state.tokens.per_minute}); set a lower max_tokens or shorten the prompt.",
-            "tokens",
-            "rate_limit_exceeded",
-            headers=_headers(state),
-        )
-    if state.audio is not None and audio_s > state.audio.per_minute:
-        raise GatewayError(
-            429,
-            f"This audio is about {audio_s:.0f} s long, more than the API key '{key.name}' may have transcribed "
-            f"in a minute ({state.audio.per_minute} s); send it in shorter parts.",
-            "audio_seconds",
-            "rate_limit_exceeded",
-            headers=_headers(state),
-        )
     limits = (
         (state.requests, 1, "requests"),
         (state.tokens, tokens, "tokens"),
         (state.audio, audio_s, "audio_seconds"),
     )
-    for bucket, amount, what in limits:
-        if bucket is not None and bucket.wait_s(amount) > 0:
+    for limit, amount, what in limits[1:]:
+        if limit is not None and amount > limit.per_minute:  # it would never fit: no use waiting
+            message = _TOO_MUCH[what].format(amount, key.name, limit.per_minute)
+            raise GatewayError(429, message, what, "rate_limit_exceeded", headers=_headers(state))
+    for limit, amount, what in limits:
+        if limit is not None and limit.wait_s(amount) > 0:
             raise _limited(
-                f"Rate limit reached for the API key '{key.name}': {bucket.per_minute} {what} per minute.",
+                f"Rate limit reached for the API key '{key.name}': {limit.per_minute} {what} per minute.",
                 what,
-                bucket.wait_s(amount),
+                limit.wait_s(amount),
                 _headers(state),
             )
-    if state.requests is not None:
-        state.requests.level -= 1
-    if state.tokens is not None:
-        state.tokens.level -= tokens
-    if state.audio is not None:
-        state.audio.level -= audio_s
+    for limit, amount, _ in limits:
+        if limit is not None:
+            limit.level -= amount
     state.in_flight += 1
     return Admission(key.id, tokens, _headers(state), reserved_audio_s=audio_s)
+
+
+# What a request more than a minute's allowance is told (its amount, the key's name, the limit).
+_TOO_MUCH = {
+    "tokens": "This request needs about {0} tokens, more than the API key '{1}' may use in a minute ({2}); set a "
+    "lower max_tokens or shorten the prompt.",
+    "audio_seconds": "This audio is about {0:.0f} s long, more than the API key '{1}' may have transcribed in a "
+    "minute ({2} s); send it in shorter parts.",
+}
 
 
 def settle(

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from deploykit.serve.accounting.database import Database, Run
 from deploykit.serve.accounting.keys import ApiKey
-from deploykit.serve.gateway.ratelimit import Admission, Bucket, KeyState, settle, take
+from deploykit.serve.gateway.ratelimit import Admission, KeyState, bucket, settle, take
 
 log = logging.getLogger("deploykit.gateway")
 
@@ -88,11 +88,7 @@ class SharedRateLimiter:
             [(tokens, audio, updated)] = run(
                 "SELECT tokens, audio, updated FROM quota_state WHERE key_id = ?", (admission.key_id,)
             )
-            state = KeyState(
-                None,
-                Bucket(tpm, tpm if tokens is None else tokens, updated) if tpm else None,
-                audio=Bucket(aspm, aspm if audio is None else audio, updated) if aspm else None,
-            )
+            state = KeyState(None, bucket(tpm, tokens, updated), audio=bucket(aspm, audio, updated))
             now = self._clock()
             settle(state, admission, used, now, used_audio)
             levels = [b.level if b else None for b in (state.tokens, state.audio)]
@@ -117,10 +113,10 @@ class SharedRateLimiter:
         )
         [(in_flight,)] = run("SELECT count(*) FROM quota_leases WHERE key_id = ? AND expires_at > ?", (key.id, now))
         return KeyState(
-            Bucket(key.rpm, key.rpm if requests is None else requests, updated) if key.rpm else None,
-            Bucket(key.tpm, key.tpm if tokens is None else tokens, updated) if key.tpm else None,
+            bucket(key.rpm, requests, updated),
+            bucket(key.tpm, tokens, updated),
             int(in_flight),
-            Bucket(key.audio_spm, key.audio_spm if audio is None else audio, updated) if key.audio_spm else None,
+            bucket(key.audio_spm, audio, updated),
         ).refill(now)
 
     def _store(self, run: Run, key_id: str, state: KeyState, now: float) -> None:
