@@ -17,6 +17,7 @@ from deploykit.models.fit import (
     Fit,
     cpu_dtype,
     fit_on,
+    gpu_usable_bytes,
     kv_bytes_per_token,
     tensor_parallel_sizes,
     weight_bytes,
@@ -25,7 +26,7 @@ from deploykit.models.hub import HubCard
 from deploykit.models.resolve import resolve
 from deploykit.models.store import LocalModel, ModelStore
 from deploykit.serve.hardware import Hardware
-from deploykit.serve.plan import MIN_CONTEXT, gpu_budget, gpu_dtype
+from deploykit.serve.plan import MIN_CONTEXT, gpu_batching, gpu_dtype
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -95,7 +96,7 @@ def fit_rows(config: ModelConfig, hardware: Hardware) -> list[FitRow]:
         return [
             FitRow(
                 f"{n} x {smallest.name}" + (" (tensor parallel)" if n > 1 else ""),
-                fit_on(config, dtype, n, gpu_budget(smallest), MIN_CONTEXT),
+                fit_on(config, dtype, n, gpu_usable_bytes(smallest.memory_bytes), MIN_CONTEXT, gpu_batching(smallest)),
             )
             for n in sizes
         ]

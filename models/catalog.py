@@ -63,6 +63,8 @@ class CatalogEntry(BaseModel):
             max_context=self.context,
             dtype="bfloat16",
             params=self.params,
+            intermediate_size=self.intermediate,
+            vocab_size=self.vocab or 32_000,
         )
 
 

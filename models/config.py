@@ -32,6 +32,12 @@ class ModelConfig:
     dtype: str
     params: int
     quantized: bool = False
+    intermediate_size: int = 0  # the MLP's width; 0: not known (4 x hidden is assumed)
+    vocab_size: int = 32_000
+
+    @property
+    def mlp_width(self) -> int:
+        return self.intermediate_size or 4 * self.hidden_size
 
     @property
     def is_small(self) -> bool:
@@ -69,6 +75,8 @@ def parse_config(raw: dict[str, Any], params: int | None = None) -> ModelConfig:
         dtype=dtype,
         params=params,
         quantized=bool(raw.get("quantization_config")),
+        intermediate_size=int(text.get("intermediate_size") or 0),
+        vocab_size=int(text.get("vocab_size") or 32_000),
     )
 
 

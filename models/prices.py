@@ -45,9 +45,20 @@ class ServicePrice(Sourced):
     provider: str
     input_per_mtok: float = Field(ge=0)  # USD per million prompt tokens
     output_per_mtok: float = Field(ge=0)  # USD per million completion tokens
+    cached_input_per_mtok: float | None = Field(None, ge=0)  # prompt tokens read from the provider's prompt cache
+    batch_discount: float = Field(0.0, ge=0, lt=1)  # off both prices through its batch API (answers within a day)
 
     def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
         return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+    def rates(self, cached_share: float = 0.0, batch_share: float = 0.0) -> tuple[float, float]:
+        """USD per million prompt and completion tokens when `cached_share` of the prompt tokens are read from the
+        prompt cache (at the cached price, where the offer has one) and `batch_share` of the requests go through
+        the batch API; the two discounts stack, as OpenAI's do."""
+        cached = self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
+        prompt = (1 - cached_share) * self.input_per_mtok + cached_share * cached
+        keep = 1 - batch_share * self.batch_discount
+        return prompt * keep, self.output_per_mtok * keep
 
 
 class Provisioned(Sourced):

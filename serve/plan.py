@@ -19,15 +19,17 @@ from deploykit.models.fit import (
     CPU_RUNTIME_OVERHEAD,
     GIB,
     GPU_MEMORY_UTILIZATION,
-    GPU_RUNTIME_OVERHEAD,
+    Batching,
     cpu_dtype,
     cpu_kv_gib,
     dtype_bytes,
     fit_on,
-    gpu_budget_bytes,
+    gpu_runtime,
+    gpu_usable_bytes,
     kv_bytes_per_token,
     kv_cache_tokens,
     tensor_parallel_sizes,
+    vllm_batching,
     weight_bytes,
 )
 from deploykit.serve.hardware import Gpu, Hardware
@@ -206,22 +208,23 @@ def _plan_gpu(
     choices.append(Choice("--dtype", dtype, why))
 
     weights = weight_bytes(config, dtype)
-    budget = gpu_budget(smallest)
+    usable, batching = gpu_usable_bytes(smallest.memory_bytes), gpu_batching(smallest)
     sizes = tensor_parallel_sizes(config, len(gpus))
-    fits = [fit_on(config, dtype, tp, budget, MIN_CONTEXT) for tp in sizes]
+    fits = [fit_on(config, dtype, tp, usable, MIN_CONTEXT, batching) for tp in sizes]
     if nodes > 1:  # only where one host is not enough: a pipeline stage per host, each host's GPUs in tensor parallel
-        fits.append(fit_on(config, dtype, sizes[-1] * nodes, budget, MIN_CONTEXT))
+        fits.append(fit_on(config, dtype, sizes[-1] * nodes, usable, MIN_CONTEXT, batching))
     fit = next((f for f in fits if f.fits), None)
     if fit is None:
         largest = fits[-1]
-        need = weights / largest.devices + GPU_RUNTIME_OVERHEAD
+        runtime = gpu_runtime(config, dtype, largest.devices, batching).total
+        need = weights / largest.devices + runtime
         need += largest.min_context * kv_bytes_per_token(config, dtype) / largest.devices
         raise NotEnoughMemoryError(
             f"The model does not fit: {_gib(weights)} of {dtype} weights plus KV cache for {largest.min_context} "
             f"tokens need about {_gib(need / GPU_MEMORY_UTILIZATION)} per GPU across "
             f"{largest.devices} x {smallest.name} ({_gib(smallest.memory_bytes)} each).",
             "Use more or larger GPUs (`deploy k8s --nodes N` spans several nodes), or a quantized or smaller model; "
-            + _largest_fit_hint(budget * largest.devices, dtype),
+            + _largest_fit_hint((usable - runtime) * largest.devices, dtype),
         )
     pp = nodes if fit.devices > sizes[-1] else 1
     tp, tokens = fit.devices // pp, fit.kv_cache_tokens
@@ -283,9 +286,9 @@ def gpu_dtype(gpus: Sequence[Gpu]) -> str:
     return "bfloat16" if all(g.supports_bfloat16 for g in gpus) else "float16"
 
 
-def gpu_budget(gpu: Gpu) -> int:
-    """Bytes of one GPU the engine gives to weights and KV cache."""
-    return gpu_budget_bytes(gpu.memory_bytes)
+def gpu_batching(gpu: Gpu) -> Batching:
+    """What vLLM batches by default on this GPU (its memory profiling depends on it)."""
+    return vllm_batching(gpu.memory_bytes, gpu.name)
 
 
 @dataclass(frozen=True)

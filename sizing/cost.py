@@ -49,6 +49,20 @@ class CostLine:
 
 
 @dataclass(frozen=True)
+class Discounts:
+    """What a managed pay-as-you-go bill takes off where the offer has the discount: prompt tokens its prompt
+    cache serves (`cached_input_share` of them) and requests that can wait for its batch API (`batch_share`)."""
+
+    cached_input_share: float = 0.0
+    batch_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        for flag, share in (("--cached-input-share", self.cached_input_share), ("--batch-share", self.batch_share)):
+            if not 0 <= share <= 1:
+                raise UsageError(f"{flag} {share:g} is not a share between 0 and 1.", f"For example {flag} 0.3.")
+
+
+@dataclass(frozen=True)
 class SelfHosted:
     """One sized option, priced by rental and by ownership, per month at the given traffic, with the
     overheads: the replicas kept for availability and the operations time."""
@@ -149,6 +163,7 @@ class Managed:
     provider: str
     monthly_usd: float
     break_even: tuple[BreakEven, ...]  # renting, owning (where the data prices them); pay-as-you-go offers only
+    lines: tuple[CostLine, ...] = ()  # the bill at list prices, then each discount taken off
 
 
 @dataclass
@@ -165,6 +180,7 @@ class CostReport:
     stale_prices: list[dict[str, object]] = field(default_factory=list)  # the old prices the warnings count
     basis: str = ""  # which offers were chosen, and why, when the user named none
     plot: list[Series] = field(default_factory=list)  # the cost chart's lines (plot_series)
+    discounts: Discounts = Discounts()
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -175,6 +191,7 @@ class CostReport:
             "utilization": self.utilization,
             "tokens_per_month": self.tokens_per_month,
             "overheads": {**self.overheads.__dict__, "ops_usd_per_month": self.overheads.ops_usd},
+            "discounts": self.discounts.__dict__,
             "self_hosted": [
                 {
                     "option": s.label,
@@ -189,7 +206,14 @@ class CostReport:
                 }
                 for s in self.self_hosted
             ],
-            "managed": [{**m.__dict__, "break_even": [b.__dict__ for b in m.break_even]} for m in self.managed],
+            "managed": [
+                {
+                    **m.__dict__,
+                    "break_even": [b.__dict__ for b in m.break_even],
+                    "lines": [line.__dict__ for line in m.lines],
+                }
+                for m in self.managed
+            ],
             "verdict": self.verdict,
             "default_offers": self.basis or None,  # which offers and why, when --compare named none
             "warnings": self.warnings,
@@ -208,13 +232,35 @@ def own_monthly_usd(prices: Prices, gpu: str, devices: int, power_w: float, powe
     return devices * (capital + energy)
 
 
-def managed_monthly_usd(offer: ServicePrice | Provisioned, w: TargetLoad, utilization: float) -> float:
+def managed_monthly_usd(
+    offer: ServicePrice | Provisioned, w: TargetLoad, utilization: float, discounts: Discounts = Discounts()
+) -> float:
+    return sum(line.usd for line in managed_lines(offer, w, utilization, discounts))
+
+
+def managed_lines(
+    offer: ServicePrice | Provisioned, w: TargetLoad, utilization: float, discounts: Discounts = Discounts()
+) -> list[CostLine]:
+    """A managed offer's month at the load: the bill at list prices, then each discount it gives taken off."""
     prompt, completion = w.tokens_per_month
     if isinstance(offer, ServicePrice):
-        return offer.cost(prompt, completion)
+        listed = offer.cost(prompt, completion)
+        lines = [CostLine(f"{offer.name} at list prices", listed)]
+        c, b = discounts.cached_input_share, discounts.batch_share
+        cached_in, _ = offer.rates(c, 0)
+        if c and offer.cached_input_per_mtok is not None:
+            saved = prompt * (offer.input_per_mtok - cached_in) / 1e6
+            what = f"prompt cache: {c:.0%} of prompt tokens at ${offer.cached_input_per_mtok:g} per million"
+            lines.append(CostLine(what, -saved))
+        if b and offer.batch_discount:
+            after_cache = (prompt * cached_in + completion * offer.output_per_mtok) / 1e6
+            what = f"batch API: {b:.0%} of requests at {offer.batch_discount:.0%} off"
+            lines.append(CostLine(what, -after_cache * b * offer.batch_discount))
+        return lines
     per_minute_peak = w.rps / utilization * 60 * (w.input_tokens + w.output_tokens * offer.output_weight)
     units = max(offer.min_units, math.ceil(per_minute_peak / offer.input_tpm_per_unit))
-    return units * offer.usd_per_unit_hour * HOURS_PER_MONTH
+    usd = units * offer.usd_per_unit_hour * HOURS_PER_MONTH
+    return [CostLine(f"{offer.name}: {units} units around the clock", usd)]
 
 
 def self_hosted(sizing: Sizing, prices: Prices, overheads: Overheads) -> list[SelfHosted]:
@@ -250,9 +296,10 @@ def cheapest(hosted: list[SelfHosted], way: str) -> SelfHosted | None:
     return min(priced, key=lambda s: s.monthly(way) or 0) if priced else None
 
 
-def blended_price_per_token(offer: ServicePrice, w: TargetLoad) -> float:
+def blended_price_per_token(offer: ServicePrice, w: TargetLoad, discounts: Discounts = Discounts()) -> float:
     total = w.input_tokens + w.output_tokens
-    return (w.input_tokens * offer.input_per_mtok + w.output_tokens * offer.output_per_mtok) / total / 1e6
+    prompt, completion = offer.rates(discounts.cached_input_share, discounts.batch_share)
+    return (w.input_tokens * prompt + w.output_tokens * completion) / total / 1e6
 
 
 def compare(
@@ -262,8 +309,10 @@ def compare(
     utilization: float,
     w: TargetLoad,
     overheads: Overheads = Overheads(),
+    discounts: Discounts = Discounts(),
 ) -> CostReport:
-    """`sizing` was made for the peak (the mean load `w` over `utilization`); the offers see the mean."""
+    """`sizing` was made for the peak (the mean load `w` over `utilization`); the offers see the mean, with the
+    discounts they give."""
     if not 0 < utilization <= 1:
         raise UsageError(f"--utilization {utilization} is not in (0, 1].", "For example --utilization 0.5.")
     hosted = self_hosted(sizing, prices, overheads)
@@ -274,10 +323,12 @@ def compare(
         for way in ("rent", "own"):
             best = cheapest(hosted, way)
             if best is not None and isinstance(offer, ServicePrice):
-                breaks.append(_break_even(best, way, offer, w))
-        managed.append(Managed(offer.name, offer.provider, managed_monthly_usd(offer, w, utilization), tuple(breaks)))
+                breaks.append(_break_even(best, way, offer, w, discounts))
+        lines = tuple(managed_lines(offer, w, utilization, discounts))
+        managed.append(Managed(offer.name, offer.provider, sum(x.usd for x in lines), tuple(breaks), lines))
     verdict = _verdict(hosted, managed, tokens)
     report = CostReport(sizing.model, w, utilization, tokens, hosted, managed, verdict, overheads)
+    report.discounts = discounts
     report.plot = plot_series(report, offers)
     return report
 
@@ -286,11 +337,11 @@ def compare(
 _MAX_REPLICAS = 10_000
 
 
-def _break_even(best: SelfHosted, way: str, offer: ServicePrice, w: TargetLoad) -> BreakEven:
+def _break_even(best: SelfHosted, way: str, offer: ServicePrice, w: TargetLoad, discounts: Discounts) -> BreakEven:
     """The smallest monthly volume whose bill at the offer pays for self-hosting it. While n replicas carry
     the load (n - 1 did not) the cost is flat, so the first n whose cost, billed at the offer's price, fits
     in n fully busy replicas gives it."""
-    price = blended_price_per_token(offer, w)
+    price = blended_price_per_token(offer, w, discounts)
     capacity = monthly_tokens_capacity(best, w)  # one replica, fully busy
 
     def volume(n: int) -> float:
@@ -383,13 +434,14 @@ def plot_series(report: CostReport, offers: list[ServicePrice | Provisioned]) ->
             hosted = [self_host_cost_at(best, way, w, x, u) for x in xs]
             here = self_host_cost_at(best, way, w, report.tokens_per_month, u)
             lines.append(Series(f"{way} {best.label} (whole replicas)", xs, hosted, False, here))
+    d = report.discounts
     for offer in offers:
         scale = [x / report.tokens_per_month for x in xs]
         if isinstance(offer, ServicePrice):
-            bills = [managed_monthly_usd(offer, w, u) * k for k in scale]
+            bills = [managed_monthly_usd(offer, w, u, d) * k for k in scale]
         else:
             bills = [managed_monthly_usd(offer, _scaled(w, k), u) for k in scale]
-        lines.append(Series(offer.name, xs, bills, True, managed_monthly_usd(offer, w, u)))
+        lines.append(Series(offer.name, xs, bills, True, managed_monthly_usd(offer, w, u, d)))
     return lines
 
 
@@ -464,7 +516,11 @@ def report_html(data: dict[str, Any]) -> str:
     blocks += [table(hosted, header=True), "<h2>The cheapest each way, line by line</h2>"]
     blocks += [table([["", "line", "per month"], *cost_line_cells(data)], header=True)]
     blocks += ["<h2>Managed, per month at the same traffic</h2>"]
-    blocks += [table(managed, header=True), *(paragraph(x) for x in data["warnings"])]
+    blocks += [table(managed, header=True)]
+    if discounted := managed_line_cells(data):
+        header = ["offer", "line", "per month"]
+        blocks += ["<h2>Managed bills, line by line</h2>", table([header, *discounted], header=True)]
+    blocks += [paragraph(x) for x in data["warnings"]]
     return page(f"deploykit cost: {data['model']}", blocks)
 
 
@@ -492,6 +548,16 @@ def cost_line_cells(data: dict[str, Any]) -> list[list[str]]:
         best = min(priced, key=lambda s: s[f"{way}_usd_per_month"])  # the first of equals, as cheapest()
         rows += [[verb, line["item"], _usd(line["usd"])] for line in best["lines"][way]]
         rows.append([verb, "total", _usd(best[f"{way}_usd_per_month"])])
+    return rows
+
+
+def managed_line_cells(data: dict[str, Any]) -> list[list[str]]:
+    """[offer, line, $/month] for each managed offer a discount applies to (in a report's JSON), then its total."""
+    rows = []
+    for m in data["managed"]:
+        if len(m["lines"]) > 1:
+            rows += [[m["name"], line["item"], _usd(line["usd"])] for line in m["lines"]]
+            rows.append([m["name"], "total", _usd(m["monthly_usd"])])
     return rows
 
 
@@ -524,11 +590,12 @@ def cost_model(
     today: dt.date | None = None,
     min_replicas: int = 2,
     ops_hours: float | None = None,
+    discounts: Discounts = Discounts(),
     **size_options: Any,
 ) -> tuple[CostReport, list[ServicePrice | Provisioned]]:
     """Self-hosting sized for the load's peaks (the mean over `utilization`) against each managed offer at
-    the mean load, with at least `min_replicas` replicas and `ops_hours` of a person's time a month (default:
-    the data's [operations] hours) at the data's rate."""
+    the mean load with its `discounts`, with at least `min_replicas` replicas and `ops_hours` of a person's
+    time a month (default: the data's [operations] hours) at the data's rate."""
     basis = ""
     if not compare_with:
         compare_with, basis = default_offers(name, config, prices)
@@ -539,7 +606,7 @@ def cost_model(
     mean = load
     peak = replace(load, rps=mean.rps / utilization)
     sizing = size_model(name, config, peak, prices, max_utilization=1.0, price_warnings=False, **size_options)
-    report = compare(sizing, prices, offers, utilization, mean, overheads)
+    report = compare(sizing, prices, offers, utilization, mean, overheads, discounts)
     used: list[Sourced] = [*offers, *([prices.power] if prices.power else [])]
     if prices.operations is not None and overheads.ops_usd > 0:
         used.append(prices.operations)

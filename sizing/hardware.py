@@ -17,9 +17,10 @@ from deploykit.models.fit import (
     cpu_dtype,
     cpu_kv_gib,
     fit_on,
-    gpu_budget_bytes,
+    gpu_usable_bytes,
     kv_bytes_per_token,
     kv_cache_tokens,
+    vllm_batching,
 )
 from deploykit.models.prices import Efficiency, GpuSpec, Prices
 
@@ -68,7 +69,8 @@ def kv_tokens_on(config: ModelConfig, dev: Accelerator, tp: int) -> int:
     if dev.is_cpu:
         kv_gib, _, _ = cpu_kv_gib(config, dtype, dev.memory_bytes)
         return kv_cache_tokens(kv_gib * GIB, kv_bytes_per_token(config, dtype))
-    return fit_on(config, dtype, tp, gpu_budget_bytes(dev.memory_bytes), 1).kv_cache_tokens
+    batching = vllm_batching(dev.memory_bytes, dev.name)
+    return fit_on(config, dtype, tp, gpu_usable_bytes(dev.memory_bytes), 1, batching).kv_cache_tokens
 
 
 class HardwareByName(Mapping[str, Accelerator]):

@@ -20,7 +20,15 @@ from deploykit.models.prices import Prices, load_prices
 from deploykit.models.resolve import resolve
 from deploykit.models.store import ModelStore
 from deploykit.sizing import TargetLoad, cost_model, size_model
-from deploykit.sizing.cost import CostReport, break_even_cells, cost_line_cells, plot_png, report_html
+from deploykit.sizing.cost import (
+    CostReport,
+    Discounts,
+    break_even_cells,
+    cost_line_cells,
+    managed_line_cells,
+    plot_png,
+    report_html,
+)
 
 ModelArg = typer.Argument(..., help="Model alias (catalog or local), e.g. llama-3.1-8b-instruct.")
 RpsOpt = typer.Option(None, "--rps", help="Target load: requests per second (mean).")
@@ -158,6 +166,18 @@ def cost(
         help="A person's time self-hosting takes a month, at the [operations] rate of the price data "
         "(default: its 8 h, an assumption; 0 leaves it out).",
     ),
+    cached_input_share: float = typer.Option(
+        0.0,
+        "--cached-input-share",
+        help="Share of prompt tokens a managed offer serves from its prompt cache, at its cached-input price "
+        "(offers whose price data has one: OpenAI's). Default 0: list prices.",
+    ),
+    batch_share: float = typer.Option(
+        0.0,
+        "--batch-share",
+        help="Share of requests that can wait for a managed offer's batch API (answers within a day), at its "
+        "batch discount (OpenAI's: 50%). Default 0.",
+    ),
     plot: Path = typer.Option(None, "--plot", help="Write cost against monthly token volume as a PNG."),
     html_path: Path = typer.Option(None, "--html", help="Write an HTML report with the plot and the tables."),
     json_: JsonOpt = False,
@@ -166,7 +186,8 @@ def cost(
     managed offer at the same traffic, the break-even volume and the utilization it needs. Self-hosting
     counts, each as its own line: the GPUs the load needs, the replicas kept for availability
     (--min-replicas), a cloud bill's egress, storage and management on rented instances (the [rental_extras]
-    share of the price data) and a person's time (--ops-hours-per-month).
+    share of the price data) and a person's time (--ops-hours-per-month). A managed bill takes off, each as
+    its own line, what its prompt cache (--cached-input-share) and batch API (--batch-share) save.
 
     Examples:
 
@@ -188,6 +209,7 @@ def cost(
         provider=provider,
         min_replicas=min_replicas,
         ops_hours=ops_hours,
+        discounts=Discounts(cached_input_share, batch_share),
     )
     _warn(report.warnings)
     data = report.to_json()  # what --json prints is what the chart and the page are drawn from
@@ -229,6 +251,13 @@ def _print_cost(report: CostReport, data: dict[str, Any]) -> None:
         for m in data["managed"]:
             managed.add_row(m["name"], _usd(m["monthly_usd"], 0), *break_even_cells(m))
         out.print(managed)
+        if discounted := managed_line_cells(data):
+            bills = Table(title="Managed bills, line by line")
+            for column in ("offer", "line", "per month"):
+                bills.add_column(column, justify="right" if column == "per month" else "left")
+            for row in discounted:
+                bills.add_row(*row)
+            out.print(bills)
     out.print(report.verdict, highlight=False)
 
 

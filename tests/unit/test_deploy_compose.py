@@ -65,8 +65,9 @@ def _check(output: Path) -> dict[str, object]:
     ("models", "replicas", "groups"),
     [
         (["smollm2-135m"], 1, [[0]]),
-        # 141 GB of bf16 weights need two H100s; two replicas split the eight GPUs four and four
-        (["llama-3.1-70b-instruct"], 2, [[0, 1], [4, 5]]),
+        # 141 GB of bf16 weights and vLLM's runtime on each GPU (about 5.7 GiB with tensor parallelism) leave
+        # two H100s no room for KV cache: four each, and two replicas take the eight GPUs four and four
+        (["llama-3.1-70b-instruct"], 2, [[0, 1, 2, 3], [4, 5, 6, 7]]),
     ],
 )
 def test_a_project_for_an_eight_gpu_server_validates_and_follows_the_plans(

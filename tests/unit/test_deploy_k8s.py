@@ -43,7 +43,7 @@ def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("models", "groups"), [(["smollm2-135m"], [1]), (["llama-3.1-70b-instruct", "smollm2-135m"], [2, 1])]
+    ("models", "groups"), [(["smollm2-135m"], [1]), (["llama-3.1-70b-instruct", "smollm2-135m"], [4, 1])]
 )
 def test_manifests_validate_and_hold_together(
     settings: Settings, tmp_path: Path, models: list[str], groups: list[int]

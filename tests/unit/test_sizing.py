@@ -20,10 +20,12 @@ from deploykit.sizing import size_model
 from deploykit.sizing.calibration import calibrate, calibration_at, engine_warning
 from deploykit.sizing.cost import (
     CostLine,
+    Discounts,
     Overheads,
     compare,
     cost_line_cells,
     cost_model,
+    managed_lines,
     managed_monthly_usd,
     own_monthly_usd,
     plot_png,
@@ -125,9 +127,12 @@ def test_prefill_is_compute_bound() -> None:
 
 
 def test_kv_capacity_from_the_fit_check() -> None:
-    # L4, 22.5 GiB: int(24,159,191,040 x 0.9) - 1.5 GiB = 20,132,659,200 B; Llama-2-7B weights 13,476,831,232 B
-    # leave 6,655,827,968 B; at 2 x 32 x 32 x 128 x 2 = 524,288 B/token: 12,695 tokens, 12,688 in 16-token blocks
-    assert kv_tokens_on(CATALOG.get("llama-2-7b").config(), gpu("l4"), 1) == 12_688
+    # L4, 22.5 GiB: int(24,159,191,040 x 0.9) = 21,743,271,936 B. vLLM's runtime there (256 sequences, 2048
+    # tokens a step): 268,435,456 outside torch; activation int(max(256 x 32,000 x 14.64, 2048 x 3 x 11,008 x 2)
+    # + 1.59 x 2048 x 4096 x 2) = 161,942,077; CUDA graphs 336,081,190 + 32 x 17,673,790 = 901,642,470: in all
+    # 1,332,020,003 B. Llama-2-7B weights 13,476,831,232 B leave 6,934,420,701 B; at 2 x 32 x 32 x 128 x 2 =
+    # 524,288 B/token: 13,226 tokens, 13,216 in 16-token blocks
+    assert kv_tokens_on(CATALOG.get("llama-2-7b").config(), gpu("l4"), 1) == 13_216
     # SmolLM2 on CPU: the engine's 2 GiB KV space / 46,080 B/token = 46,603 -> 46,592, what vLLM logs
     assert kv_tokens_on(SMOL, CPU, 1) == 46_592
 
@@ -146,9 +151,11 @@ def test_one_option_by_hand() -> None:
     w = TargetLoad(200.0, 100, 100, tuple(parse_slos("tpot_p95=10ms")))
     option = size_option(model, toy, 1, w, 0.8, None)
     assert isinstance(option, Option)
-    # KV: int(16 GiB x 0.9) - 1.5 GiB = 13,851,269,529 B; minus 2e9 B of bf16 weights = 11,851,269,529 B;
-    # at 2 x 10 x 8 x 64 x 2 = 20,480 B/token: 578,675 tokens, 578,672 in 16-token blocks
-    assert option.kv_cache_tokens == 578_672
+    # KV: int(16 GiB x 0.9) = 15,461,882,265 B, less vLLM's runtime for this model on a 16 GiB GPU (256 sequences,
+    # 2048 tokens a step): 268,435,456 outside torch, int(256 x 32,000 x 14.64 + 1.59 x 2048 x 512 x 2) =
+    # 123,265,351 of activation, 336,081,190 + 10 x 17,673,790 = 512,819,090 of CUDA graphs; less 2e9 B of bf16
+    # weights = 12,557,362,368 B; at 2 x 10 x 8 x 64 x 2 = 20,480 B/token: 613,152 tokens (whole blocks)
+    assert option.kv_cache_tokens == 613_152
     # decode step at c sequences of 100 + 100/2 = 150 tokens: memory (2e9 + c x 150 x 20,480 B) / 5e11 B/s
     # = 4 ms + c x 6.144 us, above compute c x 2.003072e9 FLOP / 5e13 FLOP/s until c = 117.
     # prefill of 100 tokens: 2e9 x 100 + 2 x 10 x 8 x 64 x 100^2 = 2.001024e11 FLOP / 5e13 = 4.002048 ms.
@@ -183,7 +190,7 @@ def test_the_json_of_one_option_by_hand() -> None:
         "tensor_parallel": 1,
         "replicas": 3,
         "devices": 3,
-        "kv_cache_tokens_per_replica": 578_672,
+        "kv_cache_tokens_per_replica": 613_152,
         "max_concurrency_per_replica": 86,
         "capacity_rps": pytest.approx(3 * 107.82687518811828, rel=1e-9),
         "output_tokens_per_s": 20_000.0,  # 200 req/s x 100
@@ -374,6 +381,7 @@ def test_break_even_and_the_utilization_it_needs() -> None:
             "rental_extras": 0.0,
             "ops_usd_per_month": 0.0,
         },
+        "discounts": {"cached_input_share": 0.0, "batch_share": 0.0},
         "self_hosted": [
             {
                 "option": "1 x a100-80gb",
@@ -415,6 +423,12 @@ def test_break_even_and_the_utilization_it_needs() -> None:
                         "utilization": own.utilization,
                         "replicas": 1,
                     },
+                ],
+                "lines": [
+                    {
+                        "item": "llama-3.1-8b@together at list prices",
+                        "usd": pytest.approx(0.5 * 3600 * 730 * 768 * 0.18e-6),
+                    }
                 ],
             }
         ],
@@ -593,9 +607,29 @@ def test_size_and_cost_through_the_cli(tmp_path: Path) -> None:
     [one], [two] = lean["self_hosted"], default["self_hosted"]
     assert [len(one["lines"]["rent"]), len(two["lines"]["rent"])] == [2, 4]  # the extras line in both
     assert two["rent_usd_per_month"] == pytest.approx(2 * one["rent_usd_per_month"] + 8 * 43.52)
+    # the managed discounts as flags: each its own line of the bill, the total what the verdict weighs
+    flags = ("--rps", "0.1", "--gpus", "l40s", "--compare", "gpt-4o-mini,llama-3.1-8b@together")
+    listed, cut = (
+        json.loads(deploykit(tmp_path, "cost", "llama-3.1-8b-instruct", *flags, *more, "--json").stdout)
+        for more in ((), ("--cached-input-share", "0.5", "--batch-share", "0.2"))
+    )
+    assert cut["discounts"] == {"cached_input_share": 0.5, "batch_share": 0.2}
+    mini, together = cut["managed"]
+    assert [line["item"] for line in mini["lines"]] == [
+        "gpt-4o-mini at list prices",
+        "prompt cache: 50% of prompt tokens at $0.075 per million",
+        "batch API: 20% of requests at 50% off",
+    ]
+    assert mini["monthly_usd"] == pytest.approx(sum(line["usd"] for line in mini["lines"]))
+    assert mini["monthly_usd"] < listed["managed"][0]["monthly_usd"] == mini["lines"][0]["usd"]
+    assert len(together["lines"]) == 1 and together["monthly_usd"] == listed["managed"][1]["monthly_usd"]
+    shown = deploykit(tmp_path, "cost", "llama-3.1-8b-instruct", *flags, "--cached-input-share", "0.5")
+    assert "Managed bills, line by line" in shown.stdout and "prompt cache: 50%" in shown.stdout
     for flag, value, message in (
         ("--min-replicas", "0", "--min-replicas 0 is below 1."),
         ("--ops-hours-per-month", "-1", "--ops-hours-per-month -1 is negative."),
+        ("--batch-share", "1.5", "--batch-share 1.5 is not a share between 0 and 1."),
+        ("--cached-input-share", "-0.1", "--cached-input-share -0.1 is not a share between 0 and 1."),
     ):
         refused = deploykit(tmp_path, "cost", "llama-3.1-8b-instruct", "--rps", "1", flag, value)
         assert_clean_failure(refused, 2, message)
@@ -603,3 +637,23 @@ def test_size_and_cost_through_the_cli(tmp_path: Path) -> None:
         deploykit(tmp_path, "size", "llama-3.1-8b-instruct", "--rps", "1", "--slo", "tpot_p95=0.1ms"), 1, "No hardware"
     )
     assert math.isfinite(data["options"][0]["usd_per_month"])
+
+
+def test_managed_discounts_by_hand() -> None:
+    """gpt-4o-mini: $0.15 / $0.60 per million, cached prompt tokens $0.075, the batch API 50% off; they stack."""
+    mini = load_prices().find("gpt-4o-mini")
+    assert mini.rates() == (0.15, 0.60)
+    # 40% of prompt tokens cached: 0.6 x 0.15 + 0.4 x 0.075 = 0.12; 30% of requests batched keep 1 - 0.3 x 0.5
+    prompt, completion = mini.rates(0.4, 0.3)
+    assert prompt == pytest.approx(0.12 * 0.85) and completion == pytest.approx(0.60 * 0.85)
+    w = TargetLoad(1.0, 1000, 100, ())  # 2.628e9 prompt and 2.628e8 completion tokens a month
+    listed, cache, batch = managed_lines(mini, w, 1.0, Discounts(0.4, 0.3))
+    assert listed.usd == pytest.approx(2.628e9 * 0.15e-6 + 2.628e8 * 0.60e-6)  # $394.20 + $157.68
+    assert cache.usd == pytest.approx(-2.628e9 * 0.4 * 0.075e-6)  # $78.84 off
+    assert batch.usd == pytest.approx(-(2.628e9 * 0.12e-6 + 2.628e8 * 0.60e-6) * 0.3 * 0.5)  # 15% of what is left
+    assert managed_monthly_usd(mini, w, 1.0, Discounts(0.4, 0.3)) == pytest.approx(listed.usd + cache.usd + batch.usd)
+    # an offer with neither discount in the data bills list prices whatever the shares
+    together = load_prices().find("llama-3.1-8b@together")
+    assert managed_lines(together, w, 1.0, Discounts(0.4, 0.3)) == managed_lines(together, w, 1.0)
+    with pytest.raises(UsageError, match="--batch-share 2 is not a share"):
+        Discounts(batch_share=2)
