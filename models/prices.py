@@ -76,8 +76,20 @@ class Provisioned(Sourced):
 class Power(Sourced):
     usd_per_kwh: float = Field(ge=0)
     pue: float = Field(ge=1)  # facility power / IT power
-    amortize_months: int = Field(ge=1)
-    host_overhead: float = Field(ge=0)  # the server around the GPUs, as a share of their purchase price
+    amortize_months: int = Field(ge=1)  # owned hardware is written off over this many months
+    note: str = ""
+
+
+class Hosting(Sourced):
+    """What owned GPUs need beyond the cards: the servers they sit in, spare cards, and rack space."""
+
+    gpus_per_server: int = Field(ge=1)  # a replica stays inside one server; replicas are packed whole
+    pcie_server_usd: float = Field(ge=0)  # a server for PCIe cards, without them
+    baseboard_server_usd: float = Field(ge=0)  # an 8-GPU baseboard (HGX) server's other parts
+    pcie_server_w: float = Field(ge=0)  # what the server draws beyond its cards
+    baseboard_server_w: float = Field(ge=0)
+    spare_share: float = Field(ge=0)  # spare cards kept, as a share of those running
+    colocation_usd_per_kw_month: float = Field(ge=0)  # rack space, cooling and power delivery per kW of IT load
     note: str = ""
 
 
@@ -104,6 +116,7 @@ class GpuSpec(Sourced):
     tflops: float = Field(gt=0)  # dense 16-bit tensor throughput
     bf16: bool
     power_w: float = Field(gt=0)
+    server: Literal["pcie", "baseboard"] = "pcie"  # the server it goes in when owned: PCIe cards, or SXM/OAM baseboards
 
 
 class GpuPrice(Sourced):
@@ -142,6 +155,7 @@ class _DataFile(BaseModel):
     service: list[ServicePrice] = []
     provisioned: list[Provisioned] = []
     power: Power | None = None
+    hosting: Hosting | None = None
     operations: Operations | None = None
     rental_extras: RentalExtras | None = None
     gpu: list[GpuSpec] = []
@@ -158,6 +172,7 @@ class Prices:
     gpu_prices: dict[tuple[str, str, str, str], GpuPrice] = field(default_factory=dict)  # gpu, provider, kind, instance
     measurements: list[Measurement] = field(default_factory=list)
     power: Power | None = None
+    hosting: Hosting | None = None
     operations: Operations | None = None
     rental_extras: RentalExtras | None = None
     efficiency: Efficiency | None = None
@@ -258,8 +273,8 @@ def _parse(raw: dict[str, Any], where: str) -> _DataFile:
 
 
 def _with_user_defaults(raw: dict[str, Any], shipped: Prices, path: Path) -> dict[str, Any]:
-    """The user's entries are dated by their file and sourced to it; [power] and [efficiency] may give only
-    the fields they change."""
+    """The user's entries are dated by their file and sourced to it; [power], [hosting], [operations],
+    [rental_extras] and [efficiency] may give only the fields they change."""
     mine = {
         "as_of": dt.date.fromtimestamp(path.stat().st_mtime),
         "source": f"your file {path}",
@@ -269,7 +284,7 @@ def _with_user_defaults(raw: dict[str, Any], shipped: Prices, path: Path) -> dic
     for key, value in raw.items():
         if isinstance(value, list):
             out[key] = [{**mine, **entry} if isinstance(entry, dict) else entry for entry in value]
-        elif key in ("power", "operations", "rental_extras", "efficiency") and isinstance(value, dict):
+        elif key in ("power", "hosting", "operations", "rental_extras", "efficiency") and isinstance(value, dict):
             base = getattr(shipped, key)
             out[key] = {**(base.model_dump() if base else {}), **mine, **value}
         else:
@@ -284,6 +299,7 @@ def _merge(prices: Prices, data: _DataFile) -> None:
     prices.gpu_prices.update({(p.gpu, p.provider, p.kind, p.instance): p for p in data.gpu_price})
     prices.measurements += data.measurement
     prices.power = data.power or prices.power
+    prices.hosting = data.hosting or prices.hosting
     prices.operations = data.operations or prices.operations
     prices.rental_extras = data.rental_extras or prices.rental_extras
     prices.efficiency = data.efficiency or prices.efficiency

@@ -20,7 +20,16 @@ from typing import TYPE_CHECKING, Any
 from deploykit.core.errors import UsageError
 from deploykit.core.html import CHART_STYLE, page, paragraph, svg, table
 from deploykit.models.config import ModelConfig
-from deploykit.models.prices import Power, Prices, Provisioned, ServicePrice, Sourced, stale_list, stale_summary
+from deploykit.models.prices import (
+    Hosting,
+    Power,
+    Prices,
+    Provisioned,
+    ServicePrice,
+    Sourced,
+    stale_list,
+    stale_summary,
+)
 from deploykit.sizing.load import HOURS_PER_MONTH, TargetLoad
 from deploykit.sizing.ranking import Option, Rental, Sizing, cheapest_rental, size_model
 
@@ -63,13 +72,63 @@ class Discounts:
 
 
 @dataclass(frozen=True)
+class Owning:
+    """What owned replicas of `tp` GPUs cost a month: the cards and the servers they sit in written off, spare
+    cards, the power the cards and servers draw at the facility's PUE, and the rack space (colocation)."""
+
+    tp: int
+    card_usd: float
+    card_w: float
+    server: str  # "pcie" or "baseboard"
+    power: Power
+    hosting: Hosting
+
+    def servers(self, replicas: int) -> int:
+        """Servers for `replicas` replicas: each replica inside one, as many whole replicas as one holds."""
+        per_server = max(1, self.hosting.gpus_per_server // self.tp)
+        return math.ceil(replicas / per_server)
+
+    def cards_usd(self, replicas: int) -> float:
+        return replicas * self.tp * self.card_usd / self.power.amortize_months
+
+    def upkeep(self, replicas: int) -> list[CostLine]:
+        """The lines beyond the cards themselves, for `replicas` replicas running."""
+        h, p = self.hosting, self.power
+        servers = self.servers(replicas)
+        server_usd, server_w = (
+            (h.baseboard_server_usd, h.baseboard_server_w)
+            if self.server == "baseboard"
+            else (h.pcie_server_usd, h.pcie_server_w)
+        )
+        kw = (replicas * self.tp * self.card_w + servers * server_w) / 1000
+        return [
+            CostLine(
+                f"spare cards: {h.spare_share:.2%} of the {replicas * self.tp} running",
+                h.spare_share * self.cards_usd(replicas),
+            ),
+            CostLine(
+                f"{servers} {self.server} server{'s' if servers > 1 else ''} around them, written off",
+                servers * server_usd / p.amortize_months,
+            ),
+            CostLine(
+                f"power: {kw:.2f} kW at PUE {p.pue:g} and ${p.usd_per_kwh:g}/kWh",
+                kw * p.pue * HOURS_PER_MONTH * p.usd_per_kwh,
+            ),
+            CostLine(
+                f"colocation: {kw:.2f} kW at ${h.colocation_usd_per_kw_month:,.2f} per kW a month",
+                kw * h.colocation_usd_per_kw_month,
+            ),
+        ]
+
+
+@dataclass(frozen=True)
 class SelfHosted:
     """One sized option, priced by rental and by ownership, per month at the given traffic, with the
     overheads: the replicas kept for availability and the operations time."""
 
     option: Option
     overheads: Overheads
-    replica_own_usd: float | None  # one replica owned a month: write-off and power; None: no purchase price
+    owning: Owning | None  # None: the data has no purchase price for its GPU
 
     @property
     def label(self) -> str:
@@ -92,11 +151,12 @@ class SelfHosted:
         return max(self.option.replicas, self.overheads.min_replicas)
 
     def gpus_usd(self, way: str, replicas: int) -> float | None:
-        """`replicas` replicas' GPUs a month, rented (whole instances) or owned; None: not priced that way."""
+        """`replicas` replicas' GPUs a month, rented (whole instances) or owned (the cards written off); None: not
+        priced that way."""
         if way == "rent":
             per_hour = self.option.rent_per_hour(replicas)
             return per_hour * HOURS_PER_MONTH if per_hour is not None else None
-        return replicas * self.replica_own_usd if self.replica_own_usd is not None else None
+        return self.owning.cards_usd(replicas) if self.owning is not None else None
 
     def cost_for(self, way: str, replicas: int) -> float | None:
         """A month when the load needs `replicas` replicas, every line included; None: not priced this way."""
@@ -111,7 +171,7 @@ class SelfHosted:
         gpus = self.gpus_usd(way, needed)
         if gpus is None:
             return []
-        verb = "rented" if way == "rent" else "owned (write-off and power)"
+        verb = "rented" if way == "rent" else f"owned, written off over {self._months} months"
         out = [CostLine(f"{_devices(self.option, needed)}, {verb}, for the load", gpus)]
         all_gpus = self.gpus_usd(way, running) or 0  # the availability replicas' too
         if running > needed:
@@ -120,10 +180,16 @@ class SelfHosted:
             out.append(CostLine(f"{extra} more replica{'s' if extra > 1 else ''} for availability ({at_least})", more))
         if way == "rent" and (share := self.overheads.rental_extras):
             out.append(CostLine(f"egress, storage and management: {share:.0%} of the instances", all_gpus * share))
+        if way == "own" and self.owning is not None:
+            out += self.owning.upkeep(running)
         if self.overheads.ops_usd > 0:
             o = self.overheads
             out.append(CostLine(f"operations: {o.ops_hours:g} h a month at ${o.ops_usd_per_hour:,.2f}", o.ops_usd))
         return out
+
+    @property
+    def _months(self) -> int:
+        return self.owning.power.amortize_months if self.owning else 0
 
     def monthly(self, way: str) -> float | None:
         return self.cost_for(way, self.option.replicas)
@@ -222,14 +288,15 @@ class CostReport:
         }
 
 
-def own_monthly_usd(prices: Prices, gpu: str, devices: int, power_w: float, power: Power) -> float | None:
-    """Owning `devices` GPUs a month: purchase plus host written off, plus power at the facility's PUE."""
-    buy = prices.prices_for(gpu, "buy")
-    if not buy or power_w <= 0:
+def owning(prices: Prices, option: Option) -> Owning | None:
+    """What owning this option's replicas costs, from the data: None where nobody sells its GPU in the data."""
+    buy = prices.prices_for(option.hardware.name, "buy")
+    if not buy or option.hardware.power_w <= 0 or option.hardware.is_cpu:
         return None
-    capital = buy[0].usd * (1 + power.host_overhead) / power.amortize_months
-    energy = power_w / 1000 * power.pue * HOURS_PER_MONTH * power.usd_per_kwh
-    return devices * (capital + energy)
+    if prices.power is None or prices.hosting is None:
+        raise UsageError("The price data has no [power] or [hosting] table.", "Restore the shipped prices.toml.")
+    server = prices.gpu(option.hardware.name).server
+    return Owning(option.tp, buy[0].usd, option.hardware.power_w, server, prices.power, prices.hosting)
 
 
 def managed_monthly_usd(
@@ -264,13 +331,9 @@ def managed_lines(
 
 
 def self_hosted(sizing: Sizing, prices: Prices, overheads: Overheads) -> list[SelfHosted]:
-    power = prices.power
-    if power is None:
-        raise UsageError("The price data has no [power] table.", "Restore the shipped prices.toml.")
     out = []
     for o in sizing.options:
-        own_one = own_monthly_usd(prices, o.hardware.name, o.tp, o.hardware.power_w, power)
-        hosted = SelfHosted(o, overheads, own_one)
+        hosted = SelfHosted(o, overheads, owning(prices, o))
         if hosted.best_usd is not None:
             out.append(hosted)
     out.sort(key=lambda s: s.best_usd or math.inf)
@@ -608,6 +671,8 @@ def cost_model(
     sizing = size_model(name, config, peak, prices, max_utilization=1.0, price_warnings=False, **size_options)
     report = compare(sizing, prices, offers, utilization, mean, overheads, discounts)
     used: list[Sourced] = [*offers, *([prices.power] if prices.power else [])]
+    if prices.hosting is not None and any(s.owning for s in report.self_hosted):
+        used.append(prices.hosting)
     if prices.operations is not None and overheads.ops_usd > 0:
         used.append(prices.operations)
     if prices.rental_extras is not None and overheads.rental_extras > 0:

@@ -22,12 +22,12 @@ from deploykit.sizing.cost import (
     CostLine,
     Discounts,
     Overheads,
+    Owning,
     compare,
     cost_line_cells,
     cost_model,
     managed_lines,
     managed_monthly_usd,
-    own_monthly_usd,
     plot_png,
     plot_series,
     plot_svg,
@@ -334,10 +334,24 @@ def test_published_measurements_fitted_apart_from_independent() -> None:
 
 
 def test_owning_and_managed_costs_by_hand() -> None:
-    power = PRICES.power
-    assert power is not None
-    # H100 SXM: $27,500 x 1.25 / 36 = $954.86 a month, plus 0.7 kW x 1.5 x 730 h x $0.13 = $99.65
-    assert own_monthly_usd(PRICES, "h100-sxm", 1, 700, power) == pytest.approx(1054.51, abs=0.01)
+    assert PRICES.power is not None and PRICES.hosting is not None
+    # one H100 SXM: the card, $27,500 / 36 months = $763.89; a spare for every 16, 6.25% of that = $47.74; the
+    # 8-GPU baseboard server it needs, $32,010 / 36 = $889.17; the card's 0.7 kW and the server's 4.6 kW:
+    # 5.3 kW x 1.5 PUE x 730 h x $0.13 = $754.45 of power and 5.3 x $184.06 = $975.52 of colocation
+    h100 = Owning(1, 27_500, 700, "baseboard", PRICES.power, PRICES.hosting)
+    assert h100.cards_usd(1) == pytest.approx(763.89, abs=0.01)
+    assert [line.usd for line in h100.upkeep(1)] == pytest.approx([47.74, 889.17, 754.45, 975.52], abs=0.01)
+    # PCIe cards, eight to a server: eight single-GPU replicas share one, a ninth needs a second; replicas of
+    # four GPUs go two to a server
+    l4 = Owning(1, 2800, 72, "pcie", PRICES.power, PRICES.hosting)
+    assert (l4.servers(8), l4.servers(9), Owning(4, 2800, 72, "pcie", PRICES.power, PRICES.hosting).servers(3)) == (
+        1,
+        2,
+        2,
+    )
+    # nine L4s in two PCIe servers: 9 x 72 W + 2 x 800 W = 2.248 kW
+    assert l4.upkeep(9)[2].item == "power: 2.25 kW at PUE 1.5 and $0.13/kWh"
+    assert l4.upkeep(9)[1].usd == pytest.approx(2 * 10_424 / 36)
     w = TargetLoad(1.0, 1000, 200)
     # 2,628,000 requests a month: 2.628e9 prompt tokens x $0.15/M + 525.6e6 completion x $0.60/M = $709.56
     assert managed_monthly_usd(PRICES.find("gpt-4o-mini"), w, 0.5) == pytest.approx(709.56)
@@ -353,16 +367,17 @@ def test_break_even_and_the_utilization_it_needs() -> None:
     [hosted] = report.self_hosted
     [managed] = report.managed
     rent, own = managed.break_even
-    # one A100 80GB: renting at $1.30/h = $949/month; owning $11,500 x 1.25 / 36 + 0.4 kW x 1.5 x 730 h x
-    # $0.13 = $399.31 + $56.94 = $456.25. At $0.18 per M tokens, one replica pays above $949 / 0.18e-6 tokens
-    # a month rented, $456.25 / 0.18e-6 owned.
-    assert hosted.rent_usd == pytest.approx(949.0) and hosted.own_usd == pytest.approx(456.25, abs=0.01)
+    # one A100 80GB: renting at $1.30/h = $949/month; owning $11,500 / 36 = $319.44 for the card, 6.25% of it
+    # for spares ($19.97), its baseboard server $32,010 / 36 = $889.17, and 0.4 + 4.6 kW: 5.0 x 1.5 x 730 h x
+    # $0.13 = $711.75 of power and 5.0 x $184.06 = $920.30 of colocation: $2,860.63. At $0.18 per M tokens,
+    # one replica pays above $949 / 0.18e-6 tokens a month rented, $2,860.63 / 0.18e-6 owned.
+    assert hosted.rent_usd == pytest.approx(949.0) and hosted.own_usd == pytest.approx(2860.63, abs=0.01)
     assert (rent.way, own.way) == ("rent", "own")
-    assert rent.tokens == pytest.approx(949.0 / 0.18e-6) and own.tokens == pytest.approx(456.25 / 0.18e-6, rel=1e-4)
+    assert rent.tokens == pytest.approx(949.0 / 0.18e-6) and own.tokens == pytest.approx(2860.63 / 0.18e-6, rel=1e-4)
     capacity = hosted.option.capacity_rps * 768 * 3600 * 730
     assert own.utilization == pytest.approx(own.tokens / capacity)  # type: ignore[operator]
     # at the break-even volume the two cost the same (one replica)
-    assert self_host_cost_at(hosted, "own", w, own.tokens, 1.0) == pytest.approx(456.25, abs=0.01)  # type: ignore[arg-type]
+    assert self_host_cost_at(hosted, "own", w, own.tokens, 1.0) == pytest.approx(2860.63, abs=0.01)  # type: ignore[arg-type]
     # 0.5 req/s x 768 tokens = 1.0 B tokens a month at $0.18/M = $181.53: neither way pays yet
     assert managed.monthly_usd == pytest.approx(0.5 * 3600 * 730 * 768 * 0.18e-6)
     assert report.verdict.count("does not pay at 1.01 B tokens a month") == 2
@@ -390,14 +405,21 @@ def test_break_even_and_the_utilization_it_needs() -> None:
                 "rented_as": "1 x 1-GPU instance (cheaper-cloud)",
                 "replicas": 1,
                 "rent_usd_per_month": pytest.approx(949.0),
-                "own_usd_per_month": pytest.approx(456.25, abs=0.01),
+                "own_usd_per_month": pytest.approx(2860.63, abs=0.01),
                 "lines": {
                     "rent": [{"item": "1 x a100-80gb, rented, for the load", "usd": pytest.approx(949.0)}],
                     "own": [
                         {
-                            "item": "1 x a100-80gb, owned (write-off and power), for the load",
-                            "usd": pytest.approx(456.25, abs=0.01),
-                        }
+                            "item": "1 x a100-80gb, owned, written off over 36 months, for the load",
+                            "usd": pytest.approx(319.44, abs=0.01),
+                        },
+                        {"item": "spare cards: 6.25% of the 1 running", "usd": pytest.approx(19.97, abs=0.01)},
+                        {"item": "1 baseboard server around them, written off", "usd": pytest.approx(889.17, abs=0.01)},
+                        {"item": "power: 5.00 kW at PUE 1.5 and $0.13/kWh", "usd": pytest.approx(711.75, abs=0.01)},
+                        {
+                            "item": "colocation: 5.00 kW at $184.06 per kW a month",
+                            "usd": pytest.approx(920.3, abs=0.01),
+                        },
                     ],
                 },
                 "source": "estimated",
@@ -434,8 +456,8 @@ def test_break_even_and_the_utilization_it_needs() -> None:
         ],
         "verdict": "Renting 1 x a100-80gb costs $949/month against $182 for llama-3.1-8b@together: self-hosting "
         "does not pay at 1.01 B tokens a month; it would above 5.27 B, with its replica busy 21% of the time. "
-        "Owning 1 x a100-80gb costs $456/month against $182 for llama-3.1-8b@together: self-hosting does not pay "
-        "at 1.01 B tokens a month; it would above 2.53 B, with its replica busy 10% of the time.",
+        "Owning 1 x a100-80gb costs $2,861/month against $182 for llama-3.1-8b@together: self-hosting does not "
+        "pay at 1.01 B tokens a month; it would above 15.9 B, with its replica busy 63% of the time.",
         "default_offers": None,
         "warnings": [],
         "stale_prices": [],
@@ -446,7 +468,7 @@ def test_break_even_and_the_utilization_it_needs() -> None:
         "own 1 x a100-80gb (whole replicas)",
         "llama-3.1-8b@together",
     ]
-    assert 0 < own.utilization < rent.utilization < 1  # type: ignore[operator]
+    assert 0 < rent.utilization < own.utilization < 1  # type: ignore[operator]
 
 
 def test_a_verdict_with_every_cost_line_by_hand() -> None:
@@ -458,8 +480,10 @@ def test_a_verdict_with_every_cost_line_by_hand() -> None:
     overheads = Overheads(min_replicas=2, ops_hours=10, ops_usd_per_hour=50, rental_extras=0.25)
     report = compare(sizing, PRICES, [together], 1.0, w, overheads)
     [hosted] = report.self_hosted
-    # the load needs one replica ($949 rented, $456.25 owned), the second is for availability; renting adds
-    # 25% of $1,898 = $474.50; $500 of a person either way
+    # the load needs one replica ($949 rented; an A100 owned, $11,500 / 36 = $319.44), the second is for
+    # availability; renting adds 25% of $1,898 = $474.50; owning, a spare share (6.25% of $638.89 = $39.93),
+    # the baseboard server both sit in ($889.17), and 2 x 0.4 kW + 4.6 kW = 5.4 kW of power ($768.69) and
+    # colocation ($993.92); $500 of a person either way
     assert (hosted.option.replicas, hosted.replicas) == (1, 2)
     assert hosted.rented_as == "2 x 1-GPU instance (cheaper-cloud)"
     assert hosted.lines("rent") == [
@@ -468,22 +492,23 @@ def test_a_verdict_with_every_cost_line_by_hand() -> None:
         CostLine("egress, storage and management: 25% of the instances", pytest.approx(474.5)),  # type: ignore[arg-type]
         CostLine("operations: 10 h a month at $50.00", 500.0),
     ]
-    assert [line.usd for line in hosted.lines("own")] == pytest.approx([456.25, 456.25, 500.0], abs=0.01)
-    assert hosted.rent_usd == pytest.approx(2872.5) and hosted.own_usd == pytest.approx(1412.5, abs=0.01)
+    owned = [319.44, 319.44, 39.93, 889.17, 768.69, 993.92, 500.0]
+    assert [line.usd for line in hosted.lines("own")] == pytest.approx(owned, abs=0.01)
+    assert hosted.rent_usd == pytest.approx(2872.5) and hosted.own_usd == pytest.approx(3830.60, abs=0.01)
     # together bills $0.18 per M tokens: renting pays above $2,872.50 / 0.18e-6 = 16.0 B tokens a month,
-    # which the two replicas carry (25.2 B each, fully busy) at 32% of their time; owning above 7.85 B, 16%
+    # which the two replicas carry (25.2 B each, fully busy) at 32% of their time; owning above 21.3 B, 42%
     rent, own = report.managed[0].break_even
     capacity = hosted.option.capacity_rps * 768 * 3600 * 730
     assert capacity == pytest.approx(25.21e9, rel=1e-3)
-    assert rent.tokens == pytest.approx(2872.5 / 0.18e-6) and own.tokens == pytest.approx(1412.5 / 0.18e-6, rel=1e-4)
+    assert rent.tokens == pytest.approx(2872.5 / 0.18e-6) and own.tokens == pytest.approx(3830.6 / 0.18e-6, rel=1e-4)
     assert rent.replicas == own.replicas == 2 and rent.tokens < capacity
     assert rent.utilization == pytest.approx(rent.tokens / (2 * capacity))  # type: ignore[operator]
-    assert (round(rent.utilization, 2), round(own.utilization, 2)) == (0.32, 0.16)  # type: ignore[arg-type]
+    assert (round(rent.utilization, 2), round(own.utilization, 2)) == (0.32, 0.42)  # type: ignore[arg-type]
     assert report.verdict == (
         "Renting 2 x a100-80gb costs $2,872/month against $182 for llama-3.1-8b@together: self-hosting does not "
         "pay at 1.01 B tokens a month; it would above 16 B, with its 2 replicas busy 32% of the time. "
-        "Owning 2 x a100-80gb costs $1,412/month against $182 for llama-3.1-8b@together: self-hosting does not "
-        "pay at 1.01 B tokens a month; it would above 7.85 B, with its 2 replicas busy 16% of the time."
+        "Owning 2 x a100-80gb costs $3,831/month against $182 for llama-3.1-8b@together: self-hosting does not "
+        "pay at 1.01 B tokens a month; it would above 21.3 B, with its 2 replicas busy 42% of the time."
     )
     assert cost_line_cells(report.to_json()) == [
         ["renting", "1 x a100-80gb, rented, for the load", "$949"],
@@ -491,10 +516,14 @@ def test_a_verdict_with_every_cost_line_by_hand() -> None:
         ["renting", "egress, storage and management: 25% of the instances", "$474"],
         ["renting", "operations: 10 h a month at $50.00", "$500"],
         ["renting", "total", "$2,872"],
-        ["owning", "1 x a100-80gb, owned (write-off and power), for the load", "$456"],
-        ["owning", "1 more replica for availability (at least 2 replicas)", "$456"],
+        ["owning", "1 x a100-80gb, owned, written off over 36 months, for the load", "$319"],
+        ["owning", "1 more replica for availability (at least 2 replicas)", "$319"],
+        ["owning", "spare cards: 6.25% of the 2 running", "$40"],
+        ["owning", "1 baseboard server around them, written off", "$889"],
+        ["owning", "power: 5.40 kW at PUE 1.5 and $0.13/kWh", "$769"],
+        ["owning", "colocation: 5.40 kW at $184.06 per kW a month", "$994"],
         ["owning", "operations: 10 h a month at $50.00", "$500"],
-        ["owning", "total", "$1,412"],
+        ["owning", "total", "$3,831"],
     ]
     # past two replicas' capacity each replica adds its instance and its share of extras; operations stay $500
     assert self_host_cost_at(hosted, "rent", w, 2.5 * capacity, 1.0) == pytest.approx(3 * 949.0 * 1.25 + 500)
@@ -515,10 +544,12 @@ def test_the_cost_plot_and_report_by_hand() -> None:
     assert (rent.label, rent.managed) == ("rent 1 x a100-80gb (whole replicas)", False)
     assert (own.label, together.label, ptu.label) == ("own 1 x a100-80gb (whole replicas)", *(o.name for o in offers))
     assert together.managed and ptu.managed and not own.managed
-    # one replica serves 12.49 req/s x 768 tokens x 2.628 M s = 25.2 B tokens a month: $949 (or $456.25) per
-    # replica up to there; 10^12 tokens need 40 replicas
+    # one replica serves 12.49 req/s x 768 tokens x 2.628 M s = 25.2 B tokens a month: $949 per replica rented
+    # up to there ($2,860.63 owned: test_break_even_and_the_utilization_it_needs); 10^12 tokens need 40 replicas:
+    # owned, 40 cards and 6.25% spares at $319.44, five 8-GPU servers at $889.17, and 40 x 0.4 + 5 x 4.6 = 39 kW
+    # of power (x 1.5 x 730 h x $0.13) and colocation (x $184.06): $30,752.21
     assert rent.usd[0] == rent.usd[24] == pytest.approx(949.0) and rent.usd[-1] == pytest.approx(40 * 949.0)
-    assert own.usd[0] == pytest.approx(456.25, abs=0.01) and own.usd[-1] == pytest.approx(40 * 456.2456, rel=1e-6)
+    assert own.usd[0] == pytest.approx(2860.63, abs=0.01) and own.usd[-1] == pytest.approx(30_752.21, abs=0.01)
     # $0.18 per M tokens, in or out
     assert together.usd[0] == pytest.approx(0.18) and together.usd[-1] == pytest.approx(180_000)
     # PTUs for 0.5 req/s scaled to the volume: 30 req/min x k x (512 + 4 x 256) TPM / 2,500 per unit, at least
@@ -529,21 +560,21 @@ def test_the_cost_plot_and_report_by_hand() -> None:
     assert "<title>deploykit cost: llama-3.1-8b-instruct</title>" in page
     assert f"<p>{report.verdict}</p>" in page and page.count("<svg") == 1
     rented = "1 x 1-GPU instance (cheaper-cloud)"
-    assert f"<tr><td>1 x a100-80gb</td><td>{rented}</td><td>$949</td><td>$456</td><td>estimated</td></tr>" in page
+    assert f"<tr><td>1 x a100-80gb</td><td>{rented}</td><td>$949</td><td>$2,861</td><td>estimated</td></tr>" in page
     assert (
-        "<tr><td>llama-3.1-8b@together</td><td>$182</td><td>5.27 B (21% busy)</td><td>2.53 B (10% busy)</td></tr>"
+        "<tr><td>llama-3.1-8b@together</td><td>$182</td><td>5.27 B (21% busy)</td><td>15.9 B (63% busy)</td></tr>"
         in page
     )
     assert "<tr><td>gpt-4o@azure-ptu</td><td>$27,740</td><td>-</td><td>-</td></tr>" in page
     assert plot_png(report.to_json()).startswith(b"\x89PNG")
     # at the report's own volume each line is the bill the tables give, and the page's chart says so on hover
-    assert (rent.at_volume, own.at_volume) == (pytest.approx(949.0), pytest.approx(456.25, abs=0.01))
+    assert (rent.at_volume, own.at_volume) == (pytest.approx(949.0), pytest.approx(2860.63, abs=0.01))
     assert together.at_volume == pytest.approx(182.0, abs=0.5) and ptu.at_volume == pytest.approx(27_740, abs=1)
     assert report.plot == [rent, own, together, ptu]  # what the page and --json carry
     hovers = re.findall(r"<title>(.*?)</title>", plot_svg(report.to_json()))
     assert hovers == [
         "rent 1 x a100-80gb (whole replicas): $949 a month at 1.01 B tokens",
-        "own 1 x a100-80gb (whole replicas): $456 a month at 1.01 B tokens",
+        "own 1 x a100-80gb (whole replicas): $2,861 a month at 1.01 B tokens",
         "llama-3.1-8b@together: $182 a month at 1.01 B tokens",
         "gpt-4o@azure-ptu: $27,740 a month at 1.01 B tokens",
     ]

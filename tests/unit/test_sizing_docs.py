@@ -19,6 +19,7 @@ def test_the_data_table_counts_what_the_files_hold() -> None:
         "managed pay-as-you-go prices": list(prices.services.values()),
         "provisioned offer": list(prices.provisioned.values()),
         "operations rate": [prices.operations] if prices.operations else [],
+        "hosting": [prices.hosting] if prices.hosting else [],
         "rental extras share": [prices.rental_extras] if prices.rental_extras else [],
         "published measurements": list(prices.measurements),
     }

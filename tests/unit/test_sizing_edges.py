@@ -41,7 +41,7 @@ from deploykit.sizing.cost import (
     cost_model,
     default_offers,
     monthly_tokens_capacity,
-    own_monthly_usd,
+    owning,
     plot_png,
     plot_series,
     report_html,
@@ -143,7 +143,7 @@ def test_a_replica_for_availability_can_cost_nothing_more_in_a_host_already_paid
     w = TargetLoad(2.0, 512, 256, tuple(parse_slos("tpot_p95=50ms")))
     option = size_option(LLAMA8, gpu("l4"), 2, w, 0.8, None, [_rent(0.9, (8,), "box8")])
     assert isinstance(option, Option) and option.replicas == 3  # one 8-GPU host, room for a fourth
-    hosted = SelfHosted(option, Overheads(min_replicas=4), replica_own_usd=None)
+    hosted = SelfHosted(option, Overheads(min_replicas=4), owning=None)
     [load, spare] = hosted.lines("rent")
     assert spare.item == "1 more replica for availability (at least 4 replicas)" and spare.usd == 0.0
     assert hosted.rent_usd == load.usd == pytest.approx(8 * 0.9 * 730) and hosted.lines("own") == []
@@ -427,14 +427,16 @@ def _costed(
 
 def test_each_way_has_its_own_cheapest_option() -> None:
     report, offers = _costed(["llama-3.1-8b@together"])
-    assert [s.label for s in report.self_hosted] == ["2 x t4 (tp 2)", "1 x l40s"]  # by the cheaper of the two ways
+    # by the cheaper of the two ways: the L40S rents for $635; two T4s (tp 2) own for $684.92 (cards $83.33,
+    # spares $5.21, one PCIe server $289.56, 2 x 70 W + 800 W of power $133.81 and colocation $173.02)
+    assert [s.label for s in report.self_hosted] == ["1 x l40s", "2 x t4 (tp 2)"]
     assert cheapest(report.self_hosted, "rent").label == "1 x l40s"  # type: ignore[union-attr]
     assert cheapest(report.self_hosted, "own").label == "2 x t4 (tp 2)"  # type: ignore[union-attr]
     rent, own = report.managed[0].break_even
     assert (rent.way, rent.option, own.way, own.option) == ("rent", "1 x l40s", "own", "2 x t4 (tp 2)")
     assert (
         report.verdict.startswith("Renting 1 x l40s costs $635/month")
-        and "Owning 2 x t4 (tp 2) costs $124" in report.verdict
+        and "Owning 2 x t4 (tp 2) costs $685" in report.verdict
     )
     rent_line, own_line = plot_series(report, offers)[:2]
     assert (
@@ -461,9 +463,9 @@ def test_a_rival_that_self_hosting_never_beats_and_one_it_beats() -> None:
     pays, _ = _costed(["gpt-4o"], TargetLoad(5.0, 512, 256), gpus=("l40s",))
     assert pays.verdict == (
         "Renting 1 x l40s costs $635/month against $50,458 for gpt-4o: self-hosting pays at 10.1 B tokens a month "
-        "(it does above 127 M, with its replica busy 1% of the time). Owning 1 x l40s costs $345/month "
-        "against $50,458 for gpt-4o: self-hosting pays at 10.1 B tokens a month (it does above 69 M, with its "
-        "replica busy under 1% of the time)."
+        "(it does above 127 M, with its replica busy 1% of the time). Owning 1 x l40s costs $916/month "
+        "against $50,458 for gpt-4o: self-hosting pays at 10.1 B tokens a month (it does above 183 M, with its "
+        "replica busy 1% of the time)."
     )
 
 
@@ -489,17 +491,19 @@ def test_a_provisioned_rival_cheaper_than_self_hosting_has_no_volume_to_name() -
 def test_without_rentals_the_owning_line_stands_alone() -> None:
     report, _ = _costed(["llama-3.1-8b@together"], provider="nobody", gpus=("l40s", "a10g"))
     [hosted] = report.self_hosted  # the A10G can be neither rented from nobody nor bought
-    assert hosted.rent_usd is None and hosted.lines("rent") == [] and hosted.own_usd == pytest.approx(344.96, abs=0.01)
-    assert report.verdict.startswith("Owning 1 x l40s costs $345/month") and "Renting" not in report.verdict
+    # $8,500 / 36 = $236.11 for the card, $14.76 of spares, a PCIe server $10,424 / 36 = $289.56, and 350 W + 800 W:
+    # 1.15 kW x 1.5 x 730 h x $0.13 = $163.70 of power and 1.15 x $184.06 = $211.67 of colocation
+    assert hosted.rent_usd is None and hosted.lines("rent") == [] and hosted.own_usd == pytest.approx(915.80, abs=0.01)
+    assert report.verdict.startswith("Owning 1 x l40s costs $916/month") and "Renting" not in report.verdict
     assert [b.way for b in report.managed[0].break_even] == ["own"]
     page = report_html(replace(report, warnings=["Prices <old>"]).to_json())
-    assert "<tr><td>1 x l40s</td><td>-</td><td>-</td><td>$345</td><td>estimated</td></tr>" in page
+    assert "<tr><td>1 x l40s</td><td>-</td><td>-</td><td>$916</td><td>estimated</td></tr>" in page
     assert "<p>Prices &lt;old&gt;</p>" in page
 
 
 def test_with_no_offer_to_compare_each_way_gets_its_cost() -> None:
     report, _ = _costed([])
-    assert report.verdict == "Renting 1 x l40s costs $635/month. Owning 2 x t4 (tp 2) costs $124/month."
+    assert report.verdict == "Renting 1 x l40s costs $635/month. Owning 2 x t4 (tp 2) costs $685/month."
 
 
 def test_several_replicas_are_priced_one_by_one() -> None:
@@ -532,11 +536,17 @@ def test_a_calibrated_option_says_so_in_the_cost_report() -> None:
 
 @pytest.mark.parametrize("power_w", [0.0, 1.0])
 def test_owning_needs_a_purchase_price_and_a_power_draw(power_w: float) -> None:
-    power = PRICES.power
-    assert power is not None
-    owned = own_monthly_usd(PRICES, "l4", 1, power_w, power)
-    assert (owned is None) is (power_w == 0)
-    assert own_monthly_usd(PRICES, "a10g", 1, 150, power) is None  # nobody sells it in the data
+    w = TargetLoad(1.0, 512, 256, ())
+    l4 = size_option(LLAMA8, replace(gpu("l4"), power_w=power_w), 1, w, 0.8, None)
+    assert isinstance(l4, Option)
+    assert (owning(PRICES, l4) is None) is (power_w == 0)
+    a10g = size_option(LLAMA8, gpu("a10g"), 1, w, 0.8, None)
+    assert isinstance(a10g, Option) and owning(PRICES, a10g) is None  # nobody sells it in the data
+    sxm = size_option(LLAMA8, gpu("h100-sxm"), 1, w, 0.8, None)
+    assert isinstance(sxm, Option) and owning(PRICES, sxm).server == "baseboard"  # type: ignore[union-attr]
+    no_hosting = replace(PRICES, hosting=None)
+    with pytest.raises(UsageError, match="no \\[power\\] or \\[hosting\\] table"):
+        owning(no_hosting, sxm)
 
 
 @pytest.mark.parametrize(
@@ -590,10 +600,17 @@ def test_cost_model_is_size_model_at_the_peak_then_compare(engine_here: str) -> 
     assert report.model == "llama-3.1-8b-instruct" and report.verdict == by_hand.verdict
     assert report.overheads == overheads == Overheads(2, 8.0, 43.52, 0.3)
     [stale] = report.warnings
-    assert stale.startswith("7 prices used are older than 90 days (the oldest: operations of 2022-05-31);")
+    assert stale.startswith("8 prices used are older than 90 days (the oldest: operations of 2022-05-31);")
     named = {p["price"] for p in report.stale_prices}
-    assert {"power", "gpt-4o-mini (openai)", "a100-80gb (hyperscaler)", "operations", "rental extras"} <= named
-    assert len(named) == 7
+    assert {
+        "power",
+        "hosting",
+        "gpt-4o-mini (openai)",
+        "a100-80gb (hyperscaler)",
+        "operations",
+        "rental extras",
+    } <= named
+    assert len(named) == 8
 
 
 def test_the_overheads_come_from_the_flags_and_the_data_and_are_checked() -> None:
@@ -675,10 +692,11 @@ def test_nothing_priced_and_no_power_table() -> None:
     assert report.verdict == "No priced hardware can serve this load; self-hosting cannot be compared."
     without = load_prices()
     without.power = None
+    bought = size("llama-3.1-8b-instruct", LLAMA8, w, [gpu("l40s")], PRICES)  # a GPU the data sells
     with pytest.raises(UsageError) as refused:
-        compare(sizing, without, [], 1.0, w)
+        compare(bought, without, [], 1.0, w)
     assert (refused.value.message, refused.value.hint) == (
-        "The price data has no [power] table.",
+        "The price data has no [power] or [hosting] table.",
         "Restore the shipped prices.toml.",
     )
 
