@@ -149,7 +149,12 @@ def _wait_http(url: str, timeout: float = 30) -> None:
     raise SystemExit(f"{url} did not answer")
 
 
-def start_stack(ttft: float, gap: float, features: bool) -> tuple[list[subprocess.Popen[bytes]], str, str, str]:
+FEATURES = ("budget", "priority", "price", "queue", "prefix", "traces")
+
+
+def start_stack(
+    ttft: float, gap: float, features: frozenset[str]
+) -> tuple[list[subprocess.Popen[bytes]], str, str, str]:
     """Start the fast upstream and a gateway in front of it: (processes, upstream url, gateway url, API key)."""
     from deploykit.core.ports import free_port
     from deploykit.serve.accounting.budgets import set_budget
@@ -160,12 +165,13 @@ def start_stack(ttft: float, gap: float, features: bool) -> tuple[list[subproces
     db_url = f"sqlite:///{home / 'deploykit.db'}"
     with opened(db_url) as db:
         limits = {"rpm": 10_000_000, "tpm": 1_000_000_000, "max_concurrent": 100_000}
-        tier = {"priority": "high"} if features else {}
+        tier = {"priority": "high"} if "priority" in features else {}
         _, token = create_key(db, "bench", **limits, **tier)  # type: ignore[arg-type]
-        if features:
+        if "budget" in features:
             set_budget(db, "bench", monthly_usd=1e9, hard=True)
     env = dict(os.environ)
-    if features:
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    if "traces" in features:
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_sink()
     up_port, gw_port = free_port(), free_port()
     upstream = subprocess.Popen(
@@ -181,7 +187,7 @@ def start_stack(ttft: float, gap: float, features: bool) -> tuple[list[subproces
             str(gap),
         ]
     )
-    serve = ["--serve-gateway", str(gw_port), str(up_port), db_url, "all" if features else "base"]
+    serve = ["--serve-gateway", str(gw_port), str(up_port), db_url, ",".join(sorted(features)) or "base"]
     gateway = subprocess.Popen([sys.executable, "-m", "benchmarks.gateway_overhead", *serve], env=env)
     up, gw = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{gw_port}"
     _wait_http(up + "/v1/models")
@@ -209,8 +215,8 @@ def otlp_sink() -> str:
     return f"http://127.0.0.1:{server.server_port}"
 
 
-def serve_gateway(port: int, upstream_port: int, db_url: str, features: bool) -> None:
-    """The gateway process: auth on, the ledger in db_url, metrics as always (and with `features`, the rest)."""
+def serve_gateway(port: int, upstream_port: int, db_url: str, features: frozenset[str]) -> None:
+    """The gateway process: auth on, the ledger in db_url, metrics as always, and the named `features`."""
     import uvicorn
     import uvloop
 
@@ -224,15 +230,14 @@ def serve_gateway(port: int, upstream_port: int, db_url: str, features: bool) ->
     async def main() -> None:
         async with engine_session() as session:
             backend = Backend("fast", f"http://127.0.0.1:{upstream_port}", session, status="ready")
-            options = GatewayOptions(auth=True)
-            if features:
-                options = GatewayOptions(
-                    auth=True,
-                    token_prices={"fast": Price(0.1, 0.4)},
-                    max_concurrent=100_000,
-                    priority_models=frozenset({"fast"}),
-                    prefix_routing=True,
-                )
+            priced = {"budget", "price"} & features  # a budget needs a price
+            options = GatewayOptions(
+                auth=True,
+                token_prices={"fast": Price(0.1, 0.4)} if priced else {},
+                max_concurrent=100_000 if "queue" in features else None,
+                priority_models=frozenset({"fast"}) if "priority" in features else frozenset(),
+                prefix_routing="prefix" in features,
+            )
             app = create_app([backend], connect(db_url), options)
             config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
             quiet_gc()  # as deploykit serve does
@@ -301,7 +306,7 @@ async def soak(args: argparse.Namespace, gateway: str, token: str, pid: int) -> 
 
 def main() -> None:
     if len(sys.argv) == 6 and sys.argv[1] == "--serve-gateway":
-        serve_gateway(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "all")
+        serve_gateway(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], frozenset(sys.argv[5].split(",")))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,64,256")
@@ -321,22 +326,27 @@ def main() -> None:
         help="start every stream at once (they then end and restart together): the worst case",
     )
     parser.add_argument(
-        "--all-features",
-        action="store_true",
-        help="spend budget, priority tier, token prices, fair queue, prefix routing and OTLP traces on too",
+        "--features",
+        default="",
+        help=f"comma-separated, on top of the base gateway: {','.join(FEATURES)}, or all",
     )
+    parser.add_argument("--all-features", action="store_true", help="the same as --features all")
     parser.add_argument(
         "--pin",
         action="store_true",
         help="give the gateway the last core to itself; the client and the upstream share the others",
     )
     args = parser.parse_args()
+    named = FEATURES if args.all_features or args.features == "all" else filter(None, args.features.split(","))
+    features = frozenset(named)
+    if unknown := features - set(FEATURES):
+        parser.error(f"unknown feature(s) {', '.join(sorted(unknown))}; choose from {', '.join(FEATURES)}")
     procs: list[subprocess.Popen[bytes]] = []
     try:
         if args.gateway:
             upstream, gateway, token, pid = args.upstream, args.gateway, args.key, None
         else:
-            procs, upstream, gateway, token = start_stack(args.ttft, args.gap, args.all_features)
+            procs, upstream, gateway, token = start_stack(args.ttft, args.gap, features)
             pid = procs[1].pid
             if args.pin:
                 cores = sorted(os.sched_getaffinity(0))

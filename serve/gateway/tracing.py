@@ -73,6 +73,8 @@ class Tracer:
             start_time=ns(start),
             attributes=attributes,
         )
+        if not span.is_recording():  # sampled out (OTEL_TRACES_SAMPLER): nothing more to make
+            return
         if error:
             span.set_status(trace.Status(trace.StatusCode.ERROR, error))
         forwarded = x.queued if x.queued is not None else x.started
@@ -117,6 +119,7 @@ def from_environment(environ: Mapping[str, str] = os.environ) -> Tracer | None:
         ) from e
 
     name = environ.get("OTEL_SERVICE_NAME") or "deploykit-gateway"
+    # no sampler given: the SDK's own from OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (default: every request)
     provider = TracerProvider(resource=Resource.create({"service.name": name}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return Tracer(provider)

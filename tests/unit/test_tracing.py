@@ -78,3 +78,21 @@ def test_no_endpoint_no_tracer() -> None:
     tracer = from_environment({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"})
     assert tracer is not None
     tracer.shutdown()
+
+
+async def test_a_request_sampled_out_makes_no_span(
+    make_app: Callable[..., FastAPI], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK's sampler from the environment (OTEL_TRACES_SAMPLER) decides; a dropped request costs no spans."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    app = make_app()
+    exporter = traced(app)
+    async with client_of(app) as gateway:
+        assert (await gateway.post("/v1/chat/completions", json=chat(max_tokens=3))).status_code == 200
+    assert exporter.get_finished_spans() == ()
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "1")
+    exporter = traced(app)
+    async with client_of(app) as gateway:
+        assert (await gateway.post("/v1/chat/completions", json=chat(max_tokens=3))).status_code == 200
+    assert {s.name for s in exporter.get_finished_spans()} >= {"chat m1", "admission", "ledger"}
