@@ -68,6 +68,7 @@ class Provisioned(Sourced):
     provider: str
     usd_per_unit_hour: float = Field(gt=0)
     min_units: int = Field(ge=1)
+    unit_increment: int = Field(1, ge=1)  # a deployment grows from min_units in steps of this many units
     input_tpm_per_unit: float = Field(gt=0)  # prompt tokens a minute one unit carries
     output_weight: float = Field(gt=0)  # an output token costs this many prompt tokens of capacity
     note: str = ""

@@ -325,7 +325,8 @@ def managed_lines(
             lines.append(CostLine(what, -after_cache * b * offer.batch_discount))
         return lines
     per_minute_peak = w.rps / utilization * 60 * (w.input_tokens + w.output_tokens * offer.output_weight)
-    units = max(offer.min_units, math.ceil(per_minute_peak / offer.input_tpm_per_unit))
+    needed = max(0, math.ceil(per_minute_peak / offer.input_tpm_per_unit) - offer.min_units)
+    units = offer.min_units + math.ceil(needed / offer.unit_increment) * offer.unit_increment
     usd = units * offer.usd_per_unit_hour * HOURS_PER_MONTH
     return [CostLine(f"{offer.name}: {units} units around the clock", usd)]
 

@@ -355,8 +355,9 @@ def test_owning_and_managed_costs_by_hand() -> None:
     w = TargetLoad(1.0, 1000, 200)
     # 2,628,000 requests a month: 2.628e9 prompt tokens x $0.15/M + 525.6e6 completion x $0.60/M = $709.56
     assert managed_monthly_usd(PRICES.find("gpt-4o-mini"), w, 0.5) == pytest.approx(709.56)
-    # PTUs for the peak, 2 req/s: 2 x 60 x (1,000 + 4 x 200) = 216,000 TPM / 2,500 = 87 units x $2 x 730 h
-    assert managed_monthly_usd(PRICES.provisioned["gpt-4o@azure-ptu"], w, 0.5) == pytest.approx(127_020)
+    # PTUs for the peak, 2 req/s: 2 x 60 x (1,000 + 4 x 200) = 216,000 TPM / 2,500 = 87 units, deployed as 15
+    # and steps of 5: 90 units x $2 x 730 h
+    assert managed_monthly_usd(PRICES.provisioned["gpt-4o@azure-ptu"], w, 0.5) == pytest.approx(131_400)
 
 
 def test_break_even_and_the_utilization_it_needs() -> None:
@@ -553,8 +554,9 @@ def test_the_cost_plot_and_report_by_hand() -> None:
     # $0.18 per M tokens, in or out
     assert together.usd[0] == pytest.approx(0.18) and together.usd[-1] == pytest.approx(180_000)
     # PTUs for 0.5 req/s scaled to the volume: 30 req/min x k x (512 + 4 x 256) TPM / 2,500 per unit, at least
-    # 15 units, $2 a unit-hour x 730 h: 15 units at 10^6 tokens, 19 at 10^9 (k = 0.991), 18,265 at 10^12
-    assert ptu.usd[0] == pytest.approx(15 * 1460) and ptu.usd[24] == pytest.approx(19 * 1460)
+    # 15 units and steps of 5, $2 a unit-hour x 730 h: 15 units at 10^6 tokens, 19 needed at 10^9 (k = 0.991) so
+    # 20 deployed, 18,265 at 10^12
+    assert ptu.usd[0] == pytest.approx(15 * 1460) and ptu.usd[24] == pytest.approx(20 * 1460)
     assert ptu.usd[-1] == pytest.approx(18_265 * 1460)
     page = report_html(report.to_json())
     assert "<title>deploykit cost: llama-3.1-8b-instruct</title>" in page
@@ -565,18 +567,18 @@ def test_the_cost_plot_and_report_by_hand() -> None:
         "<tr><td>llama-3.1-8b@together</td><td>$182</td><td>5.27 B (21% busy)</td><td>15.9 B (63% busy)</td></tr>"
         in page
     )
-    assert "<tr><td>gpt-4o@azure-ptu</td><td>$27,740</td><td>-</td><td>-</td></tr>" in page
+    assert "<tr><td>gpt-4o@azure-ptu</td><td>$29,200</td><td>-</td><td>-</td></tr>" in page
     assert plot_png(report.to_json()).startswith(b"\x89PNG")
     # at the report's own volume each line is the bill the tables give, and the page's chart says so on hover
     assert (rent.at_volume, own.at_volume) == (pytest.approx(949.0), pytest.approx(2860.63, abs=0.01))
-    assert together.at_volume == pytest.approx(182.0, abs=0.5) and ptu.at_volume == pytest.approx(27_740, abs=1)
+    assert together.at_volume == pytest.approx(182.0, abs=0.5) and ptu.at_volume == pytest.approx(29_200, abs=1)
     assert report.plot == [rent, own, together, ptu]  # what the page and --json carry
     hovers = re.findall(r"<title>(.*?)</title>", plot_svg(report.to_json()))
     assert hovers == [
         "rent 1 x a100-80gb (whole replicas): $949 a month at 1.01 B tokens",
         "own 1 x a100-80gb (whole replicas): $2,861 a month at 1.01 B tokens",
         "llama-3.1-8b@together: $182 a month at 1.01 B tokens",
-        "gpt-4o@azure-ptu: $27,740 a month at 1.01 B tokens",
+        "gpt-4o@azure-ptu: $29,200 a month at 1.01 B tokens",
     ]
 
 
