@@ -35,6 +35,12 @@ def compose(
     image: str = typer.Option("deploykit", help="The image built from the Dockerfile (DEPLOYKIT_IMAGE overrides)."),
     port: int = typer.Option(8000, help="The gateway's port on the host."),
     force: bool = typer.Option(False, "--force", help="Render into a folder that is not empty (.env is kept)."),
+    gateway_arg: list[str] = typer.Option(
+        [],
+        "--gateway-arg",
+        help="A `deploykit serve` option for the gateway, as --flag=value (repeat for more), e.g. "
+        "--gateway-arg --routing=prefix --gateway-arg --token-price=MODEL=0.1/0.4.",
+    ),
     json_: JsonOpt = False,
 ) -> None:
     """Write a compose project for one GPU server: an engine container per replica on the GPUs its plan
@@ -49,7 +55,7 @@ def compose(
     """
     plans = compose_project(
         Settings(), models, gpus=gpus, output=output, replicas=replicas, force=force,
-        options=ComposeOptions(image=image, port=port),
+        options=ComposeOptions(image=image, port=port, gateway_args=tuple(gateway_arg)),
     )  # fmt: skip
     engines = [
         {"service": name, "model": p.served_name, "gpus": list(p.gpu_indices)}
@@ -85,6 +91,12 @@ def k8s(
     gateway_replicas: int = typer.Option(2, help="Gateway pods (stateless; quotas are shared in PostgreSQL)."),
     storage_class: str | None = typer.Option(None, help="Storage class of the model volume (ReadWriteMany)."),
     force: bool = typer.Option(False, "--force", help="Render into a folder that is not empty (secrets are kept)."),
+    gateway_arg: list[str] = typer.Option(
+        [],
+        "--gateway-arg",
+        help="A `deploykit serve` option for the gateway, as --flag=value (repeat for more), e.g. "
+        "--gateway-arg --routing=prefix --gateway-arg --token-price=MODEL=0.1/0.4.",
+    ),
     json_: JsonOpt = False,
 ) -> None:
     """Write Kubernetes manifests: an engine Deployment per model (GPUs per pod from its plan, weights
@@ -100,7 +112,9 @@ def k8s(
 
       helm install llm k8s/     # or: kubectl apply -f k8s/manifests/
     """
-    options = K8sOptions(image=image, gateway_replicas=gateway_replicas, storage_class=storage_class)
+    options = K8sOptions(
+        image=image, gateway_replicas=gateway_replicas, storage_class=storage_class, gateway_args=tuple(gateway_arg)
+    )
     plans = k8s_project(
         Settings(), models, gpus=gpus, output=output, replicas=replicas, force=force, options=options, nodes=nodes
     )

@@ -27,6 +27,7 @@ from deploykit.serve.deploy.project import (
     container_argv,
     container_env,
     engine_name,
+    gateway_args,
     infra_file,
     plan_models,
     read_env,
@@ -49,6 +50,7 @@ class ComposeOptions:
     port: int = 8000  # the gateway's port on the host
     loadtest_concurrency: int = 16
     loadtest_workers: int = 2  # load-generator processes under the load test's master
+    gateway_args: tuple[str, ...] = ()  # more `serve` options for the gateway (project.gateway_args checks them)
 
 
 def render(plans: Sequence[LaunchPlan], options: ComposeOptions, env: Mapping[str, str]) -> dict[str, str]:
@@ -95,6 +97,7 @@ def render(plans: Sequence[LaunchPlan], options: ComposeOptions, env: Mapping[st
                 "--port",
                 "8000",
                 *(f"--engine={plan.served_name}=http://{name}:{ENGINE_PORT}" for name, plan in engines.items()),
+                *gateway_args(options.gateway_args),
             ],
             "environment": {
                 "DEPLOYKIT_DATABASE_URL": (

@@ -35,6 +35,7 @@ from deploykit.serve.deploy.project import (
     container_argv,
     container_env,
     engine_name,
+    gateway_args,
     infra_file,
     plan_models,
     with_secrets,
@@ -56,6 +57,7 @@ class K8sOptions:
     max_engine_replicas: int = 4  # the autoscaler's ceiling per model
     queue_target: int = 8  # requests waiting per engine pod that the autoscaler aims at
     loadtest_workers: int = 4  # load-generator pods under the load test's master
+    gateway_args: tuple[str, ...] = ()  # more `serve` options for the gateway (project.gateway_args checks them)
 
 
 def render(plans: Sequence[LaunchPlan], options: K8sOptions, secrets: Mapping[str, str]) -> dict[str, str]:
@@ -301,7 +303,15 @@ def _gateway(models: Mapping[str, LaunchPlan], options: K8sOptions) -> list[dict
                         {
                             "name": "gateway",
                             "image": options.image,
-                            "args": ["serve", "--host", "0.0.0.0", "--port", "8000", *engines],
+                            "args": [
+                                "serve",
+                                "--host",
+                                "0.0.0.0",
+                                "--port",
+                                "8000",
+                                *engines,
+                                *gateway_args(options.gateway_args),
+                            ],
                             "env": [
                                 _from_secret("DEPLOYKIT_DATABASE_URL", "database-url"),
                                 _from_secret("DEPLOYKIT_METRICS_TOKEN", "metrics-token"),

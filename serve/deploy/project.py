@@ -25,6 +25,15 @@ from deploykit.serve.plan import LaunchPlan
 from deploykit.serve.runner import prepare
 
 ENGINE_PORT = 8000  # inside each engine's container
+# `deploykit serve` options that shape the gateway alone, and so may be passed to a project's gateway
+# (--gateway-arg); the engines' own options come from their launch plans.
+GATEWAY_FLAGS = frozenset(
+    {
+        "--body-timeout", "--drain-timeout", "--header-timeout", "--idle-timeout", "--max-body",
+        "--max-concurrent-streams", "--max-connections", "--max-header-bytes", "--max-tokens", "--queue-timeout",
+        "--routing", "--spill", "--spill-queue", "--spill-ttft", "--token-price", "--workers",
+    }
+)  # fmt: skip
 # In the container: the volume's store (DEPLOYKIT_HOME=/data/deploykit, as the Dockerfile sets it).
 _STORE = "/data/deploykit/models"
 SECRETS = ("POSTGRES_PASSWORD", "DEPLOYKIT_METRICS_TOKEN", "GRAFANA_ADMIN_PASSWORD")
@@ -50,6 +59,19 @@ def container_argv(plan: LaunchPlan) -> list[str]:
     for flag, value in (("--host", "0.0.0.0"), ("--port", str(ENGINE_PORT))):
         args[args.index(flag) + 1] = value
     return ["serve", *args]
+
+
+def gateway_args(args: Sequence[str]) -> tuple[str, ...]:
+    """The project gateway's extra `serve` options, each as --flag=value (or a bare --flag), checked by name."""
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag not in GATEWAY_FLAGS:
+            raise UsageError(
+                f"--gateway-arg {arg!r} is not an option of the gateway.",
+                f"Pass one of {', '.join(sorted(GATEWAY_FLAGS))} as --flag=value, e.g. --gateway-arg "
+                "--routing=prefix; the engines' options come from their launch plans.",
+            )
+    return tuple(args)
 
 
 def plan_models(

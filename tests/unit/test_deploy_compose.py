@@ -163,3 +163,24 @@ def test_what_cannot_be_deployed_says_why(settings: Settings, tmp_path: Path) ->
     with pytest.raises(UsageError, match="for a GPU server"):
         render(cpu, ComposeOptions(), {"DEPLOYKIT_METRICS_TOKEN": "t"})
     assert not (tmp_path / "a").exists()
+
+
+def test_gateway_options_reach_the_gateway_and_serve_takes_them(settings: Settings, tmp_path: Path) -> None:
+    extra = ("--routing=prefix", "--token-price=smollm2-135m=0.1/0.4")
+    options = ComposeOptions(gateway_args=extra)
+    compose_project(settings, ["smollm2-135m"], gpus="l4:1", output=tmp_path / "deploy", options=options)
+    command = yaml.safe_load((tmp_path / "deploy" / "compose.yaml").read_text())["services"]["gateway"]["command"]
+    assert tuple(command[-2:]) == extra
+    # the gateway's command line as `deploykit serve` reads it (the dry run checks every option, starts nothing)
+    checked = subprocess.run(
+        [sys.executable, "-m", "deploykit", *command, "--dry-run"],
+        capture_output=True, text=True, env={**os.environ, "DEPLOYKIT_HOME": str(settings.home)}, timeout=120,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+    assert "smollm2-135m priced at $0.1 / $0.4 per million" in checked.stdout + checked.stderr
+    with pytest.raises(UsageError, match="'--lora-on-demand' is not an option of the gateway"):
+        compose_project(
+            settings, ["smollm2-135m"], gpus="l4:1", output=tmp_path / "b",
+            options=ComposeOptions(gateway_args=("--lora-on-demand",)),
+        )  # fmt: skip
+    assert not (tmp_path / "b").exists()

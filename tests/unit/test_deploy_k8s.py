@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import yaml
 
-from deploykit.core.errors import NotEnoughMemoryError
+from deploykit.core.errors import NotEnoughMemoryError, UsageError
 from deploykit.core.settings import Settings
 from deploykit.models.prices import load_prices
-from deploykit.serve.deploy.k8s import k8s_project
+from deploykit.serve.deploy.k8s import K8sOptions, k8s_project
 from deploykit.serve.deploy.machine import planned_machine
 from deploykit.serve.deploy.project import container_argv, engine_name, infra_file
 from deploykit.serve.runner import prepare
@@ -225,3 +225,21 @@ def test_the_project_is_a_helm_chart_whose_template_emits_the_manifests(settings
     emitted = "".join(f"\n---\n{f.read_text()}" for f in files)  # what the template's range writes
     assert [o for o in yaml.safe_load_all(emitted) if o] == _objects(output)
     assert stat.S_IMODE((output / "manifests" / "secret.yaml").stat().st_mode) == 0o600
+
+
+def test_gateway_options_reach_the_gateway_pods(settings: Settings, tmp_path: Path) -> None:
+    options = K8sOptions(gateway_args=("--routing=prefix", "--max-concurrent-streams=64"))
+    k8s_project(settings, ["smollm2-135m"], gpus="l4:1", output=tmp_path / "k8s", options=options)
+    [gateway] = [
+        o for o in _objects(tmp_path / "k8s") if o["kind"] == "Deployment" and o["metadata"]["name"] == "gateway"
+    ]
+    args = gateway["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-2:] == ["--routing=prefix", "--max-concurrent-streams=64"]
+    with pytest.raises(UsageError, match="'--replicas=2' is not an option of the gateway"):
+        k8s_project(
+            settings,
+            ["smollm2-135m"],
+            gpus="l4:1",
+            output=tmp_path / "b",
+            options=K8sOptions(gateway_args=("--replicas=2",)),
+        )
