@@ -228,12 +228,17 @@ def _plan_gpu(
         )
     pp = nodes if fit.devices > sizes[-1] else 1
     tp, tokens = fit.devices // pp, fit.kv_cache_tokens
+    beside = _gib(gpu_runtime(config, dtype, fit.devices, batching).total)
     why = (
-        f"{_gib(weights)} of weights fit on 1 GPU with room for KV cache"
-        if tp == 1
-        else f"{_gib(weights)} of weights need {tp} GPUs ({_gib(weights / tp)} each) to leave room for KV cache"
-        if pp == 1
-        else f"{_gib(weights)} of weights need {tp * pp} GPUs ({_gib(weights / (tp * pp))} each): {tp} on each host"
+        (
+            f"{_gib(weights)} of weights fit on 1 GPU with room for KV cache"
+            if tp == 1
+            else f"{_gib(weights)} of weights need {tp} GPUs ({_gib(weights / tp)} each) to leave room for KV cache"
+            if pp == 1
+            else f"{_gib(weights)} of weights need {tp * pp} GPUs ({_gib(weights / (tp * pp))} each): {tp} on each host"
+        )
+        + f", after the {beside} vLLM keeps beside them"
+        + ("" if fit.devices == 1 else " on each GPU")
     )
     choices.append(Choice("--tensor-parallel-size", str(tp), why))
     spanning: dict[str, str] = {}

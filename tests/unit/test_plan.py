@@ -142,6 +142,11 @@ def test_llama2_70b_on_eight_h100_takes_the_fewest_gpus_that_hold_it() -> None:
     assert flag(p, "--tensor-parallel-size") == "2"
     assert p.gpu_indices == (0, 1)
     assert 19_000 < p.kv_cache_tokens < 21_000
+    [tp] = [c for c in p.choices if c.setting == "--tensor-parallel-size"]
+    assert tp.why == (
+        "128.5 GiB of weights need 2 GPUs (64.2 GiB each) to leave room for KV cache, after the 4.7 GiB vLLM keeps "
+        "beside them on each GPU"
+    )
 
 
 def test_t4_gets_float16() -> None:
