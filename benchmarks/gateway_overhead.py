@@ -6,11 +6,13 @@
 
 By default it starts its own fast upstream (benchmarks/fast_upstream.py: a known token schedule at
 almost no CPU cost) and a gateway in front of it with everything on: API key auth, quotas on that key,
-the SQLite ledger and metrics. With --all-features, also what issue #18 added, all at once: the key has a
-hard spend budget (held and settled per request, in the database) and the high priority tier, requests are
-priced (--token-price), the fair queue is on (a cap no run reaches), prefix routing is on, and every
-request becomes an OpenTelemetry trace exported over OTLP/HTTP to a sink in this process. Against a
-running deployment instead:
+the SQLite ledger and metrics. --features turns on what issue #18 added, any of: budget (the key has a hard
+spend budget, held and settled per request in the database), priority (the high tier), price (requests are
+priced, --token-price), queue (the fair queue, with a cap no run reaches), prefix (prefix routing) and traces
+(every request an OpenTelemetry trace exported over OTLP/HTTP to a sink in this process; the SDK's
+OTEL_TRACES_SAMPLER settings in the environment apply); --features all (or --all-features) is all six:
+    python -m benchmarks.gateway_overhead --features budget,traces --concurrency 1,64
+Against a running deployment instead:
     deploykit serve --engine-port 8001 ...
     python -m benchmarks.gateway_overhead --gateway http://127.0.0.1:8000 --upstream http://127.0.0.1:8001 \\
         --model smollm2-135m --key dk-...
