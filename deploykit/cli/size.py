@@ -163,7 +163,7 @@ def cost(
     ops_hours: float = typer.Option(
         None,
         "--ops-hours-per-month",
-        help="A person's time self-hosting takes a month, at the [operations] rate of the price data "
+        help="A person's time self-hosting takes a month, at the \\[operations] rate of the price data "
         "(default: its 8 h, an assumption; 0 leaves it out).",
     ),
     cached_input_share: float = typer.Option(
@@ -185,9 +185,10 @@ def cost(
     """Monthly cost of self-hosting MODEL (rented GPUs, or owned ones written off with power) against each
     managed offer at the same traffic, the break-even volume and the utilization it needs. Self-hosting
     counts, each as its own line: the GPUs the load needs, the replicas kept for availability
-    (--min-replicas), a cloud bill's egress, storage and management on rented instances (the [rental_extras]
-    share of the price data) and a person's time (--ops-hours-per-month). A managed bill takes off, each as
-    its own line, what its prompt cache (--cached-input-share) and batch API (--batch-share) save.
+    (--min-replicas), a cloud bill's egress, storage and management on rented instances (the \\[rental_extras]
+    share of the price data), owned cards' spares, servers, power and colocation (the \\[hosting] and \\[power]
+    tables) and a person's time (--ops-hours-per-month). A managed bill takes off, each as its own line, what
+    its prompt cache (--cached-input-share) and batch API (--batch-share) save.
 
     Examples:
 

@@ -618,6 +618,9 @@ def test_size_and_cost_through_the_cli(tmp_path: Path) -> None:
     rebuilt = deploykit(tmp_path, "report", str(tmp_path / "cost.json"), "--html", str(tmp_path / "again.html"))
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert (tmp_path / "again.html").read_text() == text
+    # the data tables the help names survive its markup (Rich read "[hosting]" as a style and dropped it)
+    helped = deploykit(tmp_path, "cost", "--help").stdout
+    assert all(table in helped for table in ("[operations]", "[rental_extras]", "[hosting]", "[power]"))
     assert_clean_failure(deploykit(tmp_path, "size", "llama-3.1-8b-instruct"), 2, "exactly one of --rps")
     assert_clean_failure(deploykit(tmp_path, "size", "nope-7b", "--rps", "1"), 3, "nope-7b")
     assert_clean_failure(
