@@ -111,6 +111,7 @@ class Fit:
     kv_cache_tokens: int
     max_context: int  # the longest sequence the KV cache holds, at most the model's context
     min_context: int  # the shortest context counted as fitting
+    runtime_bytes_per_device: int = 0  # what vLLM keeps beside weights and KV cache on each GPU (gpu_runtime)
 
     @property
     def fits(self) -> bool:
@@ -143,6 +144,7 @@ def fit_on(
         kv_cache_tokens=tokens,
         max_context=min(config.max_context, tokens),
         min_context=min(config.max_context, min_context),
+        runtime_bytes_per_device=runtime,
     )
 
 

@@ -24,7 +24,6 @@ from deploykit.models.fit import (
     cpu_kv_gib,
     dtype_bytes,
     fit_on,
-    gpu_runtime,
     gpu_usable_bytes,
     kv_bytes_per_token,
     kv_cache_tokens,
@@ -216,7 +215,7 @@ def _plan_gpu(
     fit = next((f for f in fits if f.fits), None)
     if fit is None:
         largest = fits[-1]
-        runtime = gpu_runtime(config, dtype, largest.devices, batching).total
+        runtime = largest.runtime_bytes_per_device
         need = weights / largest.devices + runtime
         need += largest.min_context * kv_bytes_per_token(config, dtype) / largest.devices
         raise NotEnoughMemoryError(
@@ -228,7 +227,7 @@ def _plan_gpu(
         )
     pp = nodes if fit.devices > sizes[-1] else 1
     tp, tokens = fit.devices // pp, fit.kv_cache_tokens
-    beside = _gib(gpu_runtime(config, dtype, fit.devices, batching).total)
+    beside = _gib(fit.runtime_bytes_per_device)
     why = (
         (
             f"{_gib(weights)} of weights fit on 1 GPU with room for KV cache"

@@ -171,7 +171,8 @@ class SelfHosted:
         gpus = self.gpus_usd(way, needed)
         if gpus is None:
             return []
-        verb = "rented" if way == "rent" else f"owned, written off over {self._months} months"
+        owning = self.owning if way == "own" else None
+        verb = f"owned, written off over {owning.power.amortize_months} months" if owning else "rented"
         out = [CostLine(f"{_devices(self.option, needed)}, {verb}, for the load", gpus)]
         all_gpus = self.gpus_usd(way, running) or 0  # the availability replicas' too
         if running > needed:
@@ -180,16 +181,12 @@ class SelfHosted:
             out.append(CostLine(f"{extra} more replica{'s' if extra > 1 else ''} for availability ({at_least})", more))
         if way == "rent" and (share := self.overheads.rental_extras):
             out.append(CostLine(f"egress, storage and management: {share:.0%} of the instances", all_gpus * share))
-        if way == "own" and self.owning is not None:
-            out += self.owning.upkeep(running)
+        if owning is not None:
+            out += owning.upkeep(running)
         if self.overheads.ops_usd > 0:
             o = self.overheads
             out.append(CostLine(f"operations: {o.ops_hours:g} h a month at ${o.ops_usd_per_hour:,.2f}", o.ops_usd))
         return out
-
-    @property
-    def _months(self) -> int:
-        return self.owning.power.amortize_months if self.owning else 0
 
     def monthly(self, way: str) -> float | None:
         return self.cost_for(way, self.option.replicas)
@@ -391,8 +388,7 @@ def compare(
         lines = tuple(managed_lines(offer, w, utilization, discounts))
         managed.append(Managed(offer.name, offer.provider, sum(x.usd for x in lines), tuple(breaks), lines))
     verdict = _verdict(hosted, managed, tokens)
-    report = CostReport(sizing.model, w, utilization, tokens, hosted, managed, verdict, overheads)
-    report.discounts = discounts
+    report = CostReport(sizing.model, w, utilization, tokens, hosted, managed, verdict, overheads, discounts=discounts)
     report.plot = plot_series(report, offers)
     return report
 

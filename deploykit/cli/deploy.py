@@ -26,6 +26,14 @@ def deploy() -> None:
     """Write deployment projects (Docker compose, Kubernetes) from the launch plans `serve` makes."""
 
 
+GatewayArgOpt = typer.Option(
+    [],
+    "--gateway-arg",
+    help="A `deploykit serve` option for the gateway, as --flag=value (repeat for more), e.g. "
+    "--gateway-arg --routing=prefix --gateway-arg --token-price=MODEL=0.1/0.4.",
+)
+
+
 @app.command("compose")
 def compose(
     models: list[str] = typer.Argument(..., help="Catalog aliases or hub repo ids to serve."),
@@ -35,12 +43,7 @@ def compose(
     image: str = typer.Option("deploykit", help="The image built from the Dockerfile (DEPLOYKIT_IMAGE overrides)."),
     port: int = typer.Option(8000, help="The gateway's port on the host."),
     force: bool = typer.Option(False, "--force", help="Render into a folder that is not empty (.env is kept)."),
-    gateway_arg: list[str] = typer.Option(
-        [],
-        "--gateway-arg",
-        help="A `deploykit serve` option for the gateway, as --flag=value (repeat for more), e.g. "
-        "--gateway-arg --routing=prefix --gateway-arg --token-price=MODEL=0.1/0.4.",
-    ),
+    gateway_arg: list[str] = GatewayArgOpt,
     json_: JsonOpt = False,
 ) -> None:
     """Write a compose project for one GPU server: an engine container per replica on the GPUs its plan
@@ -91,12 +94,7 @@ def k8s(
     gateway_replicas: int = typer.Option(2, help="Gateway pods (stateless; quotas are shared in PostgreSQL)."),
     storage_class: str | None = typer.Option(None, help="Storage class of the model volume (ReadWriteMany)."),
     force: bool = typer.Option(False, "--force", help="Render into a folder that is not empty (secrets are kept)."),
-    gateway_arg: list[str] = typer.Option(
-        [],
-        "--gateway-arg",
-        help="A `deploykit serve` option for the gateway, as --flag=value (repeat for more), e.g. "
-        "--gateway-arg --routing=prefix --gateway-arg --token-price=MODEL=0.1/0.4.",
-    ),
+    gateway_arg: list[str] = GatewayArgOpt,
     json_: JsonOpt = False,
 ) -> None:
     """Write Kubernetes manifests: an engine Deployment per model (GPUs per pod from its plan, weights
